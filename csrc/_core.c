@@ -1,0 +1,472 @@
+/*
+ * pmaprt._core: the few things Python cannot do fast between processes.
+ *
+ *   Region(buffer)        a writable buffer (an mmap of a shared segment) with
+ *                         bounds-checked atomic operations at byte offsets:
+ *     load32/store32/add32            32-bit words (futex words)
+ *     load64/store64/add64/cas64      64-bit counters
+ *     wait32(off, expected, timeout, spin_ns)
+ *                         spin briefly, then sleep on a futex until the word
+ *                         differs from `expected` (or the timeout passes);
+ *                         the GIL is released while waiting and signals
+ *                         (Ctrl-C) are checked when the sleep is interrupted.
+ *     wake32(off, n)      wake up to n sleepers on that word.
+ *     range_take/range_steal/range_set
+ *                         the work-stealing protocol on one packed 64-bit
+ *                         word (low index: 44 bits, count: 20 bits): the
+ *                         owner takes from the front, a thief takes the back
+ *                         half, each with one compare-and-swap.
+ *   set_pdeathsig(sig)    prctl(PR_SET_PDEATHSIG): a worker dies with its parent.
+ *
+ * Plain CPython C API, multi-phase init, the buffer protocol.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <errno.h>
+#include <time.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#define RANGE_LO_BITS 44
+#define RANGE_N_BITS 20
+#define RANGE_N_MASK ((UINT64_C(1) << RANGE_N_BITS) - 1)
+#define RANGE_LO_MAX ((UINT64_C(1) << RANGE_LO_BITS) - 1)
+
+static inline uint64_t range_pack(uint64_t lo, uint64_t n) { return (lo << RANGE_N_BITS) | n; }
+static inline uint64_t range_lo(uint64_t v) { return v >> RANGE_N_BITS; }
+static inline uint64_t range_n(uint64_t v) { return v & RANGE_N_MASK; }
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+} RegionObject;
+
+static int
+Region_init(RegionObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *obj;
+    static char *kwlist[] = {"buffer", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &obj))
+        return -1;
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (((uintptr_t)self->view.buf) % 8 != 0) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "Region: buffer must be 8-byte aligned");
+        return -1;
+    }
+    self->has_view = 1;
+    return 0;
+}
+
+static void
+Region_dealloc(RegionObject *self)
+{
+    if (self->has_view)
+        PyBuffer_Release(&self->view);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* Returns a pointer to `width` bytes at `off`, aligned to `width`, or NULL with
+ * an exception set. */
+static void *
+region_at(RegionObject *self, PyObject *offobj, Py_ssize_t width)
+{
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "Region is released");
+        return NULL;
+    }
+    Py_ssize_t off = PyLong_AsSsize_t(offobj);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    if (off < 0 || off + width > self->view.len) {
+        PyErr_Format(PyExc_IndexError, "offset %zd out of range for a region of %zd bytes",
+                     off, self->view.len);
+        return NULL;
+    }
+    if (off % width != 0) {
+        PyErr_Format(PyExc_ValueError, "offset %zd is not %zd-byte aligned", off, width);
+        return NULL;
+    }
+    return (char *)self->view.buf + off;
+}
+
+#define CHECK_NARGS(name, want)                                                   \
+    if (nargs != (want)) {                                                        \
+        PyErr_Format(PyExc_TypeError, name "() takes %d arguments (%zd given)",   \
+                     (int)(want), nargs);                                         \
+        return NULL;                                                              \
+    }
+
+static PyObject *
+Region_load32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("load32", 1);
+    uint32_t *p = region_at(self, args[0], 4);
+    if (!p) return NULL;
+    return PyLong_FromUnsignedLong(__atomic_load_n(p, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+Region_store32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("store32", 2);
+    uint32_t *p = region_at(self, args[0], 4);
+    if (!p) return NULL;
+    unsigned long v = PyLong_AsUnsignedLongMask(args[1]);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    __atomic_store_n(p, (uint32_t)v, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Region_add32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("add32", 2);
+    uint32_t *p = region_at(self, args[0], 4);
+    if (!p) return NULL;
+    long d = PyLong_AsLong(args[1]);
+    if (d == -1 && PyErr_Occurred()) return NULL;
+    uint32_t old = __atomic_fetch_add(p, (uint32_t)d, __ATOMIC_SEQ_CST);
+    return PyLong_FromUnsignedLong(old);
+}
+
+static PyObject *
+Region_load64(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("load64", 1);
+    int64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    return PyLong_FromLongLong(__atomic_load_n(p, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+Region_store64(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("store64", 2);
+    int64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    long long v = PyLong_AsLongLong(args[1]);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    __atomic_store_n(p, (int64_t)v, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Region_add64(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("add64", 2);
+    int64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    long long d = PyLong_AsLongLong(args[1]);
+    if (d == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(__atomic_fetch_add(p, (int64_t)d, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+Region_cas64(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("cas64", 3);
+    int64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    long long expected = PyLong_AsLongLong(args[1]);
+    if (expected == -1 && PyErr_Occurred()) return NULL;
+    long long desired = PyLong_AsLongLong(args[2]);
+    if (desired == -1 && PyErr_Occurred()) return NULL;
+    int64_t e = expected;
+    int ok = __atomic_compare_exchange_n(p, &e, (int64_t)desired, 0,
+                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return PyBool_FromLong(ok);
+}
+
+/* wait32(off, expected, timeout_s, spin_ns) -> True if the word differs from
+ * `expected` on return, False on timeout. timeout_s None waits without bound. */
+static PyObject *
+Region_wait32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("wait32", 4);
+    uint32_t *p = region_at(self, args[0], 4);
+    if (!p) return NULL;
+    unsigned long expected = PyLong_AsUnsignedLongMask(args[1]);
+    if (expected == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    double timeout = -1.0;
+    if (args[2] != Py_None) {
+        timeout = PyFloat_AsDouble(args[2]);
+        if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+        if (timeout < 0) timeout = 0;
+    }
+    long long spin_ns = PyLong_AsLongLong(args[3]);
+    if (spin_ns == -1 && PyErr_Occurred()) return NULL;
+
+    uint32_t exp32 = (uint32_t)expected;
+    if (__atomic_load_n(p, __ATOMIC_SEQ_CST) != exp32)
+        Py_RETURN_TRUE;
+
+    double start = now_s();
+    double deadline = timeout >= 0 ? start + timeout : 0;
+    int changed = 0;
+    for (;;) {
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        /* Spin: a waker that answers within spin_ns costs no system call. */
+        if (spin_ns > 0) {
+            double spin_end = start + (double)spin_ns * 1e-9;
+            unsigned i = 0;
+            for (;;) {
+                if (__atomic_load_n(p, __ATOMIC_SEQ_CST) != exp32) { changed = 1; break; }
+                cpu_relax();
+                if ((++i & 63) == 0 && now_s() >= spin_end) break;
+            }
+            spin_ns = 0;
+        }
+        while (!changed) {
+            struct timespec ts, *tsp = NULL;
+            if (timeout >= 0) {
+                double left = deadline - now_s();
+                if (left <= 0) break;
+                ts.tv_sec = (time_t)left;
+                ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+                tsp = &ts;
+            }
+            long r = syscall(SYS_futex, p, FUTEX_WAIT, exp32, tsp, NULL, 0);
+            if (__atomic_load_n(p, __ATOMIC_SEQ_CST) != exp32) { changed = 1; break; }
+            if (r == -1 && errno == EINTR) { err = EINTR; break; }
+            if (r == -1 && errno == ETIMEDOUT) break;
+        }
+        Py_END_ALLOW_THREADS
+        if (changed) Py_RETURN_TRUE;
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0) return NULL;
+            if (timeout >= 0 && now_s() >= deadline) Py_RETURN_FALSE;
+            continue;
+        }
+        Py_RETURN_FALSE;
+    }
+}
+
+static PyObject *
+Region_wake32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("wake32", 2);
+    uint32_t *p = region_at(self, args[0], 4);
+    if (!p) return NULL;
+    int n = PyLong_AsLong(args[1]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    long r = syscall(SYS_futex, p, FUTEX_WAKE, n, NULL, NULL, 0);
+    if (r < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(r);
+}
+
+/* range_take(off, maxc) -> (lo, c): the owner takes up to maxc indices from the
+ * front of its range; c == 0 when the range is empty. */
+static PyObject *
+Region_range_take(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("range_take", 2);
+    uint64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    long long maxc = PyLong_AsLongLong(args[1]);
+    if (maxc == -1 && PyErr_Occurred()) return NULL;
+    if (maxc < 1) {
+        PyErr_SetString(PyExc_ValueError, "range_take: maxc must be >= 1");
+        return NULL;
+    }
+    uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint64_t lo = range_lo(v), n = range_n(v);
+        if (n == 0)
+            return Py_BuildValue("(KK)", (unsigned long long)lo, 0ULL);
+        uint64_t c = (uint64_t)maxc < n ? (uint64_t)maxc : n;
+        if (__atomic_compare_exchange_n(p, &v, range_pack(lo + c, n - c), 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return Py_BuildValue("(KK)", (unsigned long long)lo, (unsigned long long)c);
+    }
+}
+
+/* range_steal(off) -> (lo, c): a thief takes the back half (rounded up) of the
+ * victim's range; c == 0 when there was nothing to take. */
+static PyObject *
+Region_range_steal(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("range_steal", 1);
+    uint64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint64_t lo = range_lo(v), n = range_n(v);
+        if (n == 0)
+            return Py_BuildValue("(KK)", 0ULL, 0ULL);
+        uint64_t k = n - n / 2;
+        if (__atomic_compare_exchange_n(p, &v, range_pack(lo, n - k), 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return Py_BuildValue("(KK)", (unsigned long long)(lo + n - k), (unsigned long long)k);
+    }
+}
+
+/* range_set(off, lo, n): the owner publishes a new range. Only valid when the
+ * word holds an empty range (thieves never write an empty range). */
+static PyObject *
+Region_range_set(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("range_set", 3);
+    uint64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    unsigned long long lo = PyLong_AsUnsignedLongLong(args[1]);
+    if (lo == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[2]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (lo > RANGE_LO_MAX || n > RANGE_N_MASK) {
+        PyErr_Format(PyExc_OverflowError, "range_set: (lo=%llu, n=%llu) does not fit the packed word",
+                     lo, n);
+        return NULL;
+    }
+    __atomic_store_n(p, range_pack(lo, n), __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Region_range_get(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("range_get", 1);
+    uint64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    return Py_BuildValue("(KK)", (unsigned long long)range_lo(v), (unsigned long long)range_n(v));
+}
+
+static PyObject *
+Region_release(RegionObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Region_get_size(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->has_view ? self->view.len : 0);
+}
+
+static PyMethodDef Region_methods[] = {
+    {"load32", (PyCFunction)(void (*)(void))Region_load32, METH_FASTCALL, "load32(off) -> int"},
+    {"store32", (PyCFunction)(void (*)(void))Region_store32, METH_FASTCALL, "store32(off, v)"},
+    {"add32", (PyCFunction)(void (*)(void))Region_add32, METH_FASTCALL, "add32(off, d) -> old"},
+    {"load64", (PyCFunction)(void (*)(void))Region_load64, METH_FASTCALL, "load64(off) -> int"},
+    {"store64", (PyCFunction)(void (*)(void))Region_store64, METH_FASTCALL, "store64(off, v)"},
+    {"add64", (PyCFunction)(void (*)(void))Region_add64, METH_FASTCALL, "add64(off, d) -> old"},
+    {"cas64", (PyCFunction)(void (*)(void))Region_cas64, METH_FASTCALL,
+     "cas64(off, expected, new) -> bool"},
+    {"wait32", (PyCFunction)(void (*)(void))Region_wait32, METH_FASTCALL,
+     "wait32(off, expected, timeout_s, spin_ns) -> changed"},
+    {"wake32", (PyCFunction)(void (*)(void))Region_wake32, METH_FASTCALL, "wake32(off, n) -> woken"},
+    {"range_take", (PyCFunction)(void (*)(void))Region_range_take, METH_FASTCALL,
+     "range_take(off, maxc) -> (lo, n)"},
+    {"range_steal", (PyCFunction)(void (*)(void))Region_range_steal, METH_FASTCALL,
+     "range_steal(off) -> (lo, n)"},
+    {"range_set", (PyCFunction)(void (*)(void))Region_range_set, METH_FASTCALL,
+     "range_set(off, lo, n)"},
+    {"range_get", (PyCFunction)(void (*)(void))Region_range_get, METH_FASTCALL,
+     "range_get(off) -> (lo, n)"},
+    {"release", (PyCFunction)Region_release, METH_NOARGS, "release the buffer"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Region_getset[] = {
+    {"size", (getter)Region_get_size, NULL, "size in bytes", NULL},
+    {NULL},
+};
+
+static PyType_Slot Region_slots[] = {
+    {Py_tp_init, Region_init},
+    {Py_tp_dealloc, Region_dealloc},
+    {Py_tp_methods, Region_methods},
+    {Py_tp_getset, Region_getset},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_doc, "Region(buffer): atomics and futex waits on a writable shared buffer."},
+    {0, NULL},
+};
+
+static PyType_Spec Region_spec = {
+    .name = "pmaprt._core.Region",
+    .basicsize = sizeof(RegionObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = Region_slots,
+};
+
+static PyObject *
+core_set_pdeathsig(PyObject *mod, PyObject *arg)
+{
+    long sig = PyLong_AsLong(arg);
+    if (sig == -1 && PyErr_Occurred()) return NULL;
+    if (prctl(PR_SET_PDEATHSIG, sig) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"set_pdeathsig", core_set_pdeathsig, METH_O,
+     "set_pdeathsig(sig): deliver sig to this process when its parent dies"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+core_exec(PyObject *m)
+{
+    PyObject *tp = PyType_FromModuleAndSpec(m, &Region_spec, NULL);
+    if (!tp) return -1;
+    if (PyModule_AddObject(m, "Region", tp) < 0) {
+        Py_DECREF(tp);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(m, "RANGE_N_MAX", (long)RANGE_N_MASK) < 0) return -1;
+    if (PyModule_AddObject(m, "RANGE_LO_MAX", PyLong_FromUnsignedLongLong(RANGE_LO_MAX)) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pmaprt._core",
+    .m_doc = "Atomics, futex waits and the range-stealing protocol over shared memory.",
+    .m_size = 0,
+    .m_methods = core_methods,
+    .m_slots = core_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&core_module);
+}

@@ -1,0 +1,25 @@
+"""pmaprt: a parallel-map runtime.
+
+``from pmaprt import pmap`` replaces ``map``: lazy, ordered, the same results and
+the same exceptions, on worker processes that exchange work through shared memory.
+"""
+from ._api import default_pool, imap_unordered, pmap, shutdown, starmap
+from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
+from ._pool import Pool
+from ._stats import MapStats, WorkerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "pmap",
+    "imap_unordered",
+    "starmap",
+    "Pool",
+    "default_pool",
+    "shutdown",
+    "MapStats",
+    "WorkerStats",
+    "WorkerCrashedError",
+    "RemoteTraceback",
+    "PoolClosedError",
+]

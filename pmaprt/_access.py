@@ -1,0 +1,215 @@
+"""How a map's input reaches the workers.
+
+Parent side, `plan_input` sorts the iterables into one of two modes:
+
+- index mode, for sized inputs whose items can be fetched by position in the
+  worker: range, ndarray, list, tuple, str, bytes, and sequences iterated
+  through ``__getitem__``. Workers claim index ranges; no item is sent by
+  message. A range costs nothing to send; an ndarray is copied once into the
+  job's segment; a list or tuple is encoded once, in blocks sized to about
+  64 KiB, so a worker decodes only the blocks its ranges touch.
+- feed mode, for everything else (generators, iterators, dict views, files):
+  the parent pulls items lazily and publishes encoded chunks in a table and a
+  byte ring of the job's segment, with a bound on what is in flight.
+
+Worker side, `open_spec` turns the picklable spec back into ``get(a, b)``, the
+items ``[a, b)``.
+"""
+import collections.abc
+import struct
+
+from . import _serialize
+
+BLOCK_BYTES = 64 * 1024
+MAX_BLOCK_ITEMS = 4096
+SMALL_INLINE_BYTES = 16 * 1024
+
+FEED_ENTRY = struct.Struct("<qIIQQ")  # start, count, nbytes, offset, segment id
+
+
+def _is_ndarray(x):
+    t = type(x)
+    return t.__module__ == "numpy" and t.__name__ == "ndarray"
+
+
+def _indexable(x):
+    if isinstance(x, (range, list, tuple, str, bytes)):
+        return True
+    if _is_ndarray(x):
+        return x.ndim >= 1
+    t = type(x)
+    if isinstance(x, collections.abc.Sequence) and getattr(t, "__iter__", None) is collections.abc.Sequence.__iter__:
+        return True
+    return hasattr(t, "__len__") and hasattr(t, "__getitem__") and not hasattr(t, "__iter__")
+
+
+class IndexPlan:
+    """A sized input: `n` items, a picklable `spec`, and `blobs`, the
+    (offset, bytes-like) pieces the job's data segment must hold."""
+
+    mode = "index"
+
+    def __init__(self, n, spec, blobs, data_size, error=None):
+        self.n = n
+        self.spec = spec
+        self.blobs = blobs
+        self.data_size = data_size
+        self.error = error  # (index, exception): encoding stopped there
+
+
+class FeedPlan:
+    mode = "feed"
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+
+class _DataArea:
+    def __init__(self):
+        self.size = 0
+        self.blobs = []
+
+    def add(self, data, nbytes):
+        off = self.size
+        self.blobs.append((off, data))
+        self.size = (off + nbytes + 63) // 64 * 64
+        return off
+
+
+def plan_input(iterables, star):
+    """IndexPlan or FeedPlan for map(fn, *iterables); `star`: items are arg tuples."""
+    if all(_indexable(x) for x in iterables):
+        area = _DataArea()
+        specs, error, n = [], None, min(len(x) for x in iterables)
+        for x in iterables:
+            spec, err = _index_spec(x, n, area)
+            specs.append(spec)
+            if err is not None and (error is None or err[0] < error[0]):
+                error = err
+        if error is not None:
+            n = error[0]
+        spec = specs[0] if len(specs) == 1 else ("zip", specs)
+        return IndexPlan(n, spec, area.blobs, area.size, error)
+    if len(iterables) == 1:
+        return FeedPlan(iter(iterables[0]))
+    return FeedPlan(zip(*iterables))
+
+
+def _index_spec(x, n, area):
+    if isinstance(x, range):
+        return ("slice", x), None
+    if _is_ndarray(x):
+        return _array_spec(x, area), None
+    if isinstance(x, (str, bytes)):
+        return ("slice", x), None
+    if isinstance(x, (list, tuple)):
+        return _blocks_spec(x, n, area)
+    return ("seq", x), None
+
+
+def _array_spec(a, area):
+    import numpy as np
+    if a.dtype.hasobject:
+        return ("slice", a)
+    if a.nbytes <= SMALL_INLINE_BYTES:
+        return ("slice", a)
+    a = np.ascontiguousarray(a)
+    off = area.add(a.reshape(-1).view(np.uint8), a.nbytes)
+    return ("array", a.dtype, a.shape, off)
+
+
+def _blocks_spec(x, n, area):
+    """Encode x[:n] in blocks; stops at the first item that cannot be encoded."""
+    if n == 0:
+        return ("slice", ()), None
+    probe = x[: min(n, 32)]
+    try:
+        per_item = max(1, len(_serialize.dumps_list(list(probe))) // len(probe))
+    except BaseException:
+        per_item = 1024
+    bsize = max(1, min(MAX_BLOCK_ITEMS, BLOCK_BYTES // per_item))
+    offsets, error = [], None
+    for lo in range(0, n, bsize):
+        block = list(x[lo: min(lo + bsize, n)])
+        try:
+            data = _serialize.dumps_list(block)
+        except BaseException:
+            bad = _serialize.find_unpicklable(block)
+            j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
+            error = (lo + j, _unpicklable_item(lo + j, block[j], exc))
+            if j:
+                data = _serialize.dumps_list(block[:j])
+                offsets.append((area.add(data, len(data)), len(data)))
+            break
+        offsets.append((area.add(data, len(data)), len(data)))
+    return ("blocks", bsize, offsets), error
+
+
+def _unpicklable_item(index, item, exc):
+    err = TypeError("pmaprt: item %d of the input (%s) cannot be pickled to send it to a worker: %s"
+                    % (index, _short_repr(item), exc))
+    err.__cause__ = exc
+    return err
+
+
+def _short_repr(obj, limit=80):
+    try:
+        r = repr(obj)
+    except Exception:
+        r = "<%s object>" % type(obj).__name__
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+# --- worker side
+
+def open_spec(spec, segbuf):
+    kind = spec[0]
+    if kind == "slice":
+        obj = spec[1]
+        return lambda a, b: obj[a:b]
+    if kind == "array":
+        import numpy as np
+        _, dtype, shape, off = spec
+        count = 1
+        for s in shape:
+            count *= s
+        arr = np.frombuffer(segbuf, dtype=dtype, count=count, offset=off).reshape(shape)
+        return lambda a, b: arr[a:b]
+    if kind == "blocks":
+        return _BlockReader(spec[1], spec[2], segbuf).get
+    if kind == "seq":
+        obj = spec[1]
+        return lambda a, b: [obj[i] for i in range(a, b)]
+    if kind == "zip":
+        getters = [open_spec(s, segbuf) for s in spec[1]]
+        return lambda a, b: list(zip(*[g(a, b) for g in getters]))
+    raise ValueError("pmaprt: unknown input spec %r" % (kind,))
+
+
+class _BlockReader:
+    def __init__(self, bsize, offsets, segbuf):
+        self.bsize = bsize
+        self.offsets = offsets
+        self.segbuf = segbuf
+        self.cache = {}
+
+    def block(self, k):
+        b = self.cache.get(k)
+        if b is None:
+            off, nbytes = self.offsets[k]
+            b = _serialize.loads_list(self.segbuf[off: off + nbytes])
+            if len(self.cache) >= 4:
+                self.cache.clear()
+            self.cache[k] = b
+        return b
+
+    def get(self, a, b):
+        bs = self.bsize
+        k0, k1 = a // bs, (b - 1) // bs
+        if k0 == k1:
+            return self.block(k0)[a - k0 * bs: b - k0 * bs]
+        out = []
+        for k in range(k0, k1 + 1):
+            blk = self.block(k)
+            out.extend(blk[max(a - k * bs, 0): min(b - k * bs, len(blk))])
+        return out

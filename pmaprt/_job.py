@@ -1,0 +1,431 @@
+"""One map, on the parent's side: planner, feeder and collector.
+
+    caller --iterable--> plan_input: index ranges (sized) or feed (unsized)
+                           |
+       index: post the job with a window `limit`; raise it as the caller
+              consumes, so a lazy consumer bounds what runs ahead.
+       feed:  pull items, encode chunks into the job segment's table and
+              byte ring, publish them; in-flight items are bounded.
+                           |
+    Pool.wait drains the rings -> on_record: chunk results by start index
+                           |
+    the generator yields them in order (or as they come), decodes lazily,
+    raises a failure at the position map would raise it.
+"""
+import collections
+import itertools
+import pickle
+import time
+
+from . import _serialize, _shm, _sched
+from ._access import FEED_ENTRY, FeedPlan, plan_input
+from ._errors import RemoteTraceback
+from ._shm import MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, FLAG_FEED_DONE
+from ._stats import MapStats, WorkerStats
+
+# Index mode: how far past the consumer workers may run, in chunks per worker
+# (at least WINDOW_MIN_ITEMS items). A lazy consumer that stops leaves at most
+# this much work done ahead of it.
+WINDOW_CHUNKS_PER_WORKER = 16
+WINDOW_MIN_ITEMS = 16384
+# Feed mode: chunks in flight per worker, and the byte ring for their items.
+FEED_CHUNKS_PER_WORKER = 4
+FEED_MIN_ITEMS = 64
+FEED_TABLE = 1024
+FEED_RING = 8 * 1024 * 1024
+# A fed chunk bigger than this gets a segment of its own.
+FEED_BIG = FEED_RING // 4
+
+
+def _check_chunksize(chunksize):
+    if chunksize is None:
+        return 0
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+        raise TypeError("pmaprt: chunksize must be a positive int or None, got %r" % (chunksize,))
+    if chunksize < 1:
+        raise ValueError("pmaprt: chunksize must be >= 1 (or None for adaptive), got %d" % chunksize)
+    return min(chunksize, _shm.RANGE_N_MAX)
+
+
+class MapJob:
+    """The iterator returned by pmap and Pool.map; ``.stats`` has its MapStats."""
+
+    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress):
+        if not callable(fn):
+            raise TypeError("pmaprt: %r is not callable" % (fn,))
+        if not iterables:
+            raise TypeError("pmap() must have at least two arguments.")
+        for i, x in enumerate(iterables):
+            try:
+                iter(x)
+            except TypeError:
+                raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
+                                % (i + 2, type(x).__name__)) from None
+        pool._check_open()
+        self.pool = pool
+        self.ordered = ordered
+        self.fixed = _check_chunksize(chunksize)
+        nwork = pool.workers if workers is None else min(pool.workers, workers)
+        self.nwork = nwork
+        self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
+        self.pending = {}          # start index -> (kind, count, payload)
+        self.arrived = collections.deque()  # unordered: start indices in arrival order
+        self.errors = {}           # index -> exception raised there (parent side)
+        self.error_at = None
+        self.here_error = None     # fails wherever the consumer is
+        self.consumed = 0
+        self.segs = []
+        self.gen = None
+        self.t_item = _sched.ChunkSizer(self.fixed)
+        self.avg_chunk = 1.0
+        fn_bytes = _serialize.dumps_fn(fn)
+        plan = plan_input(iterables, star or len(iterables) > 1)
+        star = star or len(iterables) > 1
+        self.feed_mode = isinstance(plan, FeedPlan)
+        self.stats.mode = "feed" if self.feed_mode else "index"
+        self.stats.t0 = time.perf_counter()
+        with pool._lock:
+            if self.feed_mode:
+                self._start_feed(plan, fn_bytes, star)
+            else:
+                self._start_index(plan, fn_bytes, star)
+        self._progress = None
+        if progress:
+            from tqdm.auto import tqdm
+            self._progress = tqdm(total=None if self.n is None else self.n, unit="it")
+        self._gen = self._ordered() if ordered else self._unordered()
+
+    # --- starting
+
+    def _segment_for(self, desc, data_size, blobs=()):
+        """A job segment holding [data area][descriptor], or None when the
+        descriptor fits inline and there is no data. Returns (seg, desc_off)."""
+        if len(desc) <= _shm.INLINE_DESC and not data_size:
+            return None, 0
+        desc_off = (data_size + 63) // 64 * 64
+        seg = self.pool.share(desc_off + len(desc), reserve=bool(data_size))
+        self.segs.append(seg)
+        for off, blob in blobs:
+            mv = memoryview(blob).cast("B")
+            seg.buf[off: off + mv.nbytes] = mv
+        seg.buf[desc_off: desc_off + len(desc)] = desc
+        return seg, desc_off
+
+    def _start_index(self, plan, fn_bytes, star):
+        self.n = plan.n
+        if plan.n > _shm.RANGE_LO_MAX:
+            raise OverflowError("pmaprt: a map of more than %d items is not supported" % _shm.RANGE_LO_MAX)
+        if plan.error is not None:
+            self.fail_at(*plan.error)
+        desc = pickle.dumps((fn_bytes, star, plan.spec, self.pool.seed), 5)
+        seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
+        self.limit = min(self.n, self._window())
+        self.gen, self.slot, self.off = self.pool._post(
+            self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off)
+
+    def _start_feed(self, plan, fn_bytes, star):
+        self.n = None
+        self.it = plan.iterator
+        self.fed = 0                  # items published
+        self.chunks = 0               # chunks published
+        self.feed_done = False
+        self._held = None
+        # chunk -> [first item, first byte in the ring, end byte (or its own segment), done]
+        self.outstanding = collections.OrderedDict()
+        self.start_chunk = {}
+        self.ring_tail = 0
+        self.table_off = 0
+        self.ring_off = FEED_TABLE * FEED_ENTRY.size
+        spec = ("feed", self.table_off, FEED_TABLE, self.ring_off, FEED_RING)
+        desc = pickle.dumps((fn_bytes, star, spec, self.pool.seed), 5)
+        data_size = self.ring_off + FEED_RING
+        desc_off = data_size
+        self.seg = self.pool.share(desc_off + len(desc), reserve=False)
+        self.segs.append(self.seg)
+        self.seg.buf[desc_off: desc_off + len(desc)] = desc
+        self.gen, self.slot, self.off = self.pool._post(
+            self, desc, MODE_FEED, -1, 0, self.fixed, self.nwork, self.seg, desc_off)
+
+    def _window(self):
+        return max(WINDOW_MIN_ITEMS, int(WINDOW_CHUNKS_PER_WORKER * self.nwork * self.avg_chunk))
+
+    # --- records from the pool (lock held)
+
+    def on_record(self, w, kind, start, count, payload, t0, t1, stolen):
+        self.pending[start] = (kind, count, payload)
+        if not self.ordered:
+            self.arrived.append(start)
+        if kind != REC_ERROR:
+            self.stats.record(w, start, count, t0, t1, stolen)
+            self.avg_chunk = 0.8 * self.avg_chunk + 0.2 * count
+            if count:
+                self.t_item.observe(count, t1 - t0)
+        if self.feed_mode:
+            k = self.start_chunk.pop(start, None)
+            if k is not None and k in self.outstanding:
+                self.outstanding[k][3] = True
+                self._free_fed()
+
+    def has_news(self):
+        return bool(self.pending) or self.here_error is not None
+
+    def fail_at(self, index, exc):
+        """The map raises exc when the consumer reaches item `index`."""
+        if index not in self.errors:
+            self.errors[index] = exc
+        if self.error_at is None or index < self.error_at:
+            self.error_at = index
+
+    def fail_here(self, exc):
+        """The map raises exc at the consumer's position."""
+        if self.here_error is None:
+            self.here_error = exc
+
+    def check_stall(self):
+        """A chunk lost with a worker that died before it could say which one."""
+        # Crashes that name their chunk are handled by the pool; this is the
+        # rare death between claiming a chunk and recording it.
+
+    # --- feeding (consumer's thread)
+
+    def _feed(self):
+        pool = self.pool
+        with pool._lock:
+            while not self.feed_done:
+                if len(self.outstanding) >= min(FEED_TABLE, FEED_CHUNKS_PER_WORKER * self.nwork):
+                    return
+                c = self.t_item.size()
+                if self.fed - self.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
+                    return
+                items = []
+                app = items.append
+                it = self.it
+                try:
+                    for _ in range(c):
+                        app(next(it))
+                except StopIteration:
+                    self.feed_done = True
+                except Exception as e:
+                    self.feed_done = True
+                    self.fail_at(self.fed + len(items), e)
+                if items:
+                    try:
+                        data = _serialize.dumps_list(items)
+                    except BaseException:
+                        from ._access import _unpicklable_item
+                        bad = _serialize.find_unpicklable(items)
+                        j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
+                        self.feed_done = True
+                        self.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
+                        items = items[:j]
+                        data = _serialize.dumps_list(items) if items else None
+                    if items and not self._publish(items, data):
+                        # no room in the ring: keep the items for the next round
+                        self._held = (items, data)
+                        return
+                if self.feed_done:
+                    r = pool._r
+                    r.store64(self.off + S_N, self.fed)
+                    r.store32(self.off + S_FLAGS, FLAG_FEED_DONE)
+                    self.n = self.fed
+                    if self._progress is not None:
+                        self._progress.total = self.n
+                        self._progress.refresh()
+
+    def _publish(self, items, data):
+        """Write one chunk and publish it; False when the ring has no room yet."""
+        nbytes = len(data)
+        k = self.chunks
+        seg_id = 0
+        if nbytes > FEED_BIG:
+            seg = self.pool.share(nbytes)
+            seg.buf[:nbytes] = data
+            self.segs.append(seg)
+            seg_id, doff, bstart, bend = seg.id, 0, None, seg
+        else:
+            pos = self.ring_tail % FEED_RING
+            skip = FEED_RING - pos if pos + nbytes > FEED_RING else 0
+            if self.ring_tail + skip + nbytes - self._ring_head() > FEED_RING:
+                return False
+            bstart = self.ring_tail + skip
+            doff = self.ring_off + bstart % FEED_RING
+            self.seg.buf[doff: doff + nbytes] = data
+            self.ring_tail = bend = bstart + nbytes
+        FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
+                             self.fed, len(items), nbytes, doff, seg_id)
+        self.outstanding[k] = [self.fed, bstart, bend, False]
+        self.start_chunk[self.fed] = k
+        self.fed += len(items)
+        self.chunks = k + 1
+        self.pool._r.store64(self.off + S_LIMIT, self.chunks)
+        self.pool.wake_workers()
+        return True
+
+    def _ring_head(self):
+        """The first ring byte still in use: the start of the oldest chunk in the ring."""
+        for entry in self.outstanding.values():
+            if entry[1] is not None:
+                return entry[1]
+        return self.ring_tail
+
+    def _free_fed(self):
+        while self.outstanding:
+            k, entry = next(iter(self.outstanding.items()))
+            if not entry[3]:
+                break
+            del self.outstanding[k]
+            if entry[1] is None:
+                self.segs.remove(entry[2])
+                self.pool.unshare(entry[2])
+
+    # --- consuming
+
+    def _raise_limit(self):
+        if self.feed_mode or self.limit >= self.n:
+            return
+        if self.limit - self.consumed < self._window() // 2:
+            self.limit = min(self.n, self.consumed + self._window())
+            with self.pool._lock:
+                if self.pool._r is not None:
+                    self.pool._r.store64(self.off + S_LIMIT, self.limit)
+                    self.pool.wake_workers()
+
+    def _done(self, pos):
+        if self.feed_mode:
+            return self.feed_done and pos >= self.fed and self._held is None
+        return pos >= self.n
+
+    def _take(self, rec, start):
+        kind, count, payload = rec
+        if kind == REC_ERROR:
+            ok_payload, exc_bytes, tb_text, pid = pickle.loads(payload)
+            ok = _serialize.loads_list(ok_payload)
+            exc = pickle.loads(exc_bytes)
+            index = start + len(ok)
+            if tb_text:
+                exc.__cause__ = RemoteTraceback(tb_text)
+            _add_note(exc, "pmaprt: raised by the function on item %d of the map (worker pid %d)"
+                      % (index, pid))
+            return ok, exc
+        return _serialize.loads_list(payload), None
+
+    def _wait(self):
+        if self.here_error is not None:
+            raise self.here_error
+        if self.feed_mode:
+            self._refeed()
+        self.pool.wait(self)
+
+    def _refeed(self):
+        held = self._held
+        if held is not None:
+            with self.pool._lock:
+                if self._publish(*held):
+                    self._held = None
+                else:
+                    return
+        self._feed()
+
+    def _ordered(self):
+        try:
+            pos = 0
+            pending = self.pending
+            if self.feed_mode:
+                self._feed()
+            while not self._done(pos):
+                rec = pending.pop(pos, None)
+                if rec is None:
+                    if self.error_at is not None and self.error_at <= pos:
+                        raise self.errors[self.error_at]
+                    self._wait()
+                    continue
+                results, exc = self._take(rec, pos)
+                pos += len(results)
+                self.consumed = pos
+                if self._progress is not None:
+                    self._progress.update(len(results))
+                yield from results
+                if exc is not None:
+                    raise exc
+                if not self.feed_mode:
+                    self._raise_limit()
+                elif not self.feed_done:
+                    self._refeed()
+            if self.error_at is not None and self.error_at <= pos:
+                raise self.errors[self.error_at]
+        finally:
+            self._finish()
+
+    def _unordered(self):
+        try:
+            done = 0
+            pending, arrived = self.pending, self.arrived
+            if self.feed_mode:
+                self._feed()
+            while not self._done(done):
+                if not arrived:
+                    if self.error_at is not None and done >= self.error_at:
+                        raise self.errors[self.error_at]
+                    self._wait()
+                    continue
+                start = arrived.popleft()
+                results, exc = self._take(pending.pop(start), start)
+                done += len(results)
+                self.consumed = done
+                if self._progress is not None:
+                    self._progress.update(len(results))
+                yield from results
+                if exc is not None:
+                    raise exc
+                if not self.feed_mode:
+                    self._raise_limit()
+                elif not self.feed_done:
+                    self._refeed()
+            if self.error_at is not None:
+                raise self.errors[self.error_at]
+        finally:
+            self._finish()
+
+    def _finish(self):
+        import sys
+        exc = sys.exc_info()[1]
+        self.stats.finish(time.perf_counter() - self.stats.t0)
+        if self._progress is not None:
+            self._progress.close()
+        pool = self.pool
+        if isinstance(exc, KeyboardInterrupt):
+            # The workers may be deep in long items: end them now, leave nothing behind.
+            pool.terminate()
+            from . import _api
+            _api._forget_default(pool)
+            return
+        if self.gen is not None:
+            pool._retire(self.gen, self.slot, self.off)
+            self.gen = None
+        with pool._lock:
+            for seg in self.segs:
+                pool.unshare(seg)
+            self.segs = []
+
+    # --- iterator protocol
+
+    def __iter__(self):
+        return self._gen
+
+    def __next__(self):
+        return next(self._gen)
+
+    def close(self):
+        """Stop the map early; workers drop what they were doing for it."""
+        self._gen.close()
+
+    def __repr__(self):
+        return "<pmaprt map %s items=%s>" % (self.stats.mode, self.n)
+
+
+def _add_note(exc, note):
+    if hasattr(exc, "add_note"):
+        try:
+            exc.add_note(note)
+        except Exception:
+            pass

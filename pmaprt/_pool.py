@@ -1,0 +1,462 @@
+"""The pool: worker processes, the job board, and the parent's side of the rings.
+
+- Workers are fresh interpreters (``python -c ...``), never forks: a parent
+  with threads or an initialized CUDA context is safe, and the pool can be
+  created from any thread. They inherit the control segment (a memfd) and one
+  end of a socketpair; PR_SET_PDEATHSIG and a check of getppid() end them when
+  the parent dies.
+- A map is a job in one of the board's slots. Posting it bumps the board's
+  futex word; workers that sleep there wake.
+- Whichever thread waits for results drains every worker's ring under the
+  pool's lock and hands each record to its job. It sleeps on the results
+  futex word between records, waking at least every POLL_S to look at the
+  workers' exit status: a dead worker is replaced, and the job that lost a
+  chunk to it fails with WorkerCrashedError at that chunk's position.
+"""
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+from . import _shm
+from ._errors import PoolClosedError, WorkerCrashedError, describe_exit
+from ._shm import (
+    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
+    H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_KIND_MASK, REC_RESULT, REC_STOLEN,
+    REC_WRAP, RING_SIZE, S_CANCEL, S_REFS, S_STATE, SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE,
+    W_CUR_GEN, W_CUR_LO, W_CUR_N, W_HEAD, W_RING, W_SPACE_SEQ, W_SPACE_WAIT, W_STATE, W_TAIL,
+    WSTATE_READY,
+)
+
+# How often a waiting parent looks at its workers' exit status when no result
+# arrives. Bounds how long a crash goes unnoticed; each look is one waitpid
+# per worker.
+POLL_S = 0.05
+# The parent spins this long for a result before it sleeps (round trips).
+SPIN_NS = 50_000
+# Workers that die before they ever start this many times in a row make the
+# pool broken instead of being restarted forever.
+MAX_START_FAILURES = 3
+# Jobs (live map iterators) one pool can run at once.
+DEFAULT_MAX_JOBS = 32
+
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER_CMD = ("import sys; sys.path.insert(0, %r); from pmaprt._worker import main; main()"
+               % _PKG_PARENT)
+
+_live_pools = weakref.WeakSet()
+
+
+def default_workers():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_workers(workers):
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError("pmaprt: workers must be a positive int or None, got %r" % (workers,))
+    if workers < 1:
+        raise ValueError("pmaprt: workers must be >= 1 (or None for one per core), got %d" % workers)
+    return workers
+
+
+class _Resources:
+    """What must be released even if the Pool object is just dropped."""
+
+    def __init__(self):
+        self.procs = []
+        self.socks = []
+        self.ctl = None
+        self.segs = {}
+
+    def terminate(self, graceful=True):
+        ctl = self.ctl
+        if ctl is None:
+            return
+        self.ctl = None
+        try:
+            ctl.region.store32(H_SHUTDOWN, 1)
+            ctl.region.add32(H_BOARD_SEQ, 1)
+            ctl.region.wake32(H_BOARD_SEQ, 1 << 30)
+        except Exception:
+            pass
+        procs = [p for p in self.procs if p is not None]
+        if not graceful:
+            for p in procs:
+                _kill(p)
+        deadline = time.monotonic() + (2.0 if graceful else 1.0)
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill(p)
+                try:
+                    p.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    pass
+        for s in self.socks:
+            if s is not None:
+                s.close()
+        for seg in self.segs.values():
+            seg.close()
+        self.segs.clear()
+        ctl.close()
+
+
+def _kill(p):
+    try:
+        p.kill()
+    except OSError:
+        pass
+
+
+class Pool:
+    """Worker processes that persist across maps.
+
+    ``with Pool(workers=4) as pool: list(pool.map(f, xs))``. The pool can run
+    several maps at once (several live iterators, or several threads).
+    """
+
+    def __init__(self, workers=None, *, max_jobs=DEFAULT_MAX_JOBS, seed=0):
+        n = check_workers(workers)
+        self.workers = n
+        self.seed = seed
+        self._layout = _shm.Layout(n, max_jobs)
+        self._res = res = _Resources()
+        res.ctl = _shm.Segment(self._layout.size)
+        self._ctl = res.ctl
+        self._r = res.ctl.region
+        self._r.store64(H_MAGIC, MAGIC)
+        self._lock = threading.RLock()
+        res.procs = [None] * n
+        res.socks = [None] * n
+        self._heads = [0] * n
+        self._start_failures = 0
+        self._jobs = {}
+        self._gen = 0
+        self._seg_id = 0
+        self._broken = None
+        self._closed = False
+        self._last_check = time.monotonic()
+        self._finalizer = weakref.finalize(self, res.terminate, False)
+        try:
+            for w in range(n):
+                self._spawn(w)
+        except BaseException:
+            self.terminate()
+            raise
+        _live_pools.add(self)
+
+    # --- processes
+
+    def _spawn(self, w):
+        res = self._res
+        r = self._r
+        area = self._layout.worker(w)
+        r.store64(area + W_HEAD, 0)
+        r.store64(area + W_TAIL, 0)
+        r.store64(area + W_CUR_N, 0)
+        r.store32(area + W_STATE, 0)
+        self._heads[w] = 0
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(theirs.fileno()), str(res.ctl.fd)]
+            proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(), res.ctl.fd), close_fds=True,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        res.procs[w] = proc
+        res.socks[w] = ours
+        init = {
+            "parent_pid": os.getpid(), "nworkers": self.workers, "nslots": self._layout.nslots,
+            "sys_path": list(sys.path), "seed": self.seed,
+        }
+        _shm.send_msg(ours, init)
+        for seg in res.segs.values():
+            _shm.send_msg(ours, ("seg", seg.id, seg.size), fds=[seg.fd])
+
+    def pids(self):
+        return [p.pid for p in self._res.procs if p is not None]
+
+    def _check_workers(self):
+        """Replace dead workers; the job that lost a chunk fails. Lock held."""
+        self._last_check = time.monotonic()
+        for w, p in enumerate(self._res.procs):
+            rc = p.poll()
+            if rc is not None:
+                self._on_death(w, p, rc)
+
+    def _on_death(self, w, proc, rc):
+        r = self._r
+        area = self._layout.worker(w)
+        try:
+            drained = self._drain_worker(w)
+        except (EOFError, OSError):
+            drained = ()
+        started = r.load32(area + W_STATE) == WSTATE_READY
+        gen, lo, cn = r.load64(area + W_CUR_GEN), r.load64(area + W_CUR_LO), r.load64(area + W_CUR_N)
+        what = "worker %d (pid %d) %s" % (w, proc.pid, describe_exit(rc))
+        if cn != 0 and (gen, lo) not in drained:
+            job = self._jobs.get(gen)
+            if job is not None:
+                if lo < 0:
+                    err = WorkerCrashedError(what + " while loading the function or input of this map",
+                                             proc.pid, rc, None)
+                    job.fail_here(err)
+                else:
+                    err = WorkerCrashedError(what + " while running items %d..%d of this map"
+                                             % (lo, lo + cn - 1), proc.pid, rc, (lo, lo + cn))
+                    job.fail_at(lo, err)
+        if not started:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES:
+                self._broken = WorkerCrashedError(
+                    "pmaprt: worker processes fail to start (%s); is the Python environment "
+                    "importable from a fresh interpreter?" % what, proc.pid, rc)
+                for job in list(self._jobs.values()):
+                    job.fail_here(self._broken)
+                return
+        else:
+            self._start_failures = 0
+        self._res.socks[w].close()
+        self._spawn(w)
+
+    # --- segments
+
+    def share(self, size, reserve=True):
+        """A new segment, mapped here and sent to every worker. Lock held."""
+        self._seg_id += 1
+        seg = _shm.Segment(size, seg_id=self._seg_id, reserve=reserve)
+        self._res.segs[seg.id] = seg
+        for s in self._res.socks:
+            _shm.send_msg(s, ("seg", seg.id, seg.size), fds=[seg.fd])
+        return seg
+
+    def unshare(self, seg):
+        if self._res.segs.pop(seg.id, None) is None:
+            return
+        for s in self._res.socks:
+            try:
+                _shm.send_msg(s, ("unseg", seg.id))
+            except OSError:
+                pass
+        seg.close()
+
+    # --- jobs
+
+    def _check_open(self):
+        if self._closed:
+            raise PoolClosedError("pmaprt: this pool is closed")
+        if self._broken is not None:
+            raise self._broken
+
+    def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0):
+        """Put a job on the board. Lock held. Returns (slot, offset)."""
+        r, lay = self._r, self._layout
+        slot = None
+        for s in range(lay.nslots):
+            off = lay.slot(s)
+            st = r.load32(off + S_STATE)
+            if st == SLOT_FREE or (st == SLOT_CLOSED and r.load32(off + S_REFS) == 0):
+                slot = s
+                break
+        if slot is None:
+            raise RuntimeError(
+                "pmaprt: %d maps are already live on this pool; consume or close some of the "
+                "iterators (or create the Pool with a larger max_jobs)" % lay.nslots)
+        self._gen += 1
+        gen = self._gen
+        off = lay.slot(slot)
+        r.store32(off + S_STATE, SLOT_FREE)
+        r.store64(off + _shm.S_GEN, gen)
+        r.store32(off + _shm.S_MODE, mode)
+        r.store32(off + _shm.S_FLAGS, 0)
+        r.store64(off + _shm.S_N, n)
+        r.store64(off + _shm.S_LIMIT, limit)
+        r.store64(off + _shm.S_NEXT, 0)
+        r.store32(off + S_CANCEL, 0)
+        r.store32(off + _shm.S_CHUNK, chunk)
+        r.store32(off + _shm.S_NWORK, nwork)
+        for w in range(self.workers):
+            r.range_set(off + _shm.S_RANGES + 8 * w, 0, 0)
+        if desc_seg is None:
+            r.store32(off + _shm.S_DESC_LEN, len(desc))
+            r.store64(off + _shm.S_DESC_SEG, 0)
+            base = off + lay.desc_off
+            self._ctl.buf[base: base + len(desc)] = desc
+        else:
+            r.store32(off + _shm.S_DESC_LEN, len(desc))
+            r.store64(off + _shm.S_DESC_SEG, desc_seg.id)
+            r.store64(off + _shm.S_DESC_OFF, desc_off)
+        r.store32(off + S_STATE, SLOT_ACTIVE)
+        r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << slot))
+        self._jobs[gen] = job
+        self.wake_workers()
+        return gen, slot, off
+
+    def wake_workers(self):
+        r = self._r
+        r.add32(H_BOARD_SEQ, 1)
+        if r.load32(H_BOARD_SLEEPERS):
+            r.wake32(H_BOARD_SEQ, 1 << 30)
+
+    def _retire(self, gen, slot, off):
+        """The job is over: workers stop claiming; the slot is reused once they left."""
+        with self._lock:
+            r = self._r
+            if self._res.ctl is None:
+                self._jobs.pop(gen, None)
+                return
+            if r.load64(off + _shm.S_GEN) == gen:
+                r.store32(off + S_CANCEL, 1)
+                r.store32(off + S_STATE, SLOT_CLOSED)
+                r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) & ~(1 << slot))
+            self._jobs.pop(gen, None)
+
+    # --- results
+
+    def _drain_worker(self, w):
+        """Hand every record in worker w's ring to its job. Lock held.
+        Returns the set of (gen, start) it saw."""
+        r = self._r
+        area = self._layout.worker(w)
+        tail = r.load64(area + W_TAIL)
+        head = self._heads[w]
+        seen = set()
+        if tail == head:
+            return seen
+        buf = self._ctl.buf
+        base = area + W_RING
+        jobs = self._jobs
+        while head < tail:
+            pos = head % RING_SIZE
+            total, kind, gen, start, count, plen, t0, t1 = REC.unpack_from(buf, base + pos)
+            k = kind & REC_KIND_MASK
+            if k == REC_WRAP:
+                head += total
+                continue
+            if k == REC_BIG:
+                payload = _shm.recv_blob(self._res.socks[w])
+                k = REC_ERROR if kind & REC_BIG_ERROR else REC_RESULT
+            else:
+                p = base + pos + REC.size
+                payload = bytes(buf[p: p + plen])
+            head += total
+            seen.add((gen, start))
+            job = jobs.get(gen)
+            if job is not None:
+                job.on_record(w, k, start, count, payload, t0, t1, bool(kind & REC_STOLEN))
+        self._heads[w] = head
+        r.store64(area + W_HEAD, head)
+        r.add32(area + W_SPACE_SEQ, 1)
+        if r.load32(area + W_SPACE_WAIT):
+            r.wake32(area + W_SPACE_SEQ, 1)
+        return seen
+
+    def _drain(self):
+        got = 0
+        for w in range(self.workers):
+            if self._drain_worker(w):
+                got += 1
+        return got
+
+    def wait(self, job):
+        """Wait until something arrives for any job (or POLL_S passes)."""
+        r = self._r
+        if r is None or self._res.ctl is None:
+            raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
+        seq = r.load32(H_RESULTS_SEQ)
+        with self._lock:
+            got = self._drain()
+            if time.monotonic() - self._last_check > POLL_S:
+                self._check_workers()
+                job.check_stall()
+        if got or job.has_news():
+            return
+        r.add32(H_PARENT_SLEEPING, 1)
+        try:
+            changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, SPIN_NS)
+        finally:
+            r.add32(H_PARENT_SLEEPING, -1)
+        if not changed:
+            with self._lock:
+                self._drain()
+                self._check_workers()
+                job.check_stall()
+
+    # --- the public API
+
+    def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False):
+        """Lazy map(fn, *iterables) on this pool's workers."""
+        from ._job import MapJob
+        return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
+                      workers=workers, progress=progress)
+
+    def imap_unordered(self, fn, *iterables, chunksize=None, workers=None, progress=False):
+        """Like map, results in the order they finish."""
+        return self.map(fn, *iterables, chunksize=chunksize, ordered=False, workers=workers,
+                        progress=progress)
+
+    def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False):
+        """itertools.starmap(fn, iterable), in parallel."""
+        from ._job import MapJob
+        return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
+                      workers=workers, progress=progress)
+
+    def apply(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on one worker; returns its result."""
+        if kwargs:
+            import functools
+            fn = functools.partial(fn, **kwargs)
+        for result in self.starmap(fn, (args,), chunksize=1):
+            return result
+
+    def close(self):
+        """Stop the workers once they are idle; waits for them."""
+        self._closed = True
+        _live_pools.discard(self)
+        self._finalizer.detach()
+        self._res.terminate(graceful=True)
+        self._r = None
+
+    def terminate(self):
+        """Kill the workers now."""
+        self._closed = True
+        _live_pools.discard(self)
+        self._finalizer.detach()
+        self._res.terminate(graceful=False)
+        self._r = None
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self.terminate()
+
+    def __repr__(self):
+        state = "closed" if self._closed else "broken" if self._broken else "running"
+        return "<pmaprt.Pool workers=%d %s>" % (self.workers, state)
+
+
+@atexit.register
+def _shutdown_all():
+    for p in list(_live_pools):
+        try:
+            p.terminate()
+        except Exception:
+            pass

@@ -1,0 +1,427 @@
+"""The worker process.
+
+A worker maps the pool's control segment, then loops: find the oldest active
+job on the board that has work, join it, claim chunks until none is left,
+leave; with nothing to do, spin briefly and sleep on the board's futex word.
+
+In index mode a worker first takes chunks from the front of its own range,
+then claims a span from the job's shared counter (guided self-scheduling),
+then steals the back half of another worker's range, choosing victims in an
+order drawn from a RNG seeded by (job seed, rank), so a schedule can be
+reproduced. In feed mode it claims the next published chunk.
+
+Results go into this worker's ring in the control segment, one record per
+chunk, and the parent is woken only if it sleeps.
+"""
+import os
+import pickle
+import random
+import select
+import signal
+import sys
+import time
+import traceback
+
+from . import _serialize, _shm, _sched
+from ._access import FEED_ENTRY, open_spec
+from ._shm import (
+    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_PARENT_SLEEPING, H_RESULTS_SEQ, H_SHUTDOWN,
+    MODE_FEED, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_RESULT, REC_STOLEN, REC_WRAP,
+    RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
+    S_NEXT, S_NWORK, S_RANGES, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
+    W_CUR_GEN, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT, W_STATE, W_TAIL,
+    WSTATE_READY,
+)
+
+# True inside a worker: a nested pmap runs serially there.
+IN_WORKER = False
+
+# Spin before sleeping on a futex. Long enough to catch the next job of a
+# tight submit loop without a system call, short enough not to take a core
+# from the user's work when nothing comes.
+SPIN_NS = 50_000
+# A sleeping worker wakes this often to check that its parent is alive.
+IDLE_TIMEOUT_S = 1.0
+
+
+class _JobCtx:
+    __slots__ = ("slot", "gen", "off", "mode", "fn", "star", "get", "sizer", "seg", "nwork",
+                 "rng", "error", "feed", "fn_key", "stolen")
+
+
+class Worker:
+    def __init__(self, rank, sock, init, ctl_fd):
+        self.rank = rank
+        self.sock = sock
+        self.parent_pid = init["parent_pid"]
+        self.layout = _shm.Layout(init["nworkers"], init["nslots"])
+        self.ctl = _shm.Segment(self.layout.size, fd=ctl_fd)
+        self.r = self.ctl.region
+        self.area = self.layout.worker(rank)
+        self.ring_off = self.area + _shm.W_RING
+        self.tail = self.r.load64(self.area + W_TAIL)
+        self.segs = {}
+        self.jobs = {}
+        self.fns = {}          # pickled fn -> fn (a function compiles once per worker)
+        self.t_items = {}      # pickled fn -> last seconds per item, to start the next map well
+        self.seed = init["seed"]
+
+    # --- segments from the parent
+
+    def _handle_msg(self, msg, fds):
+        kind = msg[0]
+        if kind == "seg":
+            _, seg_id, size = msg
+            self.segs[seg_id] = _shm.Segment(size, fd=fds[0], seg_id=seg_id)
+        elif kind == "unseg":
+            seg = self.segs.pop(msg[1], None)
+            if seg is not None:
+                seg.close()
+        elif kind == "stop":
+            raise SystemExit(0)
+
+    def poll_socket(self):
+        while select.select([self.sock], [], [], 0)[0]:
+            msg, fds = _shm.recv_msg(self.sock)
+            self._handle_msg(msg, fds)
+
+    def segment(self, seg_id):
+        while seg_id not in self.segs:
+            if not select.select([self.sock], [], [], 10.0)[0]:
+                raise RuntimeError("pmaprt: segment %d never arrived from the parent" % seg_id)
+            msg, fds = _shm.recv_msg(self.sock)
+            self._handle_msg(msg, fds)
+        return self.segs[seg_id]
+
+    # --- the board
+
+    def run(self):
+        r = self.r
+        r.store32(self.area + W_PID, os.getpid())
+        r.store32(self.area + W_STATE, WSTATE_READY)
+        while True:
+            if r.load32(H_SHUTDOWN):
+                return
+            self.poll_socket()
+            seq = r.load32(H_BOARD_SEQ)
+            if self.work_once():
+                continue
+            r.add32(H_BOARD_SLEEPERS, 1)
+            changed = r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S, SPIN_NS)
+            r.add32(H_BOARD_SLEEPERS, -1)
+            if not changed and os.getppid() != self.parent_pid:
+                return
+
+    def work_once(self):
+        """Join the oldest active job with work; True if any work was done."""
+        r = self.r
+        mask = r.load64(H_ACTIVE_MASK)
+        if not mask:
+            return False
+        cands = []
+        s = 0
+        while mask:
+            if mask & 1:
+                off = self.layout.slot(s)
+                cands.append((r.load64(off + S_GEN), s, off))
+            mask >>= 1
+            s += 1
+        cands.sort()
+        did = False
+        for gen, s, off in cands:
+            if self.rank >= r.load32(off + S_NWORK) or not self.has_work(off):
+                continue
+            r.add32(off + S_REFS, 1)
+            try:
+                if r.load32(off + S_STATE) == SLOT_ACTIVE and r.load64(off + S_GEN) == gen \
+                        and not r.load32(off + S_CANCEL):
+                    did |= self.run_job(s, gen, off)
+            finally:
+                r.add32(off + S_REFS, -1)
+            if did:
+                return True
+        return did
+
+    def has_work(self, off):
+        r = self.r
+        if r.load32(off + S_CANCEL):
+            return False
+        nxt, lim = r.load64(off + S_NEXT), r.load64(off + S_LIMIT)
+        if nxt < lim:
+            return True
+        if r.load32(off + S_MODE) == MODE_FEED:
+            return False
+        base = off + S_RANGES
+        for w in range(r.load32(off + S_NWORK)):
+            if r.range_get(base + 8 * w)[1]:
+                return True
+        return False
+
+    def job(self, s, gen, off):
+        ctx = self.jobs.get(s)
+        if ctx is not None and ctx.gen == gen:
+            return ctx
+        r = self.r
+        ctx = _JobCtx()
+        ctx.slot, ctx.gen, ctx.off = s, gen, off
+        ctx.mode = r.load32(off + S_MODE)
+        ctx.nwork = r.load32(off + S_NWORK)
+        ctx.error = None
+        ctx.stolen = False
+        ctx.fn_key = None
+        # A crash while loading the job is charged to it (lo = -1).
+        self._set_cur(gen, -1, -1)
+        try:
+            seg_id = r.load64(off + S_DESC_SEG)
+            n = r.load32(off + S_DESC_LEN)
+            if seg_id:
+                ctx.seg = self.segment(seg_id)
+                doff = r.load64(off + _shm.S_DESC_OFF)
+                desc = pickle.loads(ctx.seg.buf[doff: doff + n])
+            else:
+                ctx.seg = None
+                base = off + self.layout.desc_off
+                desc = pickle.loads(self.ctl.buf[base: base + n])
+            fn_bytes, ctx.star, spec, seed = desc
+            ctx.fn_key = fn_bytes
+            fn = self.fns.get(fn_bytes)
+            if fn is None:
+                fn = _serialize.loads_fn(fn_bytes)
+                if len(self.fns) >= 32:
+                    self.fns.clear()
+                self.fns[fn_bytes] = fn
+            ctx.fn = fn
+            segbuf = ctx.seg.buf if ctx.seg is not None else None
+            if ctx.mode == MODE_FEED:
+                ctx.feed = spec[1:]
+                ctx.get = None
+            else:
+                ctx.get = open_spec(spec, segbuf)
+            ctx.rng = random.Random(seed * 1_000_003 + self.rank)
+        except BaseException as e:  # reported at the first chunk this worker claims
+            ctx.error = (e, "while loading the function or input of this map in the worker")
+            ctx.fn = None
+            ctx.rng = random.Random(self.rank)
+        finally:
+            self._set_cur(0, 0, 0)
+        ctx.sizer = _sched.ChunkSizer(r.load32(off + S_CHUNK), self.t_items.get(ctx.fn_key))
+        for k in [k for k, c in self.jobs.items() if k != s and r.load64(c.off + S_GEN) != c.gen]:
+            del self.jobs[k]
+        self.jobs[s] = ctx
+        return ctx
+
+    def run_job(self, s, gen, off):
+        ctx = self.job(s, gen, off)
+        did = False
+        r = self.r
+        while not r.load32(off + S_CANCEL):
+            got = self.claim_feed(ctx) if ctx.mode == MODE_FEED else self.claim_index(ctx)
+            if got is None:
+                break
+            lo, n, stolen = got
+            self.run_chunk(ctx, lo, n, stolen)
+            did = True
+        if ctx.fn_key is not None and ctx.sizer.t_item is not None:
+            self.t_items[ctx.fn_key] = ctx.sizer.t_item
+        return did
+
+    # --- claiming work
+
+    def claim_index(self, ctx):
+        r, off = self.r, ctx.off
+        mine = off + S_RANGES + 8 * self.rank
+        while True:
+            c = ctx.sizer.size()
+            lo, n = r.range_take(mine, c)
+            if n:
+                return lo, n, ctx.stolen
+            ctx.stolen = False
+            # A span from the shared counter.
+            nxt = r.load64(off + S_NEXT)
+            lim = r.load64(off + S_LIMIT)
+            if nxt < lim:
+                span = min(_sched.span_size(c, lim - nxt, ctx.nwork), _shm.RANGE_N_MAX)
+                if r.cas64(off + S_NEXT, nxt, nxt + span):
+                    r.range_set(mine, nxt, span)
+                continue
+            # Steal the back half of a victim's range.
+            victims = [w for w in range(ctx.nwork) if w != self.rank]
+            ctx.rng.shuffle(victims)
+            for v in victims:
+                lo, n = r.range_steal(off + S_RANGES + 8 * v)
+                if n:
+                    r.range_set(mine, lo, n)
+                    ctx.stolen = True
+                    break
+            else:
+                return None
+
+    def claim_feed(self, ctx):
+        r, off = self.r, ctx.off
+        while True:
+            k = r.load64(off + S_NEXT)
+            if k >= r.load64(off + S_LIMIT):
+                return None
+            if r.cas64(off + S_NEXT, k, k + 1):
+                return k, -1, False
+
+    # --- running a chunk
+
+    def _set_cur(self, gen, lo, n):
+        r, a = self.r, self.area
+        r.store64(a + W_CUR_GEN, gen)
+        r.store64(a + W_CUR_LO, lo)
+        r.store64(a + W_CUR_N, n)
+
+    def _feed_items(self, ctx, k):
+        table_off, table_cap = ctx.feed[0], ctx.feed[1]
+        start, count, nbytes, doff, seg_id = FEED_ENTRY.unpack_from(
+            ctx.seg.buf, table_off + (k % table_cap) * FEED_ENTRY.size)
+        self._set_cur(ctx.gen, start, count)
+        buf = self.segment(seg_id).buf if seg_id else ctx.seg.buf
+        return start, count, _serialize.loads_list(buf[doff: doff + nbytes])
+
+    def run_chunk(self, ctx, lo, n, stolen):
+        t0 = time.perf_counter()
+        if n >= 0:
+            self._set_cur(ctx.gen, lo, n)
+        items = None
+        try:
+            if n < 0:
+                lo, n, items = self._feed_items(ctx, lo)
+            if ctx.error is not None:
+                raise ctx.error[0]
+            if items is None:
+                items = ctx.get(lo, lo + n)
+        except BaseException as e:
+            where = ctx.error[1] if ctx.error is not None else \
+                "while reading items %d..%d of the input in the worker" % (lo, lo + n - 1)
+            self.put_error(ctx.gen, lo, n, [], e, where, t0, stolen)
+            self._set_cur(0, 0, 0)
+            return
+        fn = ctx.fn
+        out = []
+        app = out.append
+        try:
+            if ctx.star:
+                for args in items:
+                    app(fn(*args))
+            else:
+                for x in items:
+                    app(fn(x))
+        except BaseException as e:
+            self.put_error(ctx.gen, lo, n, out, e, None, t0, stolen)
+            self._set_cur(0, 0, 0)
+            return
+        t1 = time.perf_counter()
+        ctx.sizer.observe(n, t1 - t0)
+        try:
+            payload = _serialize.dumps_list(out)
+        except BaseException:
+            bad = _serialize.find_unpicklable(out)
+            j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
+            err = TypeError("pmaprt: the result of item %d (a %s) cannot be pickled to return it "
+                            "from the worker: %s" % (lo + j, type(out[j]).__name__, exc))
+            self.put_error(ctx.gen, lo, n, out[:j], err, None, t0, stolen, tb=False)
+            self._set_cur(0, 0, 0)
+            return
+        self.put(REC_RESULT | (REC_STOLEN if stolen else 0), ctx.gen, lo, n, payload, t0, t1)
+        self._set_cur(0, 0, 0)
+
+    def put_error(self, gen, lo, n, ok, exc, where, t0, stolen, tb=True):
+        """Results before the failure, then the exception and its traceback."""
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if tb else ""
+        if where:
+            tb_text = "(%s)\n%s" % (where, tb_text)
+        try:
+            ok_payload = _serialize.dumps_list(ok)
+        except BaseException:
+            ok_payload, ok = _serialize.dumps_list([]), []
+        try:
+            exc_bytes = _serialize.dumps_obj(exc)
+            pickle.loads(exc_bytes)
+        except BaseException as pe:
+            exc_bytes = pickle.dumps(RuntimeError(
+                "pmaprt: %s: %s (the exception could not be pickled: %s)"
+                % (type(exc).__name__, exc, pe)))
+        payload = pickle.dumps((ok_payload, exc_bytes, tb_text, os.getpid()), 5)
+        self.put(REC_ERROR | (REC_STOLEN if stolen else 0), gen, lo, len(ok), payload,
+                 t0, time.perf_counter())
+
+    # --- the result ring
+
+    def put(self, kind, gen, start, count, payload, t0, t1):
+        r, a = self.r, self.area
+        plen = len(payload)
+        big = plen > RING_SIZE // 2
+        if big:
+            kind = REC_BIG | (REC_BIG_ERROR if (kind & 0xFF) == REC_ERROR else 0) | (kind & REC_STOLEN)
+            body = 0
+        else:
+            body = plen
+        need = (REC.size + body + 7) // 8 * 8
+        while True:
+            head = r.load64(a + W_HEAD)
+            pos = self.tail % RING_SIZE
+            wrap = RING_SIZE - pos if RING_SIZE - pos < need else 0
+            if RING_SIZE - (self.tail - head) >= need + wrap:
+                break
+            seq = r.load32(a + W_SPACE_SEQ)
+            r.store32(a + W_SPACE_WAIT, 1)
+            if r.load64(a + W_HEAD) == head:
+                if not r.wait32(a + W_SPACE_SEQ, seq, IDLE_TIMEOUT_S, SPIN_NS) \
+                        and os.getppid() != self.parent_pid:
+                    raise SystemExit(0)
+            r.store32(a + W_SPACE_WAIT, 0)
+        buf = self.ctl.buf
+        base = self.ring_off
+        if wrap:
+            REC.pack_into(buf, base + pos, wrap, REC_WRAP, 0, 0, 0, 0, 0.0, 0.0)
+            pos = 0
+        REC.pack_into(buf, base + pos, need, kind, gen, start, count, plen, t0, t1)
+        if body:
+            buf[base + pos + REC.size: base + pos + REC.size + plen] = payload
+        self.tail += wrap + need
+        r.store64(a + W_TAIL, self.tail)
+        r.add32(H_RESULTS_SEQ, 1)
+        if r.load32(H_PARENT_SLEEPING):
+            r.wake32(H_RESULTS_SEQ, 1 << 30)
+        if big:
+            _shm.send_blob(self.sock, payload)
+
+
+def main():
+    global IN_WORKER
+    IN_WORKER = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rank, sock_fd, ctl_fd = (int(x) for x in sys.argv[1:4])
+    import socket
+    sock = socket.socket(fileno=sock_fd)
+    init, _ = _shm.recv_msg(sock)
+    sys.path[:] = init["sys_path"]
+    try:
+        from . import _core_loader
+        _core_loader.core().set_pdeathsig(signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getppid() != init["parent_pid"]:
+        os._exit(0)
+    worker = Worker(rank, sock, init, ctl_fd)
+    code = 0
+    try:
+        worker.run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    except EOFError:
+        code = 0
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""pmaprt.bench: the benchmark harness, ``python -m pmaprt.bench``.
+
+Usage::
+
+    python -m pmaprt.bench                      # quick suite (~2 min on 2 cores)
+    python -m pmaprt.bench --full               # the whole suite, full sizes
+    python -m pmaprt.bench --workload medium --workload heavy-tailed
+    python -m pmaprt.bench --out DIR --repeat K --size-scale F --workers W
+
+Every runner (pmaprt, builtin ``map``, ``multiprocessing.Pool.map`` and
+``.imap``, ``concurrent.futures.ProcessPoolExecutor.map`` with chunksize 1 and
+with chunksize ceil(n/4W), ``joblib.Parallel`` with automatic batching, and
+``mpire.WorkerPool.map``) gets the same worker count, has its pool created and
+warmed before anything is timed, and is timed over the same inputs; each figure
+is the median of ``repeat`` runs (fewer when one runner has used up
+``max_runner_s`` on one workload).  A peer that is not installed or cannot
+start is reported as skipped/error with a note, never fatal.  Workloads that
+need pmaprt features not there yet (``out=``, ``allreduce``, a GPU) are
+skipped with a note.
+
+Output, in ``--out`` (default ``bench/results/``): ``table.txt`` (the report
+also printed to stdout), ``results.json`` and PNG plots
+(``chunksize_<workload>.png``, ``timeline_<workload>.png``,
+``allreduce_busbw.png``).
+
+results.json (schema_version 1)
+-------------------------------
+Top-level keys (all always present):
+
+``schema_version``  int, 1.
+``created``         str, ISO-8601 UTC time of the run.
+``argv``            list of str, the command-line arguments.
+``config``          object: ``mode`` ("quick"|"full"), ``repeat`` (int),
+                    ``size_scale`` (float), ``workers`` (int), ``workloads``
+                    (list of str), ``max_runner_s`` (float), ``sweep`` (bool),
+                    ``plots`` (bool), ``runners`` (list of str or null = all).
+``machine``         object: ``cores_logical``, ``cores_physical``,
+                    ``cores_available`` (int or null), ``memory_bytes`` (int or
+                    null), ``cpu_model`` (str or null), ``gpus`` (list of
+                    ``{index, name, memory_bytes}``, empty without a GPU),
+                    ``platform``, ``python_implementation``,
+                    ``python_executable_version`` (str), ``versions`` (object:
+                    python, pmaprt, numpy, joblib, mpire, matplotlib, tqdm,
+                    psutil -> str or null), ``date`` (str), ``workers`` (int).
+``calibration``     object: ``spin_iters_per_us`` (float: busy-loop iterations
+                    per microsecond, measured once per run), ``samples``.
+``workloads``       object, workload name -> entry (keys below), for every
+                    workload selected, including skipped ones.
+``results``         list of result records (keys below), one per (workload,
+                    runner) and one per chunk-size sweep point or all-reduce
+                    size.
+``files``           object: ``json``, ``table`` (file names) and ``plots``
+                    (list of PNG file names written).
+``duration_s``      float, wall time of the whole run.
+
+Workload entry keys (all always present, null where not applicable):
+``name``, ``description`` (str); ``status`` ("ok"|"skipped"|"error");
+``note`` (str or null: why skipped); ``params`` (object: sizes, per-item
+costs, seed); ``items`` (int); ``serial_s`` (median builtin-map time);
+``longest_item_s`` (heavy_tailed, cost_shift: the dearest item alone);
+``ideal_s`` (max(serial_s/W, longest_item_s)); ``best_peer`` (runner id of the
+fastest parallel peer) and ``best_peer_s``; ``adaptive_chunksize`` (int:
+median of pmaprt's ``MapStats.chunksizes`` in its last adaptive run);
+``sweep`` (swept workloads: ``chunksizes``, ``items_per_s``,
+``best_fixed_chunksize``, ``best_fixed_items_per_s``, ``adaptive_chunksize``,
+``adaptive_items_per_s``, ``adaptive_over_best_fixed``); ``timeline``
+(``{wall_s, mode, truncated, workers: [[[t_start, t_end, start_index,
+count], ...] per worker]}`` from the last adaptive run's chunk logs).
+
+Result record keys (all always present, null where not applicable):
+
+``workload``  str, a workload name.
+``runner``    str, one of ``builtin_map``, ``pmaprt``, ``mp_pool_map``,
+              ``mp_pool_imap``, ``ppe_cs1``, ``ppe_tuned``, ``joblib``,
+              ``mpire``.
+``label``     str, the runner's name in the table.
+``kind``      "baseline" (builtin map), "pmaprt" (adaptive chunk size),
+              "peer", or "sweep" (pmaprt with the fixed chunk size in
+              ``params.chunksize``).
+``status``    "ok", "skipped" (e.g. not installed) or "error" (exception or
+              wrong results; the message is in ``note``).
+``note``      str or null.
+``metric``    "wall" (time to map every item, results consumed),
+              "latency" (roundtrip: seconds per one-task call) or "busbw".
+``params``    object: ``workers`` and the runner's chunking (``chunksize``,
+              ``adaptive_chunksize_median``, ``bytes``, ...).
+``items``     int, items per run (calls per sample for roundtrip).
+``times_s``   list of float, every timed run's seconds (raw; per-call
+              seconds for roundtrip).
+``runs``      int, len(times_s).
+``median_s``, ``min_s``  float.
+``items_per_s``          float, items / median_s.
+``latency_us``           float, roundtrip only.
+``busbw_gbps``           float, allreduce only: 2(W-1)/W * bytes / t / 1e9.
+``speedup_vs_map``       float, serial_s / median_s (>1: faster than map).
+``speedup_vs_best_peer`` float, best_peer_s / median_s (>1: faster than the
+                         fastest parallel peer).
+``makespan_over_ideal``  float, median_s / ideal_s (1 is perfect).
+``efficiency``           float, serial_s / (W * median_s).
+``startup_s``            float, pool creation + warm-up (not in times_s).
+``stats``                object or null, pmaprt's MapStats of the last run:
+                         ``mode``, ``wall_s``, ``items``, ``n_chunks``,
+                         ``chunksize_median``/``_min``/``_max``, ``chunksizes``
+                         (null past 10,000 chunks), ``workers`` (list of
+                         ``{items, chunks, steals, busy_s, idle_s,
+                         chunk_log_len}``).
+"""
+
+from .cli import main  # noqa: F401
+from .suite import Config, run_suite, RESULT_KEYS, WORKLOAD_KEYS, TOP_KEYS, SCHEMA_VERSION  # noqa: F401
+
+__all__ = ["main", "Config", "run_suite", "RESULT_KEYS", "WORKLOAD_KEYS", "TOP_KEYS",
+           "SCHEMA_VERSION"]

@@ -1,0 +1,173 @@
+"""The plain-text, fixed-width report printed at the end of a run."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+
+def fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    if s >= 100:
+        return f"{s:.0f} s"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def fmt_rate(r: Optional[float]) -> str:
+    if r is None:
+        return "-"
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if r >= div:
+            return f"{r / div:.1f}{suf}"
+    return f"{r:.1f}"
+
+
+def fmt_x(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def fmt_f(x: Optional[float], nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for div, suf in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= div:
+            return f"{n / div:.1f} {suf}"
+    return f"{int(n)} B"
+
+
+def _table(headers: List[str], rows: List[List[str]], align: str) -> List[str]:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            out.append(c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i]))
+        return "  " + "  ".join(out).rstrip()
+
+    lines = [line(headers), "  " + "  ".join("-" * w for w in widths)]
+    lines += [line(r) for r in rows]
+    return lines
+
+
+def _params_line(p: Optional[Dict[str, Any]]) -> str:
+    if not p:
+        return ""
+    parts = []
+    for k, v in p.items():
+        if isinstance(v, float):
+            v = f"{v:g}"
+        elif isinstance(v, int) and not isinstance(v, bool) and k.endswith("bytes"):
+            v = fmt_bytes(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v:,}"
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def render(doc: Dict[str, Any]) -> str:
+    m = doc.get("machine", {})
+    cfg = doc.get("config", {})
+    out: List[str] = []
+    gpu = ", ".join(g.get("name", "?") for g in m.get("gpus") or []) or "none"
+    out.append("pmaprt benchmark  ({} suite, median of {} runs, W={} workers, size scale {:g})".format(
+        cfg.get("mode"), cfg.get("repeat"), cfg.get("workers"), cfg.get("size_scale", 1.0)))
+    out.append("machine: {} cores ({} physical), {} RAM, CPU {}, GPU {}".format(
+        m.get("cores_logical"), m.get("cores_physical"), fmt_bytes(m.get("memory_bytes")),
+        m.get("cpu_model"), gpu))
+    v = m.get("versions", {})
+    out.append("versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]))
+    out.append("ratios: 'vs map' and 'vs best' are speedups (reference time / this time; >1 is "
+               "faster); best = fastest parallel peer; eff = serial/(W*t); /ideal = t / "
+               "max(serial/W, longest item)")
+    results = doc.get("results", [])
+    for name, e in doc.get("workloads", {}).items():
+        out.append("")
+        head = f"== {name}: {e.get('description', '')}"
+        out.append(head)
+        if e.get("status") != "ok":
+            out.append(f"  {e.get('status')}: {e.get('note')}")
+            continue
+        pl = _params_line(e.get("params"))
+        if pl:
+            out.append("  " + pl)
+        recs = [r for r in results if r["workload"] == name and r["kind"] != "sweep"]
+        if name == "roundtrip":
+            rows = []
+            for r in recs:
+                rows.append([r["label"], fmt_f(r["latency_us"], 1), fmt_x(r["speedup_vs_best_peer"]),
+                             str(r["runs"] or "-"), r["status"] if r["status"] != "ok" else "",
+                             r["note"] or ""])
+            out += _table(["runner", "latency us", "vs best", "runs", "status", "note"], rows, "lrrrll")
+            continue
+        if name == "allreduce":
+            rows = [[fmt_bytes(r["params"].get("bytes")), fmt_time(r["median_s"]),
+                     fmt_f(r["busbw_gbps"], 3), r["note"] or ""] for r in recs]
+            out += _table(["size", "median", "busbw GB/s", "note"], rows, "lrrl")
+            continue
+        extra = []
+        if e.get("serial_s") is not None:
+            extra.append(f"serial {fmt_time(e['serial_s'])}")
+        if e.get("longest_item_s") is not None:
+            extra.append(f"longest item {fmt_time(e['longest_item_s'])}")
+        if e.get("ideal_s") is not None:
+            extra.append(f"ideal {fmt_time(e['ideal_s'])}")
+        if e.get("adaptive_chunksize") is not None:
+            extra.append(f"pmaprt adaptive chunksize (median) {e['adaptive_chunksize']}")
+        if extra:
+            out.append("  " + ", ".join(extra))
+        has_ideal = e.get("ideal_s") is not None
+        headers = ["runner", "median", "items/s", "vs map", "vs best", "eff"]
+        align = "lrrrrr"
+        if has_ideal:
+            headers.append("/ideal")
+            align += "r"
+        headers += ["runs", "note"]
+        align += "rl"
+        rows = []
+        for r in recs:
+            if r["status"] != "ok":
+                row = [r["label"], "-", "-", "-", "-", "-"] + (["-"] if has_ideal else [])
+                rows.append(row + ["-", f"{r['status']}: {r['note']}"])
+                continue
+            row = [r["label"], fmt_time(r["median_s"]), fmt_rate(r["items_per_s"]),
+                   fmt_x(r["speedup_vs_map"]), fmt_x(r["speedup_vs_best_peer"]),
+                   fmt_f(r["efficiency"])]
+            if has_ideal:
+                row.append(fmt_f(r["makespan_over_ideal"]))
+            row += [str(r["runs"]), r["note"] or ""]
+            rows.append(row)
+        out += _table(headers, rows, align)
+        sw = [r for r in results if r["workload"] == name and r["kind"] == "sweep"]
+        if sw:
+            ad = e.get("adaptive_chunksize")
+            out.append(f"  chunk-size sweep (pmaprt, fixed chunksize; adaptive median = {ad if ad is not None else '-'}):")
+            srows = []
+            ad_rec = next((r for r in recs if r["kind"] == "pmaprt" and r["status"] == "ok"), None)
+            for r in sw:
+                rel = None
+                if ad_rec and r["median_s"]:
+                    rel = ad_rec["median_s"] / r["median_s"]
+                srows.append([f"{r['params']['chunksize']:,}", fmt_time(r["median_s"]),
+                              fmt_rate(r["items_per_s"]), fmt_x(rel), str(r["runs"] or "-"),
+                              (f"{r['status']}: " if r["status"] != "ok" else "") + (r["note"] or "")])
+            if ad_rec:
+                srows.append([f"adaptive ({ad})", fmt_time(ad_rec["median_s"]),
+                              fmt_rate(ad_rec["items_per_s"]), "1.00x", str(ad_rec["runs"]), ""])
+            out += _table(["chunksize", "median", "items/s", "vs adaptive", "runs", "note"], srows,
+                          "lrrrrl")
+    out.append("")
+    files = doc.get("files", {})
+    if files.get("plots"):
+        out.append("plots: " + ", ".join(files["plots"]))
+    out.append(f"total {fmt_time(doc.get('duration_s'))}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,650 @@
+"""Runs the benchmark suite and assembles the results document.
+
+The document's layout is described (and kept stable) in the docstring of
+:mod:`pmaprt.bench`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from . import workloads as W
+from .runners import Runner, all_runners, Pmaprt, RUNNER_IDS
+
+SCHEMA_VERSION = 1
+
+MAP_WORKLOADS = ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy")
+
+#: every per-result record has exactly these keys (None where not applicable)
+RESULT_KEYS = (
+    "workload", "runner", "label", "kind", "status", "note", "metric", "params",
+    "items", "times_s", "runs", "median_s", "min_s", "items_per_s", "latency_us",
+    "busbw_gbps", "speedup_vs_map", "speedup_vs_best_peer", "makespan_over_ideal",
+    "efficiency", "startup_s", "stats",
+)
+
+#: every entry of the "workloads" object has exactly these keys
+WORKLOAD_KEYS = (
+    "name", "description", "status", "note", "params", "items", "serial_s",
+    "longest_item_s", "ideal_s", "best_peer", "best_peer_s", "adaptive_chunksize",
+    "sweep", "timeline",
+)
+
+TOP_KEYS = (
+    "schema_version", "created", "argv", "config", "machine", "calibration",
+    "workloads", "results", "files", "duration_s",
+)
+
+TIMELINE_MAX_CHUNKS = 20_000
+
+
+@dataclass
+class Config:
+    full: bool = False
+    repeat: Optional[int] = None  # None: 3 quick, 5 full
+    size_scale: float = 1.0
+    workers: Optional[int] = None  # None: os.cpu_count()
+    workloads: Optional[List[str]] = None  # None: all
+    out_dir: str = os.path.join("bench", "results")
+    progress: bool = True
+    max_runner_s: Optional[float] = None  # None: 3 s quick, 60 s full
+    sweep: bool = True
+    plots: bool = True
+    runners: Optional[List[str]] = None  # None: all (builtin map always runs)
+    argv: List[str] = field(default_factory=list)
+
+    def resolve(self) -> "Config":
+        if self.repeat is None:
+            self.repeat = 5 if self.full else 3
+        self.repeat = max(1, int(self.repeat))
+        if self.workers is None:
+            self.workers = os.cpu_count() or 1
+        self.workers = max(1, int(self.workers))
+        if self.max_runner_s is None:
+            self.max_runner_s = 60.0 if self.full else 3.0
+        if not self.size_scale or self.size_scale <= 0:
+            raise ValueError("size_scale must be > 0")
+        names = self.workloads or list(W.ALL)
+        seen = []
+        for n in names:
+            c = W.canonical(n)
+            if c not in seen:
+                seen.append(c)
+        self.workloads = [n for n in W.ALL if n in seen]
+        if self.runners is not None:
+            for r in self.runners:
+                if r not in RUNNER_IDS:
+                    raise ValueError(f"unknown runner {r!r}; choose from {', '.join(RUNNER_IDS)}")
+        return self
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "mode": "full" if self.full else "quick",
+            "repeat": self.repeat,
+            "size_scale": self.size_scale,
+            "workers": self.workers,
+            "workloads": list(self.workloads or []),
+            "max_runner_s": self.max_runner_s,
+            "sweep": self.sweep,
+            "plots": self.plots,
+            "runners": list(self.runners) if self.runners is not None else None,
+        }
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+
+def new_record(workload: str, runner: Runner, **kw) -> Dict[str, Any]:
+    rec = {k: None for k in RESULT_KEYS}
+    rec.update(workload=workload, runner=runner.id, label=runner.label, kind=runner.kind,
+               status="ok", metric="wall")
+    rec.update(kw)
+    return rec
+
+
+def new_workload_entry(name: str, **kw) -> Dict[str, Any]:
+    e = {k: None for k in WORKLOAD_KEYS}
+    e.update(name=name, description=W.DESCRIPTIONS.get(name, ""), status="ok")
+    e.update(kw)
+    return e
+
+
+def _fnum(x):
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _inum(x):
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _same(got, want) -> bool:
+    if want is None:
+        return True
+    try:
+        if len(got) != len(want):
+            return False
+    except TypeError:
+        return False
+    try:
+        import numpy as np
+
+        if want and isinstance(want[0], float):
+            return bool(np.allclose(np.asarray(got, dtype=float), np.asarray(want, dtype=float)))
+    except Exception:
+        pass
+    return list(got) == list(want)
+
+
+def stats_summary(st) -> Optional[Dict[str, Any]]:
+    """A JSON-able summary of a ``pmaprt.MapStats`` (missing fields -> None)."""
+    if st is None:
+        return None
+    cs = [int(c) for c in (getattr(st, "chunksizes", None) or [])]
+    workers = []
+    for w in getattr(st, "workers", None) or []:
+        log = getattr(w, "chunk_log", None) or []
+        workers.append({
+            "items": _inum(getattr(w, "items", None)),
+            "chunks": _inum(getattr(w, "chunks", None)),
+            "steals": _inum(getattr(w, "steals", None)),
+            "busy_s": _fnum(getattr(w, "busy_s", None)),
+            "idle_s": _fnum(getattr(w, "idle_s", None)),
+            "chunk_log_len": len(log),
+        })
+    return {
+        "mode": getattr(st, "mode", None),
+        "wall_s": _fnum(getattr(st, "wall_s", None)),
+        "items": _inum(getattr(st, "items", None)),
+        "n_chunks": len(cs),
+        "chunksize_median": adaptive_chunksize(st),
+        "chunksize_min": min(cs) if cs else None,
+        "chunksize_max": max(cs) if cs else None,
+        "chunksizes": cs if len(cs) <= 10_000 else None,
+        "workers": workers,
+    }
+
+
+def adaptive_chunksize(st) -> Optional[int]:
+    cs = getattr(st, "chunksizes", None) if st is not None else None
+    if not cs:
+        return None
+    return int(round(statistics.median(cs)))
+
+
+def timeline(st) -> Optional[Dict[str, Any]]:
+    """Per-worker chunk log ``[[t_start, t_end, start_index, count], ...]``."""
+    if st is None:
+        return None
+    rows, truncated = [], False
+    for w in getattr(st, "workers", None) or []:
+        log = list(getattr(w, "chunk_log", None) or [])
+        if len(log) > TIMELINE_MAX_CHUNKS:
+            log, truncated = log[:TIMELINE_MAX_CHUNKS], True
+        row = []
+        for e in log:
+            try:
+                t0, t1, s, c = e[0], e[1], e[2], e[3]
+                row.append([float(t0), float(t1), int(s), int(c)])
+            except Exception:
+                continue
+        rows.append(row)
+    if not any(rows):
+        return None
+    return {"wall_s": _fnum(getattr(st, "wall_s", None)), "mode": getattr(st, "mode", None),
+            "workers": rows, "truncated": truncated}
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    ps = sig.parameters
+    return name in ps or any(p.kind is p.VAR_KEYWORD for p in ps.values())
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="pmaprt.bench", unit="step",
+                                file=sys.stderr, dynamic_ncols=True, leave=True)
+            except Exception:
+                self.bar = None
+
+    def step(self, what: str = "", n: int = 1):
+        if self.bar is not None:
+            self.bar.set_postfix_str(what[:40], refresh=False)
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------
+# the suite
+# --------------------------------------------------------------------------
+
+
+class Suite:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.resolve()
+        self.results: List[Dict[str, Any]] = []
+        self.entries: Dict[str, Dict[str, Any]] = {}
+        self.built: Dict[str, W.Workload] = {}
+        self.expected: Dict[str, List[Any]] = {}
+        self.cal: Optional[W.Calibration] = None
+
+    # timing ---------------------------------------------------------------
+    def timed(self, run: Callable[[], Any]):
+        """Run up to ``repeat`` times, stopping early once ``max_runner_s`` is
+        spent (at least one run).  Returns (times, first result, note)."""
+        times, first = [], None
+        spent = 0.0
+        for k in range(self.cfg.repeat):
+            t0 = time.perf_counter()
+            res = run()
+            dt = time.perf_counter() - t0
+            if k == 0:
+                first = res
+            del res
+            times.append(dt)
+            spent += dt
+            if spent >= self.cfg.max_runner_s and k + 1 < self.cfg.repeat:
+                break
+        note = None
+        if len(times) < self.cfg.repeat:
+            note = f"{len(times)} of {self.cfg.repeat} runs (time cap {self.cfg.max_runner_s:g} s)"
+        return times, first, note
+
+    def _fill_times(self, rec, times, n_items):
+        rec["times_s"] = [float(t) for t in times]
+        rec["runs"] = len(times)
+        rec["median_s"] = float(statistics.median(times))
+        rec["min_s"] = float(min(times))
+        rec["items"] = n_items
+        if rec["median_s"] > 0 and n_items:
+            rec["items_per_s"] = n_items / rec["median_s"]
+
+    # phases ---------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        from .machine import describe
+
+        machine = describe(cfg.workers)
+        self.cal = W.calibrate()
+
+        runners = [r for r in all_runners()
+                   if r.kind == "baseline" or cfg.runners is None or r.id in cfg.runners]
+        avail = {r.id: r.available() for r in runners}
+        wl = cfg.workloads
+        map_wl = [n for n in wl if n in MAP_WORKLOADS]
+        swept = [n for n in W.SWEPT if n in map_wl] if cfg.sweep else []
+
+        # inputs
+        for name in map_wl:
+            self.built[name] = W.build(name, full=cfg.full, scale=cfg.size_scale,
+                                       workers=cfg.workers, cal=self.cal)
+            w = self.built[name]
+            self.entries[name] = new_workload_entry(name, params=w.params, items=w.n)
+        n_rt = W.roundtrip_calls(full=cfg.full, scale=cfg.size_scale)
+        if "roundtrip" in wl:
+            self.entries["roundtrip"] = new_workload_entry(
+                "roundtrip", params={"calls_per_sample": n_rt}, items=n_rt)
+
+        # plan the progress bar
+        sweep_pts = {n: W.sweep_chunksizes(self.built[n].n, cfg.workers, cfg.full) for n in swept}
+        total = 0
+        for r in runners:
+            total += len(map_wl) + (1 if ("roundtrip" in wl and r.has_call) else 0)
+        total += sum(len(v) for v in sweep_pts.values())
+        total += sum(1 for n in ("preprocess", "allreduce", "gpu") if n in wl)
+        prog = _Progress(total, cfg.progress)
+        try:
+            for r in runners:
+                ok, why = avail[r.id]
+                if not ok:
+                    self._skip_runner(r, map_wl, "roundtrip" in wl, why or "not available")
+                    prog.step(r.label, len(map_wl) + (1 if ("roundtrip" in wl and r.has_call) else 0))
+                    continue
+                self._run_runner(r, map_wl, "roundtrip" in wl, n_rt, sweep_pts, prog)
+            for name in ("preprocess", "allreduce", "gpu"):
+                if name in wl:
+                    getattr(self, f"_extra_{name}")(avail.get("pmaprt", (False, None)))
+                    prog.step(name)
+        finally:
+            prog.close()
+            for w in self.built.values():
+                if w.cleanup:
+                    w.cleanup()
+
+        self._derive()
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "created": machine["date"],
+            "argv": list(cfg.argv),
+            "config": cfg.as_dict(),
+            "machine": machine,
+            "calibration": {"spin_iters_per_us": self.cal.iters_per_us,
+                            "samples": list(self.cal.samples)},
+            "workloads": self.entries,
+            "results": self.results,
+            "files": {"json": "results.json", "table": "table.txt", "plots": []},
+            "duration_s": time.perf_counter() - t_start,
+        }
+        return doc
+
+    def _skip_runner(self, r, map_wl, rt, why):
+        for name in map_wl:
+            self.results.append(new_record(name, r, status="skipped", note=why,
+                                           items=self.built[name].n))
+        if rt and r.has_call:
+            self.results.append(new_record("roundtrip", r, status="skipped", note=why,
+                                           metric="latency"))
+
+    def _run_runner(self, r: Runner, map_wl, rt, n_rt, sweep_pts, prog):
+        cfg = self.cfg
+        startup = None
+        try:
+            t0 = time.perf_counter()
+            r.start(cfg.workers)
+            r.warm()
+            startup = time.perf_counter() - t0
+        except Exception as e:  # a peer that cannot start is skipped, not fatal
+            try:
+                r.close()
+            except Exception:
+                pass
+            note = f"could not start: {type(e).__name__}: {e}"
+            for name in map_wl:
+                self.results.append(new_record(name, r, status="error", note=note,
+                                               items=self.built[name].n))
+            if rt and r.has_call:
+                self.results.append(new_record("roundtrip", r, status="error", note=note,
+                                               metric="latency"))
+            prog.step(r.label, len(map_wl) + (1 if rt and r.has_call else 0))
+            return
+        try:
+            for name in map_wl:
+                w = self.built[name]
+                rec = new_record(name, r, params=r.params(w.n), items=w.n, startup_s=startup)
+                first = None
+                try:
+                    times, first, note = self.timed(lambda: r.map(w.fn, w.args))
+                    self._fill_times(rec, times, w.n)
+                    rec["note"] = note
+                    if r.kind == "baseline":
+                        self.expected[name] = first
+                        self._baseline_extras(w)
+                    elif not _same(first, self.expected.get(name)):
+                        rec["status"] = "error"
+                        rec["note"] = "wrong results"
+                    if isinstance(r, Pmaprt):
+                        st = r.last_stats
+                        rec["stats"] = stats_summary(st)
+                        ac = adaptive_chunksize(st)
+                        self.entries[name]["adaptive_chunksize"] = ac
+                        if ac is not None:
+                            rec["params"] = dict(rec["params"], adaptive_chunksize_median=ac)
+                        self.entries[name]["timeline"] = timeline(st)
+                except Exception as e:
+                    rec["status"] = "error"
+                    rec["note"] = f"{type(e).__name__}: {e}"
+                del first
+                self.results.append(rec)
+                prog.step(f"{r.label} {name}")
+                if isinstance(r, Pmaprt) and name in sweep_pts:
+                    self._sweep(r, w, sweep_pts[name], prog)
+            if rt and r.has_call:
+                self._roundtrip(r, n_rt, startup)
+                prog.step(f"{r.label} roundtrip")
+        finally:
+            try:
+                r.close()
+            except Exception:
+                pass
+
+    def _baseline_extras(self, w: W.Workload):
+        e = self.entries[w.name]
+        if w.ideal and w.longest_arg is not None:
+            e["longest_item_s"] = W.time_call(w.fn, w.longest_arg, repeat=3)
+
+    def _sweep(self, r: Pmaprt, w: W.Workload, points: List[int], prog):
+        for cs in points:
+            rec = new_record(w.name, r, kind="sweep", params={"workers": r.workers, "chunksize": cs},
+                             items=w.n)
+            first = None
+            try:
+                times, first, note = self.timed(lambda: r.map(w.fn, w.args, chunksize=cs))
+                self._fill_times(rec, times, w.n)
+                rec["note"] = note
+                if not _same(first, self.expected.get(w.name)):
+                    rec["status"], rec["note"] = "error", "wrong results"
+                st = r.last_stats
+                if st is not None:
+                    rec["stats"] = {"mode": getattr(st, "mode", None),
+                                    "chunksize_median": adaptive_chunksize(st)}
+            except Exception as e:
+                rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
+            del first
+            self.results.append(rec)
+            prog.step(f"sweep {w.name} cs={cs}")
+
+    def _roundtrip(self, r: Runner, calls: int, startup):
+        rec = new_record("roundtrip", r, metric="latency", startup_s=startup,
+                         params={"workers": r.workers if r.kind != "baseline" else 1,
+                                 "calls_per_sample": calls})
+        try:
+            for i in range(min(5, calls)):  # untimed warm-up
+                r.call(W.noop, i)
+            samples = []
+            spent = 0.0
+            for k in range(self.cfg.repeat):
+                t0 = time.perf_counter()
+                for i in range(calls):
+                    r.call(W.noop, i)
+                dt = time.perf_counter() - t0
+                samples.append(dt / calls)
+                spent += dt
+                if spent >= self.cfg.max_runner_s and k + 1 < self.cfg.repeat:
+                    rec["note"] = (f"{k + 1} of {self.cfg.repeat} samples "
+                                   f"(time cap {self.cfg.max_runner_s:g} s)")
+                    break
+            if r.call(W.noop, 12345) != 12345:
+                rec["status"], rec["note"] = "error", "wrong result"
+            self._fill_times(rec, samples, None)
+            rec["items"] = calls
+            rec["items_per_s"] = None
+            rec["latency_us"] = rec["median_s"] * 1e6
+        except Exception as e:
+            rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
+        self.results.append(rec)
+
+    # workloads that depend on optional pmaprt features ---------------------
+    def _extra_preprocess(self, avail):
+        entry = new_workload_entry("preprocess")
+        self.entries["preprocess"] = entry
+        ok, why = avail
+        if not ok:
+            entry.update(status="skipped", note=f"pmaprt not available: {why}")
+            return
+        import pmaprt
+
+        pmap = getattr(pmaprt, "pmap", None)
+        if pmap is None or not _accepts(pmap, "out"):
+            entry.update(status="skipped", note="needs issue 4 (zero-copy): pmaprt.pmap has no out=")
+            return
+        import numpy as np
+
+        cfg = self.cfg
+        w = W.build("preprocess", full=cfg.full, scale=cfg.size_scale, workers=cfg.workers,
+                    cal=self.cal)
+        entry.update(params=w.params, items=w.n)
+        base = new_record("preprocess", all_runners()[0], items=w.n, params={"workers": 1})
+        times, want, note = self.timed(lambda: np.stack(list(map(w.fn, w.args))))
+        self._fill_times(base, times, w.n)
+        base["note"] = note
+        self.results.append(base)
+        rec = new_record("preprocess", Pmaprt(), items=w.n,
+                         params={"workers": cfg.workers, "out": True})
+        out = np.empty((w.n,) + tuple(w.params["shape"]), dtype=np.float32)
+
+        def run():
+            for _ in pmap(w.fn, w.args, workers=cfg.workers, out=out):
+                pass
+            return out
+        try:
+            times, got, note = self.timed(run)
+            self._fill_times(rec, times, w.n)
+            rec["note"] = note
+            if not np.allclose(got, want):
+                rec["status"], rec["note"] = "error", "wrong results in out="
+        except Exception as e:
+            rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
+        self.results.append(rec)
+
+    def _extra_allreduce(self, avail):
+        entry = new_workload_entry("allreduce")
+        self.entries["allreduce"] = entry
+        ok, why = avail
+        if not ok:
+            entry.update(status="skipped", note=f"pmaprt not available: {why}")
+            return
+        import pmaprt
+
+        fn = getattr(pmaprt, "allreduce", None)
+        if fn is None:
+            entry.update(status="skipped", note="pmaprt.allreduce missing (all-reduce not built yet)")
+            return
+        import numpy as np
+
+        cfg = self.cfg
+        top = 64 << 20 if cfg.full else 4 << 20
+        top = max(1 << 10, int(top * min(1.0, cfg.size_scale)))
+        sizes = W.geometric(1 << 10, top, 4)
+        wk = cfg.workers
+        entry.update(params={"sizes_bytes": sizes, "dtype": "float32", "op": "sum",
+                             "busbw": "2*(W-1)/W * bytes / t"}, items=len(sizes))
+        for nbytes in sizes:
+            rec = new_record("allreduce", Pmaprt(), metric="busbw", items=1,
+                             params={"workers": wk, "bytes": nbytes})
+            x = np.ones(nbytes // 4, dtype=np.float32)
+            try:
+                times, _, note = self.timed(lambda: _with_timeout(lambda: fn(x), 60.0))
+                self._fill_times(rec, times, 1)
+                rec["items_per_s"] = None
+                rec["note"] = note
+                rec["busbw_gbps"] = 2.0 * (wk - 1) / wk * nbytes / rec["median_s"] / 1e9
+            except Exception as e:
+                rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
+                self.results.append(rec)
+                break
+            self.results.append(rec)
+        if not any(r["workload"] == "allreduce" and r["status"] == "ok" for r in self.results):
+            entry.update(status="error", note=entry.get("note") or "all-reduce did not run")
+
+    def _extra_gpu(self, avail):
+        from .machine import gpus
+
+        entry = new_workload_entry("gpu")
+        self.entries["gpu"] = entry
+        g = gpus()
+        if not g:
+            entry.update(status="skipped", note="no GPU found (NVML / pmaprt.devices)")
+            return
+        entry.update(status="skipped", params={"gpus": g},
+                     note=f"GPU present ({g[0]['name']}) but pmaprt has no GPU map API to time yet")
+
+    # ratios -----------------------------------------------------------------
+    def _derive(self):
+        wk = self.cfg.workers
+        by_wl: Dict[str, List[Dict[str, Any]]] = {}
+        for rec in self.results:
+            by_wl.setdefault(rec["workload"], []).append(rec)
+        for name, recs in by_wl.items():
+            entry = self.entries.get(name)
+            ok = [r for r in recs if r["status"] == "ok" and r["median_s"]]
+            base = next((r for r in ok if r["kind"] == "baseline"), None)
+            peers = [r for r in ok if r["kind"] == "peer"]
+            best = min(peers, key=lambda r: r["median_s"]) if peers else None
+            serial = base["median_s"] if base else None
+            ideal = None
+            if entry is not None:
+                entry["serial_s"] = serial if name != "roundtrip" else None
+                entry["best_peer"] = best["runner"] if best else None
+                entry["best_peer_s"] = best["median_s"] if best else None
+                if serial and entry.get("longest_item_s") is not None:
+                    ideal = max(serial / wk, entry["longest_item_s"])
+                    entry["ideal_s"] = ideal
+            for r in ok:
+                if r["metric"] == "busbw":
+                    continue
+                if serial and r["metric"] == "wall":
+                    r["speedup_vs_map"] = serial / r["median_s"]
+                    if r["kind"] != "baseline":
+                        r["efficiency"] = serial / (wk * r["median_s"])
+                if best:
+                    r["speedup_vs_best_peer"] = best["median_s"] / r["median_s"]
+                if ideal:
+                    r["makespan_over_ideal"] = r["median_s"] / ideal
+            if entry is not None and name in W.SWEPT:
+                sw = [r for r in ok if r["kind"] == "sweep"]
+                if sw:
+                    bestfix = min(sw, key=lambda r: r["median_s"])
+                    ad = next((r for r in ok if r["kind"] == "pmaprt"), None)
+                    entry["sweep"] = {
+                        "chunksizes": [r["params"]["chunksize"] for r in sw],
+                        "items_per_s": [r["items_per_s"] for r in sw],
+                        "best_fixed_chunksize": bestfix["params"]["chunksize"],
+                        "best_fixed_items_per_s": bestfix["items_per_s"],
+                        "adaptive_chunksize": entry.get("adaptive_chunksize"),
+                        "adaptive_items_per_s": ad["items_per_s"] if ad else None,
+                        "adaptive_over_best_fixed": (bestfix["median_s"] / ad["median_s"]) if ad else None,
+                    }
+
+
+def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
+    """Run fn in a daemon thread; raise TimeoutError if it has not returned."""
+    box: Dict[str, Any] = {}
+
+    def target():
+        try:
+            box["v"] = fn()
+        except BaseException as e:  # pragma: no cover - passed back below
+            box["e"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no answer in {timeout:g} s")
+    if "e" in box:
+        raise box["e"]
+    return box.get("v")
+
+
+def run_suite(cfg: Config) -> Dict[str, Any]:
+    """Run the suite described by cfg and return the results document
+    (nothing is written; see :func:`pmaprt.bench.cli.main` for that)."""
+    return Suite(cfg).run()

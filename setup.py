@@ -1,0 +1,24 @@
+from setuptools import Extension, setup
+
+setup(
+    name="pmaprt",
+    version="0.1.0",
+    description="A parallel-map runtime: map over every core, through shared memory.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=["pmaprt", "pmaprt.bench"],
+    python_requires=">=3.9",
+    ext_modules=[
+        Extension(
+            "pmaprt._core",
+            sources=["csrc/_core.c"],
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall"],
+        )
+    ],
+    install_requires=["numpy", "cloudpickle", "psutil"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "pytest-timeout"],
+        "bench": ["joblib", "mpire", "matplotlib", "tqdm"],
+        "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
+    },
+)
