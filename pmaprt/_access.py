@@ -127,6 +127,13 @@ def _blocks_spec(x, n, area):
         per_item = max(1, len(_serialize.dumps_list(list(probe))) // len(probe))
     except BaseException:
         per_item = 1024
+    if n * per_item <= SMALL_INLINE_BYTES:
+        # Small: the items travel inside the descriptor (no segment, no message).
+        try:
+            _serialize.dumps_list(list(x[:n]))
+            return ("slice", x[:n]), None
+        except BaseException:
+            pass  # the block encoder below names the item that fails
     bsize = max(1, min(MAX_BLOCK_ITEMS, BLOCK_BYTES // per_item))
     offsets, error = [], None
     for lo in range(0, n, bsize):

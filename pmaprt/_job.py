@@ -9,18 +9,28 @@
                            |
     Pool.wait drains the rings -> on_record: chunk results by start index
                            |
-    the generator yields them in order (or as they come), decodes lazily,
-    raises a failure at the position map would raise it.
+    _chunks yields each chunk's result list in order (or as they come); the
+    iterator the caller sees is itertools.chain over them, so each item costs
+    a C-level step, not a generator resume. A failure is raised at the
+    position map would raise it.
+
+Inline: when the workers' measured CPU per item shows that dispatching cannot
+beat map itself (the parent's own cost of decoding a result is about as large
+as computing it), the parent claims the rest of the input and yields
+``map(fn, rest)``, as map would run it.
 """
 import collections
 import itertools
+import operator
+import os
 import pickle
+import sys
 import time
 
 from . import _serialize, _shm, _sched
-from ._access import FEED_ENTRY, FeedPlan, plan_input
+from ._access import FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import RemoteTraceback
-from ._shm import MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, FLAG_FEED_DONE
+from ._shm import MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, S_NEXT, FLAG_FEED_DONE
 from ._stats import MapStats, WorkerStats
 
 # Index mode: how far past the consumer workers may run, in chunks per worker
@@ -35,6 +45,19 @@ FEED_TABLE = 1024
 FEED_RING = 8 * 1024 * 1024
 # A fed chunk bigger than this gets a segment of its own.
 FEED_BIG = FEED_RING // 4
+# Inline: decide after this many chunks have been measured, only when the rest
+# is worth at least INLINE_MIN_WORK_S of serial work, and only when the model
+# predicts the parallel path slower than map by this margin or less.
+INLINE_MIN_CHUNKS = 4
+INLINE_MIN_WORK_S = 0.005
+INLINE_MARGIN = 1.25
+# The caller's cost of taking one item from a result list (C-level iteration).
+CONSUME_ITEM_S = 1e-8
+
+try:
+    _CORES = len(os.sched_getaffinity(0))
+except AttributeError:
+    _CORES = os.cpu_count() or 1
 
 
 def _check_chunksize(chunksize):
@@ -48,9 +71,40 @@ def _check_chunksize(chunksize):
 
 
 class MapJob:
-    """The iterator returned by pmap and Pool.map; ``.stats`` has its MapStats."""
+    """The iterator returned by pmap and Pool.map; ``.stats`` has its MapStats.
 
-    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress):
+    It holds the job's state and the iterator over it; the state does not
+    refer back, so an abandoned map is finalized as soon as it is dropped.
+    """
+
+    __slots__ = ("_state", "_it", "__weakref__")
+
+    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress,
+                 inline="auto"):
+        self._state = st = _JobState(pool, fn, iterables, star, chunksize, ordered, workers,
+                                     progress, inline)
+        self._it = itertools.chain.from_iterable(st._chunks())
+
+    def __iter__(self):
+        return self._it
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        """Stop the map early; workers drop what they were doing for it."""
+        self._state.abandon()
+
+    @property
+    def stats(self):
+        return self._state.stats
+
+    def __repr__(self):
+        return "<pmaprt map %s items=%s>" % (self._state.stats.mode, self._state.n)
+
+
+class _JobState:
+    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline):
         if not callable(fn):
             raise TypeError("pmaprt: %r is not callable" % (fn,))
         if not iterables:
@@ -61,12 +115,17 @@ class MapJob:
             except TypeError:
                 raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
                                 % (i + 2, type(x).__name__)) from None
+        if inline not in ("auto", False, True):
+            raise ValueError("pmaprt: inline must be 'auto' or False, got %r" % (inline,))
         pool._check_open()
         self.pool = pool
+        self.fn = fn
+        self.iterables = iterables
         self.ordered = ordered
+        self.inline_ok = inline == "auto"
+        self.inline_from = None
         self.fixed = _check_chunksize(chunksize)
-        nwork = pool.workers if workers is None else min(pool.workers, workers)
-        self.nwork = nwork
+        self.nwork = pool.workers if workers is None else min(pool.workers, workers)
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
         self.pending = {}          # start index -> (kind, count, payload)
         self.arrived = collections.deque()  # unordered: start indices in arrival order
@@ -74,13 +133,18 @@ class MapJob:
         self.error_at = None
         self.here_error = None     # fails wherever the consumer is
         self.consumed = 0
+        self.records = 0
         self.segs = []
         self.gen = None
         self.t_item = _sched.ChunkSizer(self.fixed)
+        self.cpu_item = None       # workers' CPU seconds per item (EWMA)
+        self.dec_item = None       # the parent's decode seconds per item (EWMA)
         self.avg_chunk = 1.0
+        self.n = None
+        self._progress = None
+        self.star = star = star or len(iterables) > 1
         fn_bytes = _serialize.dumps_fn(fn)
-        plan = plan_input(iterables, star or len(iterables) > 1)
-        star = star or len(iterables) > 1
+        plan = plan_input(iterables, star)
         self.feed_mode = isinstance(plan, FeedPlan)
         self.stats.mode = "feed" if self.feed_mode else "index"
         self.stats.t0 = time.perf_counter()
@@ -89,11 +153,9 @@ class MapJob:
                 self._start_feed(plan, fn_bytes, star)
             else:
                 self._start_index(plan, fn_bytes, star)
-        self._progress = None
         if progress:
             from tqdm.auto import tqdm
-            self._progress = tqdm(total=None if self.n is None else self.n, unit="it")
-        self._gen = self._ordered() if ordered else self._unordered()
+            self._progress = tqdm(total=self.n, unit="it")
 
     # --- starting
 
@@ -124,13 +186,12 @@ class MapJob:
             self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off)
 
     def _start_feed(self, plan, fn_bytes, star):
-        self.n = None
         self.it = plan.iterator
         self.fed = 0                  # items published
         self.chunks = 0               # chunks published
         self.feed_done = False
         self._held = None
-        # chunk -> [first item, first byte in the ring, end byte (or its own segment), done]
+        # chunk -> [first item, first byte in the ring (None: own segment), end byte or segment, done]
         self.outstanding = collections.OrderedDict()
         self.start_chunk = {}
         self.ring_tail = 0
@@ -138,8 +199,7 @@ class MapJob:
         self.ring_off = FEED_TABLE * FEED_ENTRY.size
         spec = ("feed", self.table_off, FEED_TABLE, self.ring_off, FEED_RING)
         desc = pickle.dumps((fn_bytes, star, spec, self.pool.seed), 5)
-        data_size = self.ring_off + FEED_RING
-        desc_off = data_size
+        desc_off = self.ring_off + FEED_RING
         self.seg = self.pool.share(desc_off + len(desc), reserve=False)
         self.segs.append(self.seg)
         self.seg.buf[desc_off: desc_off + len(desc)] = desc
@@ -151,8 +211,9 @@ class MapJob:
 
     # --- records from the pool (lock held)
 
-    def on_record(self, w, kind, start, count, payload, t0, t1, stolen):
+    def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen):
         self.pending[start] = (kind, count, payload)
+        self.records += 1
         if not self.ordered:
             self.arrived.append(start)
         if kind != REC_ERROR:
@@ -160,6 +221,8 @@ class MapJob:
             self.avg_chunk = 0.8 * self.avg_chunk + 0.2 * count
             if count:
                 self.t_item.observe(count, t1 - t0)
+                c = cpu / count
+                self.cpu_item = c if self.cpu_item is None else 0.5 * c + 0.5 * self.cpu_item
         if self.feed_mode:
             k = self.start_chunk.pop(start, None)
             if k is not None and k in self.outstanding:
@@ -182,9 +245,8 @@ class MapJob:
             self.here_error = exc
 
     def check_stall(self):
-        """A chunk lost with a worker that died before it could say which one."""
-        # Crashes that name their chunk are handled by the pool; this is the
-        # rare death between claiming a chunk and recording it.
+        """Hook for the pool's periodic check (crashes that name their chunk
+        are charged by the pool itself)."""
 
     # --- feeding (consumer's thread)
 
@@ -212,7 +274,6 @@ class MapJob:
                     try:
                         data = _serialize.dumps_list(items)
                     except BaseException:
-                        from ._access import _unpicklable_item
                         bad = _serialize.find_unpicklable(items)
                         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
                         self.feed_done = True
@@ -278,6 +339,54 @@ class MapJob:
                 self.segs.remove(entry[2])
                 self.pool.unshare(entry[2])
 
+    # --- inline
+
+    def _want_inline(self):
+        """The cost model: map's time per item (the workers' CPU per item)
+        against the parallel path's, which is bounded by the parent's decode,
+        by all the CPU shared over the cores, and by the workers."""
+        if not self.inline_ok or self.fixed or self.records < INLINE_MIN_CHUNKS:
+            return False
+        t, p = self.cpu_item, self.dec_item
+        if t is None or p is None:
+            return False
+        p += CONSUME_ITEM_S
+        if not self.feed_mode:
+            nxt = self.pool._r.load64(self.off + S_NEXT)
+            if (self.n - nxt) * t < INLINE_MIN_WORK_S:
+                return False
+        par = max(p, (t + p) / _CORES, t / self.nwork)
+        return par * INLINE_MARGIN >= t
+
+    def _go_inline(self):
+        """Claim everything not yet claimed by a worker; returns where it starts."""
+        self.inline_ok = False
+        r = self.pool._r
+        with self.pool._lock:
+            if self.feed_mode:
+                self.inline_from = self.fed
+            else:
+                while True:
+                    nxt = r.load64(self.off + S_NEXT)
+                    if nxt >= self.n or r.cas64(self.off + S_NEXT, nxt, self.n):
+                        break
+                self.inline_from = min(nxt, self.n)
+        self.stats.mode += "+inline"
+
+    def _inline_rest(self):
+        """map(fn, items from inline_from on), as a C-level map object."""
+        a = self.inline_from
+        if self.feed_mode:
+            held = self._held[0] if self._held is not None else []
+            self._held = None
+            rest = itertools.chain(held, self.it) if held else self.it
+            return itertools.starmap(self.fn, rest) if self.star else map(self.fn, rest)
+        end = self.n
+        parts = [_tail(x, a, end) for x in self.iterables]
+        if len(parts) > 1:
+            return map(self.fn, *parts)
+        return itertools.starmap(self.fn, parts[0]) if self.star else map(self.fn, parts[0])
+
     # --- consuming
 
     def _raise_limit(self):
@@ -290,10 +399,13 @@ class MapJob:
                     self.pool._r.store64(self.off + S_LIMIT, self.limit)
                     self.pool.wake_workers()
 
-    def _done(self, pos):
+    def _end(self):
+        """Items the workers deliver: all of them, or those before the inline part."""
+        if self.inline_from is not None:
+            return self.inline_from
         if self.feed_mode:
-            return self.feed_done and pos >= self.fed and self._held is None
-        return pos >= self.n
+            return self.fed if self.feed_done and self._held is None else None
+        return self.n
 
     def _take(self, rec, start):
         kind, count, payload = rec
@@ -307,12 +419,17 @@ class MapJob:
             _add_note(exc, "pmaprt: raised by the function on item %d of the map (worker pid %d)"
                       % (index, pid))
             return ok, exc
-        return _serialize.loads_list(payload), None
+        t = time.perf_counter()
+        results = _serialize.loads_list(payload)
+        if count:
+            d = (time.perf_counter() - t) / count
+            self.dec_item = d if self.dec_item is None else 0.5 * d + 0.5 * self.dec_item
+        return results, None
 
     def _wait(self):
         if self.here_error is not None:
             raise self.here_error
-        if self.feed_mode:
+        if self.feed_mode and self.inline_from is None:
             self._refeed()
         self.pool.wait(self)
 
@@ -326,68 +443,67 @@ class MapJob:
                     return
         self._feed()
 
-    def _ordered(self):
+    def _chunks(self):
+        """Yields result lists; the caller's iterator chains them."""
         try:
             pos = 0
-            pending = self.pending
+            pending, arrived = self.pending, self.arrived
             if self.feed_mode:
                 self._feed()
-            while not self._done(pos):
-                rec = pending.pop(pos, None)
+            while True:
+                end = self._end()
+                if end is not None and pos >= end:
+                    break
+                if self.ordered:
+                    rec = pending.pop(pos, None)
+                    start = pos
+                else:
+                    start = arrived.popleft() if arrived else None
+                    rec = pending.pop(start) if start is not None else None
                 if rec is None:
                     if self.error_at is not None and self.error_at <= pos:
                         raise self.errors[self.error_at]
                     self._wait()
                     continue
-                results, exc = self._take(rec, pos)
+                results, exc = self._take(rec, start)
                 pos += len(results)
                 self.consumed = pos
                 if self._progress is not None:
                     self._progress.update(len(results))
-                yield from results
+                yield results
                 if exc is not None:
                     raise exc
-                if not self.feed_mode:
+                if self.inline_from is not None:
+                    continue
+                if self._want_inline():
+                    self._go_inline()
+                elif not self.feed_mode:
                     self._raise_limit()
                 elif not self.feed_done:
                     self._refeed()
-            if self.error_at is not None and self.error_at <= pos:
+            if self.error_at is not None and (self.inline_from is None or self.error_at <= pos):
                 raise self.errors[self.error_at]
+            if self.inline_from is not None:
+                self._finish()
+                rest = self._inline_rest()
+                if self._progress is not None:
+                    rest = self._progress_wrap(rest)
+                yield rest
         finally:
             self._finish()
 
-    def _unordered(self):
-        try:
-            done = 0
-            pending, arrived = self.pending, self.arrived
-            if self.feed_mode:
-                self._feed()
-            while not self._done(done):
-                if not arrived:
-                    if self.error_at is not None and done >= self.error_at:
-                        raise self.errors[self.error_at]
-                    self._wait()
-                    continue
-                start = arrived.popleft()
-                results, exc = self._take(pending.pop(start), start)
-                done += len(results)
-                self.consumed = done
-                if self._progress is not None:
-                    self._progress.update(len(results))
-                yield from results
-                if exc is not None:
-                    raise exc
-                if not self.feed_mode:
-                    self._raise_limit()
-                elif not self.feed_done:
-                    self._refeed()
-            if self.error_at is not None:
-                raise self.errors[self.error_at]
-        finally:
-            self._finish()
+    def _progress_wrap(self, it):
+        bar = self._progress
+        for x in it:
+            bar.update(1)
+            yield x
+
+    def abandon(self):
+        self._finish()
 
     def _finish(self):
-        import sys
+        if self.gen is None and not self.segs:
+            return
         exc = sys.exc_info()[1]
         self.stats.finish(time.perf_counter() - self.stats.t0)
         if self._progress is not None:
@@ -395,6 +511,8 @@ class MapJob:
         pool = self.pool
         if isinstance(exc, KeyboardInterrupt):
             # The workers may be deep in long items: end them now, leave nothing behind.
+            self.gen = None
+            self.segs = []
             pool.terminate()
             from . import _api
             _api._forget_default(pool)
@@ -402,25 +520,20 @@ class MapJob:
         if self.gen is not None:
             pool._retire(self.gen, self.slot, self.off)
             self.gen = None
-        with pool._lock:
-            for seg in self.segs:
-                pool.unshare(seg)
-            self.segs = []
+        if pool._res.ctl is not None:
+            with pool._lock:
+                for seg in self.segs:
+                    pool.unshare(seg)
+        self.segs = []
 
-    # --- iterator protocol
 
-    def __iter__(self):
-        return self._gen
-
-    def __next__(self):
-        return next(self._gen)
-
-    def close(self):
-        """Stop the map early; workers drop what they were doing for it."""
-        self._gen.close()
-
-    def __repr__(self):
-        return "<pmaprt map %s items=%s>" % (self.stats.mode, self.n)
+def _tail(x, a, end):
+    """Items a..end-1 of a sized input, as an iterable."""
+    if isinstance(x, (range, list, tuple, str, bytes)):
+        return x[a:end] if a else x
+    if type(x).__module__ == "numpy" and type(x).__name__ == "ndarray":
+        return x[a:end]
+    return (x[i] for i in range(a, end))
 
 
 def _add_note(exc, note):

@@ -37,7 +37,8 @@ from ._shm import (
 # per worker.
 POLL_S = 0.05
 # The parent spins this long for a result before it sleeps (round trips).
-SPIN_NS = 50_000
+# On fewer than 4 cores spinning only takes time from the workers.
+SPIN_NS = 50_000 if (os.cpu_count() or 1) >= 4 else 0
 # Workers that die before they ever start this many times in a row make the
 # pool broken instead of being restarted forever.
 MAX_START_FAILURES = 3
@@ -299,14 +300,15 @@ class Pool:
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << slot))
         self._jobs[gen] = job
-        self.wake_workers()
+        # A small job wakes only as many workers as it has items.
+        self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
         return gen, slot, off
 
-    def wake_workers(self):
+    def wake_workers(self, count=1 << 30):
         r = self._r
         r.add32(H_BOARD_SEQ, 1)
         if r.load32(H_BOARD_SLEEPERS):
-            r.wake32(H_BOARD_SEQ, 1 << 30)
+            r.wake32(H_BOARD_SEQ, count)
 
     def _retire(self, gen, slot, off):
         """The job is over: workers stop claiming; the slot is reused once they left."""
@@ -338,7 +340,7 @@ class Pool:
         jobs = self._jobs
         while head < tail:
             pos = head % RING_SIZE
-            total, kind, gen, start, count, plen, t0, t1 = REC.unpack_from(buf, base + pos)
+            total, kind, gen, start, count, plen, t0, t1, cpu = REC.unpack_from(buf, base + pos)
             k = kind & REC_KIND_MASK
             if k == REC_WRAP:
                 head += total
@@ -353,7 +355,7 @@ class Pool:
             seen.add((gen, start))
             job = jobs.get(gen)
             if job is not None:
-                job.on_record(w, k, start, count, payload, t0, t1, bool(kind & REC_STOLEN))
+                job.on_record(w, k, start, count, payload, t0, t1, cpu, bool(kind & REC_STOLEN))
         self._heads[w] = head
         r.store64(area + W_HEAD, head)
         r.add32(area + W_SPACE_SEQ, 1)
@@ -394,30 +396,37 @@ class Pool:
 
     # --- the public API
 
-    def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False):
-        """Lazy map(fn, *iterables) on this pool's workers."""
+    def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False,
+            inline="auto"):
+        """Lazy map(fn, *iterables) on this pool's workers.
+
+        inline="auto": when the measured cost per item shows that dispatching to
+        workers cannot beat map itself, the rest runs here, as map would run it;
+        inline=False keeps every item on the workers.
+        """
         from ._job import MapJob
         return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress)
+                      workers=workers, progress=progress, inline=inline)
 
-    def imap_unordered(self, fn, *iterables, chunksize=None, workers=None, progress=False):
+    def imap_unordered(self, fn, *iterables, chunksize=None, workers=None, progress=False,
+                       inline="auto"):
         """Like map, results in the order they finish."""
         return self.map(fn, *iterables, chunksize=chunksize, ordered=False, workers=workers,
-                        progress=progress)
+                        progress=progress, inline=inline)
 
-    def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False):
+    def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False,
+                inline="auto"):
         """itertools.starmap(fn, iterable), in parallel."""
         from ._job import MapJob
         return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress)
+                      workers=workers, progress=progress, inline=inline)
 
     def apply(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on one worker; returns its result."""
         if kwargs:
             import functools
             fn = functools.partial(fn, **kwargs)
-        for result in self.starmap(fn, (args,), chunksize=1):
-            return result
+        return list(self.starmap(fn, (args,), chunksize=1, inline=False))[0]
 
     def close(self):
         """Stop the workers once they are idle; waits for them."""

@@ -92,8 +92,8 @@ WSTATE_STARTING, WSTATE_READY = 0, 1
 # goes over the worker's socket instead.
 RING_SIZE = 4 * 1024 * 1024
 
-# record: total_len, kind, gen, start, count, payload_len, t0, t1
-REC = struct.Struct("<IIQqIIdd")
+# record: total_len, kind, gen, start, count, payload_len, t0, t1 (wall), cpu seconds
+REC = struct.Struct("<IIQqIIddd")
 REC_RESULT, REC_ERROR, REC_WRAP, REC_BIG = 1, 2, 3, 4
 REC_KIND_MASK = 0xFF
 REC_STOLEN = 0x100      # the chunk came from a steal

@@ -39,7 +39,7 @@ IN_WORKER = False
 # Spin before sleeping on a futex. Long enough to catch the next job of a
 # tight submit loop without a system call, short enough not to take a core
 # from the user's work when nothing comes.
-SPIN_NS = 50_000
+SPIN_NS = 50_000 if (os.cpu_count() or 1) >= 4 else 0
 # A sleeping worker wakes this often to check that its parent is alive.
 IDLE_TIMEOUT_S = 1.0
 
@@ -283,6 +283,7 @@ class Worker:
 
     def run_chunk(self, ctx, lo, n, stolen):
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         if n >= 0:
             self._set_cur(ctx.gen, lo, n)
         items = None
@@ -314,6 +315,7 @@ class Worker:
             self._set_cur(0, 0, 0)
             return
         t1 = time.perf_counter()
+        cpu = time.thread_time() - c0
         ctx.sizer.observe(n, t1 - t0)
         try:
             payload = _serialize.dumps_list(out)
@@ -325,7 +327,7 @@ class Worker:
             self.put_error(ctx.gen, lo, n, out[:j], err, None, t0, stolen, tb=False)
             self._set_cur(0, 0, 0)
             return
-        self.put(REC_RESULT | (REC_STOLEN if stolen else 0), ctx.gen, lo, n, payload, t0, t1)
+        self.put(REC_RESULT | (REC_STOLEN if stolen else 0), ctx.gen, lo, n, payload, t0, t1, cpu)
         self._set_cur(0, 0, 0)
 
     def put_error(self, gen, lo, n, ok, exc, where, t0, stolen, tb=True):
@@ -350,7 +352,7 @@ class Worker:
 
     # --- the result ring
 
-    def put(self, kind, gen, start, count, payload, t0, t1):
+    def put(self, kind, gen, start, count, payload, t0, t1, cpu=0.0):
         r, a = self.r, self.area
         plen = len(payload)
         big = plen > RING_SIZE // 2
@@ -376,9 +378,9 @@ class Worker:
         buf = self.ctl.buf
         base = self.ring_off
         if wrap:
-            REC.pack_into(buf, base + pos, wrap, REC_WRAP, 0, 0, 0, 0, 0.0, 0.0)
+            REC.pack_into(buf, base + pos, wrap, REC_WRAP, 0, 0, 0, 0, 0.0, 0.0, 0.0)
             pos = 0
-        REC.pack_into(buf, base + pos, need, kind, gen, start, count, plen, t0, t1)
+        REC.pack_into(buf, base + pos, need, kind, gen, start, count, plen, t0, t1, cpu)
         if body:
             buf[base + pos + REC.size: base + pos + REC.size + plen] = payload
         self.tail += wrap + need

@@ -68,7 +68,7 @@ def _params_line(p: Optional[Dict[str, Any]]) -> str:
             v = f"{v:g}"
         elif isinstance(v, int) and not isinstance(v, bool) and k.endswith("bytes"):
             v = fmt_bytes(v)
-        elif isinstance(v, int) and not isinstance(v, bool):
+        elif isinstance(v, int) and not isinstance(v, bool) and k != "seed":
             v = f"{v:,}"
         parts.append(f"{k}={v}")
     return " ".join(parts)

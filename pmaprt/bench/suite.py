@@ -340,6 +340,7 @@ class Suite:
                     w.cleanup()
 
         self._derive()
+        self.entries = {n: self.entries[n] for n in W.ALL if n in self.entries}
         doc = {
             "schema_version": SCHEMA_VERSION,
             "created": machine["date"],

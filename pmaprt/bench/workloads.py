@@ -175,7 +175,7 @@ def _scaled(n: int, scale: float, minimum: int) -> int:
 
 # sizes: (quick, full)
 SIZES = {
-    "tiny": (50_000, 2_000_000),
+    "tiny": (20_000, 2_000_000),
     "medium": (4_000, 80_000),
     "heavy_tailed": (4_000, 4_000),
     "cost_shift": (2_000, 20_000),

@@ -1,0 +1,245 @@
+"""The benchmark harness: `python -m pmaprt.bench` end to end at tiny sizes.
+
+No timing is asserted (the machine is noisy): only that the suite runs, writes
+the documented JSON schema, valid PNG plots and a table naming every workload.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pmaprt.bench import RESULT_KEYS, SCHEMA_VERSION, TOP_KEYS, WORKLOAD_KEYS
+from pmaprt.bench import workloads as W
+from pmaprt.bench.report import render
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+RUN_TIMEOUT = 240
+
+NUM = (int, float)
+OPT = type(None)
+
+RESULT_TYPES = {
+    "workload": (str,), "runner": (str,), "label": (str,), "kind": (str,), "status": (str,),
+    "note": (str, OPT), "metric": (str,), "params": (dict, OPT), "items": (int, OPT),
+    "times_s": (list, OPT), "runs": (int, OPT), "median_s": (float, OPT), "min_s": (float, OPT),
+    "items_per_s": (float, OPT), "latency_us": (float, OPT), "busbw_gbps": (float, OPT),
+    "speedup_vs_map": (float, OPT), "speedup_vs_best_peer": (float, OPT),
+    "makespan_over_ideal": (float, OPT), "efficiency": (float, OPT), "startup_s": (float, OPT),
+    "stats": (dict, OPT),
+}
+WORKLOAD_TYPES = {
+    "name": (str,), "description": (str,), "status": (str,), "note": (str, OPT),
+    "params": (dict, OPT), "items": (int, OPT), "serial_s": (float, OPT),
+    "longest_item_s": (float, OPT), "ideal_s": (float, OPT), "best_peer": (str, OPT),
+    "best_peer_s": (float, OPT), "adaptive_chunksize": (int, OPT), "sweep": (dict, OPT),
+    "timeline": (dict, OPT),
+}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def _bench(args, cwd, timeout=RUN_TIMEOUT):
+    return subprocess.run([sys.executable, "-m", "pmaprt.bench", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick suite, every workload, at 1/1000 size, one run each."""
+    out = tmp_path_factory.mktemp("bench") / "results"
+    proc = _bench(["--size-scale", "0.001", "--repeat", "1", "--out", str(out)],
+                  cwd=str(out.parent))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.json") as f:
+        doc = json.load(f)
+    return out, doc, proc
+
+
+def _check_types(obj, types, where):
+    assert set(obj) == set(types), f"{where}: keys {sorted(set(obj) ^ set(types))}"
+    for k, ts in types.items():
+        v = obj[k]
+        if float in ts and isinstance(v, int) and not isinstance(v, bool):
+            continue  # JSON may write a whole float as an int
+        assert isinstance(v, ts), f"{where}.{k} = {v!r} is not {ts}"
+
+
+def test_json_top_level(quick):
+    out, doc, _ = quick
+    assert set(doc) == set(TOP_KEYS)
+    assert doc["schema_version"] == SCHEMA_VERSION
+    assert isinstance(doc["created"], str) and doc["created"]
+    assert isinstance(doc["argv"], list)
+    cfg = doc["config"]
+    assert cfg["mode"] == "quick" and cfg["repeat"] == 1 and cfg["size_scale"] == 0.001
+    assert cfg["workers"] == (os.cpu_count() or 1)
+    assert cfg["workloads"] == list(W.ALL)
+    m = doc["machine"]
+    for k in ("cores_logical", "cores_physical", "memory_bytes", "cpu_model", "gpus", "platform",
+              "versions", "date", "workers"):
+        assert k in m, k
+    assert m["cores_logical"] == os.cpu_count()
+    assert isinstance(m["memory_bytes"], int) and m["memory_bytes"] > 0
+    assert isinstance(m["gpus"], list)
+    for k in ("python", "numpy", "pmaprt", "joblib", "mpire"):
+        assert k in m["versions"]
+    assert isinstance(doc["calibration"]["spin_iters_per_us"], NUM)
+    assert doc["calibration"]["spin_iters_per_us"] > 0
+    assert doc["files"]["json"] == "results.json"
+    assert isinstance(doc["duration_s"], NUM) and doc["duration_s"] > 0
+
+
+def test_json_workloads_and_results(quick):
+    _, doc, _ = quick
+    assert list(doc["workloads"]) == list(W.ALL)
+    for name, e in doc["workloads"].items():
+        _check_types(e, WORKLOAD_TYPES, f"workloads.{name}")
+        assert e["name"] == name
+        assert e["status"] in ("ok", "skipped", "error")
+        if e["status"] != "ok":
+            assert e["note"], f"{name} skipped without a note"
+    for name in ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy", "roundtrip"):
+        assert doc["workloads"][name]["status"] == "ok"
+    for name in ("heavy_tailed", "cost_shift"):
+        e = doc["workloads"][name]
+        assert e["ideal_s"] is not None and e["ideal_s"] >= e["longest_item_s"]
+
+    results = doc["results"]
+    assert results
+    kinds = {"baseline", "pmaprt", "peer", "sweep"}
+    for i, r in enumerate(results):
+        _check_types(r, RESULT_TYPES, f"results[{i}]")
+        assert set(r) == set(RESULT_KEYS)
+        assert r["kind"] in kinds
+        assert r["status"] in ("ok", "skipped", "error")
+        assert r["metric"] in ("wall", "latency", "busbw")
+        if r["status"] == "ok":
+            assert r["times_s"] and r["runs"] == len(r["times_s"])
+            assert all(isinstance(t, NUM) and t >= 0 for t in r["times_s"])
+            assert r["median_s"] >= 0
+        else:
+            assert r["note"]
+    # builtin map ran every map workload and the round trip
+    for name in ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy", "roundtrip"):
+        base = [r for r in results if r["workload"] == name and r["runner"] == "builtin_map"]
+        assert len(base) == 1 and base[0]["status"] == "ok", name
+    # every peer has a record per map workload: ok, or skipped/error with a note
+    for rid in ("mp_pool_map", "mp_pool_imap", "ppe_cs1", "ppe_tuned", "joblib", "mpire",
+                "pmaprt"):
+        for name in ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy"):
+            recs = [r for r in results if r["workload"] == name and r["runner"] == rid
+                    and r["kind"] != "sweep"]
+            assert len(recs) == 1, (rid, name)
+    # the chunk-size sweeps (when pmaprt ran the workload)
+    for name in W.SWEPT:
+        ad = [r for r in results if r["workload"] == name and r["kind"] == "pmaprt"]
+        if ad and ad[0]["status"] == "ok":
+            sw = [r for r in results if r["workload"] == name and r["kind"] == "sweep"]
+            assert len(sw) >= 2
+            assert all(isinstance(r["params"]["chunksize"], int) for r in sw)
+            assert doc["workloads"][name]["sweep"] is not None
+
+
+def test_pngs_valid(quick):
+    out, doc, _ = quick
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert sorted(doc["files"]["plots"]) == pngs
+    ok = {n for n, e in doc["workloads"].items() if e["status"] == "ok"}
+    pm_ok = {r["workload"] for r in doc["results"] if r["kind"] == "pmaprt" and r["status"] == "ok"}
+    for name in W.SWEPT:
+        if name in pm_ok:
+            assert f"chunksize_{name}.png" in pngs
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.image as mpimg
+    from PIL import Image
+
+    for p in pngs:
+        path = out / p
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_SIG, p
+        with Image.open(path) as im:
+            im.verify()
+        arr = mpimg.imread(str(path))
+        assert arr.ndim == 3 and arr.shape[0] > 50 and arr.shape[1] > 50, p
+        name = p[:-4].split("_", 1)[1]
+        assert name in ok or name == "busbw", p
+
+
+def test_table_names_every_workload(quick):
+    out, doc, proc = quick
+    with open(out / "table.txt") as f:
+        table = f.read()
+    assert table in proc.stdout
+    for name, e in doc["workloads"].items():
+        assert f"== {name}:" in table
+        if e["status"] != "ok":
+            assert e["note"] in table
+    for label in ("builtin map", "pmaprt", "mp.Pool.map", "joblib", "mpire"):
+        assert label in table
+
+
+def test_list_and_bad_workload(tmp_path):
+    p = _bench(["--list"], cwd=str(tmp_path), timeout=60)
+    assert p.returncode == 0
+    for name in W.ALL:
+        assert name in p.stdout
+    p = _bench(["--workload", "nope", "--out", str(tmp_path / "r")], cwd=str(tmp_path), timeout=60)
+    assert p.returncode == 2 and "unknown workload" in p.stderr
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_one_workload_missing_peer(tmp_path, monkeypatch):
+    """--workload selects; a peer that is not installed is skipped with a note."""
+    from pmaprt.bench import cli
+    from pmaprt.bench.runners import Joblib
+
+    monkeypatch.setattr(Joblib, "available", lambda self: (False, "joblib not installed"))
+    out = tmp_path / "r"
+    rc = cli.main(["--workload", "heavy-tailed", "--runner", "joblib", "--size-scale", "0.002",
+                   "--repeat", "1", "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    with open(out / "results.json") as f:
+        doc = json.load(f)
+    assert list(doc["workloads"]) == ["heavy_tailed"]
+    recs = {r["runner"]: r for r in doc["results"]}
+    assert set(recs) == {"builtin_map", "joblib"}
+    assert recs["joblib"]["status"] == "skipped"
+    assert recs["joblib"]["note"] == "joblib not installed"
+    assert recs["builtin_map"]["status"] == "ok"
+    assert doc["files"]["plots"] == []
+    with open(out / "table.txt") as f:
+        assert "joblib not installed" in f.read()
+
+
+def test_canonical_names_and_sizes():
+    assert W.canonical("heavy-tailed") == "heavy_tailed"
+    assert W.canonical("Cost-Shift") == "cost_shift"
+    with pytest.raises(ValueError):
+        W.canonical("nope")
+    assert W.geometric(1, 100, 4) == [1, 4, 16, 64, 100]
+    assert W.sweep_chunksizes(1000, 2, full=True)[-1] == 500
+    cal = W.Calibration(iters_per_us=10.0)
+    w = W.build("numpy", full=False, scale=0.001, workers=2, cal=cal)
+    assert w.n == W.NUMPY_CHUNKS and all(c.dtype.name == "float64" for c in w.args)
+    w = W.build("cost_shift", full=False, scale=0.01, workers=2, cal=cal)
+    half = w.n // 2
+    assert w.args[-1] == 100 * w.args[0] and w.args[half - 1] == w.args[0]
+
+
+def test_render_minimal_doc():
+    doc = {"config": {"mode": "quick", "repeat": 1, "workers": 2, "size_scale": 1.0},
+           "machine": {"versions": {}}, "workloads": {
+               "gpu": {"status": "skipped", "note": "no GPU found", "description": "d"}},
+           "results": [], "files": {}, "duration_s": 1.0}
+    text = render(doc)
+    assert "== gpu:" in text and "no GPU found" in text
