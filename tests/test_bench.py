@@ -243,3 +243,39 @@ def test_render_minimal_doc():
            "results": [], "files": {}, "duration_s": 1.0}
     text = render(doc)
     assert "== gpu:" in text and "no GPU found" in text
+
+
+def test_probe_skips_hopeless_runner(tmp_path):
+    """A large workload is probed on a prefix; a runner projected far past the
+    time cap is skipped with the projection in its note."""
+    from pmaprt.bench import cli
+
+    out = tmp_path / "r"
+    rc = cli.main(["--workload", "tiny", "--runner", "ppe_cs1", "--size-scale", "2.5",
+                   "--repeat", "1", "--max-runner-s", "0.0001", "--out", str(out),
+                   "--no-progress", "--no-plots", "--no-sweep"])
+    assert rc == 0
+    with open(out / "results.json") as f:
+        doc = json.load(f)
+    recs = {r["runner"]: r for r in doc["results"]}
+    assert recs["builtin_map"]["status"] == "ok" and recs["builtin_map"]["items"] >= 50_000
+    assert recs["ppe_cs1"]["status"] == "skipped"
+    assert "projected" in recs["ppe_cs1"]["note"]
+
+
+def test_stats_helpers_are_defensive():
+    """MapStats fields the core may not have yet read as null, not errors."""
+    from types import SimpleNamespace as NS
+
+    from pmaprt.bench.suite import adaptive_chunksize, stats_summary, timeline
+
+    assert stats_summary(None) is None and timeline(None) is None
+    assert adaptive_chunksize(NS()) is None
+    st = NS(chunksizes=[4, 8, 8], workers=[NS(items=12, chunk_log=[(0.0, 0.1, 0, 4), "junk"]),
+                                           NS()])
+    s = stats_summary(st)
+    assert s["chunksize_median"] == 8 and s["mode"] is None and s["wall_s"] is None
+    assert s["workers"][0]["items"] == 12 and s["workers"][1]["busy_s"] is None
+    tl = timeline(st)
+    assert tl["workers"][0] == [[0.0, 0.1, 0, 4]] and tl["workers"][1] == []
+    json.dumps(s), json.dumps(tl)

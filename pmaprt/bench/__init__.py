@@ -102,8 +102,12 @@ Result record keys (all always present, null where not applicable):
                          ``mode``, ``wall_s``, ``items``, ``n_chunks``,
                          ``chunksize_median``/``_min``/``_max``, ``chunksizes``
                          (null past 10,000 chunks), ``workers`` (list of
-                         ``{items, chunks, steals, busy_s, idle_s,
+                         ``{items, chunks, steals, busy_s, idle_s, rank,
                          chunk_log_len}``).
+
+A workload of 50,000 items or more is first run on a 1% prefix by each
+runner; a runner whose full run projects past 5 * ``max_runner_s`` is recorded
+as skipped with the projection in ``note`` (raise ``--max-runner-s`` to run it).
 """
 
 from .cli import main  # noqa: F401

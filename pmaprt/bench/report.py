@@ -42,7 +42,16 @@ def fmt_bytes(n: Optional[float]) -> str:
     return f"{int(n)} B"
 
 
+NOTE_WIDTH = 72
+
+
+def _clip(s: str, width: int = NOTE_WIDTH) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= width else s[: width - 3] + "..."
+
+
 def _table(headers: List[str], rows: List[List[str]], align: str) -> List[str]:
+    rows = [[*r[:-1], _clip(r[-1])] for r in rows]  # the last column is a note
     widths = [len(h) for h in headers]
     for row in rows:
         for i, c in enumerate(row):

@@ -283,10 +283,9 @@ class Pmaprt(Runner):
         PoolCls = getattr(pmaprt, "Pool", None)
         if PoolCls is not None:
             pool = PoolCls(workers=workers)
-            enter = getattr(pool, "__enter__", None)
-            self.pool = enter() if enter is not None else pool
-            self.pool = self.pool if self.pool is not None else pool
             self._owner = pool
+            enter = getattr(pool, "__enter__", None)
+            self.pool = (enter() if enter is not None else None) or pool
             self.workers = int(getattr(self.pool, "workers", workers) or workers)
 
     def params(self, n):

@@ -44,6 +44,11 @@ TOP_KEYS = (
 
 TIMELINE_MAX_CHUNKS = 20_000
 
+#: workloads this large are first timed on a prefix; a runner whose projected
+#: single run exceeds PROBE_LIMIT_FACTOR * max_runner_s is skipped with a note
+PROBE_MIN_ITEMS = 50_000
+PROBE_LIMIT_FACTOR = 5.0
+
 
 @dataclass
 class Config:
@@ -165,6 +170,7 @@ def stats_summary(st) -> Optional[Dict[str, Any]]:
             "steals": _inum(getattr(w, "steals", None)),
             "busy_s": _fnum(getattr(w, "busy_s", None)),
             "idle_s": _fnum(getattr(w, "idle_s", None)),
+            "rank": _inum(getattr(w, "rank", len(workers))),
             "chunk_log_len": len(log),
         })
     return {
@@ -392,6 +398,14 @@ class Suite:
                 rec = new_record(name, r, params=r.params(w.n), items=w.n, startup_s=startup)
                 first = None
                 try:
+                    skip = self._probe(lambda a: r.map(w.fn, a), w) if r.kind != "baseline" else None
+                    if skip:
+                        rec["status"], rec["note"] = "skipped", skip
+                        self.results.append(rec)
+                        prog.step(f"{r.label} {name}")
+                        if isinstance(r, Pmaprt) and name in sweep_pts:
+                            self._sweep(r, w, sweep_pts[name], prog)
+                        continue
                     times, first, note = self.timed(lambda: r.map(w.fn, w.args))
                     self._fill_times(rec, times, w.n)
                     rec["note"] = note
@@ -426,6 +440,21 @@ class Suite:
             except Exception:
                 pass
 
+    def _probe(self, run: Callable[[List[Any]], Any], w: W.Workload) -> Optional[str]:
+        """For a large workload, time one run over a 1% prefix (at least 1,000
+        items); return a skip note if a full run projects past the limit."""
+        if w.n < PROBE_MIN_ITEMS:
+            return None
+        k = max(1000, w.n // 100)
+        t0 = time.perf_counter()
+        run(w.args[:k])
+        projected = (time.perf_counter() - t0) * w.n / k
+        limit = PROBE_LIMIT_FACTOR * self.cfg.max_runner_s
+        if projected > limit:
+            return (f"projected {projected:.0f} s per run (from {k:,} items) > "
+                    f"{limit:g} s; raise --max-runner-s to run it")
+        return None
+
     def _baseline_extras(self, w: W.Workload):
         e = self.entries[w.name]
         if w.ideal and w.longest_arg is not None:
@@ -437,6 +466,12 @@ class Suite:
                              items=w.n)
             first = None
             try:
+                skip = self._probe(lambda a: r.map(w.fn, a, chunksize=cs), w)
+                if skip:
+                    rec["status"], rec["note"] = "skipped", skip
+                    self.results.append(rec)
+                    prog.step(f"sweep {w.name} cs={cs}")
+                    continue
                 times, first, note = self.timed(lambda: r.map(w.fn, w.args, chunksize=cs))
                 self._fill_times(rec, times, w.n)
                 rec["note"] = note
@@ -605,7 +640,7 @@ class Suite:
                     r["speedup_vs_map"] = serial / r["median_s"]
                     if r["kind"] != "baseline":
                         r["efficiency"] = serial / (wk * r["median_s"])
-                if best:
+                if best and not (r["metric"] == "latency" and r["kind"] == "baseline"):
                     r["speedup_vs_best_peer"] = best["median_s"] / r["median_s"]
                 if ideal:
                     r["makespan_over_ideal"] = r["median_s"] / ideal

@@ -1,0 +1,208 @@
+"""pmap behaves as map: same results, same exceptions, lazily, in order."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import pmaprt
+from pmaprt import Pool, pmap
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Pool(2) as p:
+        yield p
+
+
+class Boom(Exception):
+    pass
+
+
+def double(x):
+    return x * 2
+
+
+def add(a, b):
+    return a + b
+
+
+def fail_at(limit):
+    def f(x):
+        if x == limit:
+            raise Boom("item %r" % (x,))
+        return (x, x)
+    return f
+
+
+def ident(x):
+    return x
+
+
+items = st.one_of(
+    st.integers(), st.text(max_size=5), st.none(),
+    st.tuples(st.integers(), st.text(max_size=3)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(xs=st.lists(items, max_size=3000), chunksize=st.one_of(st.none(), st.integers(1, 300)),
+       workers=st.integers(1, 2), as_iter=st.booleans())
+def test_differential_matches_map(pool, xs, chunksize, workers, as_iter):
+    src = iter(xs) if as_iter else xs
+    got = list(pool.map(ident, src, chunksize=chunksize, workers=workers))
+    assert got == list(map(ident, xs))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 2000), bad=st.integers(0, 2500), chunksize=st.one_of(st.none(), st.integers(1, 64)),
+       as_iter=st.booleans())
+def test_differential_exception_position(pool, n, bad, chunksize, as_iter):
+    f = fail_at(bad)
+    expected, exp_exc = [], None
+    try:
+        for y in map(f, range(n)):
+            expected.append(y)
+    except Boom as e:
+        exp_exc = e
+    got, got_exc = [], None
+    src = iter(range(n)) if as_iter else range(n)
+    try:
+        for y in pool.map(f, src, chunksize=chunksize, inline=False):
+            got.append(y)
+    except Boom as e:
+        got_exc = e
+    assert got == expected
+    assert (exp_exc is None) == (got_exc is None)
+    if got_exc is not None:
+        assert str(got_exc) == str(exp_exc)
+        assert isinstance(got_exc.__cause__, pmaprt.RemoteTraceback)
+        assert any("item %d" % bad in note for note in got_exc.__notes__)
+
+
+def test_several_iterables_zip_like_map(pool):
+    assert list(pool.map(add, [1, 2, 3], (10, 20))) == [11, 22]
+    assert list(pool.map(add, range(5), iter(range(100)))) == [0, 2, 4, 6, 8]
+    assert list(pmap(pow, [2, 3, 4], range(3))) == [1, 3, 16]
+
+
+def test_starmap_and_unordered(pool):
+    args = [(i, i) for i in range(500)]
+    assert list(pool.starmap(add, args)) == [2 * i for i in range(500)]
+    assert list(pmaprt.starmap(add, iter(args))) == [2 * i for i in range(500)]
+    assert sorted(pool.imap_unordered(double, range(1000))) == [2 * i for i in range(1000)]
+    assert sorted(pmaprt.imap_unordered(double, iter(range(1000)), chunksize=7)) == [2 * i for i in range(1000)]
+
+
+def test_lambdas_closures_and_local_functions(pool):
+    k = 3
+    def local(x):
+        return x + k
+    assert list(pool.map(lambda x: x * k, range(10))) == [x * 3 for x in range(10)]
+    assert list(pool.map(local, range(10))) == [x + 3 for x in range(10)]
+
+
+def test_is_lazy_over_an_infinite_generator(pool):
+    counter = itertools.count()
+    it = pool.map(double, counter)
+    assert list(itertools.islice(it, 1000)) == [2 * i for i in range(1000)]
+    # the feeder bounds what it pulls ahead of the consumer
+    assert next(counter) < 1000 + 200_000
+    it.close()
+
+
+def test_lazy_over_a_huge_range(pool):
+    it = pool.map(double, range(10**12))
+    assert list(itertools.islice(it, 5000)) == [2 * i for i in range(5000)]
+    it.close()
+
+
+def test_ndarray_rows_and_inputs(pool):
+    a = np.arange(200_000, dtype=np.float64).reshape(20_000, 10)
+    got = list(pool.map(np.sum, a))
+    assert got == [float(r.sum()) for r in a]
+    small = np.arange(10)
+    assert list(pool.map(int, small)) == list(range(10))
+
+
+def test_strings_bytes_tuples_and_sequences(pool):
+    assert list(pool.map(str.upper, "abc")) == ["A", "B", "C"]
+    assert list(pool.map(double, b"\x01\x02")) == [2, 4]
+    assert list(pool.map(double, tuple(range(100)))) == [2 * i for i in range(100)]
+    assert list(pool.map(ident, {"a": 1, "b": 2})) == ["a", "b"]
+    assert list(pool.map(ident, [])) == []
+
+
+def test_default_pool_is_reused():
+    list(pmap(double, range(10)))
+    p1 = pmaprt.default_pool()
+    pids = p1.pids()
+    for _ in range(20):
+        assert list(pmap(double, range(10))) == [2 * i for i in range(10)]
+    assert pmaprt.default_pool() is p1
+    assert p1.pids() == pids
+
+
+def test_many_live_iterators_at_once(pool):
+    its = [pool.map(double, range(i, i + 3000)) for i in range(8)]
+    outs = [list(it) for it in reversed(its)]
+    assert outs == [[2 * x for x in range(i, i + 3000)] for i in reversed(range(8))]
+    a, b = pool.map(double, range(5000)), pool.map(ident, range(5000))
+    assert list(zip(a, b)) == [(2 * i, i) for i in range(5000)]
+
+
+def test_abandoned_iterators_free_their_slot():
+    with Pool(1, max_jobs=2) as p:
+        for _ in range(10):
+            it = p.map(double, range(100_000))
+            next(iter(it))
+            del it
+        assert list(p.map(double, range(3))) == [0, 2, 4]
+
+
+def test_stats_describe_the_map(pool):
+    it = pool.map(double, range(20_000), inline=False)
+    assert list(it) == [2 * i for i in range(20_000)]
+    s = it.stats
+    assert s.items == 20_000
+    assert sum(w.items for w in s.workers) == 20_000
+    assert sum(w.chunks for w in s.workers) == len(s.chunksizes) == s.chunks
+    assert s.wall_s > 0
+    for w in s.workers:
+        for t0, t1, start, count in w.chunk_log:
+            assert t1 >= t0 and 0 <= start < 20_000 and count >= 1
+
+
+def test_fixed_chunksize_is_respected(pool):
+    it = pool.map(double, range(1000), chunksize=100, inline=False)
+    list(it)
+    assert set(it.stats.chunksizes) <= set(range(1, 101))
+    assert max(it.stats.chunksizes) == 100
+
+
+def test_inline_runs_tiny_items_in_the_caller_with_map_results(pool):
+    it = pool.map(double, range(400_000))
+    assert list(it) == [2 * i for i in range(400_000)]
+
+
+def test_apply(pool):
+    assert pool.apply(add, 2, 3) == 5
+    assert pool.apply(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
+
+
+def test_progress_bar(pool, capsys):
+    assert list(pool.map(double, range(50), progress=True)) == [2 * i for i in range(50)]
+
+
+def test_closed_pool_refuses_work():
+    p = Pool(1)
+    p.close()
+    with pytest.raises(pmaprt.PoolClosedError):
+        p.map(double, range(3))
+
+
+def test_public_exports():
+    assert set(pmaprt.__all__) >= {"pmap", "imap_unordered", "starmap", "Pool", "WorkerCrashedError",
+                                   "MapStats", "shutdown"}
+    for name in pmaprt.__all__:
+        assert hasattr(pmaprt, name)

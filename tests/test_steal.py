@@ -1,0 +1,150 @@
+"""The range-stealing protocol: every index taken exactly once."""
+import mmap
+import multiprocessing as mp
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import pmaprt
+from pmaprt import _core_loader
+
+core = _core_loader.core()
+
+
+def region(words):
+    mm = mmap.mmap(-1, 8 * words)
+    return mm, core.Region(mm)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 5000), workers=st.integers(1, 6),
+       ops=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["take", "steal"]),
+                              st.integers(1, 200), st.integers(0, 5)), max_size=400))
+def test_interleavings_take_every_index_once(n, workers, ops):
+    """Owners take from the front, thieves steal the back half into their own
+    (empty) range, in a hypothesis-chosen interleaving; then everyone drains."""
+    mm, r = region(workers)
+    per = n // workers
+    for w in range(workers):
+        lo = w * per
+        hi = n if w == workers - 1 else lo + per
+        r.range_set(8 * w, lo, hi - lo)
+    taken = []
+    for who, op, c, victim in ops:
+        who %= workers
+        victim %= workers
+        if op == "take":
+            lo, k = r.range_take(8 * who, c)
+            taken.extend(range(lo, lo + k))
+        elif victim != who and r.range_get(8 * who)[1] == 0:
+            lo, k = r.range_steal(8 * victim)
+            if k:
+                r.range_set(8 * who, lo, k)
+    for w in range(workers):
+        while True:
+            lo, k = r.range_take(8 * w, 7)
+            if not k:
+                break
+            taken.extend(range(lo, lo + k))
+    assert sorted(taken) == list(range(n))
+    r.release()
+    mm.close()
+
+
+def test_steal_takes_the_back_half():
+    mm, r = region(2)
+    r.range_set(0, 100, 10)
+    assert r.range_steal(0) == (105, 5)
+    assert r.range_get(0) == (100, 5)
+    assert r.range_steal(0) == (102, 3)
+    assert r.range_take(0, 10) == (100, 2)
+    assert r.range_steal(0) == (0, 0)
+    r.release()
+    mm.close()
+
+
+def _hammer(buf_name, rank, workers, q):
+    # real concurrency: owners and thieves in separate processes
+    import mmap as _mm
+    import random
+    from pmaprt import _core_loader as cl
+    f = open(buf_name, "r+b")
+    m = _mm.mmap(f.fileno(), 8 * workers)
+    r = cl.core().Region(m)
+    rng = random.Random(rank)
+    got = []
+    while True:
+        lo, k = r.range_take(8 * rank, rng.randint(1, 16))
+        if k:
+            got.extend(range(lo, lo + k))
+            continue
+        for v in rng.sample(range(workers), workers):
+            if v != rank:
+                lo, k = r.range_steal(8 * v)
+                if k:
+                    r.range_set(8 * rank, lo, k)
+                    break
+        else:
+            break
+    q.put(got)
+    r.release()
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_processes_take_every_index_once(tmp_path):
+    workers, n = 4, 200_000
+    path = tmp_path / "ranges"
+    path.write_bytes(b"\0" * 8 * workers)
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 8 * workers)
+        r = core.Region(m)
+        r.range_set(0, 0, n)  # everything starts with worker 0: the others must steal
+        r.release()
+        m.close()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(str(path), w, workers, q)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    got = []
+    for _ in procs:
+        got.extend(q.get(timeout=50))
+    for p in procs:
+        p.join(10)
+    assert sorted(got) == list(range(n))
+
+
+def slow_head(x):
+    # the first items are slow: the worker that owns them must be helped
+    import time
+    if x < 40:
+        time.sleep(0.01)
+    return x
+
+
+def test_forced_steals_keep_results_in_order():
+    with pmaprt.Pool(2, seed=7) as p:
+        it = p.map(slow_head, range(4000), inline=False)
+        assert list(it) == list(range(4000))
+        assert it.stats.steals >= 1
+        assert sum(w.items for w in it.stats.workers) == 4000
+        assert all(w.items > 0 for w in it.stats.workers)
+
+
+def test_range_set_rejects_what_does_not_fit():
+    mm, r = region(1)
+    with pytest.raises(OverflowError):
+        r.range_set(0, 0, core.RANGE_N_MAX + 1)
+    with pytest.raises(IndexError):
+        r.range_take(8, 1)
+    r.release()
+    mm.close()
+
+
+def test_wait_times_out_and_sees_changes():
+    mm, r = region(1)
+    assert r.wait32(0, 0, 0.01, 0) is False
+    r.store32(0, 5)
+    assert r.wait32(0, 0, 1.0, 0) is True
+    r.release()
+    mm.close()
