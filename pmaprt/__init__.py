@@ -7,6 +7,7 @@ from ._api import default_pool, imap_unordered, pmap, shutdown, starmap
 from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
+from ._tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,6 @@ __all__ = [
     "WorkerCrashedError",
     "RemoteTraceback",
     "PoolClosedError",
+    "tune",
+    "TuneResult",
 ]

@@ -125,14 +125,14 @@ def _blocks_spec(x, n, area):
     probe = x[: min(n, 32)]
     try:
         per_item = max(1, len(_serialize.dumps_list(list(probe))) // len(probe))
-    except BaseException:
+    except _serialize.PICKLE_ERRORS:
         per_item = 1024
     if n * per_item <= SMALL_INLINE_BYTES:
         # Small: the items travel inside the descriptor (no segment, no message).
         try:
             _serialize.dumps_list(list(x[:n]))
             return ("slice", x[:n]), None
-        except BaseException:
+        except _serialize.PICKLE_ERRORS:
             pass  # the block encoder below names the item that fails
     bsize = max(1, min(MAX_BLOCK_ITEMS, BLOCK_BYTES // per_item))
     offsets, error = [], None
@@ -140,7 +140,7 @@ def _blocks_spec(x, n, area):
         block = list(x[lo: min(lo + bsize, n)])
         try:
             data = _serialize.dumps_list(block)
-        except BaseException:
+        except _serialize.PICKLE_ERRORS:
             bad = _serialize.find_unpicklable(block)
             j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
             error = (lo + j, _unpicklable_item(lo + j, block[j], exc))

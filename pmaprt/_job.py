@@ -124,6 +124,9 @@ class _JobState:
         self.ordered = ordered
         self.inline_ok = inline == "auto"
         self.inline_from = None
+        if chunksize is None:
+            from ._tune import cached_chunksize
+            chunksize = cached_chunksize(fn)
         self.fixed = _check_chunksize(chunksize)
         self.nwork = pool.workers if workers is None else min(pool.workers, workers)
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
@@ -179,7 +182,7 @@ class _JobState:
             raise OverflowError("pmaprt: a map of more than %d items is not supported" % _shm.RANGE_LO_MAX)
         if plan.error is not None:
             self.fail_at(*plan.error)
-        desc = pickle.dumps((fn_bytes, star, plan.spec, self.pool.seed), 5)
+        desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed))
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
         self.limit = min(self.n, self._window())
         self.gen, self.slot, self.off = self.pool._post(
@@ -273,7 +276,7 @@ class _JobState:
                 if items:
                     try:
                         data = _serialize.dumps_list(items)
-                    except BaseException:
+                    except _serialize.PICKLE_ERRORS:
                         bad = _serialize.find_unpicklable(items)
                         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
                         self.feed_done = True

@@ -66,11 +66,18 @@ def loads_list(data):
     raise ValueError("pmaprt: corrupt payload (tag %r)" % tag)
 
 
-def find_unpicklable(items):
-    """(index, exception) of the first item that cannot be encoded, or None."""
+# What the parent treats as "this item cannot be pickled". A KeyboardInterrupt
+# while pickling is the user's Ctrl-C and goes on up; a SystemExit from an
+# object's __reduce__ is that object failing to pickle, not a reason to exit.
+PICKLE_ERRORS = (Exception, SystemExit)
+
+
+def find_unpicklable(items, catch=PICKLE_ERRORS):
+    """(index, exception) of the first item that cannot be encoded, or None.
+    Workers pass BaseException: there everything is reported to the parent."""
     for i, x in enumerate(items):
         try:
             dumps_list([x])
-        except BaseException as e:  # noqa: B902 - reported to the caller
+        except catch as e:
             return i, e
     return None

@@ -146,9 +146,18 @@ class _PoolTimer:
         self.pools.clear()
 
 
+def _default_workers() -> int:
+    try:
+        from ._pool import default_workers  # the default pool's size
+
+        return max(1, int(default_workers()))
+    except Exception:
+        return os.cpu_count() or 1
+
+
 def _as_workers(workers: Union[None, int, Iterable[int]]) -> List[int]:
     if workers is None:
-        return [os.cpu_count() or 1]
+        return [_default_workers()]
     if isinstance(workers, int):
         ws = [workers]
     else:
@@ -171,7 +180,8 @@ def tune(
     """Time ``fn`` over ``sample`` at several chunk sizes and recommend one.
 
     chunksizes: the sizes to try (default 1, 2, 4, ... ceil(len(sample)/W)).
-    workers: None (os.cpu_count()), an int, or several ints to try each.
+    workers: None (the default pool's size: one per core), an int, or several
+        ints to try each.
     time_budget: seconds for the whole call, pool start-up included.  A point
         is started only while the time spent plus its predicted cost fits the
         budget, so the budget can be overrun by at most one mispredicted map

@@ -320,7 +320,7 @@ class Worker:
         try:
             payload = _serialize.dumps_list(out)
         except BaseException:
-            bad = _serialize.find_unpicklable(out)
+            bad = _serialize.find_unpicklable(out, BaseException)
             j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
             err = TypeError("pmaprt: the result of item %d (a %s) cannot be pickled to return it "
                             "from the worker: %s" % (lo + j, type(out[j]).__name__, exc))

@@ -39,6 +39,15 @@ WORKLOAD_TYPES = {
 }
 
 
+def test_documented_key_lists_match_the_checks():
+    assert set(RESULT_TYPES) == set(RESULT_KEYS)
+    assert set(WORKLOAD_TYPES) == set(WORKLOAD_KEYS)
+    import pmaprt.bench as B
+
+    for k in (*TOP_KEYS, *RESULT_KEYS, *WORKLOAD_KEYS):
+        assert f"``{k}``" in B.__doc__, f"{k} is not documented in pmaprt.bench"
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -248,13 +257,13 @@ def test_render_minimal_doc():
 def test_probe_skips_hopeless_runner(tmp_path):
     """A large workload is probed on a prefix; a runner projected far past the
     time cap is skipped with the projection in its note."""
-    from pmaprt.bench import cli
-
     out = tmp_path / "r"
-    rc = cli.main(["--workload", "tiny", "--runner", "ppe_cs1", "--size-scale", "2.5",
-                   "--repeat", "1", "--max-runner-s", "0.0001", "--out", str(out),
-                   "--no-progress", "--no-plots", "--no-sweep"])
-    assert rc == 0
+    # in a subprocess: stdlib pools leave multiprocessing's resource tracker
+    # running for the life of the process that used them
+    p = _bench(["--workload", "tiny", "--runner", "ppe_cs1", "--size-scale", "2.5",
+                "--repeat", "1", "--max-runner-s", "0.0001", "--out", str(out),
+                "--no-progress", "--no-plots", "--no-sweep"], cwd=str(tmp_path), timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
     with open(out / "results.json") as f:
         doc = json.load(f)
     recs = {r["runner"]: r for r in doc["results"]}
@@ -279,3 +288,44 @@ def test_stats_helpers_are_defensive():
     tl = timeline(st)
     assert tl["workers"][0] == [[0.0, 0.1, 0, 4]] and tl["workers"][1] == []
     json.dumps(s), json.dumps(tl)
+
+
+def test_optional_feature_paths(tmp_path, monkeypatch):
+    """When pmaprt grows out= and allreduce, those workloads run (here through
+    stand-ins) and the all-reduce plot is written."""
+    import numpy as np
+
+    import pmaprt
+    from pmaprt.bench import cli
+
+    real_pmap = pmaprt.pmap
+
+    def pmap_with_out(fn, *iterables, workers=None, chunksize=None, ordered=True,
+                      progress=False, out=None):
+        it = real_pmap(fn, *iterables, workers=workers, chunksize=chunksize, ordered=ordered)
+        if out is None:
+            return it
+
+        def fill():
+            for i, r in enumerate(it):
+                out[i] = r
+                yield None
+        return fill()
+
+    monkeypatch.setattr(pmaprt, "pmap", pmap_with_out)
+    monkeypatch.setattr(pmaprt, "allreduce", lambda x: np.add(x, x), raising=False)
+    out = tmp_path / "r"
+    rc = cli.main(["--workload", "preprocess", "--workload", "allreduce", "--size-scale", "0.01",
+                   "--repeat", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    with open(out / "results.json") as f:
+        doc = json.load(f)
+    assert doc["workloads"]["preprocess"]["status"] == "ok"
+    pre = {r["runner"]: r for r in doc["results"] if r["workload"] == "preprocess"}
+    assert pre["pmaprt"]["status"] == "ok", pre["pmaprt"]["note"]
+    assert pre["builtin_map"]["status"] == "ok"
+    ar = [r for r in doc["results"] if r["workload"] == "allreduce"]
+    assert ar and all(r["status"] == "ok" and r["busbw_gbps"] > 0 for r in ar)
+    assert doc["files"]["plots"] == ["allreduce_busbw.png"]
+    with open(out / "allreduce_busbw.png", "rb") as f:
+        assert f.read(8) == PNG_SIG

@@ -165,7 +165,7 @@ class Joblib(Runner):
 
     def available(self):
         try:
-            import joblib  # noqa: F401
+            import joblib  # noqa: F401  (is it installed?)
         except ImportError:
             return False, "joblib not installed"
         return True, None
@@ -199,8 +199,18 @@ class Joblib(Runner):
     def close(self):
         par = getattr(self, "par", None)
         if par is not None:
-            par.__exit__(None, None, None)
-            self.par = None
+            try:
+                par.__exit__(None, None, None)
+            finally:
+                self.par = None
+                # loky keeps its workers for reuse: stop them, so that they do
+                # not sit beside the runners timed after this one
+                try:
+                    from joblib.externals.loky import get_reusable_executor
+
+                    get_reusable_executor().shutdown(wait=True)
+                except Exception:
+                    pass
 
 
 class Mpire(Runner):

@@ -329,6 +329,8 @@ class Suite:
         prog = _Progress(total, cfg.progress)
         try:
             for r in runners:
+                if not map_wl and not ("roundtrip" in wl and r.has_call):
+                    continue  # nothing for this runner: do not even start its pool
                 ok, why = avail[r.id]
                 if not ok:
                     self._skip_runner(r, map_wl, "roundtrip" in wl, why or "not available")
@@ -340,6 +342,7 @@ class Suite:
                     getattr(self, f"_extra_{name}")(avail.get("pmaprt", (False, None)))
                     prog.step(name)
         finally:
+            _shutdown_default_pool()
             prog.close()
             for w in self.built.values():
                 if w.cleanup:
@@ -658,6 +661,17 @@ class Suite:
                         "adaptive_items_per_s": ad["items_per_s"] if ad else None,
                         "adaptive_over_best_fixed": (bestfix["median_s"] / ad["median_s"]) if ad else None,
                     }
+
+
+def _shutdown_default_pool() -> None:
+    """Stop pmaprt's default pool if this run started one (pmap in the extras)."""
+    mod = sys.modules.get("pmaprt")
+    fn = getattr(mod, "shutdown", None) if mod is not None else None
+    if callable(fn):
+        try:
+            fn()
+        except Exception:
+            pass
 
 
 def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
