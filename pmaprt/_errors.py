@@ -33,8 +33,15 @@ class PoolClosedError(RuntimeError):
     """The pool was closed or terminated; create a new one."""
 
 
+def oom_hint(exitcode):
+    """A sentence to add when the exit looks like the out-of-memory killer."""
+    if exitcode is not None and exitcode == -signal.SIGKILL:
+        return " (SIGKILL is often the out-of-memory killer)"
+    return ""
+
+
 def describe_exit(exitcode):
-    """'killed by signal SIGKILL (9)' or 'exited with code 3'."""
+    """'was killed by signal SIGKILL (9)' or 'exited with code 3'."""
     if exitcode is None:
         return "is still running"
     if exitcode < 0:
@@ -42,8 +49,5 @@ def describe_exit(exitcode):
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = "signal %d" % -exitcode
-        text = "was killed by signal %s (%d)" % (name, -exitcode)
-        if -exitcode == signal.SIGKILL:
-            text += "; SIGKILL is often the out-of-memory killer"
-        return text
+        return "was killed by signal %s (%d)" % (name, -exitcode)
     return "exited with code %d" % exitcode

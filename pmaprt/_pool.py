@@ -23,7 +23,7 @@ import time
 import weakref
 
 from . import _shm
-from ._errors import PoolClosedError, WorkerCrashedError, describe_exit
+from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
     H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_KIND_MASK, REC_RESULT, REC_STOLEN,
@@ -209,12 +209,13 @@ class Pool:
             job = self._jobs.get(gen)
             if job is not None:
                 if lo < 0:
-                    err = WorkerCrashedError(what + " while loading the function or input of this map",
-                                             proc.pid, rc, None)
+                    err = WorkerCrashedError(what + " while loading the function or input of this map"
+                                             + oom_hint(rc), proc.pid, rc, None)
                     job.fail_here(err)
                 else:
-                    err = WorkerCrashedError(what + " while running items %d..%d of this map"
-                                             % (lo, lo + cn - 1), proc.pid, rc, (lo, lo + cn))
+                    err = WorkerCrashedError(what + " while running items %d..%d of this map%s"
+                                             % (lo, lo + cn - 1, oom_hint(rc)), proc.pid, rc,
+                                             (lo, lo + cn))
                     job.fail_at(lo, err)
         if not started:
             self._start_failures += 1
