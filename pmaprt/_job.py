@@ -247,10 +247,6 @@ class _JobState:
         if self.here_error is None:
             self.here_error = exc
 
-    def check_stall(self):
-        """Hook for the pool's periodic check (crashes that name their chunk
-        are charged by the pool itself)."""
-
     # --- feeding (consumer's thread)
 
     def _feed(self):

@@ -381,7 +381,6 @@ class Pool:
             got = self._drain()
             if time.monotonic() - self._last_check > POLL_S:
                 self._check_workers()
-                job.check_stall()
         if got or job.has_news():
             return
         r.add32(H_PARENT_SLEEPING, 1)
@@ -393,7 +392,6 @@ class Pool:
             with self._lock:
                 self._drain()
                 self._check_workers()
-                job.check_stall()
 
     # --- the public API
 
