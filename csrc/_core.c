@@ -281,12 +281,17 @@ Region_wake32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(r);
 }
 
-/* range_take(off, maxc) -> (lo, c): the owner takes up to maxc indices from the
- * front of its range; c == 0 when the range is empty. */
+/* range_take(off, maxc[, mark]) -> (lo, c): the owner takes up to maxc indices
+ * from the front of its range; c == 0 when the range is empty. With `mark`,
+ * the claim is recorded right after the CAS: lo at mark, c at mark + 8 (the
+ * worker's "current chunk" words, which name what a crash loses). */
 static PyObject *
 Region_range_take(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_NARGS("range_take", 2);
+    if (nargs != 2 && nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "range_take() takes 2 or 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
     uint64_t *p = region_at(self, args[0], 8);
     if (!p) return NULL;
     long long maxc = PyLong_AsLongLong(args[1]);
@@ -295,6 +300,11 @@ Region_range_take(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "range_take: maxc must be >= 1");
         return NULL;
     }
+    int64_t *mark = NULL;
+    if (nargs == 3) {
+        mark = region_at(self, args[2], 16);
+        if (!mark) return NULL;
+    }
     uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
     for (;;) {
         uint64_t lo = range_lo(v), n = range_n(v);
@@ -302,19 +312,34 @@ Region_range_take(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
             return Py_BuildValue("(KK)", (unsigned long long)lo, 0ULL);
         uint64_t c = (uint64_t)maxc < n ? (uint64_t)maxc : n;
         if (__atomic_compare_exchange_n(p, &v, range_pack(lo + c, n - c), 0,
-                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            if (mark) {
+                __atomic_store_n(mark, (int64_t)lo, __ATOMIC_SEQ_CST);
+                __atomic_store_n(mark + 1, (int64_t)c, __ATOMIC_SEQ_CST);
+            }
             return Py_BuildValue("(KK)", (unsigned long long)lo, (unsigned long long)c);
+        }
     }
 }
 
-/* range_steal(off) -> (lo, c): a thief takes the back half (rounded up) of the
- * victim's range; c == 0 when there was nothing to take. */
+/* range_steal(off[, dest]) -> (lo, c): a thief takes the back half (rounded
+ * up) of the victim's range; c == 0 when there was nothing to take. With
+ * `dest` (the thief's own, empty, range word) the stolen range is stored there
+ * right after the CAS, so no index is ever held only in a local variable. */
 static PyObject *
 Region_range_steal(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_NARGS("range_steal", 1);
+    if (nargs != 1 && nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "range_steal() takes 1 or 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
     uint64_t *p = region_at(self, args[0], 8);
     if (!p) return NULL;
+    uint64_t *dest = NULL;
+    if (nargs == 2) {
+        dest = region_at(self, args[1], 8);
+        if (!dest) return NULL;
+    }
     uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
     for (;;) {
         uint64_t lo = range_lo(v), n = range_n(v);
@@ -322,9 +347,88 @@ Region_range_steal(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
             return Py_BuildValue("(KK)", 0ULL, 0ULL);
         uint64_t k = n - n / 2;
         if (__atomic_compare_exchange_n(p, &v, range_pack(lo, n - k), 0,
-                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            if (dest)
+                __atomic_store_n(dest, range_pack(lo + n - k, k), __ATOMIC_SEQ_CST);
             return Py_BuildValue("(KK)", (unsigned long long)(lo + n - k), (unsigned long long)k);
+        }
     }
+}
+
+/* range_put(off, lo, n) -> bool: store a range into a word that holds an empty
+ * one (CAS from empty): the parent hands work back (a retried chunk). */
+static PyObject *
+Region_range_put(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("range_put", 3);
+    uint64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    unsigned long long lo = PyLong_AsUnsignedLongLong(args[1]);
+    if (lo == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[2]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (lo > RANGE_LO_MAX || n > RANGE_N_MASK || n == 0) {
+        PyErr_Format(PyExc_OverflowError, "range_put: (lo=%llu, n=%llu) does not fit the packed word",
+                     lo, n);
+        return NULL;
+    }
+    uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    while (range_n(v) == 0) {
+        if (__atomic_compare_exchange_n(p, &v, range_pack(lo, n), 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+/* claim_span(next, expected, span, dest) -> bool: move [expected, expected+span)
+ * from the shared counter `next` into the caller's own, empty, range word. */
+static PyObject *
+Region_claim_span(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("claim_span", 4);
+    int64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    long long expected = PyLong_AsLongLong(args[1]);
+    if (expected == -1 && PyErr_Occurred()) return NULL;
+    long long span = PyLong_AsLongLong(args[2]);
+    if (span == -1 && PyErr_Occurred()) return NULL;
+    uint64_t *dest = region_at(self, args[3], 8);
+    if (!dest) return NULL;
+    if (expected < 0 || span < 1 || (uint64_t)expected > RANGE_LO_MAX || (uint64_t)span > RANGE_N_MASK) {
+        PyErr_Format(PyExc_OverflowError, "claim_span: (%lld, %lld) does not fit the packed word",
+                     expected, span);
+        return NULL;
+    }
+    int64_t e = expected;
+    if (!__atomic_compare_exchange_n(p, &e, (int64_t)(expected + span), 0,
+                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    __atomic_store_n(dest, range_pack((uint64_t)expected, (uint64_t)span), __ATOMIC_SEQ_CST);
+    Py_RETURN_TRUE;
+}
+
+/* cas64_mark(off, expected, new, mark, value) -> bool: cas64, and on success
+ * store64(mark, value) right after (a worker records the feed chunk it took). */
+static PyObject *
+Region_cas64_mark(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("cas64_mark", 5);
+    int64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    long long expected = PyLong_AsLongLong(args[1]);
+    if (expected == -1 && PyErr_Occurred()) return NULL;
+    long long desired = PyLong_AsLongLong(args[2]);
+    if (desired == -1 && PyErr_Occurred()) return NULL;
+    int64_t *mark = region_at(self, args[3], 8);
+    if (!mark) return NULL;
+    long long value = PyLong_AsLongLong(args[4]);
+    if (value == -1 && PyErr_Occurred()) return NULL;
+    int64_t e = expected;
+    if (!__atomic_compare_exchange_n(p, &e, (int64_t)desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    __atomic_store_n(mark, (int64_t)value, __ATOMIC_SEQ_CST);
+    Py_RETURN_TRUE;
 }
 
 /* range_set(off, lo, n): the owner publishes a new range. Only valid when the
@@ -387,9 +491,15 @@ static PyMethodDef Region_methods[] = {
      "wait32(off, expected, timeout_s, spin_ns) -> changed"},
     {"wake32", (PyCFunction)(void (*)(void))Region_wake32, METH_FASTCALL, "wake32(off, n) -> woken"},
     {"range_take", (PyCFunction)(void (*)(void))Region_range_take, METH_FASTCALL,
-     "range_take(off, maxc) -> (lo, n)"},
+     "range_take(off, maxc[, mark]) -> (lo, n)"},
     {"range_steal", (PyCFunction)(void (*)(void))Region_range_steal, METH_FASTCALL,
-     "range_steal(off) -> (lo, n)"},
+     "range_steal(off[, dest]) -> (lo, n)"},
+    {"range_put", (PyCFunction)(void (*)(void))Region_range_put, METH_FASTCALL,
+     "range_put(off, lo, n) -> bool (only into an empty range)"},
+    {"claim_span", (PyCFunction)(void (*)(void))Region_claim_span, METH_FASTCALL,
+     "claim_span(next, expected, span, dest) -> bool"},
+    {"cas64_mark", (PyCFunction)(void (*)(void))Region_cas64_mark, METH_FASTCALL,
+     "cas64_mark(off, expected, new, mark, value) -> bool"},
     {"range_set", (PyCFunction)(void (*)(void))Region_range_set, METH_FASTCALL,
      "range_set(off, lo, n)"},
     {"range_get", (PyCFunction)(void (*)(void))Region_range_get, METH_FASTCALL,

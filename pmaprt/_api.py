@@ -37,32 +37,34 @@ def shutdown():
         p.close()
 
 
-def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False):
+def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False, **options):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
     chunksize: items per chunk (None: adaptive). ordered=False yields results as they
     finish. progress=True shows a tqdm bar. Inside a worker, pmap runs serially.
+    Reliability options (retries=, timeout=, on_error=, max_items_per_worker=,
+    memory_floor=) are those of Pool.map.
     """
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
         return map(fn, *iterables)
     return default_pool(workers).map(fn, *iterables, chunksize=chunksize, ordered=ordered,
-                                     workers=workers, progress=progress)
+                                     workers=workers, progress=progress, **options)
 
 
-def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False):
+def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False, **options):
     """pmap with results in the order they finish."""
     return pmap(fn, *iterables, workers=workers, chunksize=chunksize, ordered=False,
-                progress=progress)
+                progress=progress, **options)
 
 
-def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False):
+def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False, **options):
     """itertools.starmap(fn, iterable) on worker processes."""
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
         return itertools.starmap(fn, iterable)
     return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
-                                         workers=workers, progress=progress)
+                                         workers=workers, progress=progress, **options)

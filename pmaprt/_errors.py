@@ -51,3 +51,57 @@ def describe_exit(exitcode):
             name = "signal %d" % -exitcode
         return "was killed by signal %s (%d)" % (name, -exitcode)
     return "exited with code %d" % exitcode
+
+
+class ReturnedError:
+    """An exception raised by fn on one item, travelling as that item's result
+    (on_error="return"). The parent turns it back into the exception, with the
+    worker's traceback as ``__cause__`` and the item's index in a note."""
+
+    __slots__ = ("exc_bytes", "tb", "index", "pid")
+
+    def __init__(self, exc_bytes, tb, index, pid):
+        self.exc_bytes = exc_bytes
+        self.tb = tb
+        self.index = index
+        self.pid = pid
+
+    def __reduce__(self):
+        return (ReturnedError, (self.exc_bytes, self.tb, self.index, self.pid))
+
+    @classmethod
+    def wrap(cls, exc, index, tb=True):
+        import os
+        import pickle
+        import traceback
+        from . import _serialize
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if tb else ""
+        try:
+            data = _serialize.dumps_obj(exc)
+            pickle.loads(data)
+        except BaseException as pe:
+            data = pickle.dumps(RuntimeError("pmaprt: %s: %s (the exception could not be pickled: %s)"
+                                             % (type(exc).__name__, exc, pe)))
+        return cls(data, tb_text, index, os.getpid())
+
+    def rebuild(self):
+        import pickle
+        exc = pickle.loads(self.exc_bytes)
+        if self.tb:
+            exc.__cause__ = RemoteTraceback(self.tb)
+        add_note(exc, "pmaprt: raised by the function on item %d of the map (worker pid %d)"
+                 % (self.index, self.pid))
+        return exc
+
+
+def add_note(exc, note):
+    if hasattr(exc, "add_note"):
+        try:
+            exc.add_note(note)
+        except Exception:
+            pass
+
+
+def item_timeout_error(index, timeout, what):
+    return TimeoutError("pmaprt: item %d of the map ran longer than timeout=%gs; %s was killed "
+                        "and replaced" % (index, timeout, what))

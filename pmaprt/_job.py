@@ -27,10 +27,14 @@ import pickle
 import sys
 import time
 
-from . import _serialize, _shm, _sched
+from . import _memguard, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
-from ._errors import RemoteTraceback
-from ._shm import MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, S_NEXT, FLAG_FEED_DONE
+from ._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
+                      item_timeout_error, oom_hint)
+from ._shm import (MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
+                   FLAG_FEED_DONE, FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, RETRY_RANGES)
+
+REC_RESULT_ERRORS = 6  # as in _pool: results among which are returned exceptions
 from ._stats import MapStats, WorkerStats
 
 # Index mode: how far past the consumer workers may run, in chunks per worker
@@ -42,6 +46,9 @@ WINDOW_MIN_ITEMS = 16384
 FEED_CHUNKS_PER_WORKER = 4
 FEED_MIN_ITEMS = 64
 FEED_TABLE = 1024
+# Chunks in flight stay under this, so that chunks published again after a
+# crash always find a free table entry.
+FEED_MAX_OUTSTANDING = FEED_TABLE // 2
 FEED_RING = 8 * 1024 * 1024
 # A fed chunk bigger than this gets a segment of its own.
 FEED_BIG = FEED_RING // 4
@@ -70,6 +77,22 @@ def _check_chunksize(chunksize):
     return min(chunksize, _shm.RANGE_N_MAX)
 
 
+def _check_reliability(retries, timeout, on_error):
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError("pmaprt: retries must be an int >= 0, got %r" % (retries,))
+    if retries < 0:
+        raise ValueError("pmaprt: retries must be >= 0, got %d" % retries)
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError("pmaprt: timeout must be a number of seconds or None, got %r" % (timeout,))
+        if not timeout > 0:
+            raise ValueError("pmaprt: timeout must be > 0 seconds, got %r" % (timeout,))
+        timeout = float(timeout)
+    if on_error not in ("raise", "return"):
+        raise ValueError('pmaprt: on_error must be "raise" or "return", got %r' % (on_error,))
+    return retries, timeout, on_error == "return"
+
+
 class MapJob:
     """The iterator returned by pmap and Pool.map; ``.stats`` has its MapStats.
 
@@ -80,9 +103,9 @@ class MapJob:
     __slots__ = ("_state", "_it", "__weakref__")
 
     def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress,
-                 inline="auto"):
+                 inline="auto", **options):
         self._state = st = _JobState(pool, fn, iterables, star, chunksize, ordered, workers,
-                                     progress, inline)
+                                     progress, inline, **options)
         self._it = itertools.chain.from_iterable(st._chunks())
 
     def __iter__(self):
@@ -104,7 +127,9 @@ class MapJob:
 
 
 class _JobState:
-    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline):
+    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
+                 retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
+                 memory_floor=None):
         if not callable(fn):
             raise TypeError("pmaprt: %r is not callable" % (fn,))
         if not iterables:
@@ -117,12 +142,20 @@ class _JobState:
                                 % (i + 2, type(x).__name__)) from None
         if inline not in ("auto", False, True):
             raise ValueError("pmaprt: inline must be 'auto' or False, got %r" % (inline,))
+        self.retries, self.timeout, self.ret = _check_reliability(retries, timeout, on_error)
+        from ._pool import check_max_items
+        self.max_items = check_max_items(max_items_per_worker)
+        self.guard = _memguard.MemoryGuard(_memguard.check_floor(memory_floor))
+        # Progress per item lets the parent name the item a crash or timeout hit.
+        self.tracked = bool(self.retries or self.timeout is not None or self.ret)
+        self.flags = (FLAG_PROGRESS if self.tracked else 0) | (FLAG_ON_ERROR_RETURN if self.ret else 0)
         pool._check_open()
         self.pool = pool
         self.fn = fn
         self.iterables = iterables
         self.ordered = ordered
-        self.inline_ok = inline == "auto"
+        # Items that must run in workers (retries, timeouts) never run inline.
+        self.inline_ok = inline == "auto" and not self.tracked
         self.inline_from = None
         if chunksize is None:
             from ._tune import cached_chunksize
@@ -137,6 +170,10 @@ class _JobState:
         self.here_error = None     # fails wherever the consumer is
         self.consumed = 0
         self.records = 0
+        self.recorded = set()      # starts of the chunks whose record arrived
+        self.attempts = {}         # item index -> crashes or timeouts on it
+        self.backlog = []          # lost ranges waiting for a free retry word (index mode)
+        self.load_crashes = 0      # workers that died loading this job, in a row
         self.segs = []
         self.gen = None
         self.t_item = _sched.ChunkSizer(self.fixed)
@@ -186,7 +223,8 @@ class _JobState:
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
         self.limit = min(self.n, self._window())
         self.gen, self.slot, self.off = self.pool._post(
-            self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off)
+            self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off,
+            self.flags, self.max_items)
 
     def _start_feed(self, plan, fn_bytes, star):
         self.it = plan.iterator
@@ -207,7 +245,8 @@ class _JobState:
         self.segs.append(self.seg)
         self.seg.buf[desc_off: desc_off + len(desc)] = desc
         self.gen, self.slot, self.off = self.pool._post(
-            self, desc, MODE_FEED, -1, 0, self.fixed, self.nwork, self.seg, desc_off)
+            self, desc, MODE_FEED, -1, 0, self.fixed, self.nwork, self.seg, desc_off,
+            self.flags, self.max_items)
 
     def _window(self):
         return max(WINDOW_MIN_ITEMS, int(WINDOW_CHUNKS_PER_WORKER * self.nwork * self.avg_chunk))
@@ -215,8 +254,12 @@ class _JobState:
     # --- records from the pool (lock held)
 
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen):
+        if start in self.recorded:
+            return  # cannot happen: a chunk is run again only when its record is missing
+        self.recorded.add(start)
         self.pending[start] = (kind, count, payload)
         self.records += 1
+        self.load_crashes = 0
         if not self.ordered:
             self.arrived.append(start)
         if kind != REC_ERROR:
@@ -247,13 +290,128 @@ class _JobState:
         if self.here_error is None:
             self.here_error = exc
 
+    # --- lost work (pool lock held)
+
+    def on_lost(self, what, pid, rc, lo, cn, done, timed_out):
+        """A worker died (or was killed for a timeout) running items lo..lo+cn-1."""
+        if lo in self.recorded:
+            return
+        self.load_crashes = 0
+        if not self.tracked:
+            self.fail_at(lo, WorkerCrashedError(
+                "%s while running items %d..%d of this map%s" % (what, lo, lo + cn - 1, oom_hint(rc)),
+                pid, rc, (lo, lo + cn)))
+            return
+        done = max(0, min(done, cn - 1))
+        idx = lo + done  # the item it was running; those before it finished, unreported
+        tries = self.attempts.get(idx, 0) + 1
+        self.attempts[idx] = tries
+        self.stats.lost_chunks += 1
+        pieces = [(lo, done)] if done else []
+        if tries <= self.retries:
+            self.stats.retried += 1
+            pieces.append((idx, 1))
+            failed = False
+        else:
+            after = (" after %d retr%s" % (self.retries, "y" if self.retries == 1 else "ies")
+                     if self.retries else "")
+            if timed_out:
+                err = item_timeout_error(idx, self.timeout, what.split(" was killed")[0])
+                if after:
+                    add_note(err, "pmaprt: it timed out%s" % after)
+            else:
+                err = WorkerCrashedError("%s while running item %d of this map%s%s"
+                                         % (what, idx, after, oom_hint(rc)), pid, rc, (idx, idx + 1))
+            failed = True
+            if self.ret:
+                self._put_local(idx, [err])
+            else:
+                self.fail_at(idx, err)
+        if lo + cn > idx + 1 and (self.ret or not failed):
+            pieces.append((idx + 1, lo + cn - idx - 1))
+        if self.feed_mode:
+            self._refeed_pieces(lo, cn, pieces)
+        else:
+            for a, k in pieces:
+                self.backlog.append((a, k))
+            self.flush_backlog()
+
+    def on_load_crash(self, err):
+        """A worker died while loading this job (no item was taken)."""
+        self.load_crashes += 1
+        if self.load_crashes > self.retries:
+            self.fail_here(err)
+
+    def on_lost_feed_chunk(self, k):
+        """A worker died between claiming feed chunk k and reading it: publish it again."""
+        start, count, nbytes, doff, seg_id = FEED_ENTRY.unpack_from(
+            self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size)
+        if start in self.recorded or self.start_chunk.get(start) is None:
+            return
+        self._table_entry(start, count, nbytes, doff, seg_id)
+
+    def _put_local(self, idx, results):
+        self.pending[idx] = (REC_LOCAL, len(results), results)
+        self.recorded.add(idx)
+        if not self.ordered:
+            self.arrived.append(idx)
+
+    def flush_backlog(self):
+        """Hand lost ranges to the workers through the job's retry words."""
+        r = self.pool._r
+        if r is None or self.gen is None:
+            return
+        base = self.off + self.pool._layout.retry_off
+        while self.backlog:
+            a, k = self.backlog[0]
+            for j in range(RETRY_RANGES):
+                if r.range_put(base + 8 * j, a, k):
+                    break
+            else:
+                return
+            self.backlog.pop(0)
+            self.pool.wake_workers()
+
+    def _refeed_pieces(self, lo, cn, pieces):
+        """Feed mode: publish the pieces of lost chunk [lo, lo+cn) as chunks of their own."""
+        k = self.start_chunk.pop(lo, None)
+        entry = self.outstanding.get(k) if k is not None else None
+        if entry is None:
+            return
+        start, count, nbytes, doff, seg_id = FEED_ENTRY.unpack_from(
+            self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size)
+        buf = self.pool._res.segs[seg_id].buf if seg_id else self.seg.buf
+        items = _serialize.loads_list(buf[doff: doff + nbytes])
+        for a, m in pieces:
+            sub = items[a - lo: a - lo + m]
+            data = _serialize.dumps_list(sub)
+            seg = self.pool.share(len(data))
+            seg.buf[:len(data)] = data
+            self.segs.append(seg)
+            self.outstanding[self.chunks] = [a, None, seg, False]
+            self.start_chunk[a] = self.chunks
+            self._table_entry(a, m, len(data), 0, seg.id)
+        entry[3] = True
+        self._free_fed()
+
+    def _table_entry(self, start, count, nbytes, doff, seg_id):
+        k = self.chunks
+        FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
+                             start, count, nbytes, doff, seg_id)
+        self.chunks = k + 1
+        self.pool._r.store64(self.off + S_LIMIT, self.chunks)
+        self.pool.wake_workers()
+
     # --- feeding (consumer's thread)
 
     def _feed(self):
         pool = self.pool
         with pool._lock:
             while not self.feed_done:
-                if len(self.outstanding) >= min(FEED_TABLE, FEED_CHUNKS_PER_WORKER * self.nwork):
+                inflight = len(self.outstanding)
+                if inflight >= min(FEED_MAX_OUTSTANDING, FEED_CHUNKS_PER_WORKER * self.nwork):
+                    return
+                if inflight and self.guard.low():
                     return
                 c = self.t_item.size()
                 if self.fed - self.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
@@ -286,7 +444,7 @@ class _JobState:
                 if self.feed_done:
                     r = pool._r
                     r.store64(self.off + S_N, self.fed)
-                    r.store32(self.off + S_FLAGS, FLAG_FEED_DONE)
+                    r.store32(self.off + S_FLAGS, self.flags | FLAG_FEED_DONE)
                     self.n = self.fed
                     if self._progress is not None:
                         self._progress.total = self.n
@@ -392,6 +550,8 @@ class _JobState:
         if self.feed_mode or self.limit >= self.n:
             return
         if self.limit - self.consumed < self._window() // 2:
+            if self.limit > self.consumed and self.guard.low():
+                return
             self.limit = min(self.n, self.consumed + self._window())
             with self.pool._lock:
                 if self.pool._r is not None:
@@ -408,6 +568,14 @@ class _JobState:
 
     def _take(self, rec, start):
         kind, count, payload = rec
+        if kind == REC_LOCAL:
+            return payload, None
+        if kind == REC_RESULT_ERRORS:
+            results = _serialize.loads_list(payload)
+            for i, v in enumerate(results):
+                if type(v) is ReturnedError:
+                    results[i] = v.rebuild()
+            return results, None
         if kind == REC_ERROR:
             ok_payload, exc_bytes, tb_text, pid = pickle.loads(payload)
             ok = _serialize.loads_list(ok_payload)
@@ -415,8 +583,8 @@ class _JobState:
             index = start + len(ok)
             if tb_text:
                 exc.__cause__ = RemoteTraceback(tb_text)
-            _add_note(exc, "pmaprt: raised by the function on item %d of the map (worker pid %d)"
-                      % (index, pid))
+            add_note(exc, "pmaprt: raised by the function on item %d of the map (worker pid %d)"
+                     % (index, pid))
             return ok, exc
         t = time.perf_counter()
         results = _serialize.loads_list(payload)
@@ -534,10 +702,3 @@ def _tail(x, a, end):
         return x[a:end]
     return (x[i] for i in range(a, end))
 
-
-def _add_note(exc, note):
-    if hasattr(exc, "add_note"):
-        try:
-            exc.add_note(note)
-        except Exception:
-            pass

@@ -15,6 +15,8 @@
 """
 import atexit
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -26,11 +28,13 @@ from . import _shm
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
-    H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_KIND_MASK, REC_RESULT, REC_STOLEN,
-    REC_WRAP, RING_SIZE, S_CANCEL, S_REFS, S_STATE, SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE,
-    W_CUR_GEN, W_CUR_LO, W_CUR_N, W_HEAD, W_RING, W_SPACE_SEQ, W_SPACE_WAIT, W_STATE, W_TAIL,
-    WSTATE_READY,
+    H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_HAS_ERRORS, REC_KIND_MASK,
+    REC_RESULT, REC_STOLEN, REC_WRAP, RETRY_RANGES, RING_SIZE, S_CANCEL, S_REFS, S_STATE,
+    SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
+    W_HEAD, W_RING, W_SPACE_SEQ, W_SPACE_WAIT, W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
+# A result record whose chunk holds returned exceptions (on_error="return").
+REC_RESULT_ERRORS = 6
 
 # How often a waiting parent looks at its workers' exit status when no result
 # arrives. Bounds how long a crash goes unnoticed; each look is one waitpid
@@ -52,11 +56,60 @@ _WORKER_CMD = ("import sys; sys.path.insert(0, %r); from pmaprt._worker import m
 _live_pools = weakref.WeakSet()
 
 
+class _Spawner:
+    """Starts worker processes from one long-lived thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that created a process ends, not
+    the process: a pool created in a short-lived thread would lose its workers
+    when that thread returns. So every worker is started by this daemon
+    thread, which lives as long as the parent process.
+    """
+
+    def __init__(self):
+        self._q = None
+        self._lock = threading.Lock()
+
+    def popen(self, cmd, **kw):
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(cmd, **kw)
+        with self._lock:
+            if self._q is None:
+                self._q = queue.SimpleQueue()
+                threading.Thread(target=self._run, name="pmaprt-spawner", daemon=True).start()
+        box = queue.SimpleQueue()
+        self._q.put((cmd, kw, box))
+        ok, val = box.get()
+        if ok:
+            return val
+        raise val
+
+    def _run(self):
+        while True:
+            cmd, kw, box = self._q.get()
+            try:
+                box.put((True, subprocess.Popen(cmd, **kw)))
+            except BaseException as e:
+                box.put((False, e))
+
+
+_spawner = _Spawner()
+
+
 def default_workers():
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def check_max_items(n):
+    if n is None:
+        return 0
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError("pmaprt: max_items_per_worker must be a positive int or None, got %r" % (n,))
+    if n < 1:
+        raise ValueError("pmaprt: max_items_per_worker must be >= 1 (or None), got %d" % n)
+    return n
 
 
 def check_workers(workers):
@@ -126,10 +179,11 @@ class Pool:
     several maps at once (several live iterators, or several threads).
     """
 
-    def __init__(self, workers=None, *, max_jobs=DEFAULT_MAX_JOBS, seed=0):
+    def __init__(self, workers=None, *, max_jobs=DEFAULT_MAX_JOBS, seed=0, max_items_per_worker=None):
         n = check_workers(workers)
         self.workers = n
         self.seed = seed
+        self.max_items_per_worker = check_max_items(max_items_per_worker)
         self._layout = _shm.Layout(n, max_jobs)
         self._res = res = _Resources()
         res.ctl = _shm.Segment(self._layout.size)
@@ -147,6 +201,9 @@ class Pool:
         self._broken = None
         self._closed = False
         self._last_check = time.monotonic()
+        self._stall = [None] * n       # per worker: ((gen, lo, done), first seen) for timeouts
+        self._timed_out = {}           # worker -> the item index it was killed for
+        self.recycled = 0              # workers replaced after max_items_per_worker
         self._finalizer = weakref.finalize(self, res.terminate, False)
         try:
             for w in range(n):
@@ -165,13 +222,16 @@ class Pool:
         r.store64(area + W_HEAD, 0)
         r.store64(area + W_TAIL, 0)
         r.store64(area + W_CUR_N, 0)
+        r.store64(area + W_CUR_K, -1)
+        r.store64(area + W_CUR_DONE, 0)
         r.store32(area + W_STATE, 0)
         self._heads[w] = 0
+        self._stall[w] = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(theirs.fileno()), str(res.ctl.fd)]
-            proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(), res.ctl.fd), close_fds=True,
-                                    stdin=subprocess.DEVNULL)
+            proc = _spawner.popen(cmd, pass_fds=(theirs.fileno(), res.ctl.fd), close_fds=True,
+                                  stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         res.procs[w] = proc
@@ -179,6 +239,7 @@ class Pool:
         init = {
             "parent_pid": os.getpid(), "nworkers": self.workers, "nslots": self._layout.nslots,
             "sys_path": list(sys.path), "seed": self.seed,
+            "max_items_per_worker": self.max_items_per_worker,
         }
         _shm.send_msg(ours, init)
         for seg in res.segs.values():
@@ -188,12 +249,40 @@ class Pool:
         return [p.pid for p in self._res.procs if p is not None]
 
     def _check_workers(self):
-        """Replace dead workers; the job that lost a chunk fails. Lock held."""
-        self._last_check = time.monotonic()
+        """Replace dead workers (their lost chunks go back to their jobs), kill
+        workers stuck on one item past their job's timeout. Lock held."""
+        now = self._last_check = time.monotonic()
         for w, p in enumerate(self._res.procs):
             rc = p.poll()
             if rc is not None:
                 self._on_death(w, p, rc)
+            elif self._jobs:
+                self._check_stuck(w, p, now)
+        for job in list(self._jobs.values()):
+            if job.backlog:
+                job.flush_backlog()
+
+    def _check_stuck(self, w, proc, now):
+        r = self._r
+        area = self._layout.worker(w)
+        cn = r.load64(area + W_CUR_N)
+        job = self._jobs.get(r.load64(area + W_CUR_GEN)) if cn > 0 else None
+        if job is None or job.timeout is None:
+            self._stall[w] = None
+            return
+        key = (job.gen, r.load64(area + W_CUR_LO), r.load64(area + W_CUR_DONE))
+        if key[2] >= cn:          # every item done: it is writing the record
+            self._stall[w] = None
+            return
+        st = self._stall[w]
+        if st is None or st[0] != key:
+            self._stall[w] = (key, now)
+        elif now - st[1] > job.timeout and w not in self._timed_out:
+            self._timed_out[w] = key[1] + key[2]
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except OSError:
+                pass
 
     def _on_death(self, w, proc, rc):
         r = self._r
@@ -202,23 +291,30 @@ class Pool:
             drained = self._drain_worker(w)
         except (EOFError, OSError):
             drained = ()
-        started = r.load32(area + W_STATE) == WSTATE_READY
+        state = r.load32(area + W_STATE)
+        started = state in (WSTATE_READY, WSTATE_RECYCLED)
+        recycled = state == WSTATE_RECYCLED and rc == 0
         gen, lo, cn = r.load64(area + W_CUR_GEN), r.load64(area + W_CUR_LO), r.load64(area + W_CUR_N)
+        done, k = r.load64(area + W_CUR_DONE), r.load64(area + W_CUR_K)
+        timed_out = self._timed_out.pop(w, None)
         what = "worker %d (pid %d) %s" % (w, proc.pid, describe_exit(rc))
-        if cn != 0 and (gen, lo) not in drained:
-            job = self._jobs.get(gen)
-            if job is not None:
-                if lo < 0:
-                    err = WorkerCrashedError(what + " while loading the function or input of this map"
-                                             + oom_hint(rc), proc.pid, rc, None)
-                    job.fail_here(err)
-                else:
-                    err = WorkerCrashedError(what + " while running items %d..%d of this map%s"
-                                             % (lo, lo + cn - 1, oom_hint(rc)), proc.pid, rc,
-                                             (lo, lo + cn))
-                    job.fail_at(lo, err)
+        job = self._jobs.get(gen)
+        if recycled:
+            self.recycled += 1
+        elif job is not None:
+            if cn > 0 and (gen, lo) not in drained:
+                job.on_lost(what, proc.pid, rc, lo, cn, done, timed_out is not None)
+            elif cn < 0:
+                job.on_load_crash(WorkerCrashedError(
+                    what + " while loading the function or input of this map" + oom_hint(rc),
+                    proc.pid, rc, None))
+            elif cn == 0 and k >= 0:
+                job.on_lost_feed_chunk(k)
         if not started:
-            self._start_failures += 1
+            # SIGKILL is someone else's doing (the OOM killer, a user); a worker
+            # that cannot start at all fails on its own, with an exit code.
+            if rc != -signal.SIGKILL:
+                self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
                 self._broken = WorkerCrashedError(
                     "pmaprt: worker processes fail to start (%s); is the Python environment "
@@ -239,7 +335,10 @@ class Pool:
         seg = _shm.Segment(size, seg_id=self._seg_id, reserve=reserve)
         self._res.segs[seg.id] = seg
         for s in self._res.socks:
-            _shm.send_msg(s, ("seg", seg.id, seg.size), fds=[seg.fd])
+            try:
+                _shm.send_msg(s, ("seg", seg.id, seg.size), fds=[seg.fd])
+            except OSError:
+                pass  # a dead worker: its replacement is sent every segment at start
         return seg
 
     def unshare(self, seg):
@@ -260,7 +359,8 @@ class Pool:
         if self._broken is not None:
             raise self._broken
 
-    def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0):
+    def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0, flags=0,
+              max_items=0):
         """Put a job on the board. Lock held. Returns (slot, offset)."""
         r, lay = self._r, self._layout
         slot = None
@@ -280,7 +380,8 @@ class Pool:
         r.store32(off + S_STATE, SLOT_FREE)
         r.store64(off + _shm.S_GEN, gen)
         r.store32(off + _shm.S_MODE, mode)
-        r.store32(off + _shm.S_FLAGS, 0)
+        r.store32(off + _shm.S_FLAGS, flags)
+        r.store64(off + _shm.S_MAX_ITEMS, max_items or 0)
         r.store64(off + _shm.S_N, n)
         r.store64(off + _shm.S_LIMIT, limit)
         r.store64(off + _shm.S_NEXT, 0)
@@ -289,6 +390,8 @@ class Pool:
         r.store32(off + _shm.S_NWORK, nwork)
         for w in range(self.workers):
             r.range_set(off + _shm.S_RANGES + 8 * w, 0, 0)
+        for j in range(RETRY_RANGES):
+            r.range_set(off + lay.retry_off + 8 * j, 0, 0)
         if desc_seg is None:
             r.store32(off + _shm.S_DESC_LEN, len(desc))
             r.store64(off + _shm.S_DESC_SEG, 0)
@@ -352,6 +455,8 @@ class Pool:
             else:
                 p = base + pos + REC.size
                 payload = bytes(buf[p: p + plen])
+            if kind & REC_HAS_ERRORS:
+                k = REC_RESULT_ERRORS
             head += total
             seen.add((gen, start))
             job = jobs.get(gen)
@@ -396,29 +501,51 @@ class Pool:
     # --- the public API
 
     def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False,
-            inline="auto"):
+            inline="auto", retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
+            memory_floor=None):
         """Lazy map(fn, *iterables) on this pool's workers.
 
         inline="auto": when the measured cost per item shows that dispatching to
         workers cannot beat map itself, the rest runs here, as map would run it;
         inline=False keeps every item on the workers.
+
+        Reliability (each turns inline off: items then always run on workers):
+
+        - retries=N: the items of a worker that dies are run again on other
+          workers; the item it was running when it died counts one attempt,
+          and fails with WorkerCrashedError once N retries are spent.
+        - timeout=seconds: a worker that spends longer than this on one item
+          is killed and replaced; the item fails with TimeoutError (or is
+          retried, if retries allow).
+        - on_error="return": an exception raised by fn on an item (and a
+          crash or timeout past its retries) takes that item's place in the
+          results, and the map goes on.
+        - max_items_per_worker=N: a worker that has run N items is replaced by
+          a fresh one (for functions that leak memory).
+        - memory_floor=bytes: while the machine's available memory is below
+          it, no more work is put in flight beyond one chunk (default: the
+          larger of 256 MiB and 5 % of RAM; 0 turns the guard off).
         """
         from ._job import MapJob
         return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline)
+                      workers=workers, progress=progress, inline=inline, retries=retries,
+                      timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
+                      memory_floor=memory_floor)
 
-    def imap_unordered(self, fn, *iterables, chunksize=None, workers=None, progress=False,
-                       inline="auto"):
-        """Like map, results in the order they finish."""
-        return self.map(fn, *iterables, chunksize=chunksize, ordered=False, workers=workers,
-                        progress=progress, inline=inline)
+    def imap_unordered(self, fn, *iterables, **options):
+        """Like map, results in the order they finish (same options as map)."""
+        options["ordered"] = False
+        return self.map(fn, *iterables, **options)
 
     def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False,
-                inline="auto"):
-        """itertools.starmap(fn, iterable), in parallel."""
+                inline="auto", retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
+                memory_floor=None):
+        """itertools.starmap(fn, iterable), in parallel (same options as map)."""
         from ._job import MapJob
         return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline)
+                      workers=workers, progress=progress, inline=inline, retries=retries,
+                      timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
+                      memory_floor=memory_floor)
 
     def apply(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on one worker; returns its result."""

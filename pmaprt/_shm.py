@@ -64,11 +64,17 @@ S_DESC_LEN = 56
 S_NWORK = 60
 S_DESC_SEG = 64
 S_DESC_OFF = 72
+S_MAX_ITEMS = 80   # recycle a worker after this many items (0: never)
 S_RANGES = 128
+# After the workers' range words: RETRY_RANGES words that no worker owns. The
+# parent puts the items of a lost chunk there; workers steal from them first.
+RETRY_RANGES = 8
 
 SLOT_FREE, SLOT_ACTIVE, SLOT_CLOSED = 0, 1, 2
 MODE_INDEX, MODE_FEED = 1, 2
 FLAG_FEED_DONE = 1
+FLAG_ON_ERROR_RETURN = 2  # an exception takes its item's place in the results
+FLAG_PROGRESS = 4         # workers publish items done per chunk (retries, timeouts)
 
 # Descriptors up to this size travel inside the slot: a one-item job then
 # needs no segment and no socket message at all (the round-trip path).
@@ -84,8 +90,10 @@ W_HEAD = 32
 W_TAIL = 40
 W_SPACE_SEQ = 48
 W_SPACE_WAIT = 52
+W_CUR_DONE = 56  # items of the current chunk finished (when the job asks for progress)
+W_CUR_K = 64     # feed mode: the chunk number claimed, until its items are read (-1: none)
 W_RING = 128
-WSTATE_STARTING, WSTATE_READY = 0, 1
+WSTATE_STARTING, WSTATE_READY, WSTATE_RECYCLED = 0, 1, 2
 
 # Result ring per worker. Pages are touched only as records are written, so a
 # large ring costs nothing until it is used. A record bigger than half the ring
@@ -98,6 +106,8 @@ REC_RESULT, REC_ERROR, REC_WRAP, REC_BIG = 1, 2, 3, 4
 REC_KIND_MASK = 0xFF
 REC_STOLEN = 0x100      # the chunk came from a steal
 REC_BIG_ERROR = 0x200   # a BIG record whose payload is an error
+REC_HAS_ERRORS = 0x400  # on_error="return": some results are returned exceptions
+REC_LOCAL = 5           # parent-made: the payload is already a list of results
 
 MAX_SLOTS = 64
 
@@ -114,7 +124,8 @@ class Layout:
             raise ValueError("nslots must be in 1..%d" % MAX_SLOTS)
         self.nworkers = nworkers
         self.nslots = nslots
-        self.desc_off = align(S_RANGES + 8 * nworkers)
+        self.retry_off = S_RANGES + 8 * nworkers
+        self.desc_off = align(self.retry_off + 8 * RETRY_RANGES)
         self.slot_size = align(self.desc_off + INLINE_DESC, 4096)
         self.slots_off = 4096
         self.workers_off = self.slots_off + nslots * self.slot_size

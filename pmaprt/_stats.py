@@ -24,6 +24,9 @@ class MapStats:
     wall_s: float = 0.0
     chunksizes: list = field(default_factory=list)
     t0: float = 0.0
+    # Chunks lost to a dead (or timed-out) worker, and items run again for it.
+    lost_chunks: int = 0
+    retried: int = 0
 
     @property
     def steals(self):

@@ -24,13 +24,15 @@ import traceback
 
 from . import _serialize, _shm, _sched
 from ._access import FEED_ENTRY, open_spec
+from ._errors import ReturnedError
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_PARENT_SLEEPING, H_RESULTS_SEQ, H_SHUTDOWN,
     MODE_FEED, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_RESULT, REC_STOLEN, REC_WRAP,
     RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
     S_NEXT, S_NWORK, S_RANGES, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
-    W_CUR_GEN, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT, W_STATE, W_TAIL,
-    WSTATE_READY,
+    FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, REC_HAS_ERRORS, RETRY_RANGES, S_MAX_ITEMS,
+    W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT,
+    W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
 
 # True inside a worker: a nested pmap runs serially there.
@@ -46,7 +48,8 @@ IDLE_TIMEOUT_S = 1.0
 
 class _JobCtx:
     __slots__ = ("slot", "gen", "off", "mode", "fn", "star", "get", "sizer", "seg", "nwork",
-                 "rng", "error", "feed", "fn_key", "stolen")
+                 "rng", "error", "feed", "fn_key", "stolen", "ret", "progress", "max_items",
+                 "retry_base")
 
 
 class Worker:
@@ -65,6 +68,11 @@ class Worker:
         self.fns = {}          # pickled fn -> fn (a function compiles once per worker)
         self.t_items = {}      # pickled fn -> last seconds per item, to start the next map well
         self.seed = init["seed"]
+        # Worker recycling: exit (and be replaced) after this many items.
+        self.max_items = init.get("max_items_per_worker") or 0
+        self.items_done = 0
+        # Items of the current chunk finished, for the parent (retries, timeouts).
+        self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
 
     # --- segments from the parent
 
@@ -155,6 +163,10 @@ class Worker:
         for w in range(r.load32(off + S_NWORK)):
             if r.range_get(base + 8 * w)[1]:
                 return True
+        base = off + self.layout.retry_off
+        for j in range(RETRY_RANGES):
+            if r.range_get(base + 8 * j)[1]:
+                return True
         return False
 
     def job(self, s, gen, off):
@@ -169,6 +181,11 @@ class Worker:
         ctx.error = None
         ctx.stolen = False
         ctx.fn_key = None
+        flags = r.load32(off + S_FLAGS)
+        ctx.ret = bool(flags & FLAG_ON_ERROR_RETURN)
+        ctx.progress = bool(flags & (FLAG_PROGRESS | FLAG_ON_ERROR_RETURN))
+        ctx.max_items = r.load64(off + S_MAX_ITEMS) or self.max_items
+        ctx.retry_base = off + self.layout.retry_off
         # A crash while loading the job is charged to it (lo = -1).
         self._set_cur(gen, -1, -1)
         try:
@@ -221,18 +238,35 @@ class Worker:
             lo, n, stolen = got
             self.run_chunk(ctx, lo, n, stolen)
             did = True
+            if ctx.max_items and self.items_done >= ctx.max_items:
+                self.recycle()
         if ctx.fn_key is not None and ctx.sizer.t_item is not None:
             self.t_items[ctx.fn_key] = ctx.sizer.t_item
         return did
 
+    def recycle(self):
+        """max_items_per_worker reached: leave cleanly; the parent starts a fresh worker."""
+        self.r.store32(self.area + W_STATE, WSTATE_RECYCLED)
+        raise SystemExit(0)
+
     # --- claiming work
+    #
+    # Every index a worker takes is, at every instant, either in a range word
+    # of the job slot or in this worker's "current chunk" words (W_CUR_*): the
+    # C calls move it and record it in one step. So when a worker dies, the
+    # parent knows exactly which items it lost, and can run them again.
 
     def claim_index(self, ctx):
-        r, off = self.r, ctx.off
+        r, off, a = self.r, ctx.off, self.area
         mine = off + S_RANGES + 8 * self.rank
+        r.store64(a + W_CUR_N, 0)
+        r.store64(a + W_CUR_GEN, ctx.gen)
+        self.prog[0] = 0
         while True:
             c = ctx.sizer.size()
-            lo, n = r.range_take(mine, c)
+            if ctx.max_items:
+                c = max(1, min(c, ctx.max_items - self.items_done))
+            lo, n = r.range_take(mine, c, a + W_CUR_LO)
             if n:
                 return lo, n, ctx.stolen
             ctx.stolen = False
@@ -241,34 +275,44 @@ class Worker:
             lim = r.load64(off + S_LIMIT)
             if nxt < lim:
                 span = min(_sched.span_size(c, lim - nxt, ctx.nwork), _shm.RANGE_N_MAX)
-                if r.cas64(off + S_NEXT, nxt, nxt + span):
-                    r.range_set(mine, nxt, span)
+                r.claim_span(off + S_NEXT, nxt, span, mine)
                 continue
-            # Steal the back half of a victim's range.
-            victims = [w for w in range(ctx.nwork) if w != self.rank]
-            ctx.rng.shuffle(victims)
-            for v in victims:
-                lo, n = r.range_steal(off + S_RANGES + 8 * v)
-                if n:
-                    r.range_set(mine, lo, n)
+            # Items handed back by the parent (a dead worker's chunk) come first.
+            base = ctx.retry_base
+            for j in range(RETRY_RANGES):
+                if r.range_steal(base + 8 * j, mine)[1]:
                     ctx.stolen = True
                     break
             else:
-                return None
+                # Steal the back half of a victim's range.
+                victims = [w for w in range(ctx.nwork) if w != self.rank]
+                ctx.rng.shuffle(victims)
+                for v in victims:
+                    if r.range_steal(off + S_RANGES + 8 * v, mine)[1]:
+                        ctx.stolen = True
+                        break
+                else:
+                    return None
 
     def claim_feed(self, ctx):
-        r, off = self.r, ctx.off
+        r, off, a = self.r, ctx.off, self.area
+        r.store64(a + W_CUR_N, 0)
+        r.store64(a + W_CUR_K, -1)
+        r.store64(a + W_CUR_GEN, ctx.gen)
+        self.prog[0] = 0
         while True:
             k = r.load64(off + S_NEXT)
             if k >= r.load64(off + S_LIMIT):
                 return None
-            if r.cas64(off + S_NEXT, k, k + 1):
+            if r.cas64_mark(off + S_NEXT, k, k + 1, a + W_CUR_K, k):
                 return k, -1, False
 
     # --- running a chunk
 
     def _set_cur(self, gen, lo, n):
         r, a = self.r, self.area
+        if n == 0:
+            r.store64(a + W_CUR_N, 0)
         r.store64(a + W_CUR_GEN, gen)
         r.store64(a + W_CUR_LO, lo)
         r.store64(a + W_CUR_N, n)
@@ -278,6 +322,7 @@ class Worker:
         start, count, nbytes, doff, seg_id = FEED_ENTRY.unpack_from(
             ctx.seg.buf, table_off + (k % table_cap) * FEED_ENTRY.size)
         self._set_cur(ctx.gen, start, count)
+        self.r.store64(self.area + W_CUR_K, -1)
         buf = self.segment(seg_id).buf if seg_id else ctx.seg.buf
         return start, count, _serialize.loads_list(buf[doff: doff + nbytes])
 
@@ -303,8 +348,11 @@ class Worker:
         fn = ctx.fn
         out = []
         app = out.append
+        has_errors = False
         try:
-            if ctx.star:
+            if ctx.progress:
+                has_errors = self._run_items_tracked(ctx, fn, items, lo, out)
+            elif ctx.star:
                 for args in items:
                     app(fn(*args))
             else:
@@ -317,18 +365,46 @@ class Worker:
         t1 = time.perf_counter()
         cpu = time.thread_time() - c0
         ctx.sizer.observe(n, t1 - t0)
-        try:
-            payload = _serialize.dumps_list(out)
-        except BaseException:
-            bad = _serialize.find_unpicklable(out, BaseException)
-            j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
-            err = TypeError("pmaprt: the result of item %d (a %s) cannot be pickled to return it "
-                            "from the worker: %s" % (lo + j, type(out[j]).__name__, exc))
-            self.put_error(ctx.gen, lo, n, out[:j], err, None, t0, stolen, tb=False)
-            self._set_cur(0, 0, 0)
-            return
-        self.put(REC_RESULT | (REC_STOLEN if stolen else 0), ctx.gen, lo, n, payload, t0, t1, cpu)
+        self.items_done += n
+        while True:
+            try:
+                payload = _serialize.dumps_list(out)
+                break
+            except BaseException:
+                bad = _serialize.find_unpicklable(out, BaseException)
+                j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
+                err = TypeError("pmaprt: the result of item %d (a %s) cannot be pickled to return "
+                                "it from the worker: %s" % (lo + j, type(out[j]).__name__, exc))
+                if not ctx.ret:
+                    self.put_error(ctx.gen, lo, n, out[:j], err, None, t0, stolen, tb=False)
+                    self._set_cur(0, 0, 0)
+                    return
+                out[j] = ReturnedError.wrap(err, lo + j, tb=False)
+                has_errors = True
+        kind = REC_RESULT | (REC_STOLEN if stolen else 0) | (REC_HAS_ERRORS if has_errors else 0)
+        self.put(kind, ctx.gen, lo, n, payload, t0, t1, cpu)
         self._set_cur(0, 0, 0)
+
+    def _run_items_tracked(self, ctx, fn, items, lo, out):
+        """The item loop when the parent follows progress (retries, timeouts) or
+        exceptions are returned as results (on_error="return"). Returns whether
+        some result is a returned exception."""
+        prog = self.prog
+        app = out.append
+        star, ret = ctx.star, ctx.ret
+        has_errors = False
+        prog[0] = 0
+        for i, x in enumerate(items):
+            try:
+                v = fn(*x) if star else fn(x)
+            except Exception as e:
+                if not ret:
+                    raise
+                v = ReturnedError.wrap(e, lo + i)
+                has_errors = True
+            app(v)
+            prog[0] = i + 1
+        return has_errors
 
     def put_error(self, gen, lo, n, ok, exc, where, t0, stolen, tb=True):
         """Results before the failure, then the exception and its traceback."""

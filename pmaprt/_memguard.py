@@ -1,0 +1,54 @@
+"""The memory guard: no more work in flight while the machine runs short.
+
+A feeder that keeps filling shared memory, or workers that run ahead of a
+slow consumer, can take a machine's last free memory (each result waits in
+the parent until it is consumed). While available memory (psutil) is under
+the floor, a map keeps at most one chunk in flight, so it still makes
+progress and never deadlocks, and adds more again once memory comes back.
+"""
+import time
+
+import psutil
+
+# psutil.virtual_memory() costs some tens of microseconds: ask at most this often.
+CHECK_EVERY_S = 0.05
+DEFAULT_MIN_BYTES = 256 << 20
+DEFAULT_FRACTION = 0.05
+
+
+def default_floor():
+    return max(DEFAULT_MIN_BYTES, int(psutil.virtual_memory().total * DEFAULT_FRACTION))
+
+
+def available_bytes():
+    return psutil.virtual_memory().available
+
+
+def check_floor(floor):
+    if floor is None:
+        return default_floor()
+    if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+        raise ValueError("pmaprt: memory_floor must be a number of bytes >= 0 (0: no guard) or "
+                         "None, got %r" % (floor,))
+    return floor
+
+
+class MemoryGuard:
+    __slots__ = ("floor", "_t", "_low", "trips")
+
+    def __init__(self, floor):
+        self.floor = floor
+        self._t = 0.0
+        self._low = False
+        self.trips = 0  # times the guard held work back
+
+    def low(self):
+        if not self.floor:
+            return False
+        now = time.monotonic()
+        if now - self._t >= CHECK_EVERY_S:
+            self._t = now
+            self._low = available_bytes() < self.floor
+        if self._low:
+            self.trips += 1
+        return self._low
