@@ -338,8 +338,12 @@ class _JobState:
 
     def on_load_crash(self, err):
         """A worker died while loading this job (no item was taken)."""
+        # Nothing was lost, but a function that kills every process that loads
+        # it must not be retried forever: with retries, give up after
+        # (retries + 1) deaths per worker slot, in a row without any result.
         self.load_crashes += 1
-        if self.load_crashes > self.retries:
+        limit = (self.retries + 1) * (self.nwork + 2) if self.retries else 0
+        if self.load_crashes > limit:
             self.fail_here(err)
 
     def on_lost_feed_chunk(self, k):
