@@ -351,9 +351,25 @@ def pmaprt_version() -> Optional[str]:
         return None
 
 
-def all_runners() -> List[Runner]:
-    """Every runner, in the order the suite runs them (builtin map first)."""
-    return [BuiltinMap(), Pmaprt(), MpPoolMap(), MpPoolImap(), PPE(), PPETuned(), Joblib(), Mpire()]
+class PmaprtRetries(Pmaprt):
+    """pmaprt with retries=3 (progress tracking on every item): what crash
+    tolerance costs when nothing fails. Runs only when named (--runner)."""
+
+    id = "pmaprt-retries"
+    label = "pmaprt retries=3"
+    optional = True
+
+    def _iter(self, fn, args, chunksize):
+        return self.pool.map(fn, args, chunksize=chunksize, retries=3)
 
 
-RUNNER_IDS = tuple(r.id for r in all_runners())
+def all_runners(optional: bool = False) -> List[Runner]:
+    """Every runner, in the order the suite runs them (builtin map first);
+    optional=True adds those that run only when asked for by name."""
+    rs = [BuiltinMap(), Pmaprt(), MpPoolMap(), MpPoolImap(), PPE(), PPETuned(), Joblib(), Mpire()]
+    if optional:
+        rs.insert(2, PmaprtRetries())
+    return rs
+
+
+RUNNER_IDS = tuple(r.id for r in all_runners(optional=True))

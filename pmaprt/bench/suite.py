@@ -301,7 +301,7 @@ class Suite:
         machine = describe(cfg.workers)
         self.cal = W.calibrate()
 
-        runners = [r for r in all_runners()
+        runners = [r for r in all_runners(optional=cfg.runners is not None)
                    if r.kind == "baseline" or cfg.runners is None or r.id in cfg.runners]
         avail = {r.id: r.available() for r in runners}
         wl = cfg.workloads
