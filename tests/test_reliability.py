@@ -472,3 +472,15 @@ def test_pool_created_in_a_thread_that_ends_keeps_its_workers():
         assert p.pids() == pids
     finally:
         p.close()
+
+
+def add_lock(x, lock):
+    return x
+
+
+def test_unpicklable_function_is_a_clear_typeerror(pool):
+    import functools
+    fn = functools.partial(add_lock, lock=threading.Lock())
+    with pytest.raises(TypeError, match="function .* cannot be pickled"):
+        pool.map(fn, range(3), inline=False)
+    assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
