@@ -37,13 +37,18 @@ def shutdown():
         p.close()
 
 
-def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False):
+def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False,
+         backend=None, **backend_options):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
     chunksize: items per chunk (None: adaptive). ordered=False yields results as they
     finish. progress=True shows a tqdm bar. Inside a worker, pmap runs serially.
+    backend="dask" runs the map on a dask.distributed cluster (options: address=,
+    client=, n_workers=; see pmaprt.dask).
     """
+    if backend is not None or backend_options:
+        return _other_backend(fn, iterables, backend, backend_options, chunksize, ordered)
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
@@ -66,3 +71,14 @@ def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progres
         return itertools.starmap(fn, iterable)
     return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
                                          workers=workers, progress=progress)
+
+
+def _other_backend(fn, iterables, backend, options, chunksize, ordered):
+    if backend == "dask":
+        from .dask import dask_map
+        return dask_map(fn, *iterables, chunksize=chunksize, ordered=ordered, **options)
+    if backend in (None, "local"):
+        raise TypeError("pmap() got unexpected keyword arguments %s (they belong to "
+                        "backend='dask')" % ", ".join(sorted(options)))
+    raise ValueError("pmaprt: unknown backend %r; choose None (the local pool) or 'dask'"
+                     % (backend,))
