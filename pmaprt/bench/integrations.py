@@ -15,6 +15,7 @@ Usage::
     python -m pmaprt.bench.integrations                 # quick (about a minute on 2 cores)
     python -m pmaprt.bench.integrations --full
     python -m pmaprt.bench.integrations --only joblib --only dask --out DIR
+    python -m pmaprt.bench.integrations --size-scale 0.01 --repeat 1   # a smoke run
 
 Every pool is started and warmed before it is timed; each figure is the
 median of ``--repeat`` runs. A framework that is not installed is skipped with
@@ -45,6 +46,13 @@ SIZES = {
     "dask_medium": (1_000, 10_000),
     "dask_heavy": (500, 4_000),
 }
+
+
+_SCALE = 1.0
+
+
+def _size(key, full):
+    return max(8, int(round(SIZES[key][1 if full else 0] * _SCALE)))
 
 
 def _timed(fn: Callable[[], Any], repeat: int, check: Optional[Callable[[Any], bool]] = None):
@@ -83,7 +91,7 @@ def bench_joblib(workers, cal, full, repeat, log):
     except ImportError as e:
         return [_row("joblib", "-", "-", 0, None, [], note="skipped: %s" % e)]
     for name in ("medium", "heavy_tailed"):
-        n = SIZES[name][1 if full else 0]
+        n = _size(name, full)
         fn, args = _workload(name, n, workers, cal, full)
         expected = list(map(fn, args))
         serial, st = _timed(lambda: list(map(fn, args)), repeat)
@@ -114,7 +122,7 @@ def bench_executor(workers, cal, full, repeat, log):
     from pmaprt import Executor
 
     rows = []
-    n = SIZES["submits"][1 if full else 0]
+    n = _size("submits", full)
     xs = list(range(n))
     expected = [W.double(x) for x in xs]
 
@@ -122,7 +130,7 @@ def bench_executor(workers, cal, full, repeat, log):
         fs = [ex.submit(W.double, x) for x in xs]
         return [f.result() for f in fs]
 
-    nm = SIZES["medium"][1 if full else 0]
+    nm = _size("medium", full)
     fn, margs = _workload("medium", nm, workers, cal, full)
     mexp = list(map(fn, margs))
     serial_m, _ = _timed(lambda: list(map(fn, margs)), 1)
@@ -166,7 +174,7 @@ def bench_dask(workers, cal, full, repeat, log):
         log("dask LocalCluster started in %.1f s" % (time.perf_counter() - t0))
         client.gather(client.map(W.noop, range(8 * workers), pure=False))  # warm
         for name, key in (("medium", "dask_medium"), ("heavy_tailed", "dask_heavy")):
-            n = SIZES[key][1 if full else 0]
+            n = _size(key, full)
             fn, args = _workload(name, n, workers, cal, full)
             expected = list(map(fn, args))
             serial, st = _timed(lambda: list(map(fn, args)), 1)
@@ -206,6 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="full sizes (longer)")
     p.add_argument("--repeat", type=int, default=3, metavar="K", help="median of K runs (3)")
+    p.add_argument("--size-scale", type=float, default=1.0, metavar="F",
+                   help="multiply every input size by F (default 1)")
     p.add_argument("--workers", type=int, default=None, metavar="W",
                    help="workers for every framework (default: one per core)")
     p.add_argument("--only", action="append", choices=SECTIONS,
@@ -215,6 +225,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if not args.size_scale > 0:
+        p.error("--size-scale must be > 0")
+    global _SCALE
+    _SCALE = args.size_scale
     workers = args.workers or (os.cpu_count() or 1)
     if workers < 1:
         p.error("--workers must be >= 1")
