@@ -47,8 +47,9 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     backend="dask" runs the map on a dask.distributed cluster (options: address=,
     client=, n_workers=; see pmaprt.dask).
     """
-    if backend is not None or backend_options:
-        return _other_backend(fn, iterables, backend, backend_options, chunksize, ordered)
+    if backend not in (None, "local") or backend_options:
+        return _other_backend(fn, iterables, backend, backend_options, chunksize, ordered,
+                              workers, progress)
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
@@ -73,8 +74,11 @@ def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progres
                                          workers=workers, progress=progress)
 
 
-def _other_backend(fn, iterables, backend, options, chunksize, ordered):
+def _other_backend(fn, iterables, backend, options, chunksize, ordered, workers, progress):
     if backend == "dask":
+        if workers is not None or progress:
+            raise ValueError("pmaprt: workers= and progress= apply to the local pool; on Dask "
+                             "the cluster sets the workers (n_workers= for a LocalCluster)")
         from .dask import dask_map
         return dask_map(fn, *iterables, chunksize=chunksize, ordered=ordered, **options)
     if backend in (None, "local"):

@@ -43,7 +43,7 @@ SIZES = {
     "submits": (5_000, 50_000),
     # one Dask task per item costs milliseconds on the scheduler: the peer's
     # inputs are kept small enough to finish in seconds
-    "dask_medium": (1_000, 10_000),
+    "dask_medium": (1_000, 4_000),
     "dask_heavy": (500, 4_000),
 }
 
