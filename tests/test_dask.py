@@ -154,3 +154,10 @@ def test_collectives_and_bad_options_are_clear_errors(backend):
     with pytest.raises(ValueError, match="chunksize"):
         backend.map(square, range(3), chunksize=0)
     assert list(pmap(square, range(4), backend="dask", client=backend.client)) == [0, 1, 4, 9]
+
+
+def test_pmap_with_a_scheduler_address(backend):
+    address = backend.client.scheduler.address
+    assert address.startswith("tcp://127.0.0.1:")
+    it = pmap(square, range(50), backend="dask", address=address)
+    assert list(it) == [x * x for x in range(50)]
