@@ -276,3 +276,37 @@ def test_bad_arguments():
     with pytest.raises(TypeError):
         e.submit(42)
     e.shutdown()
+
+
+def test_interpreter_exit_waits_for_pending_work_and_leaves_no_process(tmp_path):
+    # As concurrent.futures: work submitted and never waited for still runs
+    # before the interpreter exits; then the workers are gone.
+    import subprocess
+    import sys
+    import textwrap
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    script = textwrap.dedent("""
+        import os, sys, time
+        sys.path.insert(0, %r)
+        from pmaprt import Executor
+
+        def write(path, i):
+            time.sleep(0.05)
+            with open(path + str(i), "w") as f:
+                f.write(str(os.getpid()))
+
+        ex = Executor(max_workers=2)
+        for i in range(6):
+            ex.submit(write, %r, i)
+        print(" ".join(map(str, ex.pool.pids())), flush=True)
+    """) % (repo, str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=T)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out%d" % i for i in range(6)]
+    pids = [int(p) for p in proc.stdout.split()]
+    deadline = time.monotonic() + T
+    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(psutil.pid_exists(p) for p in pids)

@@ -150,3 +150,20 @@ def test_on_a_given_pool():
         with parallel_config(backend="pmaprt", pool=pool):
             pids = set(Parallel(n_jobs=-1)(delayed(where)(i) for i in range(10)))
         assert pids <= set(pool.pids())
+
+
+def slow_square(x):
+    import time
+    time.sleep(0.01)
+    return x * x
+
+
+@pytest.mark.filterwarnings("ignore:.*tasks have been successfully executed:UserWarning")
+def test_abandoned_generator_does_not_block_later_calls():
+    with parallel_config(backend="pmaprt"):
+        g = Parallel(n_jobs=2, return_as="generator", batch_size=1)(
+            delayed(slow_square)(i) for i in range(200))
+        assert next(g) == 0
+        g.close()
+        del g
+        assert Parallel(n_jobs=2)(delayed(square)(i) for i in range(10)) == [i * i for i in range(10)]
