@@ -17,8 +17,10 @@ setup(
     ],
     install_requires=["numpy", "cloudpickle", "psutil"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-timeout"],
+        "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]"],
         "bench": ["joblib", "mpire", "matplotlib", "tqdm"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
+        "dask": ["dask[distributed]"],
+        "joblib": ["joblib"],
     },
 )

@@ -8,6 +8,7 @@ from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
 from ._tune import TuneResult, tune
+from .executor import Executor
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "PoolClosedError",
     "tune",
     "TuneResult",
+    "Executor",
 ]

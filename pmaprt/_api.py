@@ -37,7 +37,8 @@ def shutdown():
         p.close()
 
 
-def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False, **options):
+def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False,
+         backend=None, **options):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
@@ -45,7 +46,12 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     finish. progress=True shows a tqdm bar. Inside a worker, pmap runs serially.
     Reliability options (retries=, timeout=, on_error=, max_items_per_worker=,
     memory_floor=) are those of Pool.map.
+    backend="dask" runs the map on a dask.distributed cluster (options: address=,
+    client=, n_workers=; see pmaprt.dask).
     """
+    if backend not in (None, "local"):
+        return _other_backend(fn, iterables, backend, options, chunksize, ordered,
+                              workers, progress)
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
@@ -68,3 +74,14 @@ def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progres
         return itertools.starmap(fn, iterable)
     return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
                                          workers=workers, progress=progress, **options)
+
+
+def _other_backend(fn, iterables, backend, options, chunksize, ordered, workers, progress):
+    if backend == "dask":
+        if workers is not None or progress:
+            raise ValueError("pmaprt: workers= and progress= apply to the local pool; on Dask "
+                             "the cluster sets the workers (n_workers= for a LocalCluster)")
+        from .dask import dask_map
+        return dask_map(fn, *iterables, chunksize=chunksize, ordered=ordered, **options)
+    raise ValueError("pmaprt: unknown backend %r; choose None (the local pool) or 'dask'"
+                     % (backend,))
