@@ -8,7 +8,6 @@ worker crash breaking the executor. Every wait has a timeout.
 """
 import concurrent.futures as cf
 import os
-import pickle
 import signal
 import threading
 import time
@@ -16,7 +15,6 @@ import time
 import psutil
 import pytest
 
-import pmaprt
 from pmaprt import Executor, Pool, RemoteTraceback
 from concurrent.futures.process import BrokenProcessPool
 

@@ -85,7 +85,6 @@ def _workload(name, n, workers, cal, full=False):
 def bench_joblib(workers, cal, full, repeat, log):
     rows = []
     try:
-        import joblib
         from joblib import Parallel, delayed, parallel_config
         import pmaprt.joblib as pj
     except ImportError as e:
