@@ -632,7 +632,10 @@ class _JobState:
                     start = arrived.popleft() if arrived else None
                     rec = pending.pop(start) if start is not None else None
                 if rec is None:
-                    if self.error_at is not None and self.error_at <= pos:
+                    # Ordered: an error is raised where map would raise it.
+                    # Unordered: as soon as it is known (once the results that
+                    # arrived before it are yielded), like a result in finishing order.
+                    if self.error_at is not None and (self.error_at <= pos or not self.ordered):
                         raise self.errors[self.error_at]
                     self._wait()
                     continue

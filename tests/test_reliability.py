@@ -484,3 +484,24 @@ def test_unpicklable_function_is_a_clear_typeerror(pool):
     with pytest.raises(TypeError, match="function .* cannot be pickled"):
         pool.map(fn, range(3), inline=False)
     assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_unordered_map_raises_a_crash_without_waiting_for_the_rest(pool):
+    items = [(x, 0, 0.0) for x in range(1, 40)]
+    it = pool.imap_unordered(exit_or_sleep, [(0, 0, 0.0)] + items, chunksize=1, inline=False)
+    got = []
+    with pytest.raises(WorkerCrashedError):
+        for r in it:
+            got.append(r)
+    # The other 39 items take 0.2 s each: the crash (item 0, first to run) is
+    # raised before they are all done, not after.
+    assert len(got) < 39
+    it.close()
+
+
+def exit_or_sleep(args):
+    x, _, _ = args
+    if x == 0:
+        os._exit(5)
+    time.sleep(0.2)
+    return x
