@@ -130,6 +130,18 @@ class _Resources:
         self.socks = []
         self.ctl = None
         self.segs = {}
+        # Threads inside a futex wait on the control segment: it must not be
+        # unmapped under them (terminate() from another thread).
+        self.waiters = 0
+        self.waiters_lock = threading.Lock()
+
+    def enter_wait(self):
+        with self.waiters_lock:
+            self.waiters += 1
+
+    def leave_wait(self):
+        with self.waiters_lock:
+            self.waiters -= 1
 
     def terminate(self, graceful=True):
         ctl = self.ctl
@@ -140,6 +152,8 @@ class _Resources:
             ctl.region.store32(H_SHUTDOWN, 1)
             ctl.region.add32(H_BOARD_SEQ, 1)
             ctl.region.wake32(H_BOARD_SEQ, 1 << 30)
+            ctl.region.add32(H_RESULTS_SEQ, 1)
+            ctl.region.wake32(H_RESULTS_SEQ, 1 << 30)
         except Exception:
             pass
         procs = [p for p in self.procs if p is not None]
@@ -162,7 +176,12 @@ class _Resources:
         for seg in self.segs.values():
             seg.close()
         self.segs.clear()
-        ctl.close()
+        # Woken above, a waiting thread leaves its wait within microseconds.
+        deadline = time.monotonic() + 5.0
+        while self.waiters and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not self.waiters:
+            ctl.close()
 
 
 def _kill(p):
@@ -488,11 +507,18 @@ class Pool:
                 self._check_workers()
         if got or job.has_news():
             return
-        r.add32(H_PARENT_SLEEPING, 1)
+        res = self._res
+        res.enter_wait()
         try:
-            changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, SPIN_NS)
+            if res.ctl is None:
+                raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
+            r.add32(H_PARENT_SLEEPING, 1)
+            try:
+                changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, SPIN_NS)
+            finally:
+                r.add32(H_PARENT_SLEEPING, -1)
         finally:
-            r.add32(H_PARENT_SLEEPING, -1)
+            res.leave_wait()
         if not changed:
             with self._lock:
                 self._drain()

@@ -505,3 +505,24 @@ def exit_or_sleep(args):
         os._exit(5)
     time.sleep(0.2)
     return x
+
+
+def test_terminate_from_another_thread_while_a_map_waits():
+    p = Pool(2)
+    it = p.map(time.sleep, [0.5] * 20, inline=False)
+    box = {}
+
+    def consume():
+        try:
+            for _ in it:
+                pass
+        except BaseException as e:
+            box["e"] = e
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(0.3)          # the consumer is inside the pool's wait
+    p.terminate()
+    t.join(30)
+    assert not t.is_alive()
+    assert isinstance(box.get("e"), pmaprt.PoolClosedError), box
