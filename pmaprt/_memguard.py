@@ -16,8 +16,15 @@ DEFAULT_MIN_BYTES = 256 << 20
 DEFAULT_FRACTION = 0.05
 
 
+_default_floor = None
+
+
 def default_floor():
-    return max(DEFAULT_MIN_BYTES, int(psutil.virtual_memory().total * DEFAULT_FRACTION))
+    # Total memory does not change: read it once (psutil costs ~100 us a call).
+    global _default_floor
+    if _default_floor is None:
+        _default_floor = max(DEFAULT_MIN_BYTES, int(psutil.virtual_memory().total * DEFAULT_FRACTION))
+    return _default_floor
 
 
 def available_bytes():
