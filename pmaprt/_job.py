@@ -229,7 +229,10 @@ class _JobState:
     def _start_feed(self, plan, fn_bytes, star):
         self.it = plan.iterator
         self.fed = 0                  # items published
-        self.chunks = 0               # chunks published
+        self.chunks = 0               # table entries published
+        self.chunks_published = 0     # chunks (with an entry in outstanding) and
+        self.chunks_done = 0          # those of them whose record arrived
+        self.quota = self.max_items or self.pool.max_items_per_worker
         self.feed_done = False
         self._held = None
         # chunk -> [first item, first byte in the ring (None: own segment), end byte or segment, done]
@@ -273,6 +276,7 @@ class _JobState:
             k = self.start_chunk.pop(start, None)
             if k is not None and k in self.outstanding:
                 self.outstanding[k][3] = True
+                self.chunks_done += 1
                 self._free_fed()
 
     def has_news(self):
@@ -293,7 +297,8 @@ class _JobState:
     # --- lost work (pool lock held)
 
     def on_lost(self, what, pid, rc, lo, cn, done, timed_out):
-        """A worker died (or was killed for a timeout) running items lo..lo+cn-1."""
+        """A worker died (or was killed for a timeout) running items lo..lo+cn-1.
+        timed_out: None, True, or "spurious" (killed, but its item had finished)."""
         if lo in self.recorded:
             return
         self.load_crashes = 0
@@ -302,26 +307,42 @@ class _JobState:
                 "%s while running items %d..%d of this map%s" % (what, lo, lo + cn - 1, oom_hint(rc)),
                 pid, rc, (lo, lo + cn)))
             return
-        done = max(0, min(done, cn - 1))
+        self.stats.lost_chunks += 1
+        after = (" after %d retr%s" % (self.retries, "y" if self.retries == 1 else "ies")
+                 if self.retries else "")
+        if timed_out == "spurious":
+            self._requeue(lo, cn, [(lo, cn)])
+            return
+        if done >= cn:
+            # Every item ran; it died encoding or sending the results (a result
+            # that kills its pickler, or memory). Split the chunk in halves, free
+            # of charge, until the item at fault is alone: then charge it.
+            if cn > 1:
+                h = cn // 2
+                self._requeue(lo, cn, [(lo, h), (lo + h, cn - h)])
+                return
+            done = 0
+            what += " while encoding or sending its result"
+        done = max(0, done)
         idx = lo + done  # the item it was running; those before it finished, unreported
         tries = self.attempts.get(idx, 0) + 1
         self.attempts[idx] = tries
-        self.stats.lost_chunks += 1
         pieces = [(lo, done)] if done else []
         if tries <= self.retries:
             self.stats.retried += 1
             pieces.append((idx, 1))
             failed = False
         else:
-            after = (" after %d retr%s" % (self.retries, "y" if self.retries == 1 else "ies")
-                     if self.retries else "")
             if timed_out:
                 err = item_timeout_error(idx, self.timeout, what.split(" was killed")[0])
                 if after:
                     add_note(err, "pmaprt: it timed out%s" % after)
             else:
-                err = WorkerCrashedError("%s while running item %d of this map%s%s"
+                err = WorkerCrashedError("%s (item %d of this map)%s%s"
                                          % (what, idx, after, oom_hint(rc)), pid, rc, (idx, idx + 1))
+                if " while " not in what:
+                    err = WorkerCrashedError("%s while running item %d of this map%s%s"
+                                             % (what, idx, after, oom_hint(rc)), pid, rc, (idx, idx + 1))
             failed = True
             if self.ret:
                 self._put_local(idx, [err])
@@ -329,6 +350,10 @@ class _JobState:
                 self.fail_at(idx, err)
         if lo + cn > idx + 1 and (self.ret or not failed):
             pieces.append((idx + 1, lo + cn - idx - 1))
+        self._requeue(lo, cn, pieces)
+
+    def _requeue(self, lo, cn, pieces):
+        """Run the pieces of lost chunk [lo, lo+cn) again."""
         if self.feed_mode:
             self._refeed_pieces(lo, cn, pieces)
         else:
@@ -393,9 +418,12 @@ class _JobState:
             seg.buf[:len(data)] = data
             self.segs.append(seg)
             self.outstanding[self.chunks] = [a, None, seg, False]
+            self.chunks_published += 1
             self.start_chunk[a] = self.chunks
             self._table_entry(a, m, len(data), 0, seg.id)
-        entry[3] = True
+        if not entry[3]:
+            entry[3] = True
+            self.chunks_done += 1
         self._free_fed()
 
     def _table_entry(self, start, count, nbytes, doff, seg_id):
@@ -412,12 +440,15 @@ class _JobState:
         pool = self.pool
         with pool._lock:
             while not self.feed_done:
-                inflight = len(self.outstanding)
+                # Chunks not yet done (a done chunk behind a slow one only holds ring bytes).
+                inflight = self.chunks_published - self.chunks_done
                 if inflight >= min(FEED_MAX_OUTSTANDING, FEED_CHUNKS_PER_WORKER * self.nwork):
                     return
                 if inflight and self.guard.low():
                     return
                 c = self.t_item.size()
+                if self.quota:
+                    c = min(c, self.quota)
                 if self.fed - self.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
                     return
                 items = []
@@ -476,6 +507,7 @@ class _JobState:
         FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
                              self.fed, len(items), nbytes, doff, seg_id)
         self.outstanding[k] = [self.fed, bstart, bend, False]
+        self.chunks_published += 1
         self.start_chunk[self.fed] = k
         self.fed += len(items)
         self.chunks = k + 1

@@ -14,6 +14,7 @@
   chunk to it fails with WorkerCrashedError at that chunk's position.
 """
 import atexit
+import collections
 import os
 import queue
 import signal
@@ -128,6 +129,7 @@ class _Resources:
     def __init__(self):
         self.procs = []
         self.socks = []
+        self.outbox = []
         self.ctl = None
         self.segs = {}
         # Threads inside a futex wait on the control segment: it must not be
@@ -173,6 +175,10 @@ class _Resources:
         for s in self.socks:
             if s is not None:
                 s.close()
+        for box in self.outbox:
+            while box:
+                for fd in box.popleft()[1]:
+                    os.close(fd)
         for seg in self.segs.values():
             seg.close()
         self.segs.clear()
@@ -221,6 +227,10 @@ class Pool:
         self._closed = False
         self._last_check = time.monotonic()
         self._stall = [None] * n       # per worker: ((gen, lo, done), first seen) for timeouts
+        # Messages to each worker (segments) that its socket did not take yet: a
+        # worker busy in a long item does not read, and the parent must never
+        # block on it (that would stop crash and timeout handling for everyone).
+        self._outbox = res.outbox = [collections.deque() for _ in range(n)]
         self._timed_out = {}           # worker -> the item index it was killed for
         self.recycled = 0              # workers replaced after max_items_per_worker
         self._finalizer = weakref.finalize(self, res.terminate, False)
@@ -255,6 +265,7 @@ class Pool:
             theirs.close()
         res.procs[w] = proc
         res.socks[w] = ours
+        self._drop_outbox(w)
         init = {
             "parent_pid": os.getpid(), "nworkers": self.workers, "nslots": self._layout.nslots,
             "sys_path": list(sys.path), "seed": self.seed,
@@ -271,6 +282,7 @@ class Pool:
         """Replace dead workers (their lost chunks go back to their jobs), kill
         workers stuck on one item past their job's timeout. Lock held."""
         now = self._last_check = time.monotonic()
+        self._flush_all()
         for w, p in enumerate(self._res.procs):
             rc = p.poll()
             if rc is not None:
@@ -316,13 +328,17 @@ class Pool:
         gen, lo, cn = r.load64(area + W_CUR_GEN), r.load64(area + W_CUR_LO), r.load64(area + W_CUR_N)
         done, k = r.load64(area + W_CUR_DONE), r.load64(area + W_CUR_K)
         timed_out = self._timed_out.pop(w, None)
+        if timed_out is not None:
+            # The slow item may have finished between the sample and the kill:
+            # then the worker was killed for nothing, and nothing is charged.
+            timed_out = True if cn > 0 and lo + done == timed_out else "spurious"
         what = "worker %d (pid %d) %s" % (w, proc.pid, describe_exit(rc))
         job = self._jobs.get(gen)
         if recycled:
             self.recycled += 1
         elif job is not None:
             if cn > 0 and (gen, lo) not in drained:
-                job.on_lost(what, proc.pid, rc, lo, cn, done, timed_out is not None)
+                job.on_lost(what, proc.pid, rc, lo, cn, done, timed_out)
             elif cn < 0:
                 job.on_load_crash(WorkerCrashedError(
                     what + " while loading the function or input of this map" + oom_hint(rc),
@@ -353,22 +369,54 @@ class Pool:
         self._seg_id += 1
         seg = _shm.Segment(size, seg_id=self._seg_id, reserve=reserve)
         self._res.segs[seg.id] = seg
-        for s in self._res.socks:
-            try:
-                _shm.send_msg(s, ("seg", seg.id, seg.size), fds=[seg.fd])
-            except OSError:
-                pass  # a dead worker: its replacement is sent every segment at start
+        for w in range(self.workers):
+            self._send(w, ("seg", seg.id, seg.size), seg.fd)
         return seg
 
     def unshare(self, seg):
         if self._res.segs.pop(seg.id, None) is None:
             return
-        for s in self._res.socks:
-            try:
-                _shm.send_msg(s, ("unseg", seg.id))
-            except OSError:
-                pass
+        for w in range(self.workers):
+            self._send(w, ("unseg", seg.id))
         seg.close()
+
+    def _send(self, w, msg, fd=None):
+        """Queue a message for worker w and send what its socket takes now."""
+        box = self._outbox[w]
+        # A queued fd must outlive the segment's own (closed by unshare): dup it.
+        box.append([_shm.frame(msg), [os.dup(fd)] if fd is not None else []])
+        self._flush(w)
+
+    def _flush(self, w):
+        box = self._outbox[w]
+        sock = self._res.socks[w]
+        while box:
+            data, fds = box[0]
+            try:
+                n = _shm.send_nowait(sock, data, fds)
+            except BlockingIOError:
+                return
+            except OSError:
+                # A dead worker: its replacement is sent every live segment at start.
+                self._drop_outbox(w)
+                return
+            for fd in fds:
+                os.close(fd)
+            if n < len(data):
+                box[0] = [data[n:], []]
+            else:
+                box.popleft()
+
+    def _flush_all(self):
+        for w, box in enumerate(self._outbox):
+            if box:
+                self._flush(w)
+
+    def _drop_outbox(self, w):
+        box = self._outbox[w]
+        while box:
+            for fd in box.popleft()[1]:
+                os.close(fd)
 
     # --- jobs
 
@@ -469,7 +517,12 @@ class Pool:
                 head += total
                 continue
             if k == REC_BIG:
-                payload = _shm.recv_blob(self._res.socks[w])
+                try:
+                    payload = _shm.recv_blob(self._res.socks[w])
+                except (EOFError, OSError):
+                    # The worker died while sending it: the record never was;
+                    # its death is handled (and the chunk run again) by _check_workers.
+                    break
                 k = REC_ERROR if kind & REC_BIG_ERROR else REC_RESULT
             else:
                 p = base + pos + REC.size
@@ -505,6 +558,8 @@ class Pool:
             got = self._drain()
             if time.monotonic() - self._last_check > POLL_S:
                 self._check_workers()
+            else:
+                self._flush_all()
         if got or job.has_news():
             return
         res = self._res

@@ -24,6 +24,7 @@ worker area: pid, state, the chunk it is running (gen, lo, n: a crash names
 it), the result ring's head (parent) and tail (worker), a futex word for
 ring space, then the ring.
 """
+import array
 import mmap
 import os
 import pickle
@@ -182,6 +183,18 @@ class Segment:
 # --- socket messages: an 8-byte length, then a pickle; fds ride on the first byte
 
 _LEN = struct.Struct("<Q")
+
+
+def frame(obj):
+    body = pickle.dumps(obj, 5)
+    return _LEN.pack(len(body)) + body
+
+
+def send_nowait(sock, data, fds=()):
+    """Send what the socket takes now, without blocking; returns bytes sent
+    (the fds go with the first byte). Raises BlockingIOError if nothing fits."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    return sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
 
 
 def send_msg(sock, obj, fds=()):

@@ -94,9 +94,13 @@ class Worker:
             self._handle_msg(msg, fds)
 
     def segment(self, seg_id):
+        # The parent sends segments as its workers' sockets take them (it never
+        # blocks on a busy worker), so this may wait for the parent's next turn.
         while seg_id not in self.segs:
-            if not select.select([self.sock], [], [], 10.0)[0]:
-                raise RuntimeError("pmaprt: segment %d never arrived from the parent" % seg_id)
+            if not select.select([self.sock], [], [], IDLE_TIMEOUT_S)[0]:
+                if os.getppid() != self.parent_pid or self.r.load32(H_SHUTDOWN):
+                    raise SystemExit(0)
+                continue
             msg, fds = _shm.recv_msg(self.sock)
             self._handle_msg(msg, fds)
         return self.segs[seg_id]
@@ -408,6 +412,7 @@ class Worker:
 
     def put_error(self, gen, lo, n, ok, exc, where, t0, stolen, tb=True):
         """Results before the failure, then the exception and its traceback."""
+        self.prog[0] = max(n, 0)  # no item is running any more: encoding (no timeout applies)
         tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if tb else ""
         if where:
             tb_text = "(%s)\n%s" % (where, tb_text)
@@ -433,7 +438,8 @@ class Worker:
         plen = len(payload)
         big = plen > RING_SIZE // 2
         if big:
-            kind = REC_BIG | (REC_BIG_ERROR if (kind & 0xFF) == REC_ERROR else 0) | (kind & REC_STOLEN)
+            kind = (REC_BIG | (REC_BIG_ERROR if (kind & 0xFF) == REC_ERROR else 0)
+                    | (kind & (REC_STOLEN | REC_HAS_ERRORS)))
             body = 0
         else:
             body = plen

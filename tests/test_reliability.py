@@ -526,3 +526,82 @@ def test_terminate_from_another_thread_while_a_map_waits():
     t.join(30)
     assert not t.is_alive()
     assert isinstance(box.get("e"), pmaprt.PoolClosedError), box
+
+
+# --- review findings: big records, encode crashes, a busy worker's socket
+
+def mb_or_raise(x):
+    if x == 1:
+        raise ValueError("bad %d" % x)
+    return bytes(1 << 20)
+
+
+def test_on_error_return_with_results_bigger_than_the_ring(pool):
+    # A chunk of 4 MB of results travels as a big record; its flag must survive.
+    out = list(pool.map(mb_or_raise, range(8), on_error="return", chunksize=4))
+    assert isinstance(out[1], ValueError) and isinstance(out[1].__cause__, RemoteTraceback)
+    assert all(isinstance(r, bytes) and len(r) == 1 << 20 for i, r in enumerate(out) if i != 1)
+
+
+class ExitWhenPickled:
+    def __reduce__(self):
+        os._exit(5)
+
+
+def result_kills_pickler_at_1(x):
+    return ExitWhenPickled() if x == 1 else x
+
+
+def test_crash_while_encoding_results_blames_only_the_guilty_item(pool):
+    out = list(pool.map(result_kills_pickler_at_1, range(8), chunksize=4, on_error="return"))
+    assert isinstance(out[1], WorkerCrashedError)
+    assert "exited with code 5" in str(out[1]) and "item 1" in str(out[1])
+    assert out[:1] + out[2:] == [0, 2, 3, 4, 5, 6, 7]
+
+
+def big_then_killed(args):
+    x, marker = args
+    if x == 1 and once(marker):
+        # Killed while the 64 MB result is on its way to the parent.
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+        return b"x" * (256 << 20)
+    return b"x" * (64 << 20) if x == 1 else x
+
+
+def test_worker_killed_while_sending_a_big_result_is_retried(pool, tmp_path):
+    it = pool.map(big_then_killed, [(x, str(tmp_path / "m")) for x in range(4)],
+                  chunksize=1, retries=2)
+    first = next(it)
+    time.sleep(1.0)   # let the big record start and the worker die under it
+    out = [first] + list(it)
+    assert out[0] == 0 and out[2:] == [2, 3] and len(out[1]) == 64 << 20
+
+
+def sleep_if_zero(x):
+    if x == 0:
+        time.sleep(60)
+    return x
+
+
+def test_timeout_of_item_0_fires_while_other_maps_flood_segments():
+    # Every map of a list needs a segment, sent to every worker; a worker
+    # stuck in an item reads none of them. The parent must neither block on
+    # its socket nor miss the timeout.
+    with Pool(2) as p:
+        box = {}
+
+        def stuck():
+            try:
+                box["r"] = list(p.map(sleep_if_zero, [0], timeout=1.0, chunksize=1))
+            except Exception as e:
+                box["r"] = e
+
+        t = threading.Thread(target=stuck)
+        t.start()
+        data = list(range(20000))   # too big to travel inside the job slot
+        for _ in range(250):
+            assert list(p.map(square, data, inline=False))[-1] == 19999 ** 2
+        t.join(60)
+        assert not t.is_alive()
+        assert isinstance(box["r"], TimeoutError), box["r"]
+        assert "item 0" in str(box["r"])
