@@ -470,3 +470,13 @@ def test_gpu_nccl_across_devices(cp):
             xs.append(cp.full(1001, d + 1, cp.float32))
     for g in gpu.allreduce(xs, op="sum", method="nccl"):
         assert float(g[0]) == n * (n + 1) / 2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 1001])
+def test_host_copy_split_over_threads_is_exact(monkeypatch, rows):
+    monkeypatch.setattr(gpu, "COPY_SPLIT_BYTES", 1)
+    monkeypatch.setattr(gpu, "COPY_THREADS", 3)
+    src = np.random.default_rng(rows).standard_normal((rows, 5))
+    dst = np.zeros_like(src)
+    gpu.host_copy(dst, src)
+    np.testing.assert_array_equal(dst, src)
