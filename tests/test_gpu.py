@@ -480,3 +480,28 @@ def test_host_copy_split_over_threads_is_exact(monkeypatch, rows):
     dst = np.zeros_like(src)
     gpu.host_copy(dst, src)
     np.testing.assert_array_equal(dst, src)
+
+
+def _bench_gpu_entry():
+    from pmaprt.bench.suite import Config, Suite
+
+    suite = Suite(Config(workloads=["gpu"], progress=False, plots=False))
+    suite._extra_gpu((True, None))
+    return suite
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present: the benchmark runs instead")
+def test_bench_gpu_workload_skips_cleanly_without_a_gpu(monkeypatch):
+    suite = _bench_gpu_entry()
+    e = suite.entries["gpu"]
+    assert e["status"] == "skipped" and e["note"].startswith("no GPU") and not suite.results
+    # a GPU seen by NVML but no CuPy: still a skip that says what to install
+    from pmaprt._devices import CPUInfo, Devices, GPUInfo
+
+    fake = Devices(CPUInfo(2, 1, 2, 1 << 30, 1 << 29),
+                   (GPUInfo(0, 0, "NVIDIA H100", "GPU-x", 80 << 30, 79 << 30, 0, 0, 0),))
+    monkeypatch.setattr(pmaprt, "devices", lambda: fake)
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    suite = _bench_gpu_entry()
+    e = suite.entries["gpu"]
+    assert e["status"] == "skipped" and "CuPy is not installed" in e["note"]
