@@ -196,6 +196,29 @@ class _CupyEngine:
         rt = self.cp.cuda.runtime
         rt.memcpyAsync(dst.ctypes.data, src.data.ptr, src.nbytes, rt.memcpyDeviceToHost, stream.ptr)
 
+    def register(self, arrays):
+        """Page-lock the host arrays in place (cudaHostRegister, portable to every
+        device) so copies DMA from them directly; returns what to unregister."""
+        rt, done, seen = self.cp.cuda.runtime, [], set()
+        try:
+            for a in arrays:
+                if a is None or a.nbytes == 0 or a.ctypes.data in seen:
+                    continue
+                rt.hostRegister(a.ctypes.data, a.nbytes, 1)     # cudaHostRegisterPortable
+                seen.add(a.ctypes.data)
+                done.append(a.ctypes.data)
+        except Exception:
+            self.unregister(done)
+            raise
+        return done
+
+    def unregister(self, ptrs):
+        for p in ptrs:
+            try:
+                self.cp.cuda.runtime.hostUnregister(p)
+            except Exception:
+                pass
+
     def after_caller(self, stream):
         """stream waits for the work already queued on the caller's current stream."""
         stream.wait_event(self.cp.cuda.get_current_stream().record())
@@ -310,6 +333,9 @@ class _NumbaEngine:
     def after_caller(self, stream):
         self.cuda.synchronize()
 
+    def unregister(self, ptrs):
+        pass
+
     def launch(self, kind, fn, x, out, stream, launch):
         if kind != "numba":
             raise TypeError("pmaprt: without CuPy only numba.cuda kernels can run on the GPU "
@@ -395,11 +421,12 @@ def _gpu_available(engine_probe=None):
 
 
 def device_map(fn, iterables, device="gpu", chunksize=None, workers=None, out=None,
-               devices=None, launch=None, streams=DEFAULT_STREAMS, dtype=None, **unknown):
+               devices=None, launch=None, streams=DEFAULT_STREAMS, dtype=None, register=False,
+               **unknown):
     """pmap(fn, arr, device=...): see the module docstring."""
     if unknown:
         raise TypeError("pmaprt: option(s) %s do not apply to a device map (device=%r); its "
-                        "options are out=, devices=, launch=, streams=, dtype=, chunksize="
+                        "options are out=, devices=, launch=, streams=, dtype=, register=, chunksize="
                         % (", ".join(sorted(unknown)), device))
     if device not in ("gpu", "cuda", "auto"):
         raise ValueError("pmaprt: device must be 'gpu', 'auto' or 'cpu', not %r" % (device,))
@@ -431,7 +458,10 @@ def device_map(fn, iterables, device="gpu", chunksize=None, workers=None, out=No
     _mark_cuda_used()
     if eng.is_device_array(arr):
         return _device_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices)
-    return _host_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices, streams)
+    if register and eng.name != "cupy":
+        raise ValueError("pmaprt: register=True needs CuPy (cudaHostRegister)")
+    return _host_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices, streams,
+                       register)
 
 
 def _is_device_array(a):
@@ -464,7 +494,8 @@ def _out_spec(kind, arr, dtype, out):
     return arr.shape, np.dtype(dtype) if dtype is not None else arr.dtype
 
 
-def _host_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices, streams):
+def _host_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices, streams,
+                register=False):
     arr = np.ascontiguousarray(arr)
     if arr.ndim == 0:
         raise TypeError("pmaprt: a device map needs an array with at least one dimension")
@@ -483,13 +514,23 @@ def _host_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices, stre
     temps = FUNCTION_TEMPS if kind == "function" else 1
     chunk = min(plan_chunk(rows, in_row, out_row, eng.free_memory(d), streams, chunksize,
                            temps=temps, device=d) for d in sorted(set(devs)))
-    state = _HostMap(eng, kind, fn, arr, out, chunk, launch, odt, streams)
-    threads = [threading.Thread(target=state.worker, args=(d,), name="pmaprt-gpu%d" % d,
-                                daemon=True) for d in devs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if register:
+        if out is None:
+            raise ValueError("pmaprt: register=True with a plain function needs out= (the result "
+                             "is registered before the map starts)")
+        if not out.flags.c_contiguous:
+            raise ValueError("pmaprt: register=True needs a C-contiguous out=")
+    state = _HostMap(eng, kind, fn, arr, out, chunk, launch, odt, streams, direct=register)
+    regs = eng.register([arr, out]) if register else []
+    try:
+        threads = [threading.Thread(target=state.worker, args=(d,), name="pmaprt-gpu%d" % d,
+                                    daemon=True) for d in devs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        eng.unregister(regs)
     if state.error is not None:
         raise state.error
     return state.out
@@ -502,8 +543,9 @@ class _Slot:
 class _HostMap:
     """Shared state of a host-input map: the next chunk to claim, the result."""
 
-    def __init__(self, eng, kind, fn, arr, out, chunk, launch, odt, streams):
+    def __init__(self, eng, kind, fn, arr, out, chunk, launch, odt, streams, direct=False):
         self.eng, self.kind, self.fn, self.arr, self.out = eng, kind, fn, arr, out
+        self.direct = direct
         self.chunk, self.launch, self.odt, self.nstreams = chunk, launch, odt, streams
         self.next = 0
         self.lock = threading.Lock()
@@ -537,11 +579,12 @@ class _HostMap:
                     s = _Slot()
                     s.stream = eng.stream()
                     rest = self.arr.shape[1:]
-                    s.pin_in = eng.pinned((self.chunk,) + rest, self.arr.dtype)
+                    s.pin_in = None if self.direct else eng.pinned((self.chunk,) + rest,
+                                                                   self.arr.dtype)
                     s.d_in = eng.empty((self.chunk,) + rest, self.arr.dtype, s.stream)
                     if self.kind != "function":
                         oshape = (self.chunk,) + self.out.shape[1:]
-                        s.pin_out = eng.pinned(oshape, self.odt)
+                        s.pin_out = None if self.direct else eng.pinned(oshape, self.odt)
                         s.d_out = eng.empty(oshape, self.odt, s.stream)
                     else:
                         s.pin_out = s.d_out = None
@@ -572,24 +615,29 @@ class _HostMap:
 
     def _start(self, s, dev, lo, hi):
         eng, m = self.eng, hi - lo
-        host_copy(s.pin_in[:m], self.arr[lo:hi])      # pageable -> pinned (host memcpy)
+        if self.direct:                               # registered: DMA from the caller's rows
+            src = self.arr[lo:hi]
+        else:
+            src = s.pin_in[:m]
+            host_copy(src, self.arr[lo:hi])           # pageable -> pinned (host memcpy)
+        dst = self.out[lo:hi] if self.direct else None
         d_in = s.d_in[:m]
-        eng.h2d(d_in, s.pin_in[:m], s.stream)
+        eng.h2d(d_in, src, s.stream)
         if self.kind == "function":
             r = eng.launch(self.kind, self.fn, d_in, None, s.stream, self.launch)
             out = self._result_for(r, m)
             if r.shape != (m,) + out.shape[1:]:
                 raise ValueError("pmaprt: fn returned shape %s for %d rows; earlier chunks gave "
                                  "rows of shape %s" % (tuple(r.shape), m, out.shape[1:]))
-            if s.pin_out is None or s.pin_out.shape[0] < self.chunk:
+            if not self.direct and (s.pin_out is None or s.pin_out.shape[0] < self.chunk):
                 s.pin_out = eng.pinned((self.chunk,) + out.shape[1:], out.dtype)
             r = eng.astype(r, out.dtype, stream=s.stream)
             s.d_out = r
-            eng.d2h(s.pin_out[:m], r, s.stream)
+            eng.d2h(dst if self.direct else s.pin_out[:m], r, s.stream)
         else:
             d_out = s.d_out[:m]
             eng.launch(self.kind, self.fn, d_in, d_out, s.stream, self.launch)
-            eng.d2h(s.pin_out[:m], d_out, s.stream)
+            eng.d2h(dst if self.direct else s.pin_out[:m], d_out, s.stream)
         s.pending = (lo, hi, eng.record(s.stream))
         with self.lock:
             self.chunks_by_device[dev] = self.chunks_by_device.get(dev, 0) + 1
@@ -600,7 +648,8 @@ class _HostMap:
         lo, hi, ev = s.pending
         s.pending = None
         self.eng.synchronize(ev)
-        host_copy(self.out[lo:hi], s.pin_out[:hi - lo])
+        if not self.direct:
+            host_copy(self.out[lo:hi], s.pin_out[:hi - lo])
 
 
 def _device_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices):

@@ -314,6 +314,13 @@ SIM_SCRIPT = textwrap.dedent(r'''
             return str(e)
     check("bad_devices", bad_devices)
 
+    def register_needs_cupy():
+        try:
+            pmaprt.pmap(affine, np.zeros(4), device="gpu", register=True)
+        except ValueError as e:
+            return str(e)
+    check("register_needs_cupy", register_needs_cupy)
+
     print("RESULT " + json.dumps(res))
 ''')
 
@@ -365,6 +372,7 @@ def test_sim_chunk_over_free_memory(sim):
 def test_sim_errors(sim):
     assert "CuPy is not installed" in sim["plain_function_needs_cupy"]
     assert "devices= must list CUDA ordinals in 0..0" in sim["bad_devices"]
+    assert "register=True needs CuPy" in sim["register_needs_cupy"]
 
 
 # -- real GPU ----------------------------------------------------------------------
@@ -419,6 +427,22 @@ def test_gpu_out_and_sizes_below_device_count(cp):
     np.testing.assert_array_equal(out, 2 * x + 1)
     dout = cp.empty(5, cp.float32)
     assert pmaprt.pmap(ew, cp.arange(5, dtype=cp.float32), device="gpu", out=dout) is dout
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["elementwise", "function"])
+def test_gpu_registered_host_memory(cp, kind):
+    fn = _kernels(cp)[kind]
+    x = np.random.default_rng(5).standard_normal((1 << 20) + 11).astype(np.float32)
+    out = np.empty_like(x)
+    assert pmaprt.pmap(fn, x, device="gpu", out=out, register=True, chunksize=1 << 18) is out
+    np.testing.assert_allclose(out, 2 * x + 1, rtol=1e-6)
+    # unregistered afterwards: registering again succeeds
+    cp.cuda.runtime.hostRegister(x.ctypes.data, x.nbytes, 0)
+    cp.cuda.runtime.hostUnregister(x.ctypes.data)
+    if kind == "function":
+        with pytest.raises(ValueError, match="needs out="):
+            pmaprt.pmap(fn, x, device="gpu", register=True)
 
 
 @needs_gpu

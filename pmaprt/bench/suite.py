@@ -707,6 +707,11 @@ class Suite:
                 ours_h["status"], ours_h["note"] = "error", "wrong results"
             ratio(ours_h, pinned, 0.8, "pinned H2D bandwidth")
             ratio(ours_h, naive, None, "asarray+get")
+            ours_r = add("pmaprt-host-register",
+                         "pmaprt pmap(device='gpu', register=True), host input", "pmaprt",
+                         lambda: G.device_map(ew, (xh,), device="gpu", out=yh, register=True),
+                         nbytes, where="host", register=True)
+            ratio(ours_r, pinned, 0.8, "pinned H2D bandwidth")
             del xh, yh, pin, dpin
             # 3. all-reduce, 4 logical ranks on GPU 0; busbw = 2(N-1)/N * S / t
             m = ar_bytes // 4
