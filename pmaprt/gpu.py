@@ -15,8 +15,17 @@
   ``fn(x, out)``; a CuPy ``RawKernel`` called as ``fn((blocks,), (threads,),
   (x, out, numpy.int64(x.size)))`` (declare ``long long n``) over x.size
   elements; or a plain function ``fn(x) -> array`` over CuPy arrays, run on the
-  worker's stream (``device="gpu"`` only: with ``"auto"`` a plain function runs
-  on the CPU pool, since nothing says it was written for CuPy).
+  worker's stream (``device="gpu"``, or ``"auto"`` with a CuPy input: with
+  ``"auto"`` and a NumPy input a plain function runs on the CPU pool, since
+  nothing says it was written for CuPy).
+- ``device="auto"``: a GPU kernel runs on the GPUs when NVML finds one (a
+  kernel with no GPU is an error: it cannot run on the CPU); a plain function
+  over a NumPy array, or any function when there is no GPU, runs on row
+  chunks on the CPU pool, and a RuntimeWarning says so once per process.
+- ``register=True`` (host input, CuPy): page-lock the caller's input and
+  output in place (cudaHostRegister) for the map and copy from and to them
+  directly, skipping both staging copies; registering costs time in
+  proportion to the size, so it pays for large arrays.
 - Chunk size: CHUNK_BYTES of input rows by default, bounded so that
   streams x (input + output chunk) fits in MEM_FRACTION of the device's free
   memory. An explicit ``chunksize`` over that bound raises GPUMemoryError.
@@ -410,7 +419,7 @@ def _say_once(key, msg):
     warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _gpu_available(engine_probe=None):
+def _gpu_available():
     """(True, None) or (False, why): NVML first (creates no CUDA context)."""
     from ._devices import devices
 

@@ -684,7 +684,7 @@ class Suite:
             if ours["status"] == "ok" and not bool(cp.all(y == 2 * x + 1)):
                 ours["status"], ours["note"] = "error", "wrong results"
             ratio(ours, ref, 0.9, "direct CuPy")
-            del x, y
+            x = y = None          # free the device memory before the next part
             # 2. host-resident: end-to-end bytes = input size (as the goal is stated)
             xh = np.arange(n, dtype=np.float32)
             yh = np.empty_like(xh)
@@ -712,7 +712,7 @@ class Suite:
                          lambda: G.device_map(ew, (xh,), device="gpu", out=yh, register=True),
                          nbytes, where="host", register=True)
             ratio(ours_r, pinned, 0.8, "pinned H2D bandwidth")
-            del xh, yh, pin, dpin
+            xh = yh = pin = dpin = None
             # 3. all-reduce, 4 logical ranks on GPU 0; busbw = 2(N-1)/N * S / t
             m = ar_bytes // 4
             bufs = [cp.full(m, r + 1, cp.float32) for r in range(ranks)]
