@@ -426,6 +426,14 @@ def _gpu_available():
     d = devices()
     if d.gpu_count:
         return True, None
+    if d.reason and "not installed" in d.reason:    # no NVML bindings: ask CUDA itself
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                return True, None
+        except Exception:
+            pass
     return False, d.reason or "no GPU"
 
 
@@ -750,7 +758,11 @@ def allreduce(x, op="sum", inplace=False, method="auto"):
         if inplace:
             raise TypeError("pmaprt: an in-place mean needs a floating dtype, not %s" % bufs[0].dtype)
         out = allreduce(bufs, "sum", False, method)
-        return [o / len(bufs) for o in out]
+        res = []
+        for o in out:
+            with cp.cuda.Device(o.device.id):
+                res.append(o / len(bufs))
+        return res
     if not inplace:
         copies = []
         for b, d in zip(bufs, devs):

@@ -161,6 +161,18 @@ def test_bad_device_options_name_the_problem(kw, err, match):
         pmaprt.pmap(double, np.zeros(3), **kw)
 
 
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present")
+def test_gpu_kernel_without_a_gpu_is_a_clear_error():
+    from numba import cuda
+
+    @cuda.jit
+    def k(x, out):
+        pass
+
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+        pmaprt.pmap(k, np.zeros(4), device="gpu")
+
+
 def test_two_arrays_are_refused():
     with pytest.raises(TypeError, match="one array"):
         pmaprt.pmap(double, np.zeros(3), np.zeros(3), device="gpu")
