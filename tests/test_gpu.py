@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import types
 import warnings
 
 import numpy as np
@@ -541,3 +543,174 @@ def test_bench_gpu_workload_skips_cleanly_without_a_gpu(monkeypatch):
     suite = _bench_gpu_entry()
     e = suite.entries["gpu"]
     assert e["status"] == "skipped" and "CuPy is not installed" in e["note"]
+
+
+# -- the pipeline's logic with a recording stand-in for the CUDA library -------------------
+class DevArray(np.ndarray):
+    """A NumPy array standing in for a device array."""
+
+
+class FakeEngine:
+    """gpu.py's engine interface over NumPy: copies happen at once, events are
+    labels, and every operation is logged as (device, op, chunk start)."""
+    name = "cupy"
+
+    def __init__(self, ndev=2, free=None):
+        self.ndev, self.free, self.log = ndev, free, []
+        self.current = threading.local()
+        self.registered = []
+
+    def device_count(self):
+        return self.ndev
+
+    def device(self, i):
+        eng = self
+
+        class Ctx:
+            def __enter__(self):
+                eng.current.dev = i
+
+            def __exit__(self, *a):
+                eng.current.dev = None
+        return Ctx()
+
+    def free_memory(self, i):
+        return self.free
+
+    def stream(self):
+        return types.SimpleNamespace(synchronize=lambda: None)
+
+    def pinned(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def empty(self, shape, dtype, stream):
+        return np.empty(shape, dtype).view(DevArray)
+
+    def _note(self, op, a=None):
+        self.log.append((getattr(self.current, "dev", None), op))
+
+    def h2d(self, dst, src, stream):
+        dst[...] = src
+        self._note("h2d")
+
+    def d2h(self, dst, src, stream):
+        dst[...] = src
+        self._note("d2h")
+
+    def record(self, stream):
+        return len(self.log)
+
+    def synchronize(self, event):
+        self._note("wait")
+
+    def is_device_array(self, a):
+        return isinstance(a, DevArray)
+
+    def device_of(self, a):
+        return 0
+
+    def after_caller(self, stream):
+        pass
+
+    def copy_into(self, dst, src, stream):
+        dst[...] = src
+
+    def astype(self, r, dtype, stream):
+        return r.astype(dtype, copy=False)
+
+    def register(self, arrays):
+        self.registered = [a for a in arrays if a is not None]
+        return ["reg"]
+
+    def unregister(self, ptrs):
+        if ptrs:
+            self._note("unregister:%d" % len(ptrs))
+
+    def launch(self, kind, fn, x, out, stream, launch):
+        self._note("launch")
+        if kind == "function":
+            return np.ascontiguousarray(fn(np.asarray(x))).view(DevArray)
+        out[...] = 2 * np.asarray(x) + 1
+        return out
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    eng = FakeEngine()
+    monkeypatch.setattr(gpu, "_engine_for", lambda kind, arr: eng)
+    monkeypatch.setattr(gpu, "kernel_kind", lambda fn: "function" if fn is not KERNEL else "raw")
+    return eng
+
+
+KERNEL = object()       # stands for a CuPy kernel computing 2x + 1
+
+
+def test_pipeline_enqueues_the_next_chunk_before_waiting_on_the_last(fake):
+    x = np.arange(10, dtype=np.float32)
+    y = pmaprt.pmap(KERNEL, x, device="gpu", devices=[0], chunksize=2, streams=2)
+    np.testing.assert_array_equal(y, 2 * x + 1)
+    ops = [op for _, op in fake.log]
+    # two chunks are in flight before the first wait, never three
+    assert ops[:7] == ["h2d", "launch", "d2h", "h2d", "launch", "d2h", "wait"]
+    in_flight = peak = 0
+    for op in ops:
+        in_flight += op == "h2d"
+        in_flight -= op == "wait"
+        peak = max(peak, in_flight)
+    assert peak == 2 and in_flight == 0 and ops.count("wait") == 5
+
+
+def test_pipeline_with_one_stream_is_serial(fake):
+    pmaprt.pmap(KERNEL, np.zeros(6), device="gpu", devices=[0], chunksize=2, streams=1)
+    ops = [op for _, op in fake.log]
+    assert ops == ["h2d", "launch", "d2h", "wait"] * 3
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1001])
+def test_pipeline_spreads_chunks_over_devices(fake, rows):
+    fake.ndev = 4
+    x = np.arange(rows, dtype=np.float64)
+    y = pmaprt.pmap(KERNEL, x, device="gpu", chunksize=10)
+    np.testing.assert_array_equal(y, 2 * x + 1)
+    devs = {d for d, op in fake.log if op == "launch"}
+    assert devs <= {0, 1, 2, 3} and len([1 for _, op in fake.log if op == "launch"]) == -(-rows // 10)
+
+
+def test_pipeline_plain_function_learns_the_result_shape(fake):
+    x = np.arange(24, dtype=np.int32).reshape(12, 2)
+    y = pmaprt.pmap(lambda a: a.sum(axis=1, keepdims=True) * 0.5, x, device="gpu", chunksize=5)
+    assert y.shape == (12, 1) and y.dtype == np.float64
+    np.testing.assert_array_equal(y, x.sum(axis=1, keepdims=True) * 0.5)
+    with pytest.raises(ValueError, match="one row per input row"):
+        pmaprt.pmap(lambda a: a.sum(), x, device="gpu", chunksize=5)
+
+
+def test_pipeline_device_input_function_allocates_on_device(fake):
+    x = np.arange(9, dtype=np.float32).view(DevArray)
+    y = pmaprt.pmap(lambda a: a * 3, x, device="gpu", chunksize=4)
+    assert isinstance(y, DevArray)
+    np.testing.assert_array_equal(np.asarray(y), np.arange(9) * 3)
+    assert not any(op in ("h2d", "d2h") for _, op in fake.log)      # no host round trip
+
+
+def test_pipeline_register_skips_staging_and_unregisters(fake):
+    x = np.arange(7, dtype=np.float32)
+    out = np.empty_like(x)
+    assert pmaprt.pmap(KERNEL, x, device="gpu", out=out, register=True, chunksize=3) is out
+    np.testing.assert_array_equal(out, 2 * x + 1)
+    assert fake.registered[0] is x or np.shares_memory(fake.registered[0], x)
+    assert fake.log[-1][1] == "unregister:1"
+
+
+def test_pipeline_error_in_fn_reaches_the_caller(fake):
+    def bad(a):
+        raise KeyError("boom")
+    with pytest.raises(KeyError, match="boom"):
+        pmaprt.pmap(bad, np.zeros(50), device="gpu", chunksize=5)
+
+
+def test_pipeline_out_shape_checked(fake):
+    with pytest.raises(ValueError, match="out= has 3 rows, the input 4"):
+        pmaprt.pmap(KERNEL, np.zeros(4), device="gpu", out=np.zeros(3))
+    with pytest.raises(TypeError, match="must be a NumPy array"):
+        pmaprt.pmap(KERNEL, np.zeros(4), device="gpu", out=[0, 0, 0, 0])
