@@ -8,6 +8,7 @@ from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
 from ._tune import TuneResult, tune
+from ._devices import devices
 from .executor import Executor
 
 __version__ = "0.1.0"
@@ -27,4 +28,5 @@ __all__ = [
     "tune",
     "TuneResult",
     "Executor",
+    "devices",
 ]

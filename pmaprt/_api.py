@@ -38,7 +38,7 @@ def shutdown():
 
 
 def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False,
-         backend=None, **options):
+         backend=None, device=None, **options):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
@@ -48,7 +48,19 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     memory_floor=) are those of Pool.map.
     backend="dask" runs the map on a dask.distributed cluster (options: address=,
     client=, n_workers=; see pmaprt.dask).
+    device="gpu" runs a GPU kernel (numba.cuda, CuPy) or a function over CuPy
+    arrays on chunks of one array across the GPUs and returns an array;
+    device="auto" does so where a GPU and a GPU kernel are present, else runs
+    on the CPU pool and warns once (options: out=, devices=, launch=, streams=,
+    dtype=; see pmaprt.gpu).
     """
+    if device not in (None, "cpu"):
+        if backend not in (None, "local") or ordered is not True or progress:
+            raise ValueError("pmaprt: device=%r maps one array on GPUs; backend=, ordered= and "
+                             "progress= do not apply" % (device,))
+        from .gpu import device_map
+        return device_map(fn, iterables, device=device, chunksize=chunksize, workers=workers,
+                          **options)
     if backend not in (None, "local"):
         return _other_backend(fn, iterables, backend, options, chunksize, ordered,
                               workers, progress)

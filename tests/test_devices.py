@@ -1,0 +1,158 @@
+"""pmaprt.devices(): the CPU picture always, GPUs through NVML (a fake pynvml here)."""
+import sys
+import types
+
+import psutil
+import pytest
+
+import pmaprt
+from pmaprt import _devices as devmod
+
+
+class NVMLError(Exception):
+    def __init__(self, value):
+        super().__init__(value)
+        self.value = value
+
+    def __str__(self):
+        return {3: "Not Supported", 9: "Driver Not Loaded", 15: "GPU is lost"}.get(
+            self.value, "error %d" % self.value)
+
+
+def fake_nvml(gpus, init_error=None, calls=None):
+    """A pynvml stand-in with NVML's names: gpus is a list of dicts (name, total,
+    free, used, util, or fail={function name: error code})."""
+    nv = types.ModuleType("pynvml")
+    nv.NVMLError = NVMLError
+    nv.NVML_ERROR_NOT_SUPPORTED = 3
+    calls = calls if calls is not None else []
+
+    def rec(name):
+        calls.append(name)
+
+    def dev_fn(fname, make):
+        def f(h):
+            rec(fname)
+            code = gpus[h].get("fail", {}).get(fname)
+            if code is not None:
+                raise NVMLError(code)
+            return make(gpus[h])
+        return f
+
+    def init():
+        rec("nvmlInit")
+        if init_error is not None:
+            raise NVMLError(init_error)
+
+    nv.nvmlInit = init
+    nv.nvmlShutdown = lambda: rec("nvmlShutdown")
+    nv.nvmlDeviceGetCount = lambda: len(gpus)
+    nv.nvmlDeviceGetHandleByIndex = lambda i: i
+    nv.nvmlDeviceGetUUID = dev_fn("nvmlDeviceGetUUID", lambda g: g.get("uuid", "GPU-%s" % g["name"]))
+    nv.nvmlDeviceGetName = dev_fn("nvmlDeviceGetName", lambda g: g["name"].encode())  # bytes, as older NVML
+    nv.nvmlDeviceGetMemoryInfo = dev_fn("nvmlDeviceGetMemoryInfo", lambda g: types.SimpleNamespace(
+        total=g["total"], free=g["free"], used=g["total"] - g["free"]))
+    nv.nvmlDeviceGetUtilizationRates = dev_fn("nvmlDeviceGetUtilizationRates",
+                                              lambda g: types.SimpleNamespace(gpu=g["util"][0], memory=g["util"][1]))
+    return nv
+
+
+H100 = dict(name="NVIDIA H100 80GB HBM3", uuid="GPU-aaaa", total=85520809984, free=84935966720, util=(37, 12))
+A100 = dict(name="NVIDIA A100-SXM4-40GB", uuid="GPU-bbbb", total=42949672960, free=1 << 30, util=(0, 0))
+
+
+@pytest.fixture
+def nvml(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def install(*gpus, **kw):
+        calls = []
+        monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(list(gpus), calls=calls, **kw))
+        return calls
+    return install
+
+
+def test_public_and_cpu_side_matches_psutil():
+    d = pmaprt.devices()
+    assert d.cpu.cores_logical == psutil.cpu_count()
+    assert d.cpu.memory_total == psutil.virtual_memory().total
+    assert 1 <= d.cpu.cores_available <= d.cpu.cores_logical
+
+
+def test_no_pynvml_gives_cpu_and_a_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)   # import raises ImportError
+    d = pmaprt.devices()
+    assert d.gpus == () and d.gpu_count == 0
+    assert "pynvml" in d.reason and "pmaprt[gpu]" in d.reason
+    assert d.cpu.cores_logical >= 1
+
+
+def test_nvml_fields_mapped_in_bytes_and_percent(nvml):
+    calls = nvml(H100, A100)
+    d = pmaprt.devices()
+    assert d.reason is None and d.gpu_count == 2
+    g0, g1 = d.gpus
+    assert (g0.index, g0.nvml_index, g0.name, g0.uuid) == (0, 0, H100["name"], "GPU-aaaa")
+    assert g0.memory_total == 85520809984 and g0.memory_free == 84935966720
+    assert g0.memory_used == 85520809984 - 84935966720
+    assert (g0.utilization_gpu, g0.utilization_memory) == (37, 12)
+    assert g1.name == A100["name"] and g1.memory_free == 1 << 30
+    assert calls[0] == "nvmlInit" and calls[-1] == "nvmlShutdown"
+
+
+def test_init_failure_is_a_reason_not_an_exception(nvml):
+    calls = nvml(H100, init_error=9)
+    d = pmaprt.devices()
+    assert d.gpus == () and "Driver Not Loaded" in d.reason
+    assert "nvmlShutdown" not in calls
+
+
+def test_error_on_one_device_keeps_the_others(nvml):
+    lost = dict(A100, fail={"nvmlDeviceGetMemoryInfo": 15})
+    calls = nvml(H100, lost)
+    d = pmaprt.devices()
+    assert d.gpu_count == 1 and len(d.gpus) == 2
+    assert d.gpus[0].error is None and d.gpus[0].memory_total == H100["total"]
+    bad = d.gpus[1]
+    assert "GPU is lost" in bad.error and bad.memory_total is None and bad.name == A100["name"]
+    assert "GPU 1" in d.reason and "GPU is lost" in d.reason
+    assert calls[-1] == "nvmlShutdown"
+
+
+def test_utilization_not_supported_is_none_not_an_error(nvml):
+    nvml(dict(H100, fail={"nvmlDeviceGetUtilizationRates": 3}))
+    (g,) = pmaprt.devices().gpus
+    assert g.error is None and g.utilization_gpu is None and g.memory_free == H100["free"]
+
+
+def test_zero_gpus(nvml):
+    nvml()
+    d = pmaprt.devices()
+    assert d.gpus == () and d.reason == "no GPU found by NVML"
+
+
+def test_cuda_visible_devices_renumbers(nvml, monkeypatch):
+    nvml(H100, A100)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    (g,) = pmaprt.devices().gpus
+    assert (g.index, g.nvml_index, g.name) == (0, 1, A100["name"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb,0")
+    assert [(g.index, g.nvml_index) for g in pmaprt.devices().gpus] == [(0, 1), (1, 0)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    d = pmaprt.devices()
+    assert d.gpus == () and "hides all 2 GPUs" in d.reason
+
+
+@pytest.mark.parametrize("env,want", [
+    (None, [0, 1, 2]), ("2,0", [2, 0]), ("0,7,1", [0]), ("-1", []), ("GPU-b", [1]),
+    ("GPU-", []), ("1,1", [1]),
+])
+def test_visible_order_follows_cuda_rules(env, want):
+    assert devmod.visible_order(env, 3, ["GPU-a0", "GPU-b1", "GPU-c2"]) == want
+
+
+def test_a_broken_pynvml_never_raises(monkeypatch):
+    broken = types.ModuleType("pynvml")      # no NVMLError, no functions
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    d = pmaprt.devices()
+    assert d.gpus == () and "NVML query failed" in d.reason
