@@ -37,19 +37,25 @@ def shutdown():
         p.close()
 
 
-def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False):
+def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False,
+         axis_name=None):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
     chunksize: items per chunk (None: adaptive). ordered=False yields results as they
     finish. progress=True shows a tqdm bar. Inside a worker, pmap runs serially.
+    axis_name: an SPMD map, one shard per worker, all running at once; fn may call
+    pmaprt.psum(x, axis_name), pmean, allreduce (at most as many shards as workers).
     """
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if axis_name is not None:
+            raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
+                               % (axis_name,))
         return map(fn, *iterables)
     return default_pool(workers).map(fn, *iterables, chunksize=chunksize, ordered=ordered,
-                                     workers=workers, progress=progress)
+                                     workers=workers, progress=progress, axis_name=axis_name)
 
 
 def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False):
@@ -58,11 +64,15 @@ def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False)
                 progress=progress)
 
 
-def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False):
-    """itertools.starmap(fn, iterable) on worker processes."""
+def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False,
+            axis_name=None):
+    """itertools.starmap(fn, iterable) on worker processes (axis_name: as in pmap)."""
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if axis_name is not None:
+            raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
+                               % (axis_name,))
         return itertools.starmap(fn, iterable)
     return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
-                                         workers=workers, progress=progress)
+                                         workers=workers, progress=progress, axis_name=axis_name)

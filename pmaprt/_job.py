@@ -27,7 +27,7 @@ import pickle
 import sys
 import time
 
-from . import _serialize, _shm, _sched
+from . import _collective, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import RemoteTraceback
 from ._shm import MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, S_NEXT, FLAG_FEED_DONE
@@ -80,9 +80,9 @@ class MapJob:
     __slots__ = ("_state", "_it", "__weakref__")
 
     def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress,
-                 inline="auto"):
+                 inline="auto", axis_name=None):
         self._state = st = _JobState(pool, fn, iterables, star, chunksize, ordered, workers,
-                                     progress, inline)
+                                     progress, inline, axis_name)
         self._it = itertools.chain.from_iterable(st._chunks())
 
     def __iter__(self):
@@ -104,7 +104,8 @@ class MapJob:
 
 
 class _JobState:
-    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline):
+    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
+                 axis_name=None):
         if not callable(fn):
             raise TypeError("pmaprt: %r is not callable" % (fn,))
         if not iterables:
@@ -129,6 +130,15 @@ class _JobState:
             chunksize = cached_chunksize(fn)
         self.fixed = _check_chunksize(chunksize)
         self.nwork = pool.workers if workers is None else min(pool.workers, workers)
+        # SPMD map (axis_name): one shard per worker, all at once, never inline and
+        # never retried; self.spmd is the collective segment's parent side.
+        self.spmd = None
+        if axis_name is not None:
+            iterables, spmd_n = _collective.spmd_inputs(iterables, axis_name, self.nwork)
+            self.iterables = iterables
+            self.inline_ok = False
+            self.fixed = 1
+            self.nwork = max(1, spmd_n)
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
         self.pending = {}          # start index -> (kind, count, payload)
         self.arrived = collections.deque()  # unordered: start indices in arrival order
@@ -148,6 +158,10 @@ class _JobState:
         self.star = star = star or len(iterables) > 1
         fn_bytes = _serialize.dumps_fn(fn)
         plan = plan_input(iterables, star)
+        if axis_name is not None:
+            with pool._lock:
+                self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
+                self.segs.append(self.spmd.seg)
         self.feed_mode = isinstance(plan, FeedPlan)
         self.stats.mode = "feed" if self.feed_mode else "index"
         self.stats.t0 = time.perf_counter()
@@ -186,7 +200,8 @@ class _JobState:
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
         self.limit = min(self.n, self._window())
         self.gen, self.slot, self.off = self.pool._post(
-            self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off)
+            self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off,
+            spmd_seg=self.spmd.seg if self.spmd is not None else None)
 
     def _start_feed(self, plan, fn_bytes, star):
         self.it = plan.iterator
@@ -215,6 +230,8 @@ class _JobState:
     # --- records from the pool (lock held)
 
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen):
+        if self.spmd is not None and self._spmd_record(kind, start, count, payload):
+            return
         self.pending[start] = (kind, count, payload)
         self.records += 1
         if not self.ordered:
@@ -241,6 +258,50 @@ class _JobState:
             self.errors[index] = exc
         if self.error_at is None or index < self.error_at:
             self.error_at = index
+        if self.spmd is not None:
+            self._spmd_failed(index, exc)
+
+    # --- SPMD maps (lock held)
+
+    def _spmd_failed(self, rank, exc):
+        """The first failure of a rank is what the map raises, at once; every
+        other rank's collective is aborted."""
+        sp = self.spmd
+        if sp.root is None:
+            sp.root = exc
+            sp.abort(rank)
+            for r in sp.secondary:
+                self.fail_at(r, exc)
+            self.fail_here(exc)
+
+    def _spmd_record(self, kind, start, count, payload):
+        """True when the record was handled here: a rank's error."""
+        sp = self.spmd
+        if kind != REC_ERROR:
+            sp.delivered.add(start)
+            return False
+        self.records += 1
+        _ok, exc = self._take((kind, count, payload), start)
+        if isinstance(exc, _collective.CollectiveAbortedError):
+            # Failed only because another rank did: the map raises that one.
+            if sp.root is None:
+                sp.secondary.append(start)
+                return True
+            exc = sp.root
+        self.fail_at(start, exc)
+        return True
+
+    def on_worker_death(self, w, pid, rc, what):
+        """Pool._on_death: worker w died. If it had taken its shard and not
+        delivered it, the map fails (an SPMD rank is never re-run)."""
+        if self.n is None or w >= self.n or w in self.spmd.delivered:
+            return
+        if self.pool._r.range_get(self.off + _shm.S_RANGES + 8 * w)[1]:
+            return  # its shard was never started: the replacement worker runs it
+        from ._errors import WorkerCrashedError, oom_hint
+        self.fail_at(w, WorkerCrashedError(
+            "pmaprt: %s while running rank %d of an SPMD map%s" % (what, w, oom_hint(rc)),
+            pid, rc, (w, w + 1)))
 
     def fail_here(self, exc):
         """The map raises exc at the consumer's position."""
@@ -516,6 +577,9 @@ class _JobState:
             from . import _api
             _api._forget_default(pool)
             return
+        if self.spmd is not None and not self.spmd.complete():
+            with pool._lock:
+                self.spmd.abort(None)   # ranks still waiting in a collective stop now
         if self.gen is not None:
             pool._retire(self.gen, self.slot, self.off)
             self.gen = None

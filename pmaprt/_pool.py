@@ -217,6 +217,9 @@ class Pool:
                                              % (lo, lo + cn - 1, oom_hint(rc)), proc.pid, rc,
                                              (lo, lo + cn))
                     job.fail_at(lo, err)
+        for job in list(self._jobs.values()):
+            if getattr(job, "spmd", None) is not None:
+                job.on_worker_death(w, proc.pid, rc, what)
         if not started:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
@@ -260,8 +263,9 @@ class Pool:
         if self._broken is not None:
             raise self._broken
 
-    def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0):
-        """Put a job on the board. Lock held. Returns (slot, offset)."""
+    def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0, spmd_seg=None):
+        """Put a job on the board. Lock held. Returns (slot, offset).
+        spmd_seg: an SPMD map's collective segment; worker w alone runs item w."""
         r, lay = self._r, self._layout
         slot = None
         for s in range(lay.nslots):
@@ -289,6 +293,12 @@ class Pool:
         r.store32(off + _shm.S_NWORK, nwork)
         for w in range(self.workers):
             r.range_set(off + _shm.S_RANGES + 8 * w, 0, 0)
+        if spmd_seg is not None:
+            r.store32(off + _shm.S_FLAGS, _shm.FLAG_SPMD)
+            r.store64(off + _shm.S_SPMD_SEG, spmd_seg.id)
+            r.store64(off + _shm.S_NEXT, n)
+            for w in range(n):
+                r.range_set(off + _shm.S_RANGES + 8 * w, w, 1)
         if desc_seg is None:
             r.store32(off + _shm.S_DESC_LEN, len(desc))
             r.store64(off + _shm.S_DESC_SEG, 0)
@@ -396,16 +406,18 @@ class Pool:
     # --- the public API
 
     def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False,
-            inline="auto"):
+            inline="auto", axis_name=None):
         """Lazy map(fn, *iterables) on this pool's workers.
 
         inline="auto": when the measured cost per item shows that dispatching to
         workers cannot beat map itself, the rest runs here, as map would run it;
         inline=False keeps every item on the workers.
+        axis_name: an SPMD map: shard i runs on worker i, all at once, and fn may
+        call pmaprt.psum/pmean/allreduce over that axis (see _collective.py).
         """
         from ._job import MapJob
         return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline)
+                      workers=workers, progress=progress, inline=inline, axis_name=axis_name)
 
     def imap_unordered(self, fn, *iterables, chunksize=None, workers=None, progress=False,
                        inline="auto"):
@@ -414,11 +426,11 @@ class Pool:
                         progress=progress, inline=inline)
 
     def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False,
-                inline="auto"):
+                inline="auto", axis_name=None):
         """itertools.starmap(fn, iterable), in parallel."""
         from ._job import MapJob
         return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline)
+                      workers=workers, progress=progress, inline=inline, axis_name=axis_name)
 
     def apply(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on one worker; returns its result."""

@@ -64,11 +64,14 @@ S_DESC_LEN = 56
 S_NWORK = 60
 S_DESC_SEG = 64
 S_DESC_OFF = 72
+S_SPMD_SEG = 120   # SPMD maps: the collective segment (FLAG_SPMD set)
 S_RANGES = 128
 
 SLOT_FREE, SLOT_ACTIVE, SLOT_CLOSED = 0, 1, 2
 MODE_INDEX, MODE_FEED = 1, 2
 FLAG_FEED_DONE = 1
+# SPMD map: shard i is claimed by worker i only (no spans, no stealing).
+FLAG_SPMD = 2
 
 # Descriptors up to this size travel inside the slot: a one-item job then
 # needs no segment and no socket message at all (the round-trip path).

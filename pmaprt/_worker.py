@@ -46,7 +46,7 @@ IDLE_TIMEOUT_S = 1.0
 
 class _JobCtx:
     __slots__ = ("slot", "gen", "off", "mode", "fn", "star", "get", "sizer", "seg", "nwork",
-                 "rng", "error", "feed", "fn_key", "stolen")
+                 "rng", "error", "feed", "fn_key", "stolen", "spmd")
 
 
 class Worker:
@@ -169,6 +169,8 @@ class Worker:
         ctx.error = None
         ctx.stolen = False
         ctx.fn_key = None
+        # SPMD map: the id of its collective segment (0: an ordinary map).
+        ctx.spmd = r.load64(off + _shm.S_SPMD_SEG) if r.load32(off + S_FLAGS) & _shm.FLAG_SPMD else 0
         # A crash while loading the job is charged to it (lo = -1).
         self._set_cur(gen, -1, -1)
         try:
@@ -230,6 +232,10 @@ class Worker:
     def claim_index(self, ctx):
         r, off = self.r, ctx.off
         mine = off + S_RANGES + 8 * self.rank
+        if ctx.spmd:
+            # One shard per rank: this worker's own, never a span or a steal.
+            lo, n = r.range_take(mine, 1)
+            return (lo, n, False) if n else None
         while True:
             c = ctx.sizer.size()
             lo, n = r.range_take(mine, c)
@@ -304,6 +310,9 @@ class Worker:
         out = []
         app = out.append
         try:
+            if ctx.spmd:
+                from ._collective import rank_fn
+                fn = rank_fn(fn, self.segment(ctx.spmd), lo)
             if ctx.star:
                 for args in items:
                     app(fn(*args))
