@@ -312,7 +312,9 @@ class Pool:
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << slot))
         self._jobs[gen] = job
         # A small job wakes only as many workers as it has items.
-        self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
+        # An SPMD map wakes every worker: a futex wake picks sleepers at random, and
+        # each of its shards belongs to one worker.
+        self.wake_workers(1 << 30 if spmd_seg is not None else nwork if n < 0 else max(1, min(nwork, n)))
         return gen, slot, off
 
     def wake_workers(self, count=1 << 30):
