@@ -45,7 +45,7 @@ import numpy as np
 
 # Bytes per message slot. A block of a round is at most one slot: smaller slots
 # pipeline more finely but cost more messages (about 10 us of Python each).
-SLOT_BYTES = 512 * 1024
+SLOT_BYTES = 256 * 1024
 # Slots per rank: how far a rank may run ahead of its right neighbour (>= 2).
 SLOTS = 4
 # Fusion: many small arrays of one dtype are packed into buffers of at most this
@@ -437,7 +437,7 @@ def _leaf(x, i, op):
     return a
 
 
-def allreduce(x, op="sum"):
+def allreduce(x, op="sum", *, out=None):
     """Reduce x over the ranks of the current SPMD map; every rank gets the result.
 
     x: an ndarray (float32, float64, int32, int64), a scalar, or a list/tuple/dict
@@ -445,8 +445,29 @@ def allreduce(x, op="sum"):
     of integers gives float64). ops: sum, mean, min, max. Integer sums wrap as
     NumPy's do. Every rank must make the same calls with the same shapes.
     Small arrays of one dtype are fused into buffers of up to FUSION_BYTES.
+    out: for an ndarray x, a C-contiguous array of the result's shape and dtype to
+    write into (it may be x itself: an in-place all-reduce); returned.
     """
+    if out is not None:
+        return _allreduce_out(x, op, out)
     return _allreduce(x, op, None, "allreduce")
+
+
+def _allreduce_out(x, op, out):
+    if op not in OPS:
+        raise ValueError("pmaprt.allreduce: op must be one of %s, got %r" % (", ".join(OPS), op))
+    ctx = _current(None, "allreduce")
+    if not isinstance(x, np.ndarray) or not isinstance(out, np.ndarray):
+        raise TypeError("pmaprt.allreduce: out= needs x and out to be ndarrays")
+    a = _leaf(x, 0, op)
+    if out.shape != a.shape or out.dtype != a.dtype or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise ValueError("pmaprt.allreduce: out must be a writeable C-contiguous %s array of "
+                         "shape %s, got %s %s" % (a.dtype, a.shape, out.dtype, out.shape))
+    res = out.reshape(-1)
+    ctx.reduce(np.ascontiguousarray(a).reshape(-1), res, op)
+    _finish(res, a, op, ctx.world)
+    return out
 
 
 def _allreduce(x, op, axis_name, who):
