@@ -334,3 +334,25 @@ def test_example_matches_serial_training(pool):
             np.testing.assert_allclose(np.array(c), ref, rtol=1e-6, atol=0)
         assert all(c == curves[0] for c in curves)
     assert ref[-1] < 0.5 * ref[0]  # it does learn
+
+
+def step_out(seed):
+    r, n = pmaprt.axis_index("b"), pmaprt.axis_size("b")
+    x = make_input(seed, r, (3 * CAP32 + 5,), "float64")
+    want = pmaprt.allreduce(x)
+    o = np.empty_like(x)
+    got = pmaprt.allreduce(x, out=o)
+    same_obj = got is o
+    pmaprt.allreduce(x, out=x)  # in place
+    try:
+        pmaprt.allreduce(x, out=np.empty(3))
+        bad = None
+    except ValueError as e:
+        bad = str(e)
+    return same_obj, np.array_equal(o, want), np.array_equal(x, want), bad
+
+
+def test_allreduce_out_and_in_place(pool):
+    for same_obj, ok_out, ok_inplace, bad in run(pool.map(step_out, [5, 5, 5], axis_name="b")):
+        assert same_obj and ok_out and ok_inplace
+        assert "out must be a writeable C-contiguous float64 array" in bad
