@@ -213,6 +213,28 @@ def test_slow_rank_is_waited_for_not_stolen(pool):
     assert res == [([3.0] * 4, 0), ([3.0] * 4, 1), ([3.0] * 4, 2)]
 
 
+def step_many(x):
+    for _ in range(20):
+        y = pmaprt.psum(np.full(100, x), "b")
+    return float(y[0])
+
+
+def test_concurrent_spmd_maps(pool):
+    """Several SPMD maps of different widths at once on one pool: each worker
+    takes jobs oldest first, so they queue instead of deadlocking."""
+    res = {}
+
+    def go(k):
+        res[k] = list(pool.map(step_many, [1.0, 2.0, 3.0][: 2 + k % 2], axis_name="b"))
+    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads)
+    assert res == {0: [3.0] * 2, 1: [6.0] * 3, 2: [3.0] * 2, 3: [6.0] * 3}
+
+
 def test_collective_segment_released(pool):
     before = set(pool._res.segs)
     run(pool.map(step_where, [1, 2], axis_name="b"))
