@@ -79,6 +79,7 @@ _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
 
 DTYPES = ("float32", "float64", "int32", "int64")
+_DTYPE_SET = frozenset(np.dtype(d) for d in DTYPES)
 OPS = ("sum", "mean", "min", "max")
 _UFUNC = {"sum": np.add, "mean": np.add, "min": np.minimum, "max": np.maximum}
 
@@ -429,7 +430,7 @@ def _flatten(x, leaves):
 
 def _leaf(x, i, op):
     a = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if a.dtype.name not in DTYPES:
+    if a.dtype not in _DTYPE_SET:
         raise TypeError("pmaprt.allreduce: leaf %d has dtype %s; supported: %s"
                         % (i, a.dtype, ", ".join(DTYPES)))
     if op == "mean" and a.dtype.kind == "i":
