@@ -311,10 +311,13 @@ class Pool:
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << slot))
         self._jobs[gen] = job
-        # A small job wakes only as many workers as it has items.
-        # An SPMD map wakes every worker: a futex wake picks sleepers at random, and
-        # each of its shards belongs to one worker.
-        self.wake_workers(1 << 30 if spmd_seg is not None else nwork if n < 0 else max(1, min(nwork, n)))
+        # A small job wakes only as many workers as it has items. An SPMD map wakes
+        # every worker: a futex wake picks sleepers at random, and each of its
+        # shards belongs to one worker.
+        if spmd_seg is not None:
+            self.wake_workers()
+        else:
+            self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
         return gen, slot, off
 
     def wake_workers(self, count=1 << 30):
