@@ -313,10 +313,12 @@ def step_fault(kind, rounds):
 
 @pytest.mark.parametrize("kind, exc", [("raise", ValueError), ("kill", WorkerCrashedError)])
 def test_rank_failure_fails_the_map(pool, kind, exc):
+    segs = set(pool._res.segs)
     t0 = time.monotonic()
     with pytest.raises(exc) as info:
         run(pool.map(step_fault, [kind] * 3, [100000] * 3, axis_name="b"), timeout=30)
     assert time.monotonic() - t0 < 30
+    assert set(pool._res.segs) == segs   # the collective segment went with the map
     if kind == "kill":
         assert "rank 1" in str(info.value) or "items 1..1" in str(info.value)
     # the pool still works: another SPMD map and a plain map
