@@ -325,7 +325,8 @@ def test_optional_feature_paths(tmp_path, monkeypatch):
     assert pre["builtin_map"]["status"] == "ok"
     ar = [r for r in doc["results"] if r["workload"] == "allreduce"]
     timed = [r for r in ar if r["runner"] != "gloo"]
-    assert {r["runner"] for r in timed} == {"pmaprt", "mp_naive_allreduce", "memcpy"}
+    assert {r["runner"] for r in timed} == {"pmaprt", "mp_naive_allreduce", "memcpy",
+                                            "memcpy_aggregate"}
     assert all(r["status"] == "ok" and r["busbw_gbps"] > 0 for r in timed)
     sizes = doc["workloads"]["allreduce"]["params"]["sizes_bytes"]
     assert sizes[0] == 4096 and all(r["params"]["bytes"] in sizes for r in timed)

@@ -11,6 +11,9 @@
   broadcast the sum back (``Pool.map`` again). Timed in the parent.
 * baseline ``memcpy``: one process copying the same bytes (``np.copyto``),
   the machine's single-core copy bandwidth.
+* baseline ``memcpy_aggregate``: W processes copying S bytes each at once (the
+  ranks of an SPMD map, lined up like the all-reduce's samples); its figure is
+  the aggregate bandwidth W * S / t of the slowest.
 * peer ``gloo``: torch.distributed's gloo all-reduce, only where torch is
   installed (skipped with a note otherwise).
 
@@ -39,6 +42,7 @@ class _Peer(Runner):
 
 NAIVE = _Peer("mp_naive_allreduce", "mp.Pool gather+sum+broadcast", "peer")
 MEMCPY = _Peer("memcpy", "memcpy (1 process)", "baseline")
+MEMCPY_ALL = _Peer("memcpy_aggregate", "memcpy (W processes at once)", "baseline")
 GLOO = _Peer("gloo", "torch.distributed gloo", "peer")
 
 
@@ -77,13 +81,48 @@ def rank_times(sizes: List[int], samples: int) -> Dict[int, List[float]]:
     return out
 
 
-def time_pmaprt(sizes: List[int], workers: int, samples: int) -> Dict[int, List[float]]:
-    """Per-call seconds (slowest rank) of each sample, per size."""
+def rank_memcpy_times(sizes: List[int], samples: int) -> Dict[int, List[float]]:
+    """One rank: per-copy seconds of np.copyto of each size, all ranks copying at
+    once (lined up by a tiny all-reduce before each sample)."""
+    import numpy as np
+
+    import pmaprt
+
+    tiny = np.zeros(1, np.float32)
+    out = {}
+    for nbytes in sizes:
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        np.copyto(dst, src)
+        k = calls_for(nbytes)
+        ts = []
+        for _ in range(samples):
+            pmaprt.allreduce(tiny)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                np.copyto(dst, src)
+            ts.append((time.perf_counter() - t0) / k)
+        out[nbytes] = ts
+    return out
+
+
+def _spmd_times(fn, sizes, workers, samples):
     import pmaprt
 
     with pmaprt.Pool(workers) as pool:
-        per_rank = list(pool.starmap(rank_times, [(sizes, samples)] * workers, axis_name="bench"))
+        per_rank = list(pool.starmap(fn, [(sizes, samples)] * workers, axis_name="bench"))
     return {s: [max(r[s][i] for r in per_rank) for i in range(samples)] for s in sizes}
+
+
+def time_pmaprt(sizes: List[int], workers: int, samples: int) -> Dict[int, List[float]]:
+    """Per-call seconds (slowest rank) of each sample, per size."""
+    return _spmd_times(rank_times, sizes, workers, samples)
+
+
+def time_memcpy_all(sizes: List[int], workers: int, samples: int) -> Dict[int, List[float]]:
+    """Per-copy seconds (slowest process) with every worker copying at once; the
+    aggregate bandwidth is workers * bytes / t."""
+    return _spmd_times(rank_memcpy_times, sizes, workers, samples)
 
 
 # --- the naive peer

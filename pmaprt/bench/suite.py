@@ -592,7 +592,8 @@ class Suite:
         measured = {}
         for runner, run in ((Pmaprt(), lambda: C.time_pmaprt(sizes, wk, samples)),
                             (C.NAIVE, lambda: C.time_naive(sizes, wk, samples)),
-                            (C.MEMCPY, lambda: C.time_memcpy(sizes, samples))):
+                            (C.MEMCPY, lambda: C.time_memcpy(sizes, samples)),
+                            (C.MEMCPY_ALL, lambda: C.time_memcpy_all(sizes, wk, samples))):
             try:
                 measured[runner.id] = (runner, _with_timeout(run, 600.0))
             except Exception as e:
@@ -603,12 +604,17 @@ class Suite:
             for nbytes in sizes:
                 ts = times[nbytes]
                 rec = new_record("allreduce", runner, metric="busbw",
-                                 params={"workers": 1 if rid == "memcpy" else wk, "bytes": nbytes,
-                                         "calls_per_sample": C.calls_for(nbytes)})
+                                 params={"workers": 1 if rid == C.MEMCPY.id else wk,
+                                         "bytes": nbytes, "calls_per_sample": C.calls_for(nbytes)})
                 self._fill_times(rec, ts, 1)
                 rec["items_per_s"] = None
                 t = rec["median_s"]
-                rec["busbw_gbps"] = nbytes / t / 1e9 if rid == "memcpy" else C.busbw(nbytes, t, wk)
+                if rid == C.MEMCPY.id:
+                    rec["busbw_gbps"] = nbytes / t / 1e9
+                elif rid == C.MEMCPY_ALL.id:
+                    rec["busbw_gbps"] = wk * nbytes / t / 1e9
+                else:
+                    rec["busbw_gbps"] = C.busbw(nbytes, t, wk)
                 self.results.append(rec)
         recs = {(r["runner"], r["params"].get("bytes")): r for r in self.results
                 if r["workload"] == "allreduce" and r["status"] == "ok"}
@@ -618,12 +624,15 @@ class Suite:
                 continue
             naive = recs.get((C.NAIVE.id, nbytes))
             mem = recs.get((C.MEMCPY.id, nbytes))
+            mem_all = recs.get((C.MEMCPY_ALL.id, nbytes))
             notes = []
             if naive is not None:
                 me["speedup_vs_best_peer"] = naive["median_s"] / me["median_s"]
                 notes.append(f"{me['speedup_vs_best_peer']:.1f}x naive mp.Pool busbw")
             if mem is not None:
                 notes.append(f"{100 * me['busbw_gbps'] / mem['busbw_gbps']:.0f}% of memcpy")
+            if mem_all is not None:
+                notes.append(f"{100 * me['busbw_gbps'] / mem_all['busbw_gbps']:.0f}% of aggregate")
             me["note"] = "; ".join(notes) or None
         gloo_ok, gloo_why = C.gloo_available()
         if not gloo_ok:
