@@ -184,7 +184,8 @@ class _Rank:
     def __init__(self, seg, rank):
         r = seg.region
         if r.load64(H_MAGIC) != MAGIC:
-            raise CollectiveError("pmaprt: the collective segment of this SPMD map is not initialized")
+            raise CollectiveError(
+                "pmaprt: the collective segment of this SPMD map is not initialized")
         self.seg, self.r, self.mm = seg, r, seg.mm
         self.rank = rank
         self.world = w = r.load32(H_WORLD)

@@ -126,7 +126,8 @@ def test_allreduce_large(pool):
     spmd_check(pool, 2, [(16 * 1024 * 1024,)], "float32", "sum")
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, POOL_WORKERS),
        shape=st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple),
        dtype=st.sampled_from(DTYPES), op=st.sampled_from(OPS), seed=st.integers(0, 2 ** 16))
