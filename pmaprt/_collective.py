@@ -179,7 +179,7 @@ _CTX = None
 class _Rank:
     __slots__ = ("seg", "r", "mm", "rank", "world", "axis", "slots", "slot_bytes", "sent",
                  "recv", "calls", "views", "own_off", "left_off", "line", "lline", "rline",
-                 "spin", "broken")
+                 "spin", "broken", "hashes")
 
     def __init__(self, seg, rank):
         r = seg.region
@@ -195,6 +195,7 @@ class _Rank:
         self.slot_bytes = r.load64(H_SLOT_BYTES)
         self.sent = self.recv = self.calls = 0
         self.views = {}
+        self.hashes = {}
         stride = self.slots * (STAMP + self.slot_bytes)
         self.own_off = _data_off(w) + rank * stride
         self.left_off = _data_off(w) + ((rank - 1) % w) * stride
@@ -294,8 +295,11 @@ class _Rank:
             raise CollectiveError("pmaprt: an earlier collective failed on this rank (%s); "
                                   "no further collective can run in this map" % self.broken)
         self.calls += 1
-        stamp = ((self.calls & _MASK) << 32) | (
-            zlib.crc32(("%s|%s|%d" % (src.dtype.str, op, src.size)).encode()) & _MASK)
+        key = (src.dtype.str, op, src.size)
+        h = self.hashes.get(key)
+        if h is None:
+            h = self.hashes[key] = zlib.crc32(("%s|%s|%d" % key).encode()) & _MASK
+        stamp = ((self.calls & _MASK) << 32) | h
         N = self.world
         if N == 1:
             np.copyto(res, src)
