@@ -4,6 +4,10 @@
 the same exceptions, on worker processes that exchange work through shared memory.
 """
 from ._api import default_pool, imap_unordered, pmap, shutdown, starmap
+from ._collective import (
+    CollectiveAbortedError, CollectiveError, allreduce, axis_index, axis_size, pmax, pmean,
+    pmin, psum,
+)
 from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
@@ -29,4 +33,13 @@ __all__ = [
     "TuneResult",
     "Executor",
     "devices",
+    "allreduce",
+    "psum",
+    "pmean",
+    "pmax",
+    "pmin",
+    "axis_index",
+    "axis_size",
+    "CollectiveError",
+    "CollectiveAbortedError",
 ]

@@ -53,6 +53,8 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     device="auto" does so where a GPU and a GPU kernel are present, else runs
     on the CPU pool and warns once (options: out=, devices=, launch=, streams=,
     dtype=; see pmaprt.gpu).
+    axis_name: an SPMD map, one shard per worker, all running at once; fn may call
+    pmaprt.psum(x, axis_name), pmean, allreduce (at most as many shards as workers).
     """
     if device not in (None, "cpu"):
         if backend not in (None, "local") or ordered is not True or progress:
@@ -67,6 +69,9 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if options.get("axis_name") is not None:
+            raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
+                               % (options["axis_name"],))
         return map(fn, *iterables)
     return default_pool(workers).map(fn, *iterables, chunksize=chunksize, ordered=ordered,
                                      workers=workers, progress=progress, **options)
@@ -83,6 +88,9 @@ def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progres
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if options.get("axis_name") is not None:
+            raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
+                               % (options["axis_name"],))
         return itertools.starmap(fn, iterable)
     return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
                                          workers=workers, progress=progress, **options)

@@ -27,7 +27,7 @@ import pickle
 import sys
 import time
 
-from . import _memguard, _serialize, _shm, _sched
+from . import _collective, _memguard, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
                       item_timeout_error, oom_hint)
@@ -129,7 +129,7 @@ class MapJob:
 class _JobState:
     def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
                  retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
-                 memory_floor=None):
+                 memory_floor=None, axis_name=None):
         if not callable(fn):
             raise TypeError("pmaprt: %r is not callable" % (fn,))
         if not iterables:
@@ -162,6 +162,19 @@ class _JobState:
             chunksize = cached_chunksize(fn)
         self.fixed = _check_chunksize(chunksize)
         self.nwork = pool.workers if workers is None else min(pool.workers, workers)
+        # SPMD map (axis_name): one shard per worker, all at once, never inline and
+        # never retried; self.spmd is the collective segment's parent side.
+        self.spmd = None
+        if axis_name is not None:
+            iterables, spmd_n = _collective.spmd_inputs(iterables, axis_name, self.nwork)
+            self.iterables = iterables
+            self.inline_ok = False
+            self.fixed = 1
+            self.nwork = max(1, spmd_n)
+            if self.tracked or self.max_items:
+                raise ValueError("pmaprt: an SPMD map (axis_name=%r) takes none of retries=, "
+                                 "timeout=, on_error='return' or max_items_per_worker=: its ranks "
+                                 "run together and cannot be re-run alone" % (axis_name,))
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
         self.pending = {}          # start index -> (kind, count, payload)
         self.arrived = collections.deque()  # unordered: start indices in arrival order
@@ -185,6 +198,10 @@ class _JobState:
         self.star = star = star or len(iterables) > 1
         fn_bytes = _serialize.dumps_fn(fn)
         plan = plan_input(iterables, star)
+        if axis_name is not None:
+            with pool._lock:
+                self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
+                self.segs.append(self.spmd.seg)
         self.feed_mode = isinstance(plan, FeedPlan)
         self.stats.mode = "feed" if self.feed_mode else "index"
         self.stats.t0 = time.perf_counter()
@@ -224,7 +241,8 @@ class _JobState:
         self.limit = min(self.n, self._window())
         self.gen, self.slot, self.off = self.pool._post(
             self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off,
-            self.flags, self.max_items)
+            self.flags, self.max_items,
+            spmd_seg=self.spmd.seg if self.spmd is not None else None)
 
     def _start_feed(self, plan, fn_bytes, star):
         self.it = plan.iterator
@@ -257,6 +275,8 @@ class _JobState:
     # --- records from the pool (lock held)
 
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen):
+        if self.spmd is not None and self._spmd_record(kind, start, count, payload):
+            return
         if start in self.recorded:
             return  # cannot happen: a chunk is run again only when its record is missing
         self.recorded.add(start)
@@ -288,6 +308,50 @@ class _JobState:
             self.errors[index] = exc
         if self.error_at is None or index < self.error_at:
             self.error_at = index
+        if self.spmd is not None:
+            self._spmd_failed(index, exc)
+
+    # --- SPMD maps (lock held)
+
+    def _spmd_failed(self, rank, exc):
+        """The first failure of a rank is what the map raises, at once; every
+        other rank's collective is aborted."""
+        sp = self.spmd
+        if sp.root is None:
+            sp.root = exc
+            sp.abort(rank)
+            for r in sp.secondary:
+                self.fail_at(r, exc)
+            self.fail_here(exc)
+
+    def _spmd_record(self, kind, start, count, payload):
+        """True when the record was handled here: a rank's error."""
+        sp = self.spmd
+        if kind != REC_ERROR:
+            sp.delivered.add(start)
+            return False
+        self.records += 1
+        _ok, exc = self._take((kind, count, payload), start)
+        if isinstance(exc, _collective.CollectiveAbortedError):
+            # Failed only because another rank did: the map raises that one.
+            if sp.root is None:
+                sp.secondary.append(start)
+                return True
+            exc = sp.root
+        self.fail_at(start, exc)
+        return True
+
+    def on_worker_death(self, w, pid, rc, what):
+        """Pool._on_death: worker w died. If it had taken its shard and not
+        delivered it, the map fails (an SPMD rank is never re-run)."""
+        if self.n is None or w >= self.n or w in self.spmd.delivered:
+            return
+        if self.pool._r.range_get(self.off + _shm.S_RANGES + 8 * w)[1]:
+            return  # its shard was never started: the replacement worker runs it
+        from ._errors import WorkerCrashedError, oom_hint
+        self.fail_at(w, WorkerCrashedError(
+            "pmaprt: %s while running rank %d of an SPMD map%s" % (what, w, oom_hint(rc)),
+            pid, rc, (w, w + 1)))
 
     def fail_here(self, exc):
         """The map raises exc at the consumer's position."""
@@ -723,6 +787,9 @@ class _JobState:
             from . import _api
             _api._forget_default(pool)
             return
+        if self.spmd is not None and not self.spmd.complete():
+            with pool._lock:
+                self.spmd.abort(None)   # ranks still waiting in a collective stop now
         if self.gen is not None:
             pool._retire(self.gen, self.slot, self.off)
             self.gen = None

@@ -345,6 +345,9 @@ class Pool:
                     proc.pid, rc, None))
             elif cn == 0 and k >= 0:
                 job.on_lost_feed_chunk(k)
+        for sj in list(self._jobs.values()):
+            if getattr(sj, "spmd", None) is not None:
+                sj.on_worker_death(w, proc.pid, rc, what)
         if not started:
             # SIGKILL is someone else's doing (the OOM killer, a user); a worker
             # that cannot start at all fails on its own, with an exit code.
@@ -427,8 +430,9 @@ class Pool:
             raise self._broken
 
     def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0, flags=0,
-              max_items=0):
-        """Put a job on the board. Lock held. Returns (slot, offset)."""
+              max_items=0, spmd_seg=None):
+        """Put a job on the board. Lock held. Returns (slot, offset).
+        spmd_seg: an SPMD map's collective segment; worker w alone runs item w."""
         r, lay = self._r, self._layout
         slot = None
         for s in range(lay.nslots):
@@ -459,6 +463,12 @@ class Pool:
             r.range_set(off + _shm.S_RANGES + 8 * w, 0, 0)
         for j in range(RETRY_RANGES):
             r.range_set(off + lay.retry_off + 8 * j, 0, 0)
+        if spmd_seg is not None:
+            r.store32(off + _shm.S_FLAGS, flags | _shm.FLAG_SPMD)
+            r.store64(off + _shm.S_SPMD_SEG, spmd_seg.id)
+            r.store64(off + _shm.S_NEXT, n)
+            for w in range(n):
+                r.range_set(off + _shm.S_RANGES + 8 * w, w, 1)
         if desc_seg is None:
             r.store32(off + _shm.S_DESC_LEN, len(desc))
             r.store64(off + _shm.S_DESC_SEG, 0)
@@ -471,8 +481,13 @@ class Pool:
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << slot))
         self._jobs[gen] = job
-        # A small job wakes only as many workers as it has items.
-        self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
+        # A small job wakes only as many workers as it has items. An SPMD map wakes
+        # every worker: a futex wake picks sleepers at random, and each of its
+        # shards belongs to one worker.
+        if spmd_seg is not None:
+            self.wake_workers()
+        else:
+            self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
         return gen, slot, off
 
     def wake_workers(self, count=1 << 30):
@@ -583,7 +598,7 @@ class Pool:
 
     def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False,
             inline="auto", retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
-            memory_floor=None):
+            memory_floor=None, axis_name=None):
         """Lazy map(fn, *iterables) on this pool's workers.
 
         inline="auto": when the measured cost per item shows that dispatching to
@@ -606,12 +621,16 @@ class Pool:
         - memory_floor=bytes: while the machine's available memory is below
           it, no more work is put in flight beyond one chunk (default: the
           larger of 256 MiB and 5 % of RAM; 0 turns the guard off).
+
+        axis_name: an SPMD map: shard i runs on worker i, all at once, and fn may
+        call pmaprt.psum/pmean/allreduce over that axis (see _collective.py).
+        SPMD maps take none of the reliability options.
         """
         from ._job import MapJob
         return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
                       workers=workers, progress=progress, inline=inline, retries=retries,
                       timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
-                      memory_floor=memory_floor)
+                      memory_floor=memory_floor, axis_name=axis_name)
 
     def imap_unordered(self, fn, *iterables, **options):
         """Like map, results in the order they finish (same options as map)."""
@@ -620,13 +639,13 @@ class Pool:
 
     def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False,
                 inline="auto", retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
-                memory_floor=None):
+                memory_floor=None, axis_name=None):
         """itertools.starmap(fn, iterable), in parallel (same options as map)."""
         from ._job import MapJob
         return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
                       workers=workers, progress=progress, inline=inline, retries=retries,
                       timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
-                      memory_floor=memory_floor)
+                      memory_floor=memory_floor, axis_name=axis_name)
 
     def apply(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on one worker; returns its result."""

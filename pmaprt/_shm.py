@@ -66,6 +66,7 @@ S_NWORK = 60
 S_DESC_SEG = 64
 S_DESC_OFF = 72
 S_MAX_ITEMS = 80   # recycle a worker after this many items (0: never)
+S_SPMD_SEG = 120   # SPMD maps: the collective segment (FLAG_SPMD set)
 S_RANGES = 128
 # After the workers' range words: RETRY_RANGES words that no worker owns. The
 # parent puts the items of a lost chunk there; workers steal from them first.
@@ -76,6 +77,8 @@ MODE_INDEX, MODE_FEED = 1, 2
 FLAG_FEED_DONE = 1
 FLAG_ON_ERROR_RETURN = 2  # an exception takes its item's place in the results
 FLAG_PROGRESS = 4         # workers publish items done per chunk (retries, timeouts)
+# SPMD map: shard i is claimed by worker i only (no spans, no stealing).
+FLAG_SPMD = 8
 
 # Descriptors up to this size travel inside the slot: a one-item job then
 # needs no segment and no socket message at all (the round-trip path).

@@ -49,7 +49,7 @@ IDLE_TIMEOUT_S = 1.0
 class _JobCtx:
     __slots__ = ("slot", "gen", "off", "mode", "fn", "star", "get", "sizer", "seg", "nwork",
                  "rng", "error", "feed", "fn_key", "stolen", "ret", "progress", "max_items",
-                 "retry_base")
+                 "retry_base", "spmd")
 
 
 class Worker:
@@ -190,6 +190,8 @@ class Worker:
         ctx.progress = bool(flags & (FLAG_PROGRESS | FLAG_ON_ERROR_RETURN))
         ctx.max_items = r.load64(off + S_MAX_ITEMS) or self.max_items
         ctx.retry_base = off + self.layout.retry_off
+        # SPMD map: the id of its collective segment (0: an ordinary map).
+        ctx.spmd = r.load64(off + _shm.S_SPMD_SEG) if r.load32(off + S_FLAGS) & _shm.FLAG_SPMD else 0
         # A crash while loading the job is charged to it (lo = -1).
         self._set_cur(gen, -1, -1)
         try:
@@ -266,6 +268,10 @@ class Worker:
         r.store64(a + W_CUR_N, 0)
         r.store64(a + W_CUR_GEN, ctx.gen)
         self.prog[0] = 0
+        if ctx.spmd:
+            # One shard per rank: this worker's own, never a span or a steal.
+            lo, n = r.range_take(mine, 1, a + W_CUR_LO)
+            return (lo, n, False) if n else None
         while True:
             c = ctx.sizer.size()
             if ctx.max_items:
@@ -354,6 +360,9 @@ class Worker:
         app = out.append
         has_errors = False
         try:
+            if ctx.spmd:
+                from ._collective import rank_fn
+                fn = rank_fn(fn, self.segment(ctx.spmd), lo)
             if ctx.progress:
                 has_errors = self._run_items_tracked(ctx, fn, items, lo, out)
             elif ctx.star:

@@ -15,8 +15,9 @@ warmed before anything is timed, and is timed over the same inputs; each figure
 is the median of ``repeat`` runs (fewer when one runner has used up
 ``max_runner_s`` on one workload).  A peer that is not installed or cannot
 start is reported as skipped/error with a note, never fatal.  Workloads that
-need pmaprt features not there yet (``out=``, ``allreduce``, a GPU) are
-skipped with a note.
+need pmaprt features not there yet (``out=``, a GPU) are skipped with a note.
+The ``allreduce`` workload times ``pmaprt.allreduce`` inside an SPMD map against
+a naive multiprocessing all-reduce and memcpy (see ``pmaprt.bench.collective``).
 
 Output, in ``--out`` (default ``bench/results/``): ``table.txt`` (the report
 also printed to stdout), ``results.json`` and PNG plots
@@ -91,7 +92,8 @@ Result record keys (all always present, null where not applicable):
 ``median_s``, ``min_s``  float.
 ``items_per_s``          float, items / median_s.
 ``latency_us``           float, roundtrip only.
-``busbw_gbps``           float, allreduce only: 2(W-1)/W * bytes / t / 1e9.
+``busbw_gbps``           float, allreduce only: 2(W-1)/W * bytes / t / 1e9
+                         (the memcpy baseline: bytes / t / 1e9).
 ``speedup_vs_map``       float, serial_s / median_s (>1: faster than map).
 ``speedup_vs_best_peer`` float, best_peer_s / median_s (>1: faster than the
                          fastest parallel peer).

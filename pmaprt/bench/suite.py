@@ -564,44 +564,82 @@ class Suite:
         self.results.append(rec)
 
     def _extra_allreduce(self, avail):
+        """pmaprt.allreduce timed inside an SPMD map of W workers, against a naive
+        mp.Pool all-reduce and single-process memcpy of the same bytes, measured
+        in this run (see pmaprt.bench.collective)."""
+        from . import collective as C
+
         entry = new_workload_entry("allreduce")
         self.entries["allreduce"] = entry
         ok, why = avail
         if not ok:
             entry.update(status="skipped", note=f"pmaprt not available: {why}")
             return
-        import pmaprt
-
-        fn = getattr(pmaprt, "allreduce", None)
-        if fn is None:
-            entry.update(status="skipped", note="pmaprt.allreduce missing (all-reduce not built yet)")
-            return
-        import numpy as np
-
         cfg = self.cfg
-        top = 64 << 20 if cfg.full else 4 << 20
-        top = max(1 << 10, int(top * min(1.0, cfg.size_scale)))
-        sizes = W.geometric(1 << 10, top, 4)
         wk = cfg.workers
+        if wk < 2:
+            entry.update(status="skipped", note="an all-reduce needs at least 2 workers")
+            return
+        top = 256 << 20 if cfg.full else 4 << 20
+        top = max(4 << 10, int(top * min(1.0, cfg.size_scale)))
+        sizes = W.geometric(4 << 10, top, 4)
+        samples = cfg.repeat
         entry.update(params={"sizes_bytes": sizes, "dtype": "float32", "op": "sum",
-                             "busbw": "2*(W-1)/W * bytes / t"}, items=len(sizes))
-        for nbytes in sizes:
-            rec = new_record("allreduce", Pmaprt(), metric="busbw", items=1,
-                             params={"workers": wk, "bytes": nbytes})
-            x = np.ones(nbytes // 4, dtype=np.float32)
+                             "busbw": "2*(W-1)/W * bytes / t",
+                             "timing": "inside the ranks of an SPMD map, slowest rank per sample",
+                             "calls_per_sample": {str(n): C.calls_for(n) for n in sizes}},
+                     items=len(sizes))
+        measured = {}
+        for runner, run in ((Pmaprt(), lambda: C.time_pmaprt(sizes, wk, samples)),
+                            (C.NAIVE, lambda: C.time_naive(sizes, wk, samples)),
+                            (C.MEMCPY, lambda: C.time_memcpy(sizes, samples)),
+                            (C.MEMCPY_ALL, lambda: C.time_memcpy_all(sizes, wk, samples))):
             try:
-                times, _, note = self.timed(lambda: _with_timeout(lambda: fn(x), 60.0))
-                self._fill_times(rec, times, 1)
-                rec["items_per_s"] = None
-                rec["note"] = note
-                rec["busbw_gbps"] = 2.0 * (wk - 1) / wk * nbytes / rec["median_s"] / 1e9
+                measured[runner.id] = (runner, _with_timeout(run, 600.0))
             except Exception as e:
-                rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
+                rec = new_record("allreduce", runner, metric="busbw", status="error",
+                                 note=f"{type(e).__name__}: {e}", params={"workers": wk})
                 self.results.append(rec)
-                break
-            self.results.append(rec)
-        if not any(r["workload"] == "allreduce" and r["status"] == "ok" for r in self.results):
-            entry.update(status="error", note=entry.get("note") or "all-reduce did not run")
+        for rid, (runner, times) in measured.items():
+            for nbytes in sizes:
+                ts = times[nbytes]
+                rec = new_record("allreduce", runner, metric="busbw",
+                                 params={"workers": 1 if rid == C.MEMCPY.id else wk,
+                                         "bytes": nbytes, "calls_per_sample": C.calls_for(nbytes)})
+                self._fill_times(rec, ts, 1)
+                rec["items_per_s"] = None
+                t = rec["median_s"]
+                if rid == C.MEMCPY.id:
+                    rec["busbw_gbps"] = nbytes / t / 1e9
+                elif rid == C.MEMCPY_ALL.id:
+                    rec["busbw_gbps"] = wk * nbytes / t / 1e9
+                else:
+                    rec["busbw_gbps"] = C.busbw(nbytes, t, wk)
+                self.results.append(rec)
+        recs = {(r["runner"], r["params"].get("bytes")): r for r in self.results
+                if r["workload"] == "allreduce" and r["status"] == "ok"}
+        for nbytes in sizes:
+            me = recs.get(("pmaprt", nbytes))
+            if me is None:
+                continue
+            naive = recs.get((C.NAIVE.id, nbytes))
+            mem = recs.get((C.MEMCPY.id, nbytes))
+            mem_all = recs.get((C.MEMCPY_ALL.id, nbytes))
+            notes = []
+            if naive is not None:
+                me["speedup_vs_best_peer"] = naive["median_s"] / me["median_s"]
+                notes.append(f"{me['speedup_vs_best_peer']:.1f}x naive mp.Pool busbw")
+            if mem is not None:
+                notes.append(f"{100 * me['busbw_gbps'] / mem['busbw_gbps']:.0f}% of memcpy")
+            if mem_all is not None:
+                notes.append(f"{100 * me['busbw_gbps'] / mem_all['busbw_gbps']:.0f}% of aggregate")
+            me["note"] = "; ".join(notes) or None
+        gloo_ok, gloo_why = C.gloo_available()
+        if not gloo_ok:
+            self.results.append(new_record("allreduce", C.GLOO, metric="busbw", status="skipped",
+                                           note=gloo_why, params={"workers": wk}))
+        if ("pmaprt", sizes[0]) not in recs:
+            entry.update(status="error", note="pmaprt's all-reduce did not run")
 
     def _extra_gpu(self, avail):
         """The issue-6 GPU workloads, each beside its CuPy reference in the same run:

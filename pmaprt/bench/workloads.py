@@ -133,7 +133,7 @@ DESCRIPTIONS = {
     "cost_shift": "first half cheap, second half 100x dearer: adaptivity",
     "numpy": "np.sqrt(a).sum() over 256 chunks of a float64 array",
     "preprocess": "uint8 images -> normalized float32, written into out=",
-    "allreduce": "pmaprt.allreduce bus bandwidth vs message size",
+    "allreduce": "pmaprt.allreduce busbw vs size, inside an SPMD map; naive mp.Pool and memcpy peers",
     "gpu": "GPU map (needs a GPU)",
     "roundtrip": "latency of one tiny task on a warm pool",
 }
