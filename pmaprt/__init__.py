@@ -4,6 +4,7 @@
 the same exceptions, on worker processes that exchange work through shared memory.
 """
 from ._api import default_pool, imap_unordered, pmap, shutdown, starmap
+from ._array import asarray, empty, empty_like, is_shared, zeros, zeros_like
 from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
@@ -25,4 +26,10 @@ __all__ = [
     "PoolClosedError",
     "tune",
     "TuneResult",
+    "empty",
+    "zeros",
+    "empty_like",
+    "zeros_like",
+    "asarray",
+    "is_shared",
 ]

@@ -2,7 +2,7 @@
 import itertools
 import threading
 
-from . import _worker
+from . import _array, _worker
 from ._pool import Pool, check_workers, default_workers
 
 _default = None
@@ -37,32 +37,57 @@ def shutdown():
         p.close()
 
 
-def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False):
+def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False,
+         out=None, chunks=None):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
     chunksize: items per chunk (None: adaptive). ordered=False yields results as they
     finish. progress=True shows a tqdm bar. Inside a worker, pmap runs serially.
+
+    NumPy: an ndarray input is iterated over axis 0, as map does (fn gets rows);
+    a shared array (pmaprt.empty/zeros/asarray) reaches the workers without a
+    copy, any other ndarray with one. Arrays inside items and results travel
+    through shared memory, not through pickle.
+    chunks=k: fn gets contiguous blocks x[lo:hi] of k rows of each input
+    (ndarray, list, tuple, range) instead of rows; chunks=[k0, k1, ...] gives
+    each block's length. The map has one item per block.
+    out=array: the workers write fn's result for item i into out[i] (for
+    block i, into out[lo:hi]); out.shape[0] must be the input's length in
+    rows. The iterator then yields None for each item, in order, once its
+    result is in out: consume it (``for _ in pmap(...): pass``) and out is
+    complete. A shared out is written in place, no gather copy; a plain
+    ndarray out costs one more copy (workers write a shared twin, and each
+    chunk is copied into out before its items are yielded). Shapes are
+    checked before any work starts (out.shape[0] against the input), and
+    each result against its row (shape, and a same_kind dtype cast) before
+    it is written: a mismatch raises ValueError naming both.
     """
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if out is not None or chunks is not None:
+            return _array.local_map(fn, iterables, False, out, chunks)
         return map(fn, *iterables)
     return default_pool(workers).map(fn, *iterables, chunksize=chunksize, ordered=ordered,
-                                     workers=workers, progress=progress)
+                                     workers=workers, progress=progress, out=out, chunks=chunks)
 
 
-def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False):
+def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False, out=None,
+                   chunks=None):
     """pmap with results in the order they finish."""
     return pmap(fn, *iterables, workers=workers, chunksize=chunksize, ordered=False,
-                progress=progress)
+                progress=progress, out=out, chunks=chunks)
 
 
-def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False):
+def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False,
+            out=None):
     """itertools.starmap(fn, iterable) on worker processes."""
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if out is not None:
+            return _array.local_map(fn, (iterable,), True, out)
         return itertools.starmap(fn, iterable)
     return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
-                                         workers=workers, progress=progress)
+                                         workers=workers, progress=progress, out=out)

@@ -27,7 +27,7 @@ import pickle
 import sys
 import time
 
-from . import _serialize, _shm, _sched
+from . import _array, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import RemoteTraceback
 from ._shm import MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, S_NEXT, FLAG_FEED_DONE
@@ -80,9 +80,9 @@ class MapJob:
     __slots__ = ("_state", "_it", "__weakref__")
 
     def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress,
-                 inline="auto"):
+                 inline="auto", out=None, chunks=None):
         self._state = st = _JobState(pool, fn, iterables, star, chunksize, ordered, workers,
-                                     progress, inline)
+                                     progress, inline, out=out, chunks=chunks)
         self._it = itertools.chain.from_iterable(st._chunks())
 
     def __iter__(self):
@@ -104,7 +104,8 @@ class MapJob:
 
 
 class _JobState:
-    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline):
+    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
+                 out=None, chunks=None):
         if not callable(fn):
             raise TypeError("pmaprt: %r is not callable" % (fn,))
         if not iterables:
@@ -146,8 +147,13 @@ class _JobState:
         self.n = None
         self._progress = None
         self.star = star = star or len(iterables) > 1
+        # arrays (_array.py): chunks= blocks, out=, shared arrays and out-of-band buffers
+        self.arrays = _array.JobArrays(pool, self.segs, iterables, out, chunks, star)
+        self.iterables = iterables = self.arrays.iterables
+        if out is not None:
+            self.inline_ok = False  # the workers write out=; results here would not
         fn_bytes = _serialize.dumps_fn(fn)
-        plan = plan_input(iterables, star)
+        plan = plan_input(iterables, star, self.arrays.encoder)
         self.feed_mode = isinstance(plan, FeedPlan)
         self.stats.mode = "feed" if self.feed_mode else "index"
         self.stats.t0 = time.perf_counter()
@@ -156,6 +162,7 @@ class _JobState:
                 self._start_feed(plan, fn_bytes, star)
             else:
                 self._start_index(plan, fn_bytes, star)
+        self.arrays.started = True
         if progress:
             from tqdm.auto import tqdm
             self._progress = tqdm(total=self.n, unit="it")
@@ -170,9 +177,7 @@ class _JobState:
         desc_off = (data_size + 63) // 64 * 64
         seg = self.pool.share(desc_off + len(desc), reserve=bool(data_size))
         self.segs.append(seg)
-        for off, blob in blobs:
-            mv = memoryview(blob).cast("B")
-            seg.buf[off: off + mv.nbytes] = mv
+        _array.write_blobs(seg.buf, blobs)  # the one copy of the data, in threads when large
         seg.buf[desc_off: desc_off + len(desc)] = desc
         return seg, desc_off
 
@@ -182,7 +187,8 @@ class _JobState:
             raise OverflowError("pmaprt: a map of more than %d items is not supported" % _shm.RANGE_LO_MAX)
         if plan.error is not None:
             self.fail_at(*plan.error)
-        desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed))
+        desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed)
+                                    + self.arrays.desc_extra())
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
         self.limit = min(self.n, self._window())
         self.gen, self.slot, self.off = self.pool._post(
@@ -201,7 +207,7 @@ class _JobState:
         self.table_off = 0
         self.ring_off = FEED_TABLE * FEED_ENTRY.size
         spec = ("feed", self.table_off, FEED_TABLE, self.ring_off, FEED_RING)
-        desc = pickle.dumps((fn_bytes, star, spec, self.pool.seed), 5)
+        desc = pickle.dumps((fn_bytes, star, spec, self.pool.seed) + self.arrays.desc_extra(), 5)
         desc_off = self.ring_off + FEED_RING
         self.seg = self.pool.share(desc_off + len(desc), reserve=False)
         self.segs.append(self.seg)
@@ -271,14 +277,14 @@ class _JobState:
                     self.fail_at(self.fed + len(items), e)
                 if items:
                     try:
-                        data = _serialize.dumps_list(items)
+                        data = _serialize.dumps_list(items, self.arrays.encoder)
                     except _serialize.PICKLE_ERRORS:
                         bad = _serialize.find_unpicklable(items)
                         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
                         self.feed_done = True
                         self.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
                         items = items[:j]
-                        data = _serialize.dumps_list(items) if items else None
+                        data = _serialize.dumps_list(items, self.arrays.encoder) if items else None
                     if items and not self._publish(items, data):
                         # no room in the ring: keep the items for the next round
                         self._held = (items, data)
@@ -297,9 +303,10 @@ class _JobState:
         nbytes = len(data)
         k = self.chunks
         seg_id = 0
-        if nbytes > FEED_BIG:
+        if nbytes > FEED_BIG or _array.has_inline_buffers(data):
+            # (arrays decoded in a worker view their chunk's memory: never the ring, which is reused)
             seg = self.pool.share(nbytes)
-            seg.buf[:nbytes] = data
+            _array.write_blobs(seg.buf, [(0, data)])
             self.segs.append(seg)
             seg_id, doff, bstart, bend = seg.id, 0, None, seg
         else:
@@ -408,6 +415,8 @@ class _JobState:
 
     def _take(self, rec, start):
         kind, count, payload = rec
+        if self.arrays.on_take is not None:
+            self.arrays.on_take(start, count)  # a plain out=: copy this chunk's rows back
         if kind == REC_ERROR:
             ok_payload, exc_bytes, tb_text, pid = pickle.loads(payload)
             ok = _serialize.loads_list(ok_payload)
@@ -524,6 +533,7 @@ class _JobState:
                 for seg in self.segs:
                     pool.unshare(seg)
         self.segs = []
+        self.arrays.release()
 
 
 def _tail(x, a, end):

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 
-from . import _shm
+from . import _array, _shm
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
@@ -251,6 +251,8 @@ class Pool:
             except OSError:
                 pass
         seg.close()
+        if isinstance(seg, _array.ArraySeg):
+            self.wake_workers()  # the array was freed: idle workers drop their mapping now
 
     # --- jobs
 
@@ -352,6 +354,9 @@ class Pool:
             else:
                 p = base + pos + REC.size
                 payload = bytes(buf[p: p + plen])
+            if k == REC_RESULT and _array.is_result_stub(payload):
+                # results with large arrays: their memfd came ahead on the socket
+                payload = _array.attach_result(payload, self._res.socks[w])
             head += total
             seen.add((gen, start))
             job = jobs.get(gen)
@@ -396,29 +401,34 @@ class Pool:
     # --- the public API
 
     def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False,
-            inline="auto"):
+            inline="auto", out=None, chunks=None):
         """Lazy map(fn, *iterables) on this pool's workers.
 
         inline="auto": when the measured cost per item shows that dispatching to
         workers cannot beat map itself, the rest runs here, as map would run it;
         inline=False keeps every item on the workers.
+        chunks=k (ndarray, list, tuple or range inputs): fn gets blocks of k rows,
+        x[lo:hi], instead of rows; chunks=[k0, k1, ...] gives the block lengths.
+        out=array: workers write fn's result for item i into out[i] (for block
+        i, into out[lo:hi]) and the iterator yields None per item once its
+        result is in out. See pmaprt.pmap.
         """
         from ._job import MapJob
         return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline)
+                      workers=workers, progress=progress, inline=inline, out=out, chunks=chunks)
 
     def imap_unordered(self, fn, *iterables, chunksize=None, workers=None, progress=False,
-                       inline="auto"):
+                       inline="auto", out=None, chunks=None):
         """Like map, results in the order they finish."""
         return self.map(fn, *iterables, chunksize=chunksize, ordered=False, workers=workers,
-                        progress=progress, inline=inline)
+                        progress=progress, inline=inline, out=out, chunks=chunks)
 
     def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False,
-                inline="auto"):
+                inline="auto", out=None):
         """itertools.starmap(fn, iterable), in parallel."""
         from ._job import MapJob
         return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline)
+                      workers=workers, progress=progress, inline=inline, out=out)
 
     def apply(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on one worker; returns its result."""

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 
-from . import _serialize, _shm, _sched
+from . import _array, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, open_spec
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_PARENT_SLEEPING, H_RESULTS_SEQ, H_SHUTDOWN,
@@ -46,7 +46,7 @@ IDLE_TIMEOUT_S = 1.0
 
 class _JobCtx:
     __slots__ = ("slot", "gen", "off", "mode", "fn", "star", "get", "sizer", "seg", "nwork",
-                 "rng", "error", "feed", "fn_key", "stolen")
+                 "rng", "error", "feed", "fn_key", "stolen", "sink")
 
 
 class Worker:
@@ -65,6 +65,8 @@ class Worker:
         self.fns = {}          # pickled fn -> fn (a function compiles once per worker)
         self.t_items = {}      # pickled fn -> last seconds per item, to start the next map well
         self.seed = init["seed"]
+        self.oob = _array.ResultEncoder(sock)   # results with large arrays: through shared memory
+        _array.set_resolver(self.segment)       # items that refer to shared arrays
 
     # --- segments from the parent
 
@@ -72,13 +74,23 @@ class Worker:
         kind = msg[0]
         if kind == "seg":
             _, seg_id, size = msg
-            self.segs[seg_id] = _shm.Segment(size, fd=fds[0], seg_id=seg_id)
+            # mapped, its descriptor closed at once; unmapped with its last view
+            self.segs[seg_id] = _array.MappedSegment(fds[0], size, seg_id)
         elif kind == "unseg":
             seg = self.segs.pop(msg[1], None)
             if seg is not None:
                 seg.close()
+                self._forget_finished_jobs()
         elif kind == "stop":
             raise SystemExit(0)
+
+    def _forget_finished_jobs(self):
+        """Drop cached contexts of jobs that are over: they hold views of
+        segments (a shared array's memory must go with its last user)."""
+        r = self.r
+        for k, c in list(self.jobs.items()):
+            if r.load64(c.off + S_GEN) != c.gen or r.load32(c.off + S_CANCEL):
+                del self.jobs[k]
 
     def poll_socket(self):
         while select.select([self.sock], [], [], 0)[0]:
@@ -169,6 +181,7 @@ class Worker:
         ctx.error = None
         ctx.stolen = False
         ctx.fn_key = None
+        ctx.sink = None
         # A crash while loading the job is charged to it (lo = -1).
         self._set_cur(gen, -1, -1)
         try:
@@ -182,7 +195,7 @@ class Worker:
                 ctx.seg = None
                 base = off + self.layout.desc_off
                 desc = pickle.loads(self.ctl.buf[base: base + n])
-            fn_bytes, ctx.star, spec, seed = desc
+            fn_bytes, ctx.star, spec, seed = desc[:4]
             ctx.fn_key = fn_bytes
             fn = self.fns.get(fn_bytes)
             if fn is None:
@@ -191,6 +204,9 @@ class Worker:
                     self.fns.clear()
                 self.fns[fn_bytes] = fn
             ctx.fn = fn
+            ctx.sink = _array.open_sink(desc[4] if len(desc) > 4 else None, fn, self.segment)
+            if ctx.sink is not None:
+                ctx.fn = ctx.sink  # out=: results are written into the shared array
             segbuf = ctx.seg.buf if ctx.seg is not None else None
             if ctx.mode == MODE_FEED:
                 ctx.feed = spec[1:]
@@ -300,6 +316,8 @@ class Worker:
             self.put_error(ctx.gen, lo, n, [], e, where, t0, stolen)
             self._set_cur(0, 0, 0)
             return
+        if ctx.sink is not None:
+            ctx.sink.pos = lo
         fn = ctx.fn
         out = []
         app = out.append
@@ -318,7 +336,7 @@ class Worker:
         cpu = time.thread_time() - c0
         ctx.sizer.observe(n, t1 - t0)
         try:
-            payload = _serialize.dumps_list(out)
+            payload = _serialize.dumps_list(out, self.oob)
         except BaseException:
             bad = _serialize.find_unpicklable(out, BaseException)
             j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
