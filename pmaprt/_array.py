@@ -824,14 +824,19 @@ class OutSink:
 class JobArrays:
     """The array side of one map, parent side: chunks=, out= and the item
     encoder. `segs` is the job's list of segments (unshared when it ends).
-    The shared arrays the map uses are held here until release(): an item's
-    array must outlive the item itself until the workers are done with it."""
+
+    A shared array that items refer to must outlive the items here until a
+    worker has taken them (else the pool would tell the workers to drop it
+    first): the mappings an encoding referred to are held, for a fed chunk
+    until its record arrives (hold/done), otherwise until the map ends
+    (release)."""
 
     def __init__(self, pool, segs, iterables, out, chunks, star):
         self.pool = pool
         self.segs = segs
         self.started = False     # set once the job is posted; its _finish then unshares
-        self._shared = {}        # segment id -> mapping
+        self._fresh = []         # mappings referred to since the last hold()
+        self._chunks = {}        # fed chunk's first item -> the mappings it refers to
         self.iterables, self.rule = wrap_chunks(iterables, chunks)
         self.out = None
         self.target = None       # a plain out=: copied back as results are taken
@@ -869,16 +874,26 @@ class JobArrays:
                 pass
 
     def share(self, mapping):
-        sid = SHARED_BASE + mapping.key
-        if sid not in self._shared:
-            share(self.pool, mapping)
-            self._shared[sid] = mapping
-        return sid
+        if not self._fresh or self._fresh[-1] is not mapping:
+            self._fresh.append(mapping)
+        return share(self.pool, mapping)
+
+    def hold(self, start):
+        """The arrays encoded since the last call belong to the fed chunk at `start`."""
+        if self._fresh:
+            self._chunks.setdefault(start, []).extend(self._fresh)
+            self._fresh = []
+
+    def done(self, start):
+        """The chunk at `start` came back: its workers have mapped what it refers to."""
+        if self._chunks:
+            self._chunks.pop(start, None)
 
     def release(self):
         """The map is over: let go of its shared arrays (an array nobody else
         holds is then unshared and freed)."""
-        self._shared.clear()
+        self._fresh = []
+        self._chunks.clear()
         self.out = self.target = None
         pool = self.pool
         if pool.__dict__.get("_arrays_gone") and pool._res.ctl is not None:

@@ -223,6 +223,7 @@ class _JobState:
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen):
         self.pending[start] = (kind, count, payload)
         self.records += 1
+        self.arrays.done(start)
         if not self.ordered:
             self.arrived.append(start)
         if kind != REC_ERROR:
@@ -285,6 +286,7 @@ class _JobState:
                         self.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
                         items = items[:j]
                         data = _serialize.dumps_list(items, self.arrays.encoder) if items else None
+                    self.arrays.hold(self.fed)  # shared arrays in this chunk: kept until its record
                     if items and not self._publish(items, data):
                         # no room in the ring: keep the items for the next round
                         self._held = (items, data)

@@ -506,15 +506,23 @@ def test_shared_memory_freed_with_its_last_reference(pool):
 
 
 def test_array_dropped_while_only_an_item_holds_it(pool):
-    """Items that are the only reference to a shared array: the map keeps them
-    alive until the workers are done, then they go."""
+    """Items that are the only reference to a shared array: the map keeps each
+    alive until a worker has taken its chunk, then lets it go, so a stream of
+    fresh arrays is not all kept to the end (the feed window bounds it)."""
+    n = 3000
+
     def gen():
-        for i in range(20):
+        for i in range(n):
             a = pmaprt.zeros(BIG)
             a[:] = i
             yield a
-    got = list(pool.map(row_sum, gen()))
-    assert got == [float(i * BIG) for i in range(20)]
+    peak = 0
+    for i, r in enumerate(pool.map(row_sum, gen())):
+        assert r == float(i * BIG)
+        if i % 100 == 0:
+            gc.collect()
+            peak = max(peak, len(memfd_maps(os.getpid())))
+    assert 0 < peak < n // 2, peak
     gc.collect()
     assert wait_for(lambda: no_array_memory(pool))
 

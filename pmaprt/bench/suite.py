@@ -413,20 +413,22 @@ class Suite:
                         if isinstance(r, Pmaprt) and name in sweep_pts:
                             self._sweep(r, w, sweep_pts[name], prog)
                         continue
+                    mem = None
+                    if name in MEMORY_WORKLOADS:
+                        # before the timed runs: their freed memory stays in the heaps
+                        mem = _peak_memory(lambda: r.map(w.fn, w.args),
+                                           warm=lambda: r.map(w.fn, w.args[: 2 * cfg.workers]))
                     times, first, note = self.timed(lambda: r.map(w.fn, w.args))
                     self._fill_times(rec, times, w.n)
                     rec["note"] = note
+                    if mem:
+                        rec["params"] = dict(rec["params"] or {}, **mem)
                     if r.kind == "baseline":
                         self.expected[name] = first
                         self._baseline_extras(w)
                     elif not _same(first, self.expected.get(name)):
                         rec["status"] = "error"
                         rec["note"] = "wrong results"
-                    if name in MEMORY_WORKLOADS:
-                        del first
-                        first = None
-                        rec["params"] = dict(rec["params"] or {},
-                                             **_peak_memory(lambda: r.map(w.fn, w.args)))
                     if isinstance(r, Pmaprt):
                         st = r.last_stats
                         rec["stats"] = stats_summary(st)
@@ -530,20 +532,21 @@ class Suite:
         self.results.append(rec)
 
     # workloads that depend on optional pmaprt features ---------------------
-    def _timed_record(self, rec, run, n_items, want=None, check=None, memory=True):
-        """Time run() into rec (and one untimed run under the memory sampler);
-        check(first_result) -> error note or None. Appends rec; returns the
-        first result (None on error)."""
+    def _timed_record(self, rec, run, n_items, check=None, warm=None):
+        """One untimed run under the memory sampler (after warm(), before the
+        timed runs, whose freed memory stays in the heaps), then time run()
+        into rec; check(first_result) -> error note or None. Appends rec;
+        returns the first timed result (None on error)."""
         first = None
         try:
+            mem = _peak_memory(run, warm=warm)
             times, first, note = self.timed(run)
             self._fill_times(rec, times, n_items)
             rec["note"] = note
+            rec["params"] = dict(rec["params"] or {}, **mem)
             bad = check(first) if check is not None else None
             if bad:
                 rec["status"], rec["note"] = "error", bad
-            elif memory:
-                rec["params"] = dict(rec["params"] or {}, **_peak_memory(run))
         except Exception as e:
             rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
             first = None
@@ -583,14 +586,15 @@ class Suite:
         entry["longest_item_s"] = W.time_call(w.fn, shared[0], repeat=5)
         pool = pmaprt.Pool(cfg.workers)
         try:
-            list(pool.map(w.fn, shared[: 2 * cfg.workers]))  # warm
-            for label, run in (
-                    ("pmaprt (shared array)", lambda: list(pool.map(w.fn, shared))),
-                    ("pmaprt (plain ndarray, chunks=)",
-                     lambda: list(pool.map(w.fn, flat, chunks=k)))):
+            few = 2 * cfg.workers
+            for label, run, warm in (
+                    ("pmaprt (shared array)", lambda: list(pool.map(w.fn, shared)),
+                     lambda: list(pool.map(w.fn, shared[:few]))),
+                    ("pmaprt (plain ndarray, chunks=)", lambda: list(pool.map(w.fn, flat, chunks=k)),
+                     lambda: list(pool.map(w.fn, flat[: few * k], chunks=k)))):
                 rec = new_record("numpy_shared", Pmaprt(), items=w.n, label=label,
                                  params={"workers": cfg.workers})
-                self._timed_record(rec, run, w.n,
+                self._timed_record(rec, run, w.n, warm=warm,
                                    check=lambda got: None if _same(got, want) else "wrong results")
         finally:
             pool.close()
@@ -655,7 +659,9 @@ class Suite:
         for label, src, dst in variants:
             rec = new_record("preprocess", Pmaprt(), items=w.n, label=label,
                              params={"workers": cfg.workers, "out": True})
-            self._timed_record(rec, run_pm(src, dst), w.n, check=close)
+            few = 2 * cfg.workers
+            self._timed_record(rec, run_pm(src, dst), w.n, check=close,
+                               warm=run_pm(src[:few], dst[:few]))
         # mp.Pool.map over the same blocks, results gathered into out
         mp_runner = next(r for r in all_runners() if r.id == "mp_pool_map")
         rec = new_record("preprocess", mp_runner, items=w.n, params={"workers": cfg.workers})
@@ -667,7 +673,8 @@ class Suite:
                 for i, r in enumerate(mp_runner.map(w.fn, blocks)):
                     out[i] = r
                 return out
-            self._timed_record(rec, run_mp, w.n, check=close)
+            self._timed_record(rec, run_mp, w.n, check=close,
+                               warm=lambda: mp_runner.map(w.fn, blocks[: 2 * cfg.workers]))
         except Exception as e:
             rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
             self.results.append(rec)
@@ -781,12 +788,17 @@ class Suite:
                     }
 
 
-def _peak_memory(run: Callable[[], Any]) -> Dict[str, Any]:
+def _peak_memory(run: Callable[[], Any], warm: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
     """One untimed run under the memory sampler: how much the PSS and USS
-    sums of this process and its children grew (bytes)."""
+    sums of this process and its children grew (bytes). warm() runs first
+    (workers import what the function needs), then free heap memory of this
+    process goes back to the system (malloc_trim), then the baseline."""
     try:
-        from .memory import measure
+        from .memory import measure, trim_heap
 
+        if warm is not None:
+            warm()
+        trim_heap()
         m = measure(run)
     except Exception as e:  # psutil missing, /proc unreadable: no figure, not an error
         return {"peak_memory_note": f"{type(e).__name__}: {e}"}
