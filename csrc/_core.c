@@ -32,6 +32,9 @@
  *                         parallel).
  *   populate(buf, off, len)  the same for any writable mapped buffer (an mmap).
  *   buffer_address(obj)   (address, nbytes) of a contiguous buffer.
+ *   vm_read(pid, addr, dst, off, n)
+ *                         process_vm_readv: a worker copies bytes straight out
+ *                         of the parent's memory (a plain ndarray), GIL released.
  *
  * Plain CPython C API, multi-phase init, the buffer protocol.
  */
@@ -47,6 +50,7 @@
 #include <unistd.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -678,6 +682,55 @@ core_populate(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
+core_vm_read(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "vm_read(pid, address, dst, dst_off, nbytes)");
+        return NULL;
+    }
+    long pid = PyLong_AsLong(args[0]);
+    if (pid == -1 && PyErr_Occurred()) return NULL;
+    unsigned long long addr = PyLong_AsUnsignedLongLong(args[1]);
+    if (addr == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t off = PyLong_AsSsize_t(args[3]);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[4]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer d;
+    if (PyObject_GetBuffer(args[2], &d, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (off < 0 || n < 0 || off + n > d.len) {
+        PyBuffer_Release(&d);
+        PyErr_SetString(PyExc_IndexError, "vm_read: range out of the destination");
+        return NULL;
+    }
+    int err = 0;
+    Py_ssize_t done = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (done < n) {
+        struct iovec l = {(char *)d.buf + off + done, (size_t)(n - done)};
+        struct iovec r = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(n - done)};
+        ssize_t k = process_vm_readv((pid_t)pid, &l, 1, &r, 1, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            err = errno;
+            break;
+        }
+        if (k == 0) {
+            err = EFAULT;
+            break;
+        }
+        done += k;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&d);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(done);
+}
+
+static PyObject *
 core_buffer_address(PyObject *mod, PyObject *obj)
 {
     Py_buffer v;
@@ -710,6 +763,9 @@ static PyMethodDef core_methods[] = {
     {"populate", (PyCFunction)(void (*)(void))core_populate, METH_FASTCALL,
      "populate(buffer, off=0, len=-1): MADV_POPULATE_WRITE over a shared mapping's pages, "
      "GIL released"},
+    {"vm_read", (PyCFunction)(void (*)(void))core_vm_read, METH_FASTCALL,
+     "vm_read(pid, address, dst, dst_off, nbytes) -> n: process_vm_readv from another "
+     "process into dst, GIL released"},
     {"buffer_address", core_buffer_address, METH_O,
      "buffer_address(obj) -> (address, nbytes) of a contiguous buffer"},
     {NULL, NULL, 0, NULL},

@@ -130,6 +130,10 @@ def _array_spec(a, area, enc=None):
             return _array.shared_spec(a, enc.share(m), m)
     if a.nbytes <= SMALL_INLINE_BYTES:
         return ("slice", a)
+    if enc is not None and a.flags.c_contiguous and a.nbytes >= _array.PVM_MIN and enc.use_pvm():
+        # the workers read their rows straight from this process: no copy here
+        enc.keep(a)
+        return _array.pvm_spec(a)
     # one copy, straight from `a` (any layout) into the segment
     off = area.add(a, a.nbytes)
     return ("array", a.dtype, a.shape, off)
@@ -143,7 +147,8 @@ def _blocks_spec(x, n, area, enc=None):
     oob = False
     try:
         data = _serialize.dumps_list(list(probe), enc)
-        per_item = max(1, len(data) // len(probe))
+        # the arrays it refers to count: a block is what one worker decodes at once
+        per_item = max(1, (len(data) + getattr(enc, "ref_bytes", 0)) // len(probe))
         oob = data[:1] != b"P" and data[:1] != b"C"   # arrays out of band: never in the descriptor
     except _serialize.PICKLE_ERRORS:
         per_item = 1024
@@ -205,6 +210,8 @@ def open_spec(spec, segbuf):
     if kind == "sharr":
         arr = _array.open_shared(spec, _array._resolver)
         return lambda a, b: arr[a:b]
+    if kind == "pvm":
+        return _array.open_pvm(spec)
     if kind == "chunked":
         rows = open_spec(spec[1], segbuf)
         rule = spec[2]

@@ -53,6 +53,7 @@ import functools
 import os
 import pickle
 import struct
+import sys
 import threading
 import weakref
 
@@ -81,7 +82,7 @@ TAG_RESULT_FAR = b"r"    # b"r" + (offset, length) of the blob inside the memfd
 HDR = struct.Struct("<c3xIQQ")        # tag, nbuf, body_off, body_len
 ENTRY = struct.Struct("<IIQQQ")       # kind, 0, segment id, offset, length
 FAR = struct.Struct("<QQ")
-KIND_BLOB, KIND_SEGMENT, KIND_MAPPING = 0, 1, 2
+KIND_BLOB, KIND_SEGMENT, KIND_MAPPING, KIND_PARENT = 0, 1, 2, 3
 # A result stub bigger than this puts its blob into the memfd.
 RESULT_STUB_MAX = 64 * 1024
 
@@ -366,13 +367,18 @@ def _blob(entries, body):
 
 
 class ItemEncoder:
-    """Parent side: items with large buffers. share(mapping) -> segment id
-    sends a shared array's memfd to the workers for this map."""
+    """Parent side: items with large buffers. jobarrays.share(mapping) ->
+    segment id lends a shared array's memfd to the workers; jobarrays.keep(obj)
+    keeps a buffer the workers read from this process (use_pvm()) alive."""
 
-    def __init__(self, share):
-        self.share = share
+    def __init__(self, jobarrays):
+        self.share = jobarrays.share
+        self.keep = jobarrays.keep
+        self.use_pvm = jobarrays.use_pvm
+        self.ref_bytes = 0     # bytes the last dumps() referred to outside its blob
 
     def dumps(self, items):
+        self.ref_bytes = 0
         tag, body, bufs = _pickle_oob(items)
         if not bufs:
             return tag + body
@@ -386,7 +392,14 @@ class ItemEncoder:
                 off = buffer_address(raw)[0] - m.address
                 if 0 <= off and off + n <= m.size:
                     entries.append((KIND_SEGMENT, self.share(m), off, n))
+                    self.ref_bytes += n
                     continue
+            if self.use_pvm():
+                # the worker copies it straight from this process's memory
+                self.keep(pb)
+                entries.append((KIND_PARENT, os.getpid(), buffer_address(raw)[0], n))
+                self.ref_bytes += n
+                continue
             pos = _align(pos)
             entries.append((KIND_BLOB, 0, pos, n))
             inline.append((pos, pb))
@@ -531,11 +544,117 @@ def load_oob(blob, mapping=None):
             buffers.append(mv[off: off + n])
         elif kind == KIND_SEGMENT:
             buffers.append(_resolver(seg).buf[off: off + n])
+        elif kind == KIND_PARENT:
+            buffers.append(read_parent(seg, off, n))
         else:
             if mm is None:
                 mm = memoryview(mapping)
             buffers.append(mm[off: off + n])
     return pickle.loads(mv[body_off: body_off + body_len], buffers=buffers)
+
+
+# --------------------------------------------------------------------------
+# plain arrays read by the workers straight from the parent (process_vm_readv)
+# --------------------------------------------------------------------------
+
+# Below this a plain array or buffer is copied into the job's segment instead.
+PVM_MIN = OOB_MIN
+
+
+class _Spares:
+    """Worker side: buffers that rows read from the parent went into, reused
+    once nothing refers to them any more (fn let go of its items), so that a
+    stream of chunks does not fault in fresh pages for every chunk. At most
+    SPARES buffers of at most SPARE_MAX bytes each are kept."""
+
+    SPARES = 2
+    SPARE_MAX = 16 << 20
+
+    def __init__(self):
+        self.bufs = []
+
+    def take(self, nbytes):
+        np = _np()
+        bufs = self.bufs
+        for i in range(len(bufs)):
+            b = bufs[i]
+            # referenced by the list, `b` and the argument only: free
+            if b.nbytes >= nbytes and sys.getrefcount(b) <= 3:
+                return b[:nbytes]
+        b = np.empty(nbytes, np.uint8)
+        if nbytes <= self.SPARE_MAX:
+            if len(bufs) >= self.SPARES:
+                for i in range(len(bufs)):
+                    if sys.getrefcount(bufs[i]) <= 2:
+                        del bufs[i]
+                        break
+            if len(bufs) < self.SPARES:
+                bufs.append(b)
+        return b[:nbytes] if b.nbytes != nbytes else b
+
+
+_spares = _Spares()
+
+
+def read_parent(pid, address, nbytes):
+    """Worker side: nbytes at `address` in process `pid`, into a buffer of its own."""
+    buf = _spares.take(nbytes)
+    if nbytes:
+        _core.vm_read(pid, address, buf, 0, nbytes)
+    return memoryview(buf)
+
+
+def _pvm_probe(pid, address, nbytes, expected):
+    """Run in a worker: can it read its parent's memory?"""
+    try:
+        return bytes(read_parent(pid, address, nbytes)) == expected
+    except OSError:
+        return False
+
+
+def pvm_allowed(pool):
+    """Whether this pool's workers may read the parent's memory with
+    process_vm_readv (same user and no ptrace restriction such as Yama's
+    ptrace_scope >= 1, no seccomp rule against it). Asked once per pool, by
+    one small job; PMAPRT_PVM=0 in the environment turns it off. Where it is
+    not allowed, a plain array is copied once into shared memory instead."""
+    v = pool.__dict__.get("_pvm")
+    if v is not None:
+        return v
+    if os.environ.get("PMAPRT_PVM", "1") == "0":
+        pool.__dict__["_pvm"] = False
+        return False
+    pool.__dict__["_pvm"] = False            # the probe's own map must not probe
+    canary = os.urandom(64)
+    addr, n = buffer_address(canary)
+    try:
+        v = bool(pool.apply(_pvm_probe, os.getpid(), addr, n, canary))
+    except Exception:
+        v = False
+    pool.__dict__["_pvm"] = v
+    return v
+
+
+def pvm_spec(a):
+    """What a worker needs to read rows of the C-contiguous array `a` from here."""
+    return ("pvm", os.getpid(), _array_address(a), a.dtype, a.shape)
+
+
+def open_pvm(spec):
+    """Worker side: get(lo, hi) -> a new array holding rows lo..hi, read from the parent."""
+    np = _np()
+    _, pid, address, dtype, shape = spec
+    row = np.dtype(dtype).itemsize
+    for s in shape[1:]:
+        row *= s
+
+    def get(lo, hi):
+        n = max(0, hi - lo)
+        buf = _spares.take(n * row)
+        if n * row:
+            _core.vm_read(pid, address + lo * row, buf, 0, n * row)
+        return buf.view(dtype).reshape((n,) + tuple(shape[1:]))
+    return get
 
 
 # --------------------------------------------------------------------------
@@ -841,7 +960,8 @@ class JobArrays:
         self.out = None
         self.target = None       # a plain out=: copied back as results are taken
         self.on_take = None
-        self.encoder = ItemEncoder(self.share)
+        self._pvm = None
+        self.encoder = ItemEncoder(self)
         if out is None:
             return
         n = None
@@ -877,6 +997,21 @@ class JobArrays:
         if not self._fresh or self._fresh[-1] is not mapping:
             self._fresh.append(mapping)
         return share(self.pool, mapping)
+
+    def keep(self, obj):
+        """Keep obj (a buffer the workers read from this process) as long as a shared array would be."""
+        self._fresh.append(obj)
+
+    def use_pvm(self):
+        """Whether workers read plain arrays from this process. While the map is
+        being planned (before it is posted, outside the pool's lock) the pool
+        may be asked; later (a fed chunk, under the lock) only a known answer counts."""
+        if self._pvm is None:
+            known = self.pool.__dict__.get("_pvm")
+            if known is None and self.started:
+                return False
+            self._pvm = known if known is not None else pvm_allowed(self.pool)
+        return self._pvm
 
     def hold(self, start):
         """The arrays encoded since the last call belong to the fed chunk at `start`."""
