@@ -7,10 +7,13 @@ Parent side, `plan_input` sorts the iterables into one of two modes:
   (``chunks=``), and sequences iterated through ``__getitem__``. Workers
   claim index ranges; no item is sent by message. A range costs nothing to
   send; a shared array (pmaprt.empty/asarray) is sent by handle, no copy;
-  another ndarray is copied once into the job's segment; a list or tuple is
-  encoded once, in blocks sized to about 64 KiB, so a worker decodes only the
-  blocks its ranges touch, with large buffers inside items (ndarrays) out of
-  band: by handle when shared, else copied once into the segment.
+  another ndarray is read by the workers straight from the parent's memory
+  (process_vm_readv) where that is allowed, else copied once into the job's
+  segment; a list or tuple is encoded once, in blocks sized to about 64 KiB
+  (counting the arrays items refer to), so a worker decodes only the blocks
+  its ranges touch, with large buffers inside items (ndarrays) out of band:
+  by handle when shared, read from the parent, or copied once into the
+  segment.
 - feed mode, for everything else (generators, iterators, dict views, files):
   the parent pulls items lazily and publishes encoded chunks in a table and a
   byte ring of the job's segment, with a bound on what is in flight.

@@ -47,8 +47,10 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
 
     NumPy: an ndarray input is iterated over axis 0, as map does (fn gets rows);
     a shared array (pmaprt.empty/zeros/asarray) reaches the workers without a
-    copy, any other ndarray with one. Arrays inside items and results travel
-    through shared memory, not through pickle.
+    copy; the workers read any other ndarray's rows straight from this
+    process's memory (process_vm_readv) where the system allows it, else it
+    costs one copy into shared memory. Arrays inside items and results travel
+    the same ways, not through pickle.
     chunks=k: fn gets contiguous blocks x[lo:hi] of k rows of each input
     (ndarray, list, tuple, range) instead of rows; chunks=[k0, k1, ...] gives
     each block's length. The map has one item per block.

@@ -41,6 +41,18 @@ Out-of-band buffers (pickle protocol 5)
     ring record stays small and the parent knows to take the descriptor from
     the socket.
 
+Plain arrays read by the workers (process_vm_readv)
+    Where the pool's workers may read their parent's memory (asked once per
+    pool by a one-item probe job; same user and no ptrace restriction such as
+    Yama's ptrace_scope >= 1 or a seccomp rule; ``PMAPRT_PVM=0`` turns it
+    off), a plain C-contiguous ndarray input, and a large plain buffer inside
+    an item (kind 3: pid, address, length), are not copied by the parent at
+    all: each worker copies the rows of its chunk straight out of the
+    parent's memory into a buffer of its own (``_core.vm_read``, the GIL
+    released), reused for the next chunk once fn has let go of it. The map
+    keeps the arrays alive until the workers are done with them. Elsewhere
+    they are copied once into the job's shared segment, by several threads.
+
 out= and chunks=
     ``pmap(fn, arr, chunks=k)`` maps fn over contiguous blocks ``arr[lo:hi]``
     of k rows (or of the given row counts); ``out=`` makes workers write each

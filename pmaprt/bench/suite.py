@@ -585,19 +585,32 @@ class Suite:
             return
         entry["longest_item_s"] = W.time_call(w.fn, shared[0], repeat=5)
         pool = pmaprt.Pool(cfg.workers)
+        # the same, where workers may not read the parent: the plain array is copied
+        copying = pmaprt.Pool(cfg.workers)
+        copying.__dict__["_pvm"] = False
         try:
+            from pmaprt._array import pvm_allowed
+
+            reads = pvm_allowed(pool)
             few = 2 * cfg.workers
-            for label, run, warm in (
-                    ("pmaprt (shared array)", lambda: list(pool.map(w.fn, shared)),
-                     lambda: list(pool.map(w.fn, shared[:few]))),
-                    ("pmaprt (plain ndarray, chunks=)", lambda: list(pool.map(w.fn, flat, chunks=k)),
-                     lambda: list(pool.map(w.fn, flat[: few * k], chunks=k)))):
+            variants = [
+                ("pmaprt (shared array)", pool, shared, {}),
+                ("pmaprt (plain ndarray, chunks=)" + (", read by workers" if reads else ", copied"),
+                 pool, flat, {"chunks": k})]
+            if reads:
+                variants.append(("pmaprt (plain ndarray, chunks=, copied)", copying, flat,
+                                 {"chunks": k}))
+            for label, p, src, kw in variants:
                 rec = new_record("numpy_shared", Pmaprt(), items=w.n, label=label,
                                  params={"workers": cfg.workers})
-                self._timed_record(rec, run, w.n, warm=warm,
-                                   check=lambda got: None if _same(got, want) else "wrong results")
+                span = few * kw.get("chunks", 1)
+                self._timed_record(
+                    rec, lambda p=p, src=src, kw=kw: list(p.map(w.fn, src, **kw)), w.n,
+                    warm=lambda p=p, src=src, kw=kw: list(p.map(w.fn, src[:span], **kw)),
+                    check=lambda got: None if _same(got, want) else "wrong results")
         finally:
             pool.close()
+            copying.close()
 
     def _extra_preprocess(self, avail):
         entry = new_workload_entry("preprocess")
