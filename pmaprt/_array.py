@@ -717,20 +717,23 @@ def share(pool, mapping):
 def _mapping_gone(poolref, sid, _ref):
     """A shared array's last reference here went: the pool's workers must
     let go of it too. Done now unless the pool is busy; then at its next map."""
-    pool = poolref()
-    if pool is None or pool._res.ctl is None:
-        return
-    pool.__dict__.setdefault("_arrays_gone", []).append(sid)
-    lock = pool._lock
     try:
-        owned = lock._is_owned()
-    except AttributeError:
-        owned = True
-    if not owned and lock.acquire(blocking=False):
+        pool = poolref()
+        if pool is None or pool._res.ctl is None:
+            return
+        pool.__dict__.setdefault("_arrays_gone", []).append(sid)
+        lock = pool._lock
         try:
-            _release_pending(pool)
-        finally:
-            lock.release()
+            owned = lock._is_owned()
+        except AttributeError:
+            owned = True
+        if not owned and lock.acquire(blocking=False):
+            try:
+                _release_pending(pool)
+            finally:
+                lock.release()
+    except Exception:  # interpreter shutdown, a pool being torn down: nothing to give back
+        pass
 
 
 def _release_pending(pool):
