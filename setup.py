@@ -17,7 +17,8 @@ setup(
     ],
     install_requires=["numpy", "cloudpickle", "psutil"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-timeout"],
+        # numba: tests/test_numpy.py counts its compilations per worker (skipped without it)
+        "test": ["pytest", "hypothesis", "pytest-timeout", "numba; python_version < '3.14'"],
         "bench": ["joblib", "mpire", "matplotlib", "tqdm"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
     },
