@@ -21,8 +21,10 @@ Out-of-band buffers (pickle protocol 5)
     left out of the pickle:
 
     - parent to workers: a buffer that lies inside a shared array is sent by
-      reference (segment, offset); any other is copied once into the job's
-      segment, after the pickle, and the worker's array is a view of it;
+      reference (segment, offset); any other is read by the worker straight
+      from the parent (see below), or, where that is not allowed, copied
+      once into the job's segment, after the pickle, and the worker's array
+      is a view of it;
     - workers to parent: a buffer inside a shared array the worker received
       is sent by reference; any other is copied once into a memfd the worker
       creates, whose descriptor goes to the parent over the worker's socket
@@ -34,8 +36,9 @@ Out-of-band buffers (pickle protocol 5)
 
         HDR (tag, nbuf, body_off, body_len) | nbuf x ENTRY | body | buffers
 
-    tag b"O": buffers are in the blob (kind 0), in a shared segment (kind 1)
-    or in the result mapping attached to the payload (kind 2). A result whose
+    tag b"O": buffers are in the blob (kind 0), in a shared segment (kind 1),
+    in the result mapping attached to the payload (kind 2) or in the parent's
+    memory (kind 3). A result whose
     buffers went into a memfd reaches the parent's ring as b"R" + blob (or
     b"r" + where the blob lies in the memfd, when it is large), so that the
     ring record stays small and the parent knows to take the descriptor from
@@ -88,11 +91,11 @@ MAX_COPY_THREADS = 8
 ALIGN = 64
 
 TAG_OOB = b"O"
-TAG_RESULT = b"R"        # b"R" + blob; the memfd follows on the socket
+TAG_RESULT = b"R"        # b"R" + blob; the memfd went ahead of the record, on the socket
 TAG_RESULT_FAR = b"r"    # b"r" + (offset, length) of the blob inside the memfd
 
 HDR = struct.Struct("<c3xIQQ")        # tag, nbuf, body_off, body_len
-ENTRY = struct.Struct("<IIQQQ")       # kind, 0, segment id, offset, length
+ENTRY = struct.Struct("<IIQQQ")       # kind, 0, segment id (kind 3: pid), offset (address), length
 FAR = struct.Struct("<QQ")
 KIND_BLOB, KIND_SEGMENT, KIND_MAPPING, KIND_PARENT = 0, 1, 2, 3
 # A result stub bigger than this puts its blob into the memfd.
