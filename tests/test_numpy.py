@@ -502,11 +502,18 @@ def test_peak_memory_within_input_plus_output(pool, case):
     # read it from the parent
     copies = 1 if case == "plain in" and not _array.pvm_allowed(pool) else 0
     bound = 1.10 * ((2 + copies) * nbytes)
-    for key in ("pss", "uss"):
-        assert pm.growth(key) <= bound, (key, pm.growth(key) / 2**20, bound / 2**20)
+    # USS sum (what the issue names): its peak cannot read high from sampling skew
+    assert pm.growth("uss") <= bound, ("uss", pm.growth("uss") / 2**20, bound / 2**20)
+    # PSS sum (shared pages counted once): exact once nothing moves, at the end,
+    # with everything still alive; its peak while workers map pages for the
+    # first time can read high by the sampling skew (bench/memory.py), up to
+    # ~15 % seen on a loaded 2-core machine
+    end = pm.growth_at_end("pss")
+    assert end <= bound, ("pss at the end", end / 2**20, bound / 2**20)
+    assert pm.growth("pss") <= 1.25 * bound / 1.10, ("pss peak", pm.growth("pss") / 2**20)
     # the PSS sum did see both arrays (every page of pmaprt's shared memory is
     # mapped somewhere in the tree: allocated with MADV_POPULATE_WRITE)
-    assert pm.growth("pss") >= 1.9 * nbytes
+    assert end >= 1.9 * nbytes
 
 
 # --- lifetime: the last reference frees the memory, in the parent and the workers

@@ -68,7 +68,18 @@ class PeakMemory:
     """Context manager: samples every `interval` seconds while the block runs.
 
     ``baseline`` is the sample taken on entry, ``peak`` the per-key maxima
-    (including a last sample on exit); ``growth()`` is peak minus baseline.
+    (including a last sample on exit, ``last``); ``growth()`` is peak minus
+    baseline, ``growth_at_end()`` last minus baseline.
+
+    Sampling skew: the processes are read one after another, so a page that
+    changes hands meanwhile is counted 1 + 1/k or 0 + 1/k. Each sample reads
+    them forward and backward and averages, which cancels that on average,
+    but the maximum over many samples of a quantity with that noise reads
+    high: while workers are mapping a large shared array for the first time
+    the PSS peak read up to about 15 % high on the loaded 2-core VM. The USS
+    sum cannot read high that way (a page going from one process to shared
+    leaves the USS of the first and never enters another's), and the last
+    sample, taken when nothing moves, is exact.
     pids: a callable returning the pids to sum (default: this process tree),
     called at each sample, so workers started meanwhile count.
     """
@@ -78,18 +89,21 @@ class PeakMemory:
         self.interval = interval
         self.baseline: Dict[str, int] = {}
         self.peak: Dict[str, int] = {}
+        self.last: Dict[str, int] = {}
         self.samples = 0
         self._stop = threading.Event()
         self._thread = None
 
     def _take(self):
         # Pages change hands while the processes are read one after another: a
-        # page a worker maps between the two reads counts 1 + 1/2 when the
-        # parent is read first, 0 + 1/2 when last. Reading forward then
-        # backward and averaging cancels that to first order.
+        # page a worker maps between the two reads counts 1 + 1/2 in the PSS
+        # sum when the parent is read first, 0 + 1/2 when last. Reading forward
+        # then backward and averaging cancels that to first order. The USS sum
+        # can only read low that way: the larger of the two passes.
         pids = self.pids()
         a, b = sample(pids), sample(pids[::-1])
-        s = {k: (a[k] + b[k]) // 2 for k in ("uss", "pss", "rss")}
+        s = {k: (a[k] + b[k]) // 2 for k in ("pss", "rss")}
+        s["uss"] = max(a["uss"], b["uss"])
         self.samples += 1
         for k in ("uss", "pss", "rss"):
             if s[k] > self.peak.get(k, 0):
@@ -112,11 +126,14 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self._take()
+        self.last = self._take()
         return False
 
     def growth(self, key: str = "pss") -> int:
         return self.peak.get(key, 0) - self.baseline.get(key, 0)
+
+    def growth_at_end(self, key: str = "pss") -> int:
+        return self.last.get(key, 0) - self.baseline.get(key, 0)
 
 
 def measure(run: Callable[[], object], pids: Optional[Callable[[], List[int]]] = None,
