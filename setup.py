@@ -17,7 +17,9 @@ setup(
     ],
     install_requires=["numpy", "cloudpickle", "psutil"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]"],
+        # numba: tests/test_numpy.py counts its compilations per worker (skipped without it)
+        "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]",
+                 "numba; python_version < '3.14'"],
         "bench": ["joblib", "mpire", "matplotlib", "tqdm"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
         "dask": ["dask[distributed]"],

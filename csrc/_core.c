@@ -17,11 +17,30 @@
  *                         owner takes from the front, a thief takes the back
  *                         half, each with one compare-and-swap.
  *   set_pdeathsig(sig)    prctl(PR_SET_PDEATHSIG): a worker dies with its parent.
+ *   Mapping(fd, size, own_fd=False, populate=False)
+ *                         a MAP_SHARED mapping of a memfd that exports the
+ *                         buffer protocol and is unmapped when the last
+ *                         reference (an ndarray, a memoryview) goes away. It
+ *                         keeps no descriptor of its own unless own_fd (the
+ *                         mmap module dup()s one per mapping; thousands of
+ *                         result mappings must not cost thousands of fds).
+ *     populate(off, len)  madvise(MADV_POPULATE_WRITE): allocate and map the
+ *                         pages now; ENOMEM is an error here instead of a
+ *                         SIGBUS at a later write. GIL released.
+ *   memcpy(dst, off, src) copy a contiguous buffer into a writable one at a
+ *                         byte offset, the GIL released (threads copy in
+ *                         parallel).
+ *   populate(buf, off, len)  the same for any writable mapped buffer (an mmap).
+ *   buffer_address(obj)   (address, nbytes) of a contiguous buffer.
+ *   vm_read(pid, addr, dst, off, n)
+ *                         process_vm_readv: a worker copies bytes straight out
+ *                         of the parent's memory (a plain ndarray), GIL released.
  *
  * Plain CPython C API, multi-phase init, the buffer protocol.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <errno.h>
 #include <time.h>
@@ -29,6 +48,13 @@
 #include <sys/syscall.h>
 #include <sys/prctl.h>
 #include <unistd.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 #define RANGE_LO_BITS 44
 #define RANGE_N_BITS 20
@@ -530,6 +556,305 @@ static PyType_Spec Region_spec = {
     .slots = Region_slots,
 };
 
+
+/* ---- Mapping: a shared mapping of a memfd, freed with its last reference ---- */
+
+typedef struct {
+    PyObject_HEAD
+    char *addr;
+    Py_ssize_t size;
+    int fd;                 /* owned (closed with the mapping) or -1 */
+    int readonly;
+    unsigned long long key; /* unique in this process */
+    Py_ssize_t exports;
+    PyObject *weakreflist;
+} MappingObject;
+
+static unsigned long long mapping_next_key = 1;
+
+static PyObject *
+Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int fd, own_fd = 0, populate = 0, readonly = 0;
+    Py_ssize_t size;
+    static char *kwlist[] = {"fd", "size", "own_fd", "populate", "readonly", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "in|ppp", kwlist, &fd, &size, &own_fd,
+                                     &populate, &readonly))
+        return NULL;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "Mapping: size must be > 0");
+        return NULL;
+    }
+    int prot = PROT_READ | (readonly ? 0 : PROT_WRITE);
+    int flags = MAP_SHARED | (populate ? MAP_POPULATE : 0);
+    void *addr;
+    Py_BEGIN_ALLOW_THREADS
+    addr = mmap(NULL, (size_t)size, prot, flags, fd, 0);
+    Py_END_ALLOW_THREADS
+    if (addr == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    MappingObject *self = (MappingObject *)type->tp_alloc(type, 0);
+    if (!self) {
+        munmap(addr, (size_t)size);
+        return NULL;
+    }
+    self->addr = addr;
+    self->size = size;
+    self->fd = own_fd ? fd : -1;
+    self->readonly = readonly;
+    self->key = mapping_next_key++;
+    self->exports = 0;
+    self->weakreflist = NULL;
+    return (PyObject *)self;
+}
+
+static void
+Mapping_dealloc(MappingObject *self)
+{
+    if (self->weakreflist)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->addr)
+        munmap(self->addr, (size_t)self->size);
+    if (self->fd >= 0)
+        close(self->fd);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int
+Mapping_getbuffer(MappingObject *self, Py_buffer *view, int flags)
+{
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->addr, self->size, self->readonly,
+                          flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void
+Mapping_releasebuffer(MappingObject *self, Py_buffer *view)
+{
+    self->exports--;
+}
+
+static PyObject *
+Mapping_populate(MappingObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t off = 0, len = -1;
+    if (nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "populate(off=0, len=-1)");
+        return NULL;
+    }
+    if (nargs >= 1 && (off = PyLong_AsSsize_t(args[0])) == -1 && PyErr_Occurred()) return NULL;
+    if (nargs >= 2 && (len = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) return NULL;
+    if (len < 0) len = self->size - off;
+    if (off < 0 || len < 0 || off + len > self->size) {
+        PyErr_SetString(PyExc_IndexError, "populate: range out of the mapping");
+        return NULL;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    Py_ssize_t a = off / page * page, b = off + len;
+    if (b <= a) Py_RETURN_NONE;
+    int rc, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = madvise(self->addr + a, (size_t)(b - a), MADV_POPULATE_WRITE);
+    if (rc != 0) err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Mapping_get_address(MappingObject *self, void *c) { return PyLong_FromVoidPtr(self->addr); }
+static PyObject *Mapping_get_size(MappingObject *self, void *c) { return PyLong_FromSsize_t(self->size); }
+static PyObject *Mapping_get_fd(MappingObject *self, void *c) { return PyLong_FromLong(self->fd); }
+static PyObject *Mapping_get_key(MappingObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->key); }
+static PyObject *Mapping_get_exports(MappingObject *self, void *c) { return PyLong_FromSsize_t(self->exports); }
+
+static PyMethodDef Mapping_methods[] = {
+    {"populate", (PyCFunction)(void (*)(void))Mapping_populate, METH_FASTCALL,
+     "populate(off=0, len=-1): allocate and map the pages now (MADV_POPULATE_WRITE)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Mapping_getset[] = {
+    {"address", (getter)Mapping_get_address, NULL, "start address in this process", NULL},
+    {"size", (getter)Mapping_get_size, NULL, "size in bytes", NULL},
+    {"fd", (getter)Mapping_get_fd, NULL, "the memfd it owns, or -1", NULL},
+    {"key", (getter)Mapping_get_key, NULL, "a number unique to this mapping in this process", NULL},
+    {"exports", (getter)Mapping_get_exports, NULL, "buffer views exported now", NULL},
+    {NULL},
+};
+
+static PyMemberDef Mapping_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(MappingObject, weakreflist), READONLY, NULL},
+    {NULL},
+};
+
+static PyType_Slot Mapping_slots[] = {
+    {Py_tp_new, Mapping_new},
+    {Py_tp_members, Mapping_members},
+    {Py_tp_dealloc, Mapping_dealloc},
+    {Py_tp_methods, Mapping_methods},
+    {Py_tp_getset, Mapping_getset},
+    {Py_bf_getbuffer, Mapping_getbuffer},
+    {Py_bf_releasebuffer, Mapping_releasebuffer},
+    {Py_tp_doc, "Mapping(fd, size, own_fd=False, populate=False, readonly=False): a shared "
+                "mapping of a memfd, unmapped when its last reference goes."},
+    {0, NULL},
+};
+
+static PyType_Spec Mapping_spec = {
+    .name = "pmaprt._core.Mapping",
+    .basicsize = sizeof(MappingObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = Mapping_slots,
+};
+
+static PyObject *
+core_memcpy(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "memcpy(dst, dst_off, src)");
+        return NULL;
+    }
+    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer d, s;
+    if (PyObject_GetBuffer(args[0], &d, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(args[2], &s, PyBUF_FULL_RO) < 0) {
+        PyBuffer_Release(&d);
+        return NULL;
+    }
+    if (!PyBuffer_IsContiguous(&s, 'A')) {
+        PyBuffer_Release(&d);
+        PyBuffer_Release(&s);
+        PyErr_SetString(PyExc_ValueError, "memcpy: the source must be contiguous");
+        return NULL;
+    }
+    if (off < 0 || off + s.len > d.len) {
+        PyErr_Format(PyExc_IndexError, "memcpy: %zd bytes at offset %zd do not fit in %zd",
+                     s.len, off, d.len);
+        PyBuffer_Release(&d);
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    Py_ssize_t n = s.len;
+    if (n >= 65536) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy((char *)d.buf + off, s.buf, (size_t)n);
+        Py_END_ALLOW_THREADS
+    } else if (n > 0) {
+        memcpy((char *)d.buf + off, s.buf, (size_t)n);
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *
+core_populate(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "populate(buffer, off=0, len=-1)");
+        return NULL;
+    }
+    Py_ssize_t off = 0, len = -1;
+    if (nargs >= 2 && (off = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) return NULL;
+    if (nargs >= 3 && (len = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[0], &v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (len < 0) len = v.len - off;
+    if (off < 0 || len < 0 || off + len > v.len) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_IndexError, "populate: range out of the buffer");
+        return NULL;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)v.buf + (uintptr_t)off, b = a + (uintptr_t)len;
+    a = a / (uintptr_t)page * (uintptr_t)page;
+    int rc = 0, err = 0;
+    if (b > a) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = madvise((void *)a, (size_t)(b - a), MADV_POPULATE_WRITE);
+        if (rc != 0) err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&v);
+    if (rc != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_vm_read(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "vm_read(pid, address, dst, dst_off, nbytes)");
+        return NULL;
+    }
+    long pid = PyLong_AsLong(args[0]);
+    if (pid == -1 && PyErr_Occurred()) return NULL;
+    unsigned long long addr = PyLong_AsUnsignedLongLong(args[1]);
+    if (addr == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t off = PyLong_AsSsize_t(args[3]);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[4]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer d;
+    if (PyObject_GetBuffer(args[2], &d, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (off < 0 || n < 0 || off + n > d.len) {
+        PyBuffer_Release(&d);
+        PyErr_SetString(PyExc_IndexError, "vm_read: range out of the destination");
+        return NULL;
+    }
+    int err = 0;
+    Py_ssize_t done = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (done < n) {
+        struct iovec l = {(char *)d.buf + off + done, (size_t)(n - done)};
+        struct iovec r = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(n - done)};
+        ssize_t k = process_vm_readv((pid_t)pid, &l, 1, &r, 1, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            err = errno;
+            break;
+        }
+        if (k == 0) {
+            err = EFAULT;
+            break;
+        }
+        done += k;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&d);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(done);
+}
+
+static PyObject *
+core_buffer_address(PyObject *mod, PyObject *obj)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(obj, &v, PyBUF_FULL_RO) < 0) return NULL;
+    if (!PyBuffer_IsContiguous(&v, 'A')) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "buffer_address: the buffer is not contiguous");
+        return NULL;
+    }
+    PyObject *r = Py_BuildValue("(Nn)", PyLong_FromVoidPtr(v.buf), v.len);
+    PyBuffer_Release(&v);
+    return r;
+}
+
 static PyObject *
 core_set_pdeathsig(PyObject *mod, PyObject *arg)
 {
@@ -543,6 +868,16 @@ core_set_pdeathsig(PyObject *mod, PyObject *arg)
 static PyMethodDef core_methods[] = {
     {"set_pdeathsig", core_set_pdeathsig, METH_O,
      "set_pdeathsig(sig): deliver sig to this process when its parent dies"},
+    {"memcpy", (PyCFunction)(void (*)(void))core_memcpy, METH_FASTCALL,
+     "memcpy(dst, dst_off, src) -> n: copy src into dst at dst_off, GIL released"},
+    {"populate", (PyCFunction)(void (*)(void))core_populate, METH_FASTCALL,
+     "populate(buffer, off=0, len=-1): MADV_POPULATE_WRITE over a shared mapping's pages, "
+     "GIL released"},
+    {"vm_read", (PyCFunction)(void (*)(void))core_vm_read, METH_FASTCALL,
+     "vm_read(pid, address, dst, dst_off, nbytes) -> n: process_vm_readv from another "
+     "process into dst, GIL released"},
+    {"buffer_address", core_buffer_address, METH_O,
+     "buffer_address(obj) -> (address, nbytes) of a contiguous buffer"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -553,6 +888,12 @@ core_exec(PyObject *m)
     if (!tp) return -1;
     if (PyModule_AddObject(m, "Region", tp) < 0) {
         Py_DECREF(tp);
+        return -1;
+    }
+    PyObject *mt = PyType_FromModuleAndSpec(m, &Mapping_spec, NULL);
+    if (!mt) return -1;
+    if (PyModule_AddObject(m, "Mapping", mt) < 0) {
+        Py_DECREF(mt);
         return -1;
     }
     if (PyModule_AddIntConstant(m, "RANGE_N_MAX", (long)RANGE_N_MASK) < 0) return -1;
@@ -569,7 +910,7 @@ static PyModuleDef_Slot core_slots[] = {
 static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pmaprt._core",
-    .m_doc = "Atomics, futex waits and the range-stealing protocol over shared memory.",
+    .m_doc = "Atomics, futex waits, the range-stealing protocol and memfd mappings over shared memory.",
     .m_size = 0,
     .m_methods = core_methods,
     .m_slots = core_slots,

@@ -3,11 +3,17 @@
 Parent side, `plan_input` sorts the iterables into one of two modes:
 
 - index mode, for sized inputs whose items can be fetched by position in the
-  worker: range, ndarray, list, tuple, str, bytes, and sequences iterated
-  through ``__getitem__``. Workers claim index ranges; no item is sent by
-  message. A range costs nothing to send; an ndarray is copied once into the
-  job's segment; a list or tuple is encoded once, in blocks sized to about
-  64 KiB, so a worker decodes only the blocks its ranges touch.
+  worker: range, ndarray, list, tuple, str, bytes, blocks of them
+  (``chunks=``), and sequences iterated through ``__getitem__``. Workers
+  claim index ranges; no item is sent by message. A range costs nothing to
+  send; a shared array (pmaprt.empty/asarray) is sent by handle, no copy;
+  another ndarray is read by the workers straight from the parent's memory
+  (process_vm_readv) where that is allowed, else copied once into the job's
+  segment; a list or tuple is encoded once, in blocks sized to about 64 KiB
+  (counting the arrays items refer to), so a worker decodes only the blocks
+  its ranges touch, with large buffers inside items (ndarrays) out of band:
+  by handle when shared, read from the parent, or copied once into the
+  segment.
 - feed mode, for everything else (generators, iterators, dict views, files):
   the parent pulls items lazily and publishes encoded chunks in a table and a
   byte ring of the job's segment, with a bound on what is in flight.
@@ -18,7 +24,7 @@ items ``[a, b)``.
 import collections.abc
 import struct
 
-from . import _serialize
+from . import _array, _serialize
 
 BLOCK_BYTES = 64 * 1024
 MAX_BLOCK_ITEMS = 4096
@@ -76,13 +82,14 @@ class _DataArea:
         return off
 
 
-def plan_input(iterables, star):
-    """IndexPlan or FeedPlan for map(fn, *iterables); `star`: items are arg tuples."""
+def plan_input(iterables, star, enc=None):
+    """IndexPlan or FeedPlan for map(fn, *iterables); `star`: items are arg tuples.
+    enc: the job's _array.ItemEncoder (shared arrays, out-of-band buffers)."""
     if all(_indexable(x) for x in iterables):
         area = _DataArea()
         specs, error, n = [], None, min(len(x) for x in iterables)
         for x in iterables:
-            spec, err = _index_spec(x, n, area)
+            spec, err = _index_spec(x, n, area, enc)
             specs.append(spec)
             if err is not None and (error is None or err[0] < error[0]):
                 error = err
@@ -95,39 +102,60 @@ def plan_input(iterables, star):
     return FeedPlan(zip(*iterables))
 
 
-def _index_spec(x, n, area):
+def _index_spec(x, n, area, enc=None):
     if isinstance(x, range):
         return ("slice", x), None
     if _is_ndarray(x):
-        return _array_spec(x, area), None
+        return _array_spec(x, area, enc), None
     if isinstance(x, (str, bytes)):
         return ("slice", x), None
     if isinstance(x, (list, tuple)):
-        return _blocks_spec(x, n, area)
+        return _blocks_spec(x, n, area, enc)
+    if isinstance(x, _array.BlockView):
+        inner, err = _index_spec(x.base, len(x.base), area, enc)
+        if err is not None:
+            # the block holding the bad row fails, at its position
+            i = 0
+            while _array.rule_rows(x.rule, i)[1] <= err[0]:
+                i += 1
+            err = (i, err[1])
+        return ("chunked", inner, x.rule), err
     return ("seq", x), None
 
 
-def _array_spec(a, area):
-    import numpy as np
+def _array_spec(a, area, enc=None):
     if a.dtype.hasobject:
         return ("slice", a)
+    if enc is not None:
+        m = _array.find_mapping(a)
+        if m is not None and m.fd >= 0:
+            # a shared array, however small: by handle, no copy (fn sees the parent's memory)
+            return _array.shared_spec(a, enc.share(m), m)
     if a.nbytes <= SMALL_INLINE_BYTES:
         return ("slice", a)
-    a = np.ascontiguousarray(a)
-    off = area.add(a.reshape(-1).view(np.uint8), a.nbytes)
+    if enc is not None and a.flags.c_contiguous and a.nbytes >= _array.PVM_MIN and enc.use_pvm():
+        # the workers read their rows straight from this process: no copy here
+        enc.keep(a)
+        return _array.pvm_spec(a)
+    # one copy, straight from `a` (any layout) into the segment
+    off = area.add(a, a.nbytes)
     return ("array", a.dtype, a.shape, off)
 
 
-def _blocks_spec(x, n, area):
+def _blocks_spec(x, n, area, enc=None):
     """Encode x[:n] in blocks; stops at the first item that cannot be encoded."""
     if n == 0:
         return ("slice", ()), None
     probe = x[: min(n, 32)]
+    oob = False
     try:
-        per_item = max(1, len(_serialize.dumps_list(list(probe))) // len(probe))
+        data = _serialize.dumps_list(list(probe), enc)
+        # the arrays it refers to count: a block is what one worker decodes at once
+        per_item = max(1, (len(data) + getattr(enc, "ref_bytes", 0)) // len(probe))
+        oob = data[:1] != b"P" and data[:1] != b"C"   # arrays out of band: never in the descriptor
     except _serialize.PICKLE_ERRORS:
         per_item = 1024
-    if n * per_item <= SMALL_INLINE_BYTES:
+    if n * per_item <= SMALL_INLINE_BYTES and not oob:
         # Small: the items travel inside the descriptor (no segment, no message).
         try:
             _serialize.dumps_list(list(x[:n]))
@@ -139,13 +167,13 @@ def _blocks_spec(x, n, area):
     for lo in range(0, n, bsize):
         block = list(x[lo: min(lo + bsize, n)])
         try:
-            data = _serialize.dumps_list(block)
+            data = _serialize.dumps_list(block, enc)
         except _serialize.PICKLE_ERRORS:
             bad = _serialize.find_unpicklable(block)
             j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
             error = (lo + j, _unpicklable_item(lo + j, block[j], exc))
             if j:
-                data = _serialize.dumps_list(block[:j])
+                data = _serialize.dumps_list(block[:j], enc)
                 offsets.append((area.add(data, len(data)), len(data)))
             break
         offsets.append((area.add(data, len(data)), len(data)))
@@ -182,6 +210,16 @@ def open_spec(spec, segbuf):
             count *= s
         arr = np.frombuffer(segbuf, dtype=dtype, count=count, offset=off).reshape(shape)
         return lambda a, b: arr[a:b]
+    if kind == "sharr":
+        arr = _array.open_shared(spec, _array._resolver)
+        return lambda a, b: arr[a:b]
+    if kind == "pvm":
+        return _array.open_pvm(spec)
+    if kind == "chunked":
+        rows = open_spec(spec[1], segbuf)
+        rule = spec[2]
+        span = _array.rule_rows
+        return lambda a, b: [rows(*span(rule, i)) for i in range(a, b)]
     if kind == "blocks":
         return _BlockReader(spec[1], spec[2], segbuf).get
     if kind == "seq":

@@ -2,7 +2,7 @@
 import itertools
 import threading
 
-from . import _worker
+from . import _array, _worker
 from ._pool import Pool, check_workers, default_workers
 
 _default = None
@@ -38,7 +38,7 @@ def shutdown():
 
 
 def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False,
-         backend=None, device=None, **options):
+         backend=None, device=None, out=None, chunks=None, **options):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
@@ -55,45 +55,78 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     dtype=; see pmaprt.gpu).
     axis_name: an SPMD map, one shard per worker, all running at once; fn may call
     pmaprt.psum(x, axis_name), pmean, allreduce (at most as many shards as workers).
+
+    NumPy: an ndarray input is iterated over axis 0, as map does (fn gets rows);
+    a shared array (pmaprt.empty/zeros/asarray) reaches the workers without a
+    copy; the workers read any other ndarray's rows straight from this
+    process's memory (process_vm_readv) where the system allows it, else it
+    costs one copy into shared memory. Arrays inside items and results travel
+    the same ways, not through pickle.
+    chunks=k: fn gets contiguous blocks x[lo:hi] of k rows of each input
+    (ndarray, list, tuple, range) instead of rows; chunks=[k0, k1, ...] gives
+    each block's length. The map has one item per block.
+    out=array: the workers write fn's result for item i into out[i] (for
+    block i, into out[lo:hi]); out.shape[0] must be the input's length in
+    rows. The iterator then yields None for each item, in order, once its
+    result is in out: consume it (``for _ in pmap(...): pass``) and out is
+    complete. A shared out is written in place, no gather copy; a plain
+    ndarray out costs one more copy (workers write a shared twin, and each
+    chunk is copied into out before its items are yielded). Shapes are
+    checked before any work starts (out.shape[0] against the input), and
+    each result against its row (shape, and a same_kind dtype cast) before
+    it is written: a mismatch raises ValueError naming both.
     """
     if device not in (None, "cpu"):
         if backend not in (None, "local") or ordered is not True or progress:
             raise ValueError("pmaprt: device=%r maps one array on GPUs; backend=, ordered= and "
                              "progress= do not apply" % (device,))
         from .gpu import device_map
+        if chunks is not None:
+            raise ValueError("pmaprt: chunks= does not apply to a device map (device=%r); "
+                             "chunksize= sets its rows per chunk" % (device,))
         return device_map(fn, iterables, device=device, chunksize=chunksize, workers=workers,
-                          **options)
+                          out=out, **options)
     if backend not in (None, "local"):
+        if out is not None or chunks is not None:
+            raise ValueError("pmaprt: out= and chunks= apply to the local pool, not to "
+                             "backend=%r" % (backend,))
         return _other_backend(fn, iterables, backend, options, chunksize, ordered,
                               workers, progress)
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if out is not None or chunks is not None:
+            return _array.local_map(fn, iterables, False, out, chunks)
         if options.get("axis_name") is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
                                % (options["axis_name"],))
         return map(fn, *iterables)
     return default_pool(workers).map(fn, *iterables, chunksize=chunksize, ordered=ordered,
-                                     workers=workers, progress=progress, **options)
+                                     workers=workers, progress=progress, out=out, chunks=chunks,
+                                     **options)
 
 
-def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False, **options):
+def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False, out=None,
+                   chunks=None, **options):
     """pmap with results in the order they finish."""
     return pmap(fn, *iterables, workers=workers, chunksize=chunksize, ordered=False,
-                progress=progress, **options)
+                progress=progress, out=out, chunks=chunks, **options)
 
 
-def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False, **options):
+def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False,
+            out=None, **options):
     """itertools.starmap(fn, iterable) on worker processes."""
     if workers is not None:
         check_workers(workers)
     if _worker.IN_WORKER:
+        if out is not None:
+            return _array.local_map(fn, (iterable,), True, out)
         if options.get("axis_name") is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
                                % (options["axis_name"],))
         return itertools.starmap(fn, iterable)
     return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
-                                         workers=workers, progress=progress, **options)
+                                         workers=workers, progress=progress, out=out, **options)
 
 
 def _other_backend(fn, iterables, backend, options, chunksize, ordered, workers, progress):

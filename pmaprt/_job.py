@@ -27,7 +27,7 @@ import pickle
 import sys
 import time
 
-from . import _collective, _memguard, _serialize, _shm, _sched
+from . import _array, _collective, _memguard, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
                       item_timeout_error, oom_hint)
@@ -129,7 +129,7 @@ class MapJob:
 class _JobState:
     def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
                  retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
-                 memory_floor=None, axis_name=None):
+                 memory_floor=None, axis_name=None, out=None, chunks=None):
         if not callable(fn):
             raise TypeError("pmaprt: %r is not callable" % (fn,))
         if not iterables:
@@ -196,8 +196,16 @@ class _JobState:
         self.n = None
         self._progress = None
         self.star = star = star or len(iterables) > 1
+        # arrays (_array.py): chunks= blocks, out=, shared arrays and out-of-band buffers
+        self.arrays = _array.JobArrays(pool, self.segs, iterables, out, chunks, star)
+        self.iterables = iterables = self.arrays.iterables
+        if out is not None:
+            self.inline_ok = False  # the workers write out=; results here would not
+            if self.ret:
+                raise ValueError("pmaprt: out= and on_error='return' do not go together: an "
+                                 "exception cannot take an array row's place")
         fn_bytes = _serialize.dumps_fn(fn)
-        plan = plan_input(iterables, star)
+        plan = plan_input(iterables, star, self.arrays.encoder)
         if axis_name is not None:
             with pool._lock:
                 self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
@@ -210,6 +218,7 @@ class _JobState:
                 self._start_feed(plan, fn_bytes, star)
             else:
                 self._start_index(plan, fn_bytes, star)
+        self.arrays.started = True
         if progress:
             from tqdm.auto import tqdm
             self._progress = tqdm(total=self.n, unit="it")
@@ -224,9 +233,7 @@ class _JobState:
         desc_off = (data_size + 63) // 64 * 64
         seg = self.pool.share(desc_off + len(desc), reserve=bool(data_size))
         self.segs.append(seg)
-        for off, blob in blobs:
-            mv = memoryview(blob).cast("B")
-            seg.buf[off: off + mv.nbytes] = mv
+        _array.write_blobs(seg.buf, blobs)  # the one copy of the data, in threads when large
         seg.buf[desc_off: desc_off + len(desc)] = desc
         return seg, desc_off
 
@@ -236,7 +243,8 @@ class _JobState:
             raise OverflowError("pmaprt: a map of more than %d items is not supported" % _shm.RANGE_LO_MAX)
         if plan.error is not None:
             self.fail_at(*plan.error)
-        desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed))
+        desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed)
+                                    + self.arrays.desc_extra())
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
         self.limit = min(self.n, self._window())
         self.gen, self.slot, self.off = self.pool._post(
@@ -260,7 +268,7 @@ class _JobState:
         self.table_off = 0
         self.ring_off = FEED_TABLE * FEED_ENTRY.size
         spec = ("feed", self.table_off, FEED_TABLE, self.ring_off, FEED_RING)
-        desc = pickle.dumps((fn_bytes, star, spec, self.pool.seed), 5)
+        desc = pickle.dumps((fn_bytes, star, spec, self.pool.seed) + self.arrays.desc_extra(), 5)
         desc_off = self.ring_off + FEED_RING
         self.seg = self.pool.share(desc_off + len(desc), reserve=False)
         self.segs.append(self.seg)
@@ -283,6 +291,7 @@ class _JobState:
         self.pending[start] = (kind, count, payload)
         self.records += 1
         self.load_crashes = 0
+        self.arrays.done(start)
         if not self.ordered:
             self.arrived.append(start)
         if kind != REC_ERROR:
@@ -474,7 +483,14 @@ class _JobState:
         start, count, nbytes, doff, seg_id = FEED_ENTRY.unpack_from(
             self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size)
         buf = self.pool._res.segs[seg_id].buf if seg_id else self.seg.buf
-        items = _serialize.loads_list(buf[doff: doff + nbytes])
+        try:
+            items = _serialize.loads_list(buf[doff: doff + nbytes])
+        except Exception as e:
+            # Cannot rebuild the items here (arrays out of band): fail the lost range.
+            self.fail_at(lo, WorkerCrashedError(
+                "pmaprt: items %d..%d of this map were lost with their worker and cannot be "
+                "re-sent (%s)" % (lo, lo + cn - 1, e), None, None, (lo, lo + cn)))
+            return
         for a, m in pieces:
             sub = items[a - lo: a - lo + m]
             data = _serialize.dumps_list(sub)
@@ -528,14 +544,15 @@ class _JobState:
                     self.fail_at(self.fed + len(items), e)
                 if items:
                     try:
-                        data = _serialize.dumps_list(items)
+                        data = _serialize.dumps_list(items, self.arrays.encoder)
                     except _serialize.PICKLE_ERRORS:
                         bad = _serialize.find_unpicklable(items)
                         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
                         self.feed_done = True
                         self.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
                         items = items[:j]
-                        data = _serialize.dumps_list(items) if items else None
+                        data = _serialize.dumps_list(items, self.arrays.encoder) if items else None
+                    self.arrays.hold(self.fed)  # shared arrays in this chunk: kept until its record
                     if items and not self._publish(items, data):
                         # no room in the ring: keep the items for the next round
                         self._held = (items, data)
@@ -554,9 +571,10 @@ class _JobState:
         nbytes = len(data)
         k = self.chunks
         seg_id = 0
-        if nbytes > FEED_BIG:
+        if nbytes > FEED_BIG or _array.has_inline_buffers(data):
+            # (arrays decoded in a worker view their chunk's memory: never the ring, which is reused)
             seg = self.pool.share(nbytes)
-            seg.buf[:nbytes] = data
+            _array.write_blobs(seg.buf, [(0, data)])
             self.segs.append(seg)
             seg_id, doff, bstart, bend = seg.id, 0, None, seg
         else:
@@ -668,6 +686,8 @@ class _JobState:
 
     def _take(self, rec, start):
         kind, count, payload = rec
+        if self.arrays.on_take is not None:
+            self.arrays.on_take(start, count)  # a plain out=: copy this chunk's rows back
         if kind == REC_LOCAL:
             return payload, None
         if kind == REC_RESULT_ERRORS:
@@ -798,6 +818,7 @@ class _JobState:
                 for seg in self.segs:
                     pool.unshare(seg)
         self.segs = []
+        self.arrays.release()
 
 
 def _tail(x, a, end):

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 
-from . import _shm
+from . import _array, _shm
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
@@ -382,6 +382,8 @@ class Pool:
         for w in range(self.workers):
             self._send(w, ("unseg", seg.id))
         seg.close()
+        if isinstance(seg, _array.ArraySeg):
+            self.wake_workers()  # the array was freed: idle workers drop their mapping now
 
     def _send(self, w, msg, fd=None):
         """Queue a message for worker w and send what its socket takes now."""
@@ -542,6 +544,9 @@ class Pool:
             else:
                 p = base + pos + REC.size
                 payload = bytes(buf[p: p + plen])
+            if k == REC_RESULT and _array.is_result_stub(payload):
+                # results with large arrays: their memfd came ahead on the socket
+                payload = _array.attach_result(payload, self._res.socks[w])
             if kind & REC_HAS_ERRORS:
                 k = REC_RESULT_ERRORS
             head += total
@@ -598,7 +603,8 @@ class Pool:
 
     def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False,
             inline="auto", retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
-            memory_floor=None, axis_name=None):
+            memory_floor=None, axis_name=None, out=None,
+            chunks=None):
         """Lazy map(fn, *iterables) on this pool's workers.
 
         inline="auto": when the measured cost per item shows that dispatching to
@@ -625,12 +631,18 @@ class Pool:
         axis_name: an SPMD map: shard i runs on worker i, all at once, and fn may
         call pmaprt.psum/pmean/allreduce over that axis (see _collective.py).
         SPMD maps take none of the reliability options.
+
+        chunks=k (ndarray, list, tuple or range inputs): fn gets blocks of k rows,
+        x[lo:hi], instead of rows; chunks=[k0, k1, ...] gives the block lengths.
+        out=array: workers write fn's result for item i into out[i] (for block
+        i, into out[lo:hi]) and the iterator yields None per item once its
+        result is in out. See pmaprt.pmap.
         """
         from ._job import MapJob
         return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
                       workers=workers, progress=progress, inline=inline, retries=retries,
                       timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
-                      memory_floor=memory_floor, axis_name=axis_name)
+                      memory_floor=memory_floor, axis_name=axis_name, out=out, chunks=chunks)
 
     def imap_unordered(self, fn, *iterables, **options):
         """Like map, results in the order they finish (same options as map)."""
@@ -639,13 +651,13 @@ class Pool:
 
     def starmap(self, fn, iterable, *, chunksize=None, ordered=True, workers=None, progress=False,
                 inline="auto", retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
-                memory_floor=None, axis_name=None):
+                memory_floor=None, axis_name=None, out=None):
         """itertools.starmap(fn, iterable), in parallel (same options as map)."""
         from ._job import MapJob
         return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
                       workers=workers, progress=progress, inline=inline, retries=retries,
                       timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
-                      memory_floor=memory_floor, axis_name=axis_name)
+                      memory_floor=memory_floor, axis_name=axis_name, out=out)
 
     def apply(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on one worker; returns its result."""

@@ -4,11 +4,15 @@
   functions of an importable module); cloudpickle by value otherwise (lambdas,
   closures, functions defined in ``__main__`` or locally).
 - Lists of items or results: pickle protocol 5, cloudpickle when pickle
-  fails (a lambda inside an item). The first byte says which. (marshal is not
+  fails (a lambda inside an item). The first byte says which. With an
+  encoder from _array, buffers of 64 KiB or more (ndarrays anywhere inside
+  the items) travel out of band through shared memory (tag b"O", b"R"). (marshal is not
   used: it writes any buffer-protocol object, a NumPy scalar among them, as
   bytes, and measured no faster than pickle for lists of ints or floats.)
 """
 import pickle
+
+from . import _array
 
 _PICKLE = b"P"
 _CLOUD = b"C"
@@ -48,8 +52,13 @@ def dumps_obj(obj):
         return _cloudpickle().dumps(obj, PROTOCOL)
 
 
-def dumps_list(items):
-    """Encode a list; raises the pickling error of the first bad object."""
+def dumps_list(items, enc=None):
+    """Encode a list; raises the pickling error of the first bad object.
+    enc (an _array.ItemEncoder or ResultEncoder): large buffers (ndarrays)
+    go out of band, through shared memory; the result may then be an
+    _array.Encoded (parent) or a stub whose memfd went ahead (worker)."""
+    if enc is not None:
+        return enc.dumps(items)
     try:
         return _PICKLE + pickle.dumps(items, PROTOCOL)
     except Exception as first:
@@ -60,9 +69,13 @@ def dumps_list(items):
 
 
 def loads_list(data):
+    if isinstance(data, _array.ResultPayload):
+        return _array.load_oob(data.blob, data.mapping)
     tag = bytes(data[:1])
     if tag == _PICKLE or tag == _CLOUD:
         return pickle.loads(memoryview(data)[1:])
+    if tag == _array.TAG_OOB:
+        return _array.load_oob(data)
     raise ValueError("pmaprt: corrupt payload (tag %r)" % tag)
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 
-from . import _serialize, _shm, _sched
+from . import _array, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, open_spec
 from ._errors import ReturnedError
 from ._shm import (
@@ -49,7 +49,7 @@ IDLE_TIMEOUT_S = 1.0
 class _JobCtx:
     __slots__ = ("slot", "gen", "off", "mode", "fn", "star", "get", "sizer", "seg", "nwork",
                  "rng", "error", "feed", "fn_key", "stolen", "ret", "progress", "max_items",
-                 "retry_base", "spmd")
+                 "retry_base", "spmd", "sink")
 
 
 class Worker:
@@ -73,6 +73,8 @@ class Worker:
         self.items_done = 0
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
+        self.oob = _array.ResultEncoder(sock)   # results with large arrays: through shared memory
+        _array.set_resolver(self.segment)       # items that refer to shared arrays
 
     # --- segments from the parent
 
@@ -80,13 +82,23 @@ class Worker:
         kind = msg[0]
         if kind == "seg":
             _, seg_id, size = msg
-            self.segs[seg_id] = _shm.Segment(size, fd=fds[0], seg_id=seg_id)
+            # mapped, its descriptor closed at once; unmapped with its last view
+            self.segs[seg_id] = _array.MappedSegment(fds[0], size, seg_id)
         elif kind == "unseg":
             seg = self.segs.pop(msg[1], None)
             if seg is not None:
                 seg.close()
+                self._forget_finished_jobs()
         elif kind == "stop":
             raise SystemExit(0)
+
+    def _forget_finished_jobs(self):
+        """Drop cached contexts of jobs that are over: they hold views of
+        segments (a shared array's memory must go with its last user)."""
+        r = self.r
+        for k, c in list(self.jobs.items()):
+            if r.load64(c.off + S_GEN) != c.gen or r.load32(c.off + S_CANCEL):
+                del self.jobs[k]
 
     def poll_socket(self):
         while select.select([self.sock], [], [], 0)[0]:
@@ -192,6 +204,7 @@ class Worker:
         ctx.retry_base = off + self.layout.retry_off
         # SPMD map: the id of its collective segment (0: an ordinary map).
         ctx.spmd = r.load64(off + _shm.S_SPMD_SEG) if r.load32(off + S_FLAGS) & _shm.FLAG_SPMD else 0
+        ctx.sink = None
         # A crash while loading the job is charged to it (lo = -1).
         self._set_cur(gen, -1, -1)
         try:
@@ -205,7 +218,7 @@ class Worker:
                 ctx.seg = None
                 base = off + self.layout.desc_off
                 desc = pickle.loads(self.ctl.buf[base: base + n])
-            fn_bytes, ctx.star, spec, seed = desc
+            fn_bytes, ctx.star, spec, seed = desc[:4]
             ctx.fn_key = fn_bytes
             fn = self.fns.get(fn_bytes)
             if fn is None:
@@ -214,6 +227,9 @@ class Worker:
                     self.fns.clear()
                 self.fns[fn_bytes] = fn
             ctx.fn = fn
+            ctx.sink = _array.open_sink(desc[4] if len(desc) > 4 else None, fn, self.segment)
+            if ctx.sink is not None:
+                ctx.fn = ctx.sink  # out=: results are written into the shared array
             segbuf = ctx.seg.buf if ctx.seg is not None else None
             if ctx.mode == MODE_FEED:
                 ctx.feed = spec[1:]
@@ -355,6 +371,8 @@ class Worker:
             self.put_error(ctx.gen, lo, n, [], e, where, t0, stolen)
             self._set_cur(0, 0, 0)
             return
+        if ctx.sink is not None:
+            ctx.sink.pos = lo
         fn = ctx.fn
         out = []
         app = out.append
@@ -381,7 +399,7 @@ class Worker:
         self.items_done += n
         while True:
             try:
-                payload = _serialize.dumps_list(out)
+                payload = _serialize.dumps_list(out, self.oob)
                 break
             except BaseException:
                 bad = _serialize.find_unpicklable(out, BaseException)

@@ -15,9 +15,19 @@ warmed before anything is timed, and is timed over the same inputs; each figure
 is the median of ``repeat`` runs (fewer when one runner has used up
 ``max_runner_s`` on one workload).  A peer that is not installed or cannot
 start is reported as skipped/error with a note, never fatal.  Workloads that
-need pmaprt features not there yet (``out=``, a GPU) are skipped with a note.
+need pmaprt features not there yet (a GPU) are skipped with a note.
 The ``allreduce`` workload times ``pmaprt.allreduce`` inside an SPMD map against
 a naive multiprocessing all-reduce and memcpy (see ``pmaprt.bench.collective``).
+
+NumPy workloads: ``numpy`` (every runner over a list of 256 plain ndarray
+chunks; each runner also gets one untimed run under a memory sampler,
+``pmaprt/bench/memory.py``, for ``peak_pss_bytes`` / ``peak_uss_bytes``),
+``numpy_shared`` (the same array as a pmaprt shared array, and as a plain 1-d
+array mapped with ``chunks=``; its ``ideal_s`` is serial/W, so ``/ideal`` is
+t / (serial/W)) and ``preprocess`` (standardize and clip float32 rows x 16 in
+blocks, written into ``out=``: shared in/out, plain in/out, mp.Pool.map with
+the results gathered into the output, a serial loop and a one-process
+``np.copyto`` of the same bytes; ``params.gb_per_s`` and ``params.vs_memcpy``).
 
 Output, in ``--out`` (default ``bench/results/``): ``table.txt`` (the report
 also printed to stdout), ``results.json`` and PNG plots
@@ -84,7 +94,11 @@ Result record keys (all always present, null where not applicable):
 ``metric``    "wall" (time to map every item, results consumed),
               "latency" (roundtrip: seconds per one-task call) or "busbw".
 ``params``    object: ``workers`` and the runner's chunking (``chunksize``,
-              ``adaptive_chunksize_median``, ``bytes``, ...).
+              ``adaptive_chunksize_median``, ``bytes``, ...); numpy workloads:
+              ``peak_pss_bytes``, ``peak_uss_bytes`` (how much the PSS / USS
+              sum over this process and its children grew during one extra
+              run); preprocess: ``gb_per_s`` (input bytes / median_s),
+              ``vs_memcpy`` (memcpy time / this time).
 ``items``     int, items per run (calls per sample for roundtrip).
 ``times_s``   list of float, every timed run's seconds (raw; per-call
               seconds for roundtrip).

@@ -137,17 +137,27 @@ def render(doc: Dict[str, Any]) -> str:
         if extra:
             out.append("  " + ", ".join(extra))
         has_ideal = e.get("ideal_s") is not None
+        has_gbs = any("gb_per_s" in (r["params"] or {}) for r in recs)
+        has_mc = any("vs_memcpy" in (r["params"] or {}) for r in recs)
+        has_mem = any("peak_pss_bytes" in (r["params"] or {}) for r in recs)
         headers = ["runner", "median", "items/s", "vs map", "vs best", "eff"]
         align = "lrrrrr"
         if has_ideal:
             headers.append("/ideal")
             align += "r"
+        extra_cols = ([("GB/s", "gb_per_s", lambda v: fmt_f(v, 2))] if has_gbs else []) + \
+            ([("vs memcpy", "vs_memcpy", fmt_x)] if has_mc else []) + \
+            ([("peak PSS", "peak_pss_bytes", fmt_bytes), ("peak USS", "peak_uss_bytes", fmt_bytes)]
+             if has_mem else [])
+        headers += [c[0] for c in extra_cols]
+        align += "r" * len(extra_cols)
         headers += ["runs", "note"]
         align += "rl"
         rows = []
         for r in recs:
             if r["status"] != "ok":
                 row = [r["label"], "-", "-", "-", "-", "-"] + (["-"] if has_ideal else [])
+                row += ["-"] * len(extra_cols)
                 rows.append(row + ["-", f"{r['status']}: {r['note']}"])
                 continue
             row = [r["label"], fmt_time(r["median_s"]), fmt_rate(r["items_per_s"]),
@@ -155,9 +165,15 @@ def render(doc: Dict[str, Any]) -> str:
                    fmt_f(r["efficiency"])]
             if has_ideal:
                 row.append(fmt_f(r["makespan_over_ideal"]))
+            p = r["params"] or {}
+            row += [fmt(p.get(key)) if p.get(key) is not None else "-" for _, key, fmt in extra_cols]
             row += [str(r["runs"]), r["note"] or ""]
             rows.append(row)
         out += _table(headers, rows, align)
+        if has_mem:
+            out.append("  peak PSS / USS: how much the sum over this process and its children "
+                       "grew during one extra, untimed run (PSS counts a shared page once; USS "
+                       "leaves shared pages out)")
         sw = [r for r in results if r["workload"] == name and r["kind"] == "sweep"]
         if sw:
             ad = e.get("adaptive_chunksize")

@@ -21,6 +21,10 @@ from .runners import Runner, all_runners, Pmaprt, RUNNER_IDS
 SCHEMA_VERSION = 1
 
 MAP_WORKLOADS = ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy")
+#: workloads run by a method of their own (``_extra_<name>``), after the runners
+EXTRA_WORKLOADS = ("numpy_shared", "preprocess", "allreduce", "gpu")
+#: map workloads whose every runner also gets one untimed run under a memory sampler
+MEMORY_WORKLOADS = ("numpy",)
 
 #: every per-result record has exactly these keys (None where not applicable)
 RESULT_KEYS = (
@@ -325,7 +329,7 @@ class Suite:
         for r in runners:
             total += len(map_wl) + (1 if ("roundtrip" in wl and r.has_call) else 0)
         total += sum(len(v) for v in sweep_pts.values())
-        total += sum(1 for n in ("preprocess", "allreduce", "gpu") if n in wl)
+        total += sum(1 for n in EXTRA_WORKLOADS if n in wl)
         prog = _Progress(total, cfg.progress)
         try:
             for r in runners:
@@ -337,7 +341,7 @@ class Suite:
                     prog.step(r.label, len(map_wl) + (1 if ("roundtrip" in wl and r.has_call) else 0))
                     continue
                 self._run_runner(r, map_wl, "roundtrip" in wl, n_rt, sweep_pts, prog)
-            for name in ("preprocess", "allreduce", "gpu"):
+            for name in EXTRA_WORKLOADS:
                 if name in wl:
                     getattr(self, f"_extra_{name}")(avail.get("pmaprt", (False, None)))
                     prog.step(name)
@@ -409,9 +413,16 @@ class Suite:
                         if isinstance(r, Pmaprt) and name in sweep_pts:
                             self._sweep(r, w, sweep_pts[name], prog)
                         continue
+                    mem = None
+                    if name in MEMORY_WORKLOADS:
+                        # before the timed runs: their freed memory stays in the heaps
+                        mem = _peak_memory(lambda: r.map(w.fn, w.args),
+                                           warm=lambda: r.map(w.fn, w.args[: 2 * cfg.workers]))
                     times, first, note = self.timed(lambda: r.map(w.fn, w.args))
                     self._fill_times(rec, times, w.n)
                     rec["note"] = note
+                    if mem:
+                        rec["params"] = dict(rec["params"] or {}, **mem)
                     if r.kind == "baseline":
                         self.expected[name] = first
                         self._baseline_extras(w)
@@ -521,6 +532,86 @@ class Suite:
         self.results.append(rec)
 
     # workloads that depend on optional pmaprt features ---------------------
+    def _timed_record(self, rec, run, n_items, check=None, warm=None):
+        """One untimed run under the memory sampler (after warm(), before the
+        timed runs, whose freed memory stays in the heaps), then time run()
+        into rec; check(first_result) -> error note or None. Appends rec;
+        returns the first timed result (None on error)."""
+        first = None
+        try:
+            mem = _peak_memory(run, warm=warm)
+            times, first, note = self.timed(run)
+            self._fill_times(rec, times, n_items)
+            rec["note"] = note
+            rec["params"] = dict(rec["params"] or {}, **mem)
+            bad = check(first) if check is not None else None
+            if bad:
+                rec["status"], rec["note"] = "error", bad
+        except Exception as e:
+            rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
+            first = None
+        self.results.append(rec)
+        return first
+
+    def _extra_numpy_shared(self, avail):
+        """The numpy workload's array, shared (handed to workers without a
+        copy) and plain (one copy, ``chunks=``), against serial / W."""
+        entry = new_workload_entry("numpy_shared")
+        self.entries["numpy_shared"] = entry
+        ok, why = avail
+        if not ok:
+            entry.update(status="skipped", note=f"pmaprt not available: {why}")
+            return
+        import pmaprt
+
+        if getattr(pmaprt, "asarray", None) is None or getattr(pmaprt, "Pool", None) is None:
+            entry.update(status="skipped", note="needs issue 4: pmaprt has no shared arrays")
+            return
+        import numpy as np
+
+        cfg = self.cfg
+        w = self.built.get("numpy") or W.build("numpy", full=cfg.full, scale=cfg.size_scale,
+                                                workers=cfg.workers, cal=self.cal)
+        rows = np.stack(w.args)                     # (256, k) float64, plain
+        shared = pmaprt.asarray(rows, shared=True)  # the same, in shared memory
+        flat = rows.reshape(-1)
+        k = rows.shape[1]
+        params = dict(w.params, input_bytes=int(rows.nbytes))
+        entry.update(params=params, items=w.n)
+        base = new_record("numpy_shared", all_runners()[0], items=w.n, params={"workers": 1})
+        want = self._timed_record(base, lambda: list(map(w.fn, shared)), w.n)
+        if want is None:
+            entry.update(status="error", note="the serial run failed")
+            return
+        entry["longest_item_s"] = W.time_call(w.fn, shared[0], repeat=5)
+        pool = pmaprt.Pool(cfg.workers)
+        # the same, where workers may not read the parent: the plain array is copied
+        copying = pmaprt.Pool(cfg.workers)
+        copying.__dict__["_pvm"] = False
+        try:
+            from pmaprt._array import pvm_allowed
+
+            reads = pvm_allowed(pool)
+            few = 2 * cfg.workers
+            variants = [
+                ("pmaprt (shared array)", pool, shared, {}),
+                ("pmaprt (plain ndarray, chunks=)" + (", read by workers" if reads else ", copied"),
+                 pool, flat, {"chunks": k})]
+            if reads:
+                variants.append(("pmaprt (plain ndarray, chunks=, copied)", copying, flat,
+                                 {"chunks": k}))
+            for label, p, src, kw in variants:
+                rec = new_record("numpy_shared", Pmaprt(), items=w.n, label=label,
+                                 params={"workers": cfg.workers})
+                span = few * kw.get("chunks", 1)
+                self._timed_record(
+                    rec, lambda p=p, src=src, kw=kw: list(p.map(w.fn, src, **kw)), w.n,
+                    warm=lambda p=p, src=src, kw=kw: list(p.map(w.fn, src[:span], **kw)),
+                    check=lambda got: None if _same(got, want) else "wrong results")
+        finally:
+            pool.close()
+            copying.close()
+
     def _extra_preprocess(self, avail):
         entry = new_workload_entry("preprocess")
         self.entries["preprocess"] = entry
@@ -539,29 +630,81 @@ class Suite:
         cfg = self.cfg
         w = W.build("preprocess", full=cfg.full, scale=cfg.size_scale, workers=cfg.workers,
                     cal=self.cal)
+        x = w.args                                     # (blocks, rows, 16) float32, plain
+        nbytes = int(x.nbytes)
         entry.update(params=w.params, items=w.n)
-        base = new_record("preprocess", all_runners()[0], items=w.n, params={"workers": 1})
-        times, want, note = self.timed(lambda: np.stack(list(map(w.fn, w.args))))
-        self._fill_times(base, times, w.n)
-        base["note"] = note
-        self.results.append(base)
-        rec = new_record("preprocess", Pmaprt(), items=w.n,
-                         params={"workers": cfg.workers, "out": True})
-        out = np.empty((w.n,) + tuple(w.params["shape"]), dtype=np.float32)
+        # outputs exist, touched, before anything is measured: peak memory is what a run adds
+        out = np.empty_like(x)
+        out.fill(0.0)
 
-        def run():
-            for _ in pmap(w.fn, w.args, workers=cfg.workers, out=out):
-                pass
+        def serial():
+            for i, blk in enumerate(x):
+                out[i] = w.fn(blk)
             return out
+        base = new_record("preprocess", all_runners()[0], items=w.n, label="serial numpy (1 process)",
+                          params={"workers": 1})
+        want = self._timed_record(base, serial, w.n)
+        if want is None:
+            entry.update(status="error", note="the serial run failed")
+            return
+        want = want.copy()
+
+        def close(got):
+            return None if np.allclose(got, want) else "wrong results in out="
+        dst = np.empty_like(x)
+        dst.fill(0.0)
+        mc = new_record("preprocess", all_runners()[0], items=w.n, label="numpy memcpy (1 process)",
+                        params={"workers": 1, "what": "np.copyto of the same bytes"})
+        self._timed_record(mc, lambda: np.copyto(dst, x), w.n)
+        del dst
+        xs, outs = None, None
+        if getattr(pmaprt, "asarray", None) is not None:
+            xs = pmaprt.asarray(x, shared=True)
+            outs = pmaprt.empty_like(x)
+
+        def run_pm(src, dst):
+            def run():
+                for _ in pmap(w.fn, src, workers=cfg.workers, out=dst):
+                    pass
+                return dst
+            return run
+        variants = []
+        if xs is not None:
+            variants.append(("pmaprt (shared in, shared out=)", xs, outs))
+        plain_out = np.empty_like(x)
+        plain_out.fill(0.0)
+        variants.append(("pmaprt (plain in, plain out=)", x, plain_out))
+        for label, src, dst in variants:
+            rec = new_record("preprocess", Pmaprt(), items=w.n, label=label,
+                             params={"workers": cfg.workers, "out": True})
+            few = 2 * cfg.workers
+            self._timed_record(rec, run_pm(src, dst), w.n, check=close,
+                               warm=run_pm(src[:few], dst[:few]))
+        # mp.Pool.map over the same blocks, results gathered into out
+        mp_runner = next(r for r in all_runners() if r.id == "mp_pool_map")
+        rec = new_record("preprocess", mp_runner, items=w.n, params={"workers": cfg.workers})
         try:
-            times, got, note = self.timed(run)
-            self._fill_times(rec, times, w.n)
-            rec["note"] = note
-            if not np.allclose(got, want):
-                rec["status"], rec["note"] = "error", "wrong results in out="
+            mp_runner.start(cfg.workers)
+            blocks = list(x)
+
+            def run_mp():
+                for i, r in enumerate(mp_runner.map(w.fn, blocks)):
+                    out[i] = r
+                return out
+            self._timed_record(rec, run_mp, w.n, check=close,
+                               warm=lambda: mp_runner.map(w.fn, blocks[: 2 * cfg.workers]))
         except Exception as e:
             rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
-        self.results.append(rec)
+            self.results.append(rec)
+        finally:
+            mp_runner.close()
+        memcpy_s = mc["median_s"] if mc["status"] == "ok" else None
+        for r in self.results:
+            if r["workload"] == "preprocess" and r["status"] == "ok" and r["median_s"]:
+                gbs = nbytes / r["median_s"] / 1e9
+                r["params"] = dict(r["params"] or {}, gb_per_s=gbs)
+                if memcpy_s:
+                    r["params"]["vs_memcpy"] = memcpy_s / r["median_s"]
 
     def _extra_allreduce(self, avail):
         """pmaprt.allreduce timed inside an SPMD map of W workers, against a naive
@@ -822,6 +965,23 @@ class Suite:
                         "adaptive_items_per_s": ad["items_per_s"] if ad else None,
                         "adaptive_over_best_fixed": (bestfix["median_s"] / ad["median_s"]) if ad else None,
                     }
+
+
+def _peak_memory(run: Callable[[], Any], warm: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+    """One untimed run under the memory sampler: how much the PSS and USS
+    sums of this process and its children grew (bytes). warm() runs first
+    (workers import what the function needs), then free heap memory of this
+    process goes back to the system (malloc_trim), then the baseline."""
+    try:
+        from .memory import measure, trim_heap
+
+        if warm is not None:
+            warm()
+        trim_heap()
+        m = measure(run)
+    except Exception as e:  # psutil missing, /proc unreadable: no figure, not an error
+        return {"peak_memory_note": f"{type(e).__name__}: {e}"}
+    return {"peak_pss_bytes": int(m["peak_pss_bytes"]), "peak_uss_bytes": int(m["peak_uss_bytes"])}
 
 
 def _shutdown_default_pool() -> None:

@@ -51,15 +51,36 @@ def sqrt_sum(a):
     return float(np.sqrt(a).sum())
 
 
-def normalize_image(img):
-    """The preprocessing workload: uint8 image -> normalized float32 image."""
+#: the preprocessing workload's per-column mean and spread (16 float32 columns)
+PRE_COLS = 16
+PRE_CLIP = 3.0
+
+
+def _pre_stats():
     import numpy as np
 
-    x = img.astype(np.float32)
-    x *= 1.0 / 255.0
-    x -= 0.5
-    x *= 4.0
-    return x
+    mu = np.linspace(-1.0, 1.0, PRE_COLS, dtype=np.float32)
+    sigma = np.linspace(0.5, 2.0, PRE_COLS, dtype=np.float32)
+    return mu, sigma
+
+
+_PRE = None
+
+
+def normalize_clip(block):
+    """The preprocessing workload: standardize each column of a float32 block
+    of rows, then clip to +-PRE_CLIP (one temporary, float32 throughout)."""
+    global _PRE
+    import numpy as np
+
+    if _PRE is None:
+        mu, sigma = _pre_stats()
+        _PRE = (mu, (1.0 / sigma).astype(np.float32))
+    mu, inv = _PRE
+    y = block - mu
+    y *= inv
+    np.clip(y, -PRE_CLIP, PRE_CLIP, out=y)
+    return y
 
 
 # --------------------------------------------------------------------------
@@ -119,6 +140,7 @@ ALL = (
     "heavy_tailed",
     "cost_shift",
     "numpy",
+    "numpy_shared",
     "preprocess",
     "allreduce",
     "gpu",
@@ -131,8 +153,11 @@ DESCRIPTIONS = {
     "medium": "~50 us pure-Python items (calibrated busy loop)",
     "heavy_tailed": "4,000 items with Pareto(1.2) costs: load balance",
     "cost_shift": "first half cheap, second half 100x dearer: adaptivity",
-    "numpy": "np.sqrt(a).sum() over 256 chunks of a float64 array",
-    "preprocess": "uint8 images -> normalized float32, written into out=",
+    "numpy": "np.sqrt(a).sum() over 256 chunks of a float64 array (plain ndarrays)",
+    "numpy_shared": "the numpy workload over a shared array (no copy) and a plain one "
+                    "(chunks=); /ideal = t / (serial/W)",
+    "preprocess": "standardize + clip float32 rows x 16 in blocks, written into out=; "
+                  "GB/s vs a 1-process memcpy",
     "allreduce": "pmaprt.allreduce busbw vs size, inside an SPMD map; naive mp.Pool and memcpy peers",
     "gpu": "GPU map (needs a GPU)",
     "roundtrip": "latency of one tiny task on a warm pool",
@@ -146,7 +171,8 @@ def canonical(name: str) -> str:
     """``heavy-tailed`` / ``Heavy_Tailed`` -> ``heavy_tailed``; ValueError if unknown."""
     key = name.strip().lower().replace("-", "_")
     aliases = {"heavy": "heavy_tailed", "shift": "cost_shift", "round_trip": "roundtrip",
-               "latency": "roundtrip", "np": "numpy"}
+               "latency": "roundtrip", "np": "numpy", "shared": "numpy_shared",
+               "numpy-shared": "numpy_shared"}
     key = aliases.get(key, key)
     if key not in ALL:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(ALL)}")
@@ -180,9 +206,12 @@ SIZES = {
     "heavy_tailed": (4_000, 4_000),
     "cost_shift": (2_000, 20_000),
     "numpy_bytes": (64 << 20, 1 << 30),
+    "preprocess_rows": (1_000_000, 10_000_000),
     "roundtrip_calls": (200, 2_000),
 }
 NUMPY_CHUNKS = 256
+#: rows per block of the preprocessing workload (4,000 x 16 float32 = 250 KiB)
+PRE_BLOCK_ROWS = 4_000
 
 
 def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration) -> Workload:
@@ -238,11 +267,19 @@ def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration
     if name == "preprocess":
         import numpy as np
 
-        n = _scaled(1_024 if not full else 16_384, scale, min_items)
+        rows = _scaled(SIZES["preprocess_rows"][i], scale, min_items)
+        block = max(1, min(PRE_BLOCK_ROWS, rows // (4 * max(1, workers))))
+        nblocks = max(1, rows // block)
+        rows = nblocks * block
+        mu, sigma = _pre_stats()
         rng = np.random.default_rng(7)
-        imgs = list(rng.integers(0, 256, size=(n, 64, 64), dtype=np.uint8))
-        return Workload(name, normalize_image, imgs,
-                        {"n": n, "shape": [64, 64], "in_dtype": "uint8", "out_dtype": "float32"},
+        x = rng.standard_normal((nblocks, block, PRE_COLS), dtype=np.float32)
+        x *= 1.5 * sigma
+        x += mu
+        # one item per block: args[i] is a (block, 16) float32 array, out[i] its result
+        return Workload(name, normalize_clip, x,
+                        {"n": nblocks, "rows": rows, "cols": PRE_COLS, "block_rows": block,
+                         "dtype": "float32", "bytes": int(x.nbytes), "clip": PRE_CLIP},
                         DESCRIPTIONS[name])
     raise ValueError(f"workload {name!r} has no map inputs")
 
