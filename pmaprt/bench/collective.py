@@ -198,7 +198,69 @@ def time_memcpy(sizes: List[int], samples: int) -> Dict[int, List[float]]:
 
 def gloo_available():
     try:
-        import torch.distributed  # noqa: F401
+        import torch.distributed as dist
     except Exception:
         return False, "torch is not installed: no gloo peer in this run"
-    return False, "torch is installed, but the gloo peer is not wired into this harness yet"
+    if not dist.is_available() or not dist.is_gloo_available():
+        return False, "this torch build has no gloo backend"
+    return True, None
+
+
+def _gloo_rank(rank, workers, port, sizes, samples, q):
+    """One gloo rank (a spawned process): per-call seconds per sample, per size."""
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port,
+                                rank=rank, world_size=workers)
+        tiny = torch.zeros(1)
+        out = {}
+        for nbytes in sizes:
+            x = torch.ones(nbytes // 4, dtype=torch.float32)
+            k = calls_for(nbytes)
+            dist.all_reduce(x)
+            ts = []
+            for _ in range(samples):
+                dist.all_reduce(tiny)
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    dist.all_reduce(x)
+                ts.append((time.perf_counter() - t0) / k)
+            out[nbytes] = ts
+        dist.destroy_process_group()
+        q.put((rank, out, None))
+    except BaseException as e:  # reported to the parent
+        q.put((rank, None, "%s: %s" % (type(e).__name__, e)))
+
+
+def time_gloo(sizes: List[int], workers: int, samples: int) -> Dict[int, List[float]]:
+    """torch.distributed's gloo all-reduce over W spawned processes on this host
+    (TCP rendezvous on loopback): per-call seconds (slowest rank) per sample."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, workers, port, sizes, samples, q))
+             for r in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        per_rank = []
+        for _ in range(workers):
+            rank, out, err = q.get(timeout=600)
+            if err:
+                raise RuntimeError("gloo rank %d: %s" % (rank, err))
+            per_rank.append(out)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return {s: [max(r[s][i] for r in per_rank) for i in range(samples)] for s in sizes}

@@ -733,10 +733,14 @@ class Suite:
                              "calls_per_sample": {str(n): C.calls_for(n) for n in sizes}},
                      items=len(sizes))
         measured = {}
-        for runner, run in ((Pmaprt(), lambda: C.time_pmaprt(sizes, wk, samples)),
-                            (C.NAIVE, lambda: C.time_naive(sizes, wk, samples)),
-                            (C.MEMCPY, lambda: C.time_memcpy(sizes, samples)),
-                            (C.MEMCPY_ALL, lambda: C.time_memcpy_all(sizes, wk, samples))):
+        gloo_ok, gloo_why = C.gloo_available()
+        runs = [(Pmaprt(), lambda: C.time_pmaprt(sizes, wk, samples)),
+                (C.NAIVE, lambda: C.time_naive(sizes, wk, samples)),
+                (C.MEMCPY, lambda: C.time_memcpy(sizes, samples)),
+                (C.MEMCPY_ALL, lambda: C.time_memcpy_all(sizes, wk, samples))]
+        if gloo_ok:
+            runs.append((C.GLOO, lambda: C.time_gloo(sizes, wk, samples)))
+        for runner, run in runs:
             try:
                 measured[runner.id] = (runner, _with_timeout(run, 600.0))
             except Exception as e:
@@ -772,12 +776,15 @@ class Suite:
             if naive is not None:
                 me["speedup_vs_best_peer"] = naive["median_s"] / me["median_s"]
                 notes.append(f"{me['speedup_vs_best_peer']:.1f}x naive mp.Pool busbw")
+            gloo = recs.get((C.GLOO.id, nbytes))
+            if gloo is not None:
+                me["vs_gloo"] = gloo["median_s"] / me["median_s"]
+                notes.append(f"{me['vs_gloo']:.1f}x gloo busbw")
             if mem is not None:
                 notes.append(f"{100 * me['busbw_gbps'] / mem['busbw_gbps']:.0f}% of memcpy")
             if mem_all is not None:
                 notes.append(f"{100 * me['busbw_gbps'] / mem_all['busbw_gbps']:.0f}% of aggregate")
             me["note"] = "; ".join(notes) or None
-        gloo_ok, gloo_why = C.gloo_available()
         if not gloo_ok:
             self.results.append(new_record("allreduce", C.GLOO, metric="busbw", status="skipped",
                                            note=gloo_why, params={"workers": wk}))
