@@ -778,8 +778,7 @@ class Suite:
                 notes.append(f"{me['speedup_vs_best_peer']:.1f}x naive mp.Pool busbw")
             gloo = recs.get((C.GLOO.id, nbytes))
             if gloo is not None:
-                me["vs_gloo"] = gloo["median_s"] / me["median_s"]
-                notes.append(f"{me['vs_gloo']:.1f}x gloo busbw")
+                notes.append(f"{gloo['median_s'] / me['median_s']:.1f}x gloo busbw")
             if mem is not None:
                 notes.append(f"{100 * me['busbw_gbps'] / mem['busbw_gbps']:.0f}% of memcpy")
             if mem_all is not None:
