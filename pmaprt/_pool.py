@@ -483,10 +483,11 @@ class Pool:
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << slot))
         self._jobs[gen] = job
-        # A small job wakes only as many workers as it has items. An SPMD map wakes
-        # every worker: a futex wake picks sleepers at random, and each of its
-        # shards belongs to one worker.
-        if spmd_seg is not None:
+        # A small job wakes only as many workers as it has items. A job that only
+        # some ranks may join (an SPMD map, workers=k) wakes every worker: a
+        # futex wake picks sleepers at random, and a woken rank >= nwork would
+        # not take part (the others would sleep up to a second).
+        if spmd_seg is not None or nwork < self.workers:
             self.wake_workers()
         else:
             self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
