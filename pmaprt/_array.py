@@ -711,9 +711,8 @@ def share(pool, mapping):
             seg = ArraySeg(sid, mapping, pool)
             segs[sid] = seg
             _parent_maps[sid] = mapping
-            for s in pool._res.socks:
-                if s is not None:
-                    _shm.send_msg(s, ("seg", sid, seg.size), fds=[seg.fd])
+            for w in range(pool.workers):
+                pool._send(w, ("seg", sid, seg.size), seg.fd)
     return sid
 
 

@@ -231,6 +231,7 @@ class Pool:
         # worker busy in a long item does not read, and the parent must never
         # block on it (that would stop crash and timeout handling for everyone).
         self._outbox = res.outbox = [collections.deque() for _ in range(n)]
+        self._flusher = None
         self._timed_out = {}           # worker -> the item index it was killed for
         self.recycled = 0              # workers replaced after max_items_per_worker
         self._finalizer = weakref.finalize(self, res.terminate, False)
@@ -393,6 +394,45 @@ class Pool:
         self._flush(w)
 
     def _flush(self, w):
+        self._flush_once(w)
+        if self._outbox[w]:
+            self._flush_later()
+
+    def _flush_all(self):
+        for w, box in enumerate(self._outbox):
+            if box:
+                self._flush(w)
+
+    def _flush_later(self):
+        """A worker's socket is full: keep sending in the background until the
+        outbox is empty, so messages (a released array, say) reach idle workers
+        even when no map is waiting on the pool."""
+        t = self._flusher
+        if t is not None and t.is_alive():
+            return
+        ref = weakref.ref(self)
+
+        def run():
+            while True:
+                time.sleep(0.05)
+                pool = ref()
+                if pool is None or pool._res.ctl is None:
+                    return
+                with pool._lock:
+                    if pool._res.ctl is None:
+                        return
+                    for w, box in enumerate(pool._outbox):
+                        if box:
+                            pool._flush_once(w)
+                    if not any(pool._outbox):
+                        pool._flusher = None
+                        return
+                del pool
+
+        self._flusher = threading.Thread(target=run, name="pmaprt-outbox", daemon=True)
+        self._flusher.start()
+
+    def _flush_once(self, w):
         box = self._outbox[w]
         sock = self._res.socks[w]
         while box:
@@ -402,7 +442,6 @@ class Pool:
             except BlockingIOError:
                 return
             except OSError:
-                # A dead worker: its replacement is sent every live segment at start.
                 self._drop_outbox(w)
                 return
             for fd in fds:
@@ -411,11 +450,6 @@ class Pool:
                 box[0] = [data[n:], []]
             else:
                 box.popleft()
-
-    def _flush_all(self):
-        for w, box in enumerate(self._outbox):
-            if box:
-                self._flush(w)
 
     def _drop_outbox(self, w):
         box = self._outbox[w]
