@@ -136,9 +136,11 @@ def test_killed_worker_chunk_is_rerun(backend, tmp_path):
 
 
 def test_killed_worker_past_retries_is_a_clear_error(backend):
-    with pytest.raises(pmaprt.WorkerCrashedError, match="items 2..2") as info:
+    # Dask counts a death against every task assigned to the dead worker, so a
+    # task queued beside the killer (item 1 or 3) may be given up on first.
+    with pytest.raises(pmaprt.WorkerCrashedError, match=r"items [123]\.\.[123] of this map") as info:
         list(backend.map(kill_always, range(4), chunksize=1))
-    assert isinstance(info.value, pmaprt.WorkerCrashedError)
+    assert info.value.items in ((1, 2), (2, 3), (3, 4))
     backend.client.wait_for_workers(2, timeout=60)
 
 
