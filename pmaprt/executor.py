@@ -392,9 +392,15 @@ class _State:
         if none_alive:
             self._close_pool()
         if wait:
-            for t in threads:
-                if t is not threading.current_thread():
-                    t.join()
+            # A runner may start another runner after the snapshot above (it
+            # hands on what it could not take): join until none is left.
+            me = threading.current_thread()
+            while threads:
+                for t in threads:
+                    if t is not me:
+                        t.join()
+                with self.lock:
+                    threads = [t for t in self.threads if t is not me and t.is_alive()]
             self._close_pool()
 
     def _close_pool(self):

@@ -197,6 +197,19 @@ def test_shutdown_waits_for_pending_work(tmp_path):
         e.submit(square, 1)
 
 
+def test_shutdown_right_after_submit_waits_for_every_task():
+    # shutdown(wait=True) straight after the submits, while an idle runner
+    # wakes and hands on what it cannot take to runners it starts itself:
+    # those, started after shutdown began, are waited for too.
+    for _ in range(15):
+        e = Executor(max_workers=2)
+        assert e.submit(square, 3).result(timeout=T) == 9   # leaves a runner idle
+        fs = [e.submit(sleep_then, i, 0.01) for i in range(6)]
+        e.shutdown(wait=True)
+        assert [f.done() for f in fs] == [True] * 6
+        assert [f.result(timeout=0) for f in fs] == list(range(6))
+
+
 def test_shutdown_cancel_futures():
     e = Executor(max_workers=1)
     fs = [e.submit(sleep_then, i, 0.2) for i in range(30)]
