@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 
-from . import _array, _shm
+from . import _task, _array, _shm
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
@@ -44,6 +44,9 @@ POLL_S = 0.05
 # The parent spins this long for a result before it sleeps (round trips).
 # On fewer than 4 cores spinning only takes time from the workers.
 SPIN_NS = 50_000 if (os.cpu_count() or 1) >= 4 else 0
+# The parent waiting for one task (Pool.apply) spins this long first: a tiny
+# call answers within it, and a waiting parent has nothing else to run.
+TASK_SPIN_NS = 50_000 if (os.cpu_count() or 1) >= 2 else 0
 # Workers that die before they ever start this many times in a row make the
 # pool broken instead of being restarted forever.
 MAX_START_FAILURES = 3
@@ -603,7 +606,7 @@ class Pool:
                 got += 1
         return got
 
-    def wait(self, job):
+    def wait(self, job, spin_ns=None):
         """Wait until something arrives for any job (or POLL_S passes)."""
         r = self._r
         if r is None or self._res.ctl is None:
@@ -624,7 +627,7 @@ class Pool:
                 raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
             r.add32(H_PARENT_SLEEPING, 1)
             try:
-                changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, SPIN_NS)
+                changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, SPIN_NS if spin_ns is None else spin_ns)
             finally:
                 r.add32(H_PARENT_SLEEPING, -1)
         finally:
@@ -695,11 +698,72 @@ class Pool:
                       memory_floor=memory_floor, axis_name=axis_name, out=out)
 
     def apply(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs) on one worker; returns its result."""
-        if kwargs:
-            import functools
-            fn = functools.partial(fn, **kwargs)
-        return list(self.starmap(fn, (args,), chunksize=1, inline=False))[0]
+        """fn(*args, **kwargs) on one worker; returns its result (or raises
+        its exception, with the worker's traceback as ``__cause__``)."""
+        if not callable(fn):
+            raise TypeError("pmaprt: %r is not callable" % (fn,))
+        self._check_open()
+        desc = _task.encode(fn, args, kwargs)
+        if desc is None:
+            # Large or unusual arguments: the general path (cloudpickle, shared
+            # memory for big data, errors that name what cannot be pickled).
+            if kwargs:
+                import functools
+                fn = functools.partial(fn, **kwargs)
+            return list(self.starmap(fn, (args,), chunksize=1, inline=False))[0]
+        task = _task.Task()
+        with self._lock:
+            self._check_open()
+            gen, slot, off = self._post_task(task, desc)
+        try:
+            while not task.done:
+                self.wait(task, TASK_SPIN_NS)
+        except KeyboardInterrupt:
+            # The worker may be deep in a long call: end it now, as a map does.
+            self._jobs.pop(gen, None)
+            self.terminate()
+            from . import _api
+            _api._forget_default(self)
+            raise
+        finally:
+            self._retire(gen, slot, off)
+        if task.exc is not None:
+            exc, task.exc = task.exc, None
+            raise exc
+        return task.value
+
+    def _post_task(self, task, desc):
+        """Put one task on the board (see _task.py). Lock held."""
+        r, lay = self._r, self._layout
+        for s in range(lay.nslots):
+            off = lay.slot(s)
+            st = r.load32(off + S_STATE)
+            if st == SLOT_FREE or (st == SLOT_CLOSED and r.load32(off + S_REFS) == 0):
+                break
+        else:
+            raise RuntimeError(
+                "pmaprt: %d maps are already live on this pool; consume or close some of the "
+                "iterators (or create the Pool with a larger max_jobs)" % lay.nslots)
+        self._gen += 1
+        gen = task.gen = self._gen
+        r.store32(off + S_STATE, SLOT_FREE)
+        r.store64(off + _shm.S_GEN, gen)
+        r.store32(off + _shm.S_MODE, _shm.MODE_TASK)
+        r.store32(off + _shm.S_FLAGS, 0)
+        r.store64(off + _shm.S_N, 1)
+        r.store64(off + _shm.S_LIMIT, 1)
+        r.store64(off + _shm.S_NEXT, 0)
+        r.store32(off + S_CANCEL, 0)
+        r.store32(off + _shm.S_NWORK, self.workers)
+        r.store32(off + _shm.S_DESC_LEN, len(desc))
+        r.store64(off + _shm.S_DESC_SEG, 0)
+        base = off + lay.desc_off
+        self._ctl.buf[base: base + len(desc)] = desc
+        r.store32(off + S_STATE, SLOT_ACTIVE)
+        r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << s))
+        self._jobs[gen] = task
+        self.wake_workers(1)
+        return gen, s, off
 
     def close(self):
         """Stop the workers once they are idle; waits for them."""

@@ -25,11 +25,17 @@ def _cloudpickle():
     return cloudpickle
 
 
-def dumps_fn(fn):
-    """Bytes that rebuild fn in a worker process."""
+def by_reference(fn):
+    """Whether fn is pickled by reference (by its module and name)."""
     mod = getattr(fn, "__module__", None)
     qual = getattr(fn, "__qualname__", "")
-    if mod not in (None, "__main__", "__mp_main__") and "<locals>" not in qual and "<lambda>" not in qual:
+    return mod not in (None, "__main__", "__mp_main__") and "<locals>" not in qual \
+        and "<lambda>" not in qual
+
+
+def dumps_fn(fn):
+    """Bytes that rebuild fn in a worker process."""
+    if by_reference(fn):
         try:
             return pickle.dumps(fn, PROTOCOL)
         except Exception:

@@ -74,6 +74,8 @@ RETRY_RANGES = 8
 
 SLOT_FREE, SLOT_ACTIVE, SLOT_CLOSED = 0, 1, 2
 MODE_INDEX, MODE_FEED = 1, 2
+# One call (Pool.apply): the descriptor is (function bytes, args, kwargs); see _task.py.
+MODE_TASK = 3
 FLAG_FEED_DONE = 1
 FLAG_ON_ERROR_RETURN = 2  # an exception takes its item's place in the results
 FLAG_PROGRESS = 4         # workers publish items done per chunk (retries, timeouts)

@@ -27,7 +27,7 @@ from ._access import FEED_ENTRY, open_spec
 from ._errors import ReturnedError
 from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_PARENT_SLEEPING, H_RESULTS_SEQ, H_SHUTDOWN,
-    MODE_FEED, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_RESULT, REC_STOLEN, REC_WRAP,
+    MODE_FEED, MODE_INDEX, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_RESULT, REC_STOLEN, REC_WRAP,
     RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
     S_NEXT, S_NWORK, S_RANGES, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
     FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, REC_HAS_ERRORS, RETRY_RANGES, S_MAX_ITEMS,
@@ -173,7 +173,7 @@ class Worker:
         nxt, lim = r.load64(off + S_NEXT), r.load64(off + S_LIMIT)
         if nxt < lim:
             return True
-        if r.load32(off + S_MODE) == MODE_FEED:
+        if r.load32(off + S_MODE) != MODE_INDEX:
             return False
         base = off + S_RANGES
         for w in range(r.load32(off + S_NWORK)):
@@ -250,6 +250,8 @@ class Worker:
         return ctx
 
     def run_job(self, s, gen, off):
+        if self.r.load32(off + S_MODE) == _shm.MODE_TASK:
+            return self.run_task(gen, off)
         ctx = self.job(s, gen, off)
         did = False
         r = self.r
@@ -265,6 +267,55 @@ class Worker:
         if ctx.fn_key is not None and ctx.sizer.t_item is not None:
             self.t_items[ctx.fn_key] = ctx.sizer.t_item
         return did
+
+    def run_task(self, gen, off):
+        """One call (Pool.apply; see _task.py): claim it, run it, put its record."""
+        r, a = self.r, self.area
+        r.store64(a + W_CUR_N, 0)
+        r.store64(a + W_CUR_K, -1)
+        r.store64(a + W_CUR_GEN, gen)
+        if not r.cas64_mark(off + S_NEXT, 0, 1, a + W_CUR_K, 0):
+            return False    # another worker took it
+        self._set_cur(gen, 0, 1)
+        r.store64(a + W_CUR_K, -1)
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        try:
+            n = r.load32(off + S_DESC_LEN)
+            base = off + self.layout.desc_off
+            fn_bytes, args, kwargs = pickle.loads(self.ctl.buf[base: base + n])
+            fn = self.fns.get(fn_bytes)
+            if fn is None:
+                fn = _serialize.loads_fn(fn_bytes)
+                if len(self.fns) >= 32:
+                    self.fns.clear()
+                self.fns[fn_bytes] = fn
+        except BaseException as e:
+            self.put_error(gen, 0, 1, [], e, "while loading the task in the worker", t0, False)
+            self._set_cur(0, 0, 0)
+            return True
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:
+            self.put_error(gen, 0, 1, [], e, None, t0, False)
+            self._set_cur(0, 0, 0)
+            return True
+        t1 = time.perf_counter()
+        cpu = time.thread_time() - c0
+        self.items_done += 1
+        try:
+            payload = _serialize.dumps_list([result], self.oob)
+        except BaseException as e:
+            err = TypeError("pmaprt: the result of the task (a %s) cannot be pickled to return "
+                            "it from the worker: %s" % (type(result).__name__, e))
+            self.put_error(gen, 0, 1, [], err, None, t0, False, tb=False)
+            self._set_cur(0, 0, 0)
+            return True
+        self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, cpu)
+        self._set_cur(0, 0, 0)
+        if self.max_items and self.items_done >= self.max_items:
+            self.recycle()
+        return True
 
     def recycle(self):
         """max_items_per_worker reached: leave cleanly; the parent starts a fresh worker."""

@@ -303,8 +303,12 @@ class _State:
         try:
             t0 = time.perf_counter()
             tasks = _encode_tasks(batch)
-            it = self.pool.map(_call, tasks, ordered=False, inline=False,
-                               chunksize=self._chunksize(len(tasks)))
+            if len(tasks) == 1:
+                # One task: the pool's single-call path (no map to set up).
+                it = iter((self.pool.apply(_call, tasks[0]),))
+            else:
+                it = self.pool.map(_call, tasks, ordered=False, inline=False,
+                                   chunksize=self._chunksize(len(tasks)))
             for tid, ok, payload in it:
                 _deliver(futs.pop(tid), ok, payload)
                 if self.broken is not None:
@@ -338,7 +342,7 @@ class _State:
                 self._run_tasks(again, futs)
             return
         finally:
-            if it is not None:
+            if it is not None and hasattr(it, "close"):
                 it.close()
         if futs and self.broken is not None:
             # Left over only when the executor broke while this batch ran.

@@ -317,7 +317,9 @@ class Pmaprt(Runner):
         return out
 
     def call(self, fn, x):
-        # one-item map on the warm pool, consumed to its end
+        # one call on the warm pool (as mp.Pool.apply for multiprocessing)
+        if self.pool is not None and hasattr(self.pool, "apply"):
+            return self.pool.apply(fn, x)
         return list(self._iter(fn, [x], None))[0]
 
     def close(self):

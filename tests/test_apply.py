@@ -1,0 +1,223 @@
+"""Pool.apply: one call on one worker, through the task path (_task.py), with
+the guarantees of a map: the user's exception, a crash named by its exit,
+unpicklable values named, the pool usable after each, Ctrl-C prompt."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import pmaprt
+from pmaprt import Pool, RemoteTraceback, WorkerCrashedError
+
+T = 30  # seconds: the bound on every wait in this file
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Pool(2) as p:
+        yield p
+
+
+class Boom(Exception):
+    pass
+
+
+def add(a, b=0, *, c=0):
+    return a + b + c
+
+
+def boom(x):
+    raise Boom("bad %r" % (x,))
+
+
+def exit_with(code):
+    os._exit(code)
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def return_lock():
+    return threading.Lock()
+
+
+def getpid():
+    return os.getpid()
+
+
+def total(a):
+    return float(np.asarray(a).sum())
+
+
+def test_results_args_and_kwargs(pool):
+    assert pool.apply(add, 2) == 2
+    assert pool.apply(add, 2, 3) == 5
+    assert pool.apply(add, 2, 3, c=4) == 9
+    assert pool.apply(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
+    assert pool.apply(getpid) in pool.pids()
+
+
+def test_lambdas_and_closures_see_their_current_values(pool):
+    assert pool.apply(lambda x: x + 1, 1) == 2
+    state = [1]
+
+    def read():
+        return state[0]
+
+    assert pool.apply(read) == 1
+    state[0] = 2   # a by-value function is pickled at each call, never from a cache
+    assert pool.apply(read) == 2
+
+
+def test_bound_method_sees_its_object_now(pool):
+    class Box:
+        def __init__(self):
+            self.v = 1
+
+        def get(self):
+            return self.v
+
+    b = Box()
+    assert pool.apply(b.get) == 1
+    b.v = 5
+    assert pool.apply(b.get) == 5
+
+
+def test_exception_type_traceback_and_pid(pool):
+    with pytest.raises(Boom, match="bad 7") as ei:
+        pool.apply(boom, 7)
+    e = ei.value
+    assert isinstance(e.__cause__, RemoteTraceback)
+    assert "boom" in str(e.__cause__)
+    assert any("worker pid" in n for n in e.__notes__)
+    assert pool.apply(add, 1, 1) == 2
+
+
+def test_many_failures_free_their_slots(pool):
+    # More failing calls than the board has slots: each gives its slot back.
+    for i in range(80):
+        with pytest.raises(Boom):
+            pool.apply(boom, i)
+    assert pool.apply(add, 3, 4) == 7
+
+
+@pytest.mark.parametrize("fn,args,match", [
+    (exit_with, (7,), "exited with code 7"),
+    (kill_self, (), "SIGKILL"),
+])
+def test_crash_names_the_exit_and_the_pool_goes_on(fn, args, match):
+    with Pool(2) as p:
+        before = set(p.pids())
+        with pytest.raises(WorkerCrashedError, match=match) as ei:
+            p.apply(fn, *args)
+        assert ei.value.pid in before
+        assert p.apply(add, 1, 2) == 3
+        assert len(set(p.pids()) - before) == 1   # the dead worker was replaced
+
+
+def test_unpicklable_result_and_argument(pool):
+    with pytest.raises(TypeError, match="result of the task.*lock"):
+        pool.apply(return_lock)
+    with pytest.raises(TypeError, match="lock"):
+        pool.apply(add, threading.Lock())
+    assert pool.apply(add, 1) == 1
+
+
+def test_large_arguments_and_results(pool):
+    big = bytes(range(256)) * 1000           # larger than a slot's inline area
+    assert pool.apply(len, big) == len(big)
+    a = np.arange(500_000, dtype=np.float64)
+    assert pool.apply(total, a) == float(a.sum())
+    out = pool.apply(np.ones, 300_000)        # a large result comes back whole
+    assert out.shape == (300_000,) and out.sum() == 300_000
+
+
+def test_calls_from_many_threads(pool):
+    errors = []
+
+    def run(k):
+        try:
+            for i in range(40):
+                assert pool.apply(add, k, i) == k + i
+        except BaseException as e:   # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(T)
+    assert not any(t.is_alive() for t in ts)
+    assert errors == []
+
+
+def test_apply_mixes_with_a_running_map(pool):
+    it = pool.map(add, range(1000), chunksize=10)
+    first = [next(it) for _ in range(5)]
+    assert pool.apply(add, 40, 2) == 42
+    assert first + list(it) == list(range(1000))
+
+
+def test_max_items_per_worker_recycles(pool):
+    with Pool(1, max_items_per_worker=3) as p:
+        pids = [p.apply(getpid) for _ in range(7)]
+    assert len(set(pids)) == 3 and pids[:3] == [pids[0]] * 3
+
+
+def test_closed_pool_and_bad_function():
+    p = Pool(1)
+    p.close()
+    with pytest.raises(pmaprt.PoolClosedError):
+        p.apply(add, 1)
+    with Pool(1) as q:
+        with pytest.raises(TypeError, match="not callable"):
+            q.apply(5)
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from pmaprt import Pool
+    p = Pool(2)
+    print(" ".join(map(str, p.pids())), flush=True)
+    p.apply(time.sleep, 60)
+""")
+
+
+def test_ctrl_c_during_apply_is_prompt_and_leaves_no_worker():
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=REPO)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        timer = threading.Timer(T, proc.kill)
+        timer.start()
+        try:
+            pids = [int(x) for x in proc.stdout.readline().split()]
+        finally:
+            timer.cancel()
+        assert len(pids) == 2
+        time.sleep(0.5)    # the call is running
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=T)
+        assert time.monotonic() - t0 < 10
+        assert "KeyboardInterrupt" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(q) and psutil.Process(q).status() != psutil.STATUS_ZOMBIE
+              for q in pids):
+        assert time.monotonic() < deadline, "workers left after Ctrl-C"
+        time.sleep(0.05)
