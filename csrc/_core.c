@@ -229,14 +229,26 @@ Region_cas64(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(ok);
 }
 
-/* wait32(off, expected, timeout_s, spin_ns) -> True if the word differs from
- * `expected` on return, False on timeout. timeout_s None waits without bound. */
+/* wait32(off, expected, timeout_s, spin_ns[, sleepers]) -> True if the word
+ * differs from `expected` on return, False on timeout. timeout_s None waits
+ * without bound. With `sleepers` (the offset of a 32-bit counter), the
+ * counter is raised for as long as this waiter sleeps in the kernel, not
+ * while it spins: a waker that reads it as 0 after changing the word needs
+ * no system call (the waiter's futex compares the word after raising it). */
 static PyObject *
 Region_wait32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_NARGS("wait32", 4);
+    if (nargs != 4 && nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "wait32() takes 4 or 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
     uint32_t *p = region_at(self, args[0], 4);
     if (!p) return NULL;
+    uint32_t *sleepers = NULL;
+    if (nargs == 5) {
+        sleepers = region_at(self, args[4], 4);
+        if (!sleepers) return NULL;
+    }
     unsigned long expected = PyLong_AsUnsignedLongMask(args[1]);
     if (expected == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     double timeout = -1.0;
@@ -256,7 +268,7 @@ Region_wait32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     double deadline = timeout >= 0 ? start + timeout : 0;
     int changed = 0;
     for (;;) {
-        int err = 0;
+        int err = 0, slept = 0;
         Py_BEGIN_ALLOW_THREADS
         /* Spin: a waker that answers within spin_ns costs no system call. */
         if (spin_ns > 0) {
@@ -268,6 +280,10 @@ Region_wait32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
                 if ((++i & 63) == 0 && now_s() >= spin_end) break;
             }
             spin_ns = 0;
+        }
+        if (!changed && sleepers) {
+            __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+            slept = 1;
         }
         while (!changed) {
             struct timespec ts, *tsp = NULL;
@@ -282,6 +298,10 @@ Region_wait32(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (__atomic_load_n(p, __ATOMIC_SEQ_CST) != exp32) { changed = 1; break; }
             if (r == -1 && errno == EINTR) { err = EINTR; break; }
             if (r == -1 && errno == ETIMEDOUT) break;
+        }
+        if (slept) {
+            __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+            slept = 0;
         }
         Py_END_ALLOW_THREADS
         if (changed) Py_RETURN_TRUE;

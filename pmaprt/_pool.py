@@ -625,11 +625,10 @@ class Pool:
         try:
             if res.ctl is None:
                 raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
-            r.add32(H_PARENT_SLEEPING, 1)
-            try:
-                changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, SPIN_NS if spin_ns is None else spin_ns)
-            finally:
-                r.add32(H_PARENT_SLEEPING, -1)
+            # H_PARENT_SLEEPING counts the parent only while it sleeps in the
+            # kernel: a worker that finds it spinning skips the wake call.
+            changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S,
+                               SPIN_NS if spin_ns is None else spin_ns, H_PARENT_SLEEPING)
         finally:
             res.leave_wait()
         if not changed:

@@ -130,9 +130,9 @@ class Worker:
             seq = r.load32(H_BOARD_SEQ)
             if self.work_once():
                 continue
-            r.add32(H_BOARD_SLEEPERS, 1)
-            changed = r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S, SPIN_NS)
-            r.add32(H_BOARD_SLEEPERS, -1)
+            # Counted in H_BOARD_SLEEPERS only once asleep in the kernel: while
+            # this worker spins, the parent posts a job without a wake call.
+            changed = r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S, SPIN_NS, H_BOARD_SLEEPERS)
             if not changed and os.getppid() != self.parent_pid:
                 return
 

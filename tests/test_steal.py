@@ -1,5 +1,6 @@
 """The range-stealing protocol: every index taken exactly once."""
 import mmap
+import time
 import multiprocessing as mp
 
 import pytest
@@ -146,5 +147,37 @@ def test_wait_times_out_and_sees_changes():
     assert r.wait32(0, 0, 0.01, 0) is False
     r.store32(0, 5)
     assert r.wait32(0, 0, 1.0, 0) is True
+    r.release()
+    mm.close()
+
+
+def test_wait_counts_sleepers_only_while_asleep_in_the_kernel():
+    # wait32's optional counter is what lets a waker skip its wake call: it
+    # must be raised while the waiter sleeps, and back to 0 once it returns
+    # (woken, timed out) and while it only spins.
+    import threading
+    mm, r = region(2)
+    got = []
+    t = threading.Thread(target=lambda: got.append(r.wait32(0, 0, 10.0, 0, 8)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while r.load32(8) != 1:
+        assert time.monotonic() < deadline, "the sleeper was never counted"
+        time.sleep(0.001)
+    r.store32(0, 1)
+    r.wake32(0, 1)
+    t.join(10)
+    assert got == [True] and r.load32(8) == 0
+    assert r.wait32(0, 1, 0.02, 0, 8) is False and r.load32(8) == 0   # timed out
+    # a long spin that the change ends: never counted
+    t = threading.Thread(target=lambda: got.append(r.wait32(0, 1, 10.0, 5_000_000_000, 8)))
+    t.start()
+    time.sleep(0.05)
+    assert r.load32(8) == 0
+    r.store32(0, 2)
+    t.join(10)
+    assert got[-1] is True and r.load32(8) == 0
+    with pytest.raises(TypeError, match="4 or 5"):
+        r.wait32(0, 0)
     r.release()
     mm.close()
