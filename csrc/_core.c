@@ -427,6 +427,47 @@ Region_range_put(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_FALSE;
 }
 
+/* range_untake(off, lo, c, mark, kept) -> bool: the owner gives back
+ * [lo, lo + c), the unstarted tail of its current chunk, to the front of its
+ * own range word (which starts at lo + c, thieves having taken only from its
+ * back, or is empty); then stores `kept` (the items of the chunk it keeps) at
+ * `mark` (its "current chunk" length word). False, and nothing changed, when
+ * the word cannot take them (it holds a range elsewhere, or would overflow). */
+static PyObject *
+Region_range_untake(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("range_untake", 5);
+    uint64_t *p = region_at(self, args[0], 8);
+    if (!p) return NULL;
+    unsigned long long lo = PyLong_AsUnsignedLongLong(args[1]);
+    if (lo == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long long c = PyLong_AsUnsignedLongLong(args[2]);
+    if (c == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    int64_t *mark = region_at(self, args[3], 8);
+    if (!mark) return NULL;
+    long long kept = PyLong_AsLongLong(args[4]);
+    if (kept == -1 && PyErr_Occurred()) return NULL;
+    if (c == 0 || lo > RANGE_LO_MAX || c > RANGE_N_MASK) {
+        PyErr_Format(PyExc_OverflowError, "range_untake: (lo=%llu, c=%llu) does not fit the packed word",
+                     lo, c);
+        return NULL;
+    }
+    uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint64_t n = range_n(v), nv;
+        if (n == 0)
+            nv = range_pack(lo, c);
+        else if (range_lo(v) == lo + c && n + c <= RANGE_N_MASK)
+            nv = range_pack(lo, n + c);
+        else
+            Py_RETURN_FALSE;
+        if (__atomic_compare_exchange_n(p, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            __atomic_store_n(mark, (int64_t)kept, __ATOMIC_SEQ_CST);
+            Py_RETURN_TRUE;
+        }
+    }
+}
+
 /* claim_span(next, expected, span, dest) -> bool: move [expected, expected+span)
  * from the shared counter `next` into the caller's own, empty, range word. */
 static PyObject *
@@ -542,6 +583,8 @@ static PyMethodDef Region_methods[] = {
      "range_steal(off[, dest]) -> (lo, n)"},
     {"range_put", (PyCFunction)(void (*)(void))Region_range_put, METH_FASTCALL,
      "range_put(off, lo, n) -> bool (only into an empty range)"},
+    {"range_untake", (PyCFunction)(void (*)(void))Region_range_untake, METH_FASTCALL,
+     "range_untake(off, lo, c, mark, kept) -> bool (give back the tail of the current chunk)"},
     {"claim_span", (PyCFunction)(void (*)(void))Region_claim_span, METH_FASTCALL,
      "claim_span(next, expected, span, dest) -> bool"},
     {"cas64_mark", (PyCFunction)(void (*)(void))Region_cas64_mark, METH_FASTCALL,

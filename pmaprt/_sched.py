@@ -20,6 +20,18 @@ MAX_CHUNK = 65536
 # Weight of the newest chunk in the moving estimate of seconds per item. 0.5
 # follows a change of item cost within two or three chunks.
 EWMA_ALPHA = 0.5
+# Preemption: a chunk sized from the measured cost per item may meet items
+# that cost far more (a cost shift mid-stream); without a check, one such
+# chunk would run 100x its target while other workers idle.
+# A chunk of more than one item (adaptive sizes only; chunksize=N is left as
+# given) runs in PREEMPT_STRIDES strides; once it has run PREEMPT_FACTOR x
+# its expected time (and at least PREEMPT_MIN_S), the items it has not
+# started go back to the front of the worker's range, where the next chunk,
+# sized from the new cost, or a thief takes them. A check costs one clock read
+# per stride (1/32 of a chunk: well under 1 % of it).
+PREEMPT_FACTOR = 4
+PREEMPT_MIN_S = 4 * TARGET_CHUNK_S
+PREEMPT_STRIDES = 32
 # Guided self-scheduling: a worker claims 1/(SPAN_FACTOR * workers) of what is
 # left from the shared counter at once (at least one chunk). Spans shrink
 # toward the end; stealing evens out what is left.

@@ -432,7 +432,14 @@ class Worker:
             if ctx.spmd:
                 from ._collective import rank_fn
                 fn = rank_fn(fn, self.segment(ctx.spmd), lo)
-            if ctx.progress:
+            elif n > 1 and not ctx.sizer.fixed and ctx.sizer.t_item is not None:
+                # A chunk sized from a cost that has since risen gives back
+                # what it has not started (see _sched.PREEMPT_FACTOR).
+                has_errors, n = self._run_items_preemptible(ctx, fn, items, lo, n, t0, out)
+                items = None
+            if items is None:
+                pass
+            elif ctx.progress:
                 has_errors = self._run_items_tracked(ctx, fn, items, lo, out)
             elif ctx.star:
                 for args in items:
@@ -467,7 +474,39 @@ class Worker:
         self.put(kind, ctx.gen, lo, n, payload, t0, t1, cpu)
         self._set_cur(0, 0, 0)
 
-    def _run_items_tracked(self, ctx, fn, items, lo, out):
+    def _run_items_preemptible(self, ctx, fn, items, lo, n, t0, out):
+        """The item loop of a chunk that may run far longer than planned (the
+        cost per item rose since it was sized). Runs the items in strides;
+        past the chunk's deadline, the items not started go back to the front
+        of this worker's range (where the next, smaller chunk or a thief takes
+        them). Returns (has_errors, items kept in this chunk)."""
+        expected = n * ctx.sizer.t_item
+        deadline = t0 + max(_sched.PREEMPT_MIN_S, _sched.PREEMPT_FACTOR * expected)
+        stride = max(1, n // _sched.PREEMPT_STRIDES)
+        star, progress = ctx.star, ctx.progress
+        app = out.append
+        has_errors = False
+        i = 0
+        while i < n:
+            j = min(n, i + stride)
+            seg = items[i:j]
+            if progress:
+                has_errors |= self._run_items_tracked(ctx, fn, seg, lo, out, base=i)
+            elif star:
+                for args in seg:
+                    app(fn(*args))
+            else:
+                for x in seg:
+                    app(fn(x))
+            i = j
+            if i < n and time.perf_counter() > deadline:
+                mine = ctx.off + S_RANGES + 8 * self.rank
+                if self.r.range_untake(mine, lo + i, n - i, self.area + W_CUR_N, i):
+                    return has_errors, i
+                deadline = float("inf")   # cannot give them back: finish the chunk
+        return has_errors, n
+
+    def _run_items_tracked(self, ctx, fn, items, lo, out, base=0):
         """The item loop when the parent follows progress (retries, timeouts) or
         exceptions are returned as results (on_error="return"). Returns whether
         some result is a returned exception."""
@@ -475,8 +514,8 @@ class Worker:
         app = out.append
         star, ret = ctx.star, ctx.ret
         has_errors = False
-        prog[0] = 0
-        for i, x in enumerate(items):
+        prog[0] = base
+        for i, x in enumerate(items, base):
             try:
                 v = fn(*x) if star else fn(x)
             except Exception as e:

@@ -19,24 +19,36 @@ def region(words):
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(0, 5000), workers=st.integers(1, 6),
-       ops=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["take", "steal"]),
+       ops=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["take", "steal", "untake"]),
                               st.integers(1, 200), st.integers(0, 5)), max_size=400))
 def test_interleavings_take_every_index_once(n, workers, ops):
-    """Owners take from the front, thieves steal the back half into their own
+    """Owners take from the front, give back the unstarted tail of what they
+    took last (a preempted chunk), thieves steal the back half into their own
     (empty) range, in a hypothesis-chosen interleaving; then everyone drains."""
-    mm, r = region(workers)
+    mm, r = region(workers + workers)   # range words, then one mark word each
     per = n // workers
     for w in range(workers):
         lo = w * per
         hi = n if w == workers - 1 else lo + per
         r.range_set(8 * w, lo, hi - lo)
     taken = []
+    last = {}   # owner -> (lo, k) of its last take, until it gives part back
     for who, op, c, victim in ops:
         who %= workers
         victim %= workers
         if op == "take":
             lo, k = r.range_take(8 * who, c)
             taken.extend(range(lo, lo + k))
+            last[who] = (lo, k)
+        elif op == "untake":
+            lo, k = last.pop(who, (0, 0))
+            keep = min(victim, k - 1)
+            if k > 1 and keep >= 0:
+                mark = 8 * (workers + who)
+                if r.range_untake(8 * who, lo + keep, k - keep, mark, keep):
+                    assert r.load64(mark) == keep
+                    for i in range(lo + keep, lo + k):
+                        taken.remove(i)
         elif victim != who and r.range_get(8 * who)[1] == 0:
             lo, k = r.range_steal(8 * victim)
             if k:
@@ -181,3 +193,53 @@ def test_wait_counts_sleepers_only_while_asleep_in_the_kernel():
         r.wait32(0, 0)
     r.release()
     mm.close()
+
+
+def dear_after(x, at=300, cost=0.01):
+    if x >= at:
+        time.sleep(cost)
+    return x
+
+
+def dear_after_fails_at_310(x):
+    if x == 310:
+        raise ValueError("item 310")
+    return dear_after(x)
+
+
+def _dear_items_per_chunk(stats, at, n):
+    return [max(0, min(s + c, n) - max(s, at)) for w in stats.workers
+            for _, _, s, c in w.chunk_log]
+
+
+@pytest.mark.parametrize("opts", [{}, {"retries": 1}])
+def test_a_chunk_that_meets_dearer_items_gives_back_the_rest(opts):
+    # One worker, cheap items: chunks grow (1, 4, 16, 64, 256); the one that
+    # reaches item 300, where items become 30,000x dearer, would hold ~40 of
+    # them (~0.4 s) without preemption. It must give back what it has not
+    # started, and the next chunks are sized from the new cost.
+    with pmaprt.Pool(1) as p:
+        it = p.map(dear_after, range(340), inline=False, **opts)
+        assert list(it) == list(range(340))
+    dear = _dear_items_per_chunk(it.stats, 300, 340)
+    assert sum(dear) == 40
+    assert max(dear) <= 8, it.stats.workers[0].chunk_log
+
+
+def test_given_back_items_keep_their_positions_and_errors():
+    with pmaprt.Pool(2) as p:
+        got = list(p.map(dear_after_fails_at_310, range(340), inline=False, on_error="return"))
+    assert [g for i, g in enumerate(got) if i != 310] == [i for i in range(340) if i != 310]
+    assert isinstance(got[310], ValueError) and "item 310" in str(got[310])
+    with pmaprt.Pool(2) as p:
+        with pytest.raises(ValueError, match="item 310"):
+            list(p.map(dear_after_fails_at_310, range(340), inline=False))
+
+
+def test_a_fixed_chunksize_is_never_cut():
+    with pmaprt.Pool(1) as p:
+        it = p.map(dear_after, range(340), chunksize=100, inline=False)
+        assert list(it) == list(range(340))
+    # the chunk that holds the dear items runs whole: chunksize=N is as given
+    assert max(c for _, _, _, c in it.stats.workers[0].chunk_log) <= 100
+    assert max(_dear_items_per_chunk(it.stats, 300, 340)) == 40
