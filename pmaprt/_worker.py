@@ -432,9 +432,12 @@ class Worker:
             if ctx.spmd:
                 from ._collective import rank_fn
                 fn = rank_fn(fn, self.segment(ctx.spmd), lo)
-            elif n > 1 and not ctx.sizer.fixed and ctx.sizer.t_item is not None:
-                # A chunk sized from a cost that has since risen gives back
-                # what it has not started (see _sched.PREEMPT_FACTOR).
+            elif n > 1 and ctx.get is not None and not ctx.sizer.fixed \
+                    and ctx.sizer.t_item is not None:
+                # An index-mode chunk sized from a cost that has since risen
+                # gives back what it has not started (see _sched.PREEMPT_FACTOR).
+                # Feed chunks are not cut: their items live in the feed, not
+                # in a range word.
                 has_errors, n = self._run_items_preemptible(ctx, fn, items, lo, n, t0, out)
                 items = None
             if items is None:

@@ -243,3 +243,11 @@ def test_a_fixed_chunksize_is_never_cut():
     # the chunk that holds the dear items runs whole: chunksize=N is as given
     assert max(c for _, _, _, c in it.stats.workers[0].chunk_log) <= 100
     assert max(_dear_items_per_chunk(it.stats, 300, 340)) == 40
+
+
+def test_feed_chunks_that_meet_dearer_items_lose_nothing():
+    # Feed-mode chunks (an iterator input) are never given back to a range
+    # word: their items live in the feed. Every result arrives, in order.
+    with pmaprt.Pool(2) as p:
+        got = list(p.map(dear_after, iter(range(340)), inline=False))
+    assert got == list(range(340))
