@@ -338,12 +338,31 @@ def test_chaos_random_sigkills_with_retries():
     stop = threading.Event()
     with Pool(2) as p:
         def killer():
-            while not stop.is_set() and len(kills) < 12:
-                time.sleep(rng.uniform(0.03, 0.12))
-                pids = p.pids()
-                if not pids or stop.is_set():
+            seen = {}   # pid -> its rank's chunk count when first seen
+            while not stop.is_set():
+                if len(kills) < 12:
+                    time.sleep(rng.uniform(0.03, 0.12))
+                    pids = p.pids()
+                    if not pids or stop.is_set():
+                        return
+                    pid = rng.choice(pids)
+                elif it.stats.lost_chunks or len(kills) >= 60:
                     return
-                pid = rng.choice(pids)
+                else:
+                    # The seeded kills can all miss work (a replacement still
+                    # starting, a worker loading the job, a chunk whose record
+                    # already arrived): until one costs a chunk, kill only
+                    # workers seen finishing chunks since they started.
+                    time.sleep(0.01)
+                    pids = p.pids()
+                    ws = it.stats.workers
+                    for rank, q in enumerate(pids):
+                        seen.setdefault(q, ws[rank].chunks)
+                    busy = [q for rank, q in enumerate(pids)
+                            if q not in kills and ws[rank].chunks > seen[q] + 1]
+                    if not busy:
+                        continue
+                    pid = rng.choice(busy)
                 try:
                     os.kill(pid, signal.SIGKILL)
                     kills.append(pid)
