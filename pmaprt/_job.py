@@ -309,7 +309,16 @@ class _JobState:
                 self._free_fed()
 
     def has_news(self):
-        return bool(self.pending) or self.here_error is not None
+        """Whether the consumer can go on without waiting. Ordered: only the
+        record at its position counts (records further on do not let it
+        move; returning for them made the parent spin, taking a core from the
+        workers, whenever results arrived out of order)."""
+        if self.here_error is not None:
+            return True
+        if self.ordered:
+            return self.consumed in self.pending or (
+                self.error_at is not None and self.error_at <= self.consumed)
+        return bool(self.arrived) or self.error_at is not None
 
     def fail_at(self, index, exc):
         """The map raises exc when the consumer reaches item `index`."""
