@@ -13,7 +13,11 @@ Parent side, `plan_input` sorts the iterables into one of two modes:
   (counting the arrays items refer to), so a worker decodes only the blocks
   its ranges touch, with large buffers inside items (ndarrays) out of band:
   by handle when shared, read from the parent, or copied once into the
-  segment.
+  segment. A long list of plain items is encoded lazily (`LazyBlocks`): the
+  blocks of the first window upfront, the others as the job's window moves
+  on, each batch into a segment of its own, named in a block table that
+  the parent fills before it raises the limit the workers claim below. A map
+  that goes inline never encodes the rest.
 - feed mode, for everything else (generators, iterators, dict views, files):
   the parent pulls items lazily and publishes encoded chunks in a table and a
   byte ring of the job's segment, with a bound on what is in flight.
@@ -31,6 +35,11 @@ MAX_BLOCK_ITEMS = 4096
 SMALL_INLINE_BYTES = 16 * 1024
 
 FEED_ENTRY = struct.Struct("<qIIQQ")  # start, count, nbytes, offset, segment id
+# Lazy list blocks: one entry per block (segment id, 0 = the job's own; offset; bytes).
+BLOCK_ENTRY = struct.Struct("<QQQ")
+# Lists of at least this many items (and more than the first window) are
+# encoded lazily; shorter ones upfront, in one pass.
+LAZY_MIN_ITEMS = 32768
 
 
 def _is_ndarray(x):
@@ -55,12 +64,13 @@ class IndexPlan:
 
     mode = "index"
 
-    def __init__(self, n, spec, blobs, data_size, error=None):
+    def __init__(self, n, spec, blobs, data_size, error=None, lazy=()):
         self.n = n
         self.spec = spec
         self.blobs = blobs
         self.data_size = data_size
         self.error = error  # (index, exception): encoding stopped there
+        self.lazy = list(lazy)  # LazyBlocks: blocks still to encode as the window moves
 
 
 class FeedPlan:
@@ -74,6 +84,7 @@ class _DataArea:
     def __init__(self):
         self.size = 0
         self.blobs = []
+        self.lazy = []     # LazyBlocks of this plan
 
     def add(self, data, nbytes):
         off = self.size
@@ -82,21 +93,26 @@ class _DataArea:
         return off
 
 
-def plan_input(iterables, star, enc=None):
+def plan_input(iterables, star, enc=None, upfront=None):
     """IndexPlan or FeedPlan for map(fn, *iterables); `star`: items are arg tuples.
-    enc: the job's _array.ItemEncoder (shared arrays, out-of-band buffers)."""
+    enc: the job's _array.ItemEncoder (shared arrays, out-of-band buffers).
+    upfront: items the workers may claim at first (the job's first window):
+    a long list need only be encoded that far before the job starts."""
     if all(_indexable(x) for x in iterables):
         area = _DataArea()
         specs, error, n = [], None, min(len(x) for x in iterables)
         for x in iterables:
-            spec, err = _index_spec(x, n, area, enc)
+            if upfront is not None and isinstance(x, (list, tuple)):
+                spec, err = _blocks_spec(x, n, area, enc, upfront)
+            else:
+                spec, err = _index_spec(x, n, area, enc)
             specs.append(spec)
             if err is not None and (error is None or err[0] < error[0]):
                 error = err
         if error is not None:
             n = error[0]
         spec = specs[0] if len(specs) == 1 else ("zip", specs)
-        return IndexPlan(n, spec, area.blobs, area.size, error)
+        return IndexPlan(n, spec, area.blobs, area.size, error, area.lazy)
     if len(iterables) == 1:
         return FeedPlan(iter(iterables[0]))
     return FeedPlan(zip(*iterables))
@@ -142,8 +158,10 @@ def _array_spec(a, area, enc=None):
     return ("array", a.dtype, a.shape, off)
 
 
-def _blocks_spec(x, n, area, enc=None):
-    """Encode x[:n] in blocks; stops at the first item that cannot be encoded."""
+def _blocks_spec(x, n, area, enc=None, upfront=None):
+    """Encode x[:n] in blocks; stops at the first item that cannot be encoded.
+    With `upfront`, a long list of plain items (no out-of-band buffers) is
+    encoded only as far as the first `upfront` items: see LazyBlocks."""
     if n == 0:
         return ("slice", ()), None
     probe = x[: min(n, 32)]
@@ -163,6 +181,9 @@ def _blocks_spec(x, n, area, enc=None):
         except _serialize.PICKLE_ERRORS:
             pass  # the block encoder below names the item that fails
     bsize = max(1, min(MAX_BLOCK_ITEMS, BLOCK_BYTES // per_item))
+    if upfront is not None and not oob and not getattr(enc, "ref_bytes", 0) \
+            and n >= LAZY_MIN_ITEMS and n > upfront + bsize:
+        return _lazy_blocks_spec(x, n, area, bsize, upfront)
     offsets, error = [], None
     for lo in range(0, n, bsize):
         block = list(x[lo: min(lo + bsize, n)])
@@ -178,6 +199,62 @@ def _blocks_spec(x, n, area, enc=None):
             break
         offsets.append((area.add(data, len(data)), len(data)))
     return ("blocks", bsize, offsets), error
+
+
+def _encode_block(x, lo, hi):
+    """(bytes, None) for items [lo, hi) of x, or (bytes of those before the
+    first bad item, (index, TypeError)) when one cannot be pickled."""
+    block = list(x[lo:hi])
+    try:
+        return _serialize.dumps_list(block), None
+    except _serialize.PICKLE_ERRORS:
+        bad = _serialize.find_unpicklable(block)
+        j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
+        return _serialize.dumps_list(block[:j]), (lo + j, _unpicklable_item(lo + j, block[j], exc))
+
+
+def _lazy_blocks_spec(x, n, area, bsize, upfront):
+    nblocks = (n + bsize - 1) // bsize
+    table = bytearray(nblocks * BLOCK_ENTRY.size)
+    table_off = area.add(table, len(table))
+    lazy = LazyBlocks(x, n, bsize, nblocks, table_off)
+    error = None
+    for k in range(min(nblocks, (upfront + bsize - 1) // bsize)):
+        lo = k * bsize
+        data, error = _encode_block(x, lo, min(lo + bsize, n))
+        if data:
+            BLOCK_ENTRY.pack_into(table, k * BLOCK_ENTRY.size, 0, area.add(data, len(data)), len(data))
+        lazy.k = k + 1
+        if error is not None:
+            lazy.k = nblocks   # the map ends at the bad item: nothing more to encode
+            break
+    area.lazy.append(lazy)
+    return ("lblocks", bsize, table_off, nblocks), error
+
+
+class LazyBlocks:
+    """The parent's side of a lazily encoded list: blocks [0, k) are encoded
+    and in the table; `encode(upto)` encodes those that items below `upto`
+    touch."""
+
+    def __init__(self, x, n, bsize, nblocks, table_off):
+        self.x, self.n, self.bsize, self.nblocks, self.table_off = x, n, bsize, nblocks, table_off
+        self.k = 0
+
+    def encode(self, upto):
+        """[(block, bytes)], error: the blocks items below `upto` need, up to
+        the first item that cannot be pickled (error = (index, TypeError))."""
+        out = []
+        end = min(self.nblocks, (min(upto, self.n) + self.bsize - 1) // self.bsize)
+        while self.k < end:
+            lo = self.k * self.bsize
+            data, error = _encode_block(self.x, lo, min(lo + self.bsize, self.n))
+            out.append((self.k, data))
+            self.k += 1
+            if error is not None:
+                self.k = self.nblocks
+                return out, error
+        return out, None
 
 
 def _unpicklable_item(index, item, exc):
@@ -222,6 +299,8 @@ def open_spec(spec, segbuf):
         return lambda a, b: [rows(*span(rule, i)) for i in range(a, b)]
     if kind == "blocks":
         return _BlockReader(spec[1], spec[2], segbuf).get
+    if kind == "lblocks":
+        return _LazyBlockReader(spec[1], spec[2], segbuf).get
     if kind == "seq":
         obj = spec[1]
         return lambda a, b: [obj[i] for i in range(a, b)]
@@ -258,3 +337,24 @@ class _BlockReader:
             blk = self.block(k)
             out.extend(blk[max(a - k * bs, 0): min(b - k * bs, len(blk))])
         return out
+
+
+class _LazyBlockReader(_BlockReader):
+    """Blocks named in the job's block table (LazyBlocks): in the job's
+    segment or in a segment of their own."""
+
+    def __init__(self, bsize, table_off, segbuf):
+        super().__init__(bsize, None, segbuf)
+        self.table_off = table_off
+
+    def block(self, k):
+        b = self.cache.get(k)
+        if b is None:
+            seg_id, off, nbytes = BLOCK_ENTRY.unpack_from(
+                self.segbuf, self.table_off + k * BLOCK_ENTRY.size)
+            buf = _array._resolver(seg_id).buf if seg_id else self.segbuf
+            b = _serialize.loads_list(buf[off: off + nbytes])
+            if len(self.cache) >= 4:
+                self.cache.clear()
+            self.cache[k] = b
+        return b

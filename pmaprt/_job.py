@@ -28,7 +28,7 @@ import sys
 import time
 
 from . import _array, _collective, _memguard, _serialize, _shm, _sched
-from ._access import FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
+from ._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
                       item_timeout_error, oom_hint)
 from ._shm import (MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
@@ -188,6 +188,7 @@ class _JobState:
         self.backlog = []          # lost ranges waiting for a free retry word (index mode)
         self.load_crashes = 0      # workers that died loading this job, in a row
         self.segs = []
+        self.lazy = []             # _access.LazyBlocks of a long list input
         self.gen = None
         self.t_item = _sched.ChunkSizer(self.fixed)
         self.cpu_item = None       # workers' CPU seconds per item (EWMA)
@@ -205,7 +206,8 @@ class _JobState:
                 raise ValueError("pmaprt: out= and on_error='return' do not go together: an "
                                  "exception cannot take an array row's place")
         fn_bytes = _serialize.dumps_fn(fn)
-        plan = plan_input(iterables, star, self.arrays.encoder)
+        plan = plan_input(iterables, star, self.arrays.encoder,
+                          upfront=None if axis_name is not None else self._window())
         if axis_name is not None:
             with pool._lock:
                 self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
@@ -246,6 +248,7 @@ class _JobState:
         desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed)
                                     + self.arrays.desc_extra())
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
+        self.lazy, self.lazy_seg = plan.lazy, seg
         self.limit = min(self.n, self._window())
         self.gen, self.slot, self.off = self.pool._post(
             self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off,
@@ -679,11 +682,46 @@ class _JobState:
         if self.limit - self.consumed < self._window() // 2:
             if self.limit > self.consumed and self.guard.low():
                 return
-            self.limit = min(self.n, self.consumed + self._window())
+            limit = min(self.n, self.consumed + self._window())
+            if self.lazy:
+                limit = self._encode_lazy(limit)
+            self.limit = limit
             with self.pool._lock:
                 if self.pool._r is not None:
                     self.pool._r.store64(self.off + S_LIMIT, self.limit)
                     self.pool.wake_workers()
+
+    def _encode_lazy(self, upto):
+        """Encode the list blocks that items below `upto` need (see
+        _access.LazyBlocks) into a new segment and name them in the block
+        table, before the limit is raised. Returns the limit the workers may
+        go to: less than `upto` when an item cannot be pickled (the map then
+        ends there, raising its TypeError)."""
+        batches = []
+        for lz in self.lazy:
+            blocks, err = lz.encode(upto)
+            if blocks:
+                batches.append((lz, blocks))
+            if err is not None:
+                self.fail_at(*err)
+                self.inline_ok = False
+                self.n = min(self.n, err[0])
+                upto = min(upto, err[0])
+        if not batches:
+            return upto
+        size = sum((len(d) + 63) // 64 * 64 for _, bl in batches for _, d in bl)
+        with self.pool._lock:
+            if self.pool._res.ctl is None:
+                return upto
+            seg = self.pool.share(size)
+        self.segs.append(seg)
+        buf, table, pos = seg.buf, self.lazy_seg.buf, 0
+        for lz, bl in batches:
+            for k, d in bl:
+                buf[pos: pos + len(d)] = d
+                BLOCK_ENTRY.pack_into(table, lz.table_off + k * BLOCK_ENTRY.size, seg.id, pos, len(d))
+                pos += (len(d) + 63) // 64 * 64
+        return upto
 
     def _end(self):
         """Items the workers deliver: all of them, or those before the inline part."""

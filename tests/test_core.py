@@ -206,3 +206,48 @@ def test_public_exports():
                                    "MapStats", "shutdown"}
     for name in pmaprt.__all__:
         assert hasattr(pmaprt, name)
+
+
+# --- long lists: encoded lazily as the window moves (_access.LazyBlocks)
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("no pickling for this one")
+
+
+def test_long_list_encoded_lazily_matches_map(pool):
+    xs = [(i, str(i)) for i in range(120_000)]
+    it = pool.map(ident, xs, inline=False)
+    assert list(it) == xs
+    assert it.stats.items == len(xs)
+    ys = list(range(100_000))
+    assert list(pool.starmap(add, [(i, i) for i in range(90_000)], inline=False)) == \
+        [2 * i for i in range(90_000)]
+    assert list(pool.map(add, ys, ys, inline=False)) == [2 * i for i in ys]
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_long_list_with_a_late_unpicklable_item(pool, fresh):
+    # fresh: a new pool, whose small first chunks move the window in small
+    # steps, so the bad item's block is encoded well before the window reaches it
+    xs = list(range(100_000))
+    xs[90_000] = Unpicklable()
+    p = Pool(2) if fresh else pool
+    try:
+        got = []
+        with pytest.raises(TypeError, match="item 90000") as ei:
+            for y in p.map(ident, xs, inline=False):
+                got.append(y)
+        assert got == list(range(90_000))
+        assert "no pickling" in str(ei.value)
+        assert list(p.map(ident, range(5))) == list(range(5))   # the pool goes on
+    finally:
+        if fresh:
+            p.close()
+
+
+def test_long_list_abandoned_early_frees_its_segments(pool):
+    it = pool.map(ident, list(range(200_000)), inline=False)
+    assert [next(it) for _ in range(10)] == list(range(10))
+    it.close()
+    assert list(pool.map(ident, list(range(70_000)), inline=False)) == list(range(70_000))
