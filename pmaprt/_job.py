@@ -59,6 +59,7 @@ INLINE_MIN_CHUNKS = 4
 INLINE_MIN_WORK_S = 0.005
 INLINE_MARGIN = 1.25
 INLINE_WINDOW_S = 0.01
+INLINE_OBS_MAX_T = 2e-6
 # The caller's cost of taking one item from a result list (C-level iteration).
 CONSUME_ITEM_S = 1e-8
 
@@ -669,7 +670,11 @@ class _JobState:
         # actually waited per item, once chunks are mature, corrects it where
         # they are not (a loaded or small machine: measured on 2 cores, tiny
         # items took 2.6e-7 s each in parallel where the model said 1.1e-7).
-        if self.obs_consumed is not None and self.obs_records >= INLINE_MIN_CHUNKS:
+        # Only for tiny items (where the model's error matters): with dearer
+        # or skewed items, what the consumer waits in order says little
+        # (it waited for one long item, not for the pool's overhead).
+        if t < INLINE_OBS_MAX_T and self.obs_consumed is not None \
+                and self.obs_records >= INLINE_MIN_CHUNKS:
             items = self.consumed - self.obs_consumed
             if items > 0 and (self.wait_s / items + p) * INLINE_MARGIN >= t:
                 return True
