@@ -183,7 +183,7 @@ def _blocks_spec(x, n, area, enc=None, upfront=None):
     bsize = max(1, min(MAX_BLOCK_ITEMS, BLOCK_BYTES // per_item))
     if upfront is not None and not oob and not getattr(enc, "ref_bytes", 0) \
             and n >= LAZY_MIN_ITEMS and n > upfront + bsize:
-        return _lazy_blocks_spec(x, n, area, bsize, upfront)
+        return _lazy_blocks_spec(x, n, area, bsize, upfront, enc)
     offsets, error = [], None
     for lo in range(0, n, bsize):
         block = list(x[lo: min(lo + bsize, n)])
@@ -201,19 +201,25 @@ def _blocks_spec(x, n, area, enc=None, upfront=None):
     return ("blocks", bsize, offsets), error
 
 
-def _encode_block(x, lo, hi):
-    """(bytes, None) for items [lo, hi) of x, or (bytes of those before the
-    first bad item, (index, TypeError)) when one cannot be pickled."""
+def _encode_block(x, lo, hi, enc=None):
+    """(data, None) for items [lo, hi) of x (bytes, or an _array.Encoded with
+    enc), or (data of those before the first bad item, (index, error)) when
+    one cannot be pickled, or the list has shrunk since the map began."""
     block = list(x[lo:hi])
+    short = None
+    if len(block) < hi - lo:
+        short = (lo + len(block), RuntimeError(
+            "pmaprt: the input list changed size during the map (it had at least %d items "
+            "when the map began, %d now)" % (hi, len(x))))
     try:
-        return _serialize.dumps_list(block), None
+        return _serialize.dumps_list(block, enc), short
     except _serialize.PICKLE_ERRORS:
         bad = _serialize.find_unpicklable(block)
         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
-        return _serialize.dumps_list(block[:j]), (lo + j, _unpicklable_item(lo + j, block[j], exc))
+        return _serialize.dumps_list(block[:j], enc), (lo + j, _unpicklable_item(lo + j, block[j], exc))
 
 
-def _lazy_blocks_spec(x, n, area, bsize, upfront):
+def _lazy_blocks_spec(x, n, area, bsize, upfront, enc=None):
     nblocks = (n + bsize - 1) // bsize
     table = bytearray(nblocks * BLOCK_ENTRY.size)
     table_off = area.add(table, len(table))
@@ -221,7 +227,7 @@ def _lazy_blocks_spec(x, n, area, bsize, upfront):
     error = None
     for k in range(min(nblocks, (upfront + bsize - 1) // bsize)):
         lo = k * bsize
-        data, error = _encode_block(x, lo, min(lo + bsize, n))
+        data, error = _encode_block(x, lo, min(lo + bsize, n), enc)
         if data:
             BLOCK_ENTRY.pack_into(table, k * BLOCK_ENTRY.size, 0, area.add(data, len(data)), len(data))
         lazy.k = k + 1
@@ -241,14 +247,15 @@ class LazyBlocks:
         self.x, self.n, self.bsize, self.nblocks, self.table_off = x, n, bsize, nblocks, table_off
         self.k = 0
 
-    def encode(self, upto):
-        """[(block, bytes)], error: the blocks items below `upto` need, up to
-        the first item that cannot be pickled (error = (index, TypeError))."""
+    def encode(self, upto, enc=None):
+        """[(block, data)], error: the blocks items below `upto` need, up to
+        the first item that cannot be pickled (error = (index, exception)).
+        enc: the job's item encoder (arrays in items travel as at the start)."""
         out = []
         end = min(self.nblocks, (min(upto, self.n) + self.bsize - 1) // self.bsize)
         while self.k < end:
             lo = self.k * self.bsize
-            data, error = _encode_block(self.x, lo, min(lo + self.bsize, self.n))
+            data, error = _encode_block(self.x, lo, min(lo + self.bsize, self.n), enc)
             out.append((self.k, data))
             self.k += 1
             if error is not None:

@@ -290,12 +290,14 @@ class _JobState:
 
     def _window(self):
         w = max(WINDOW_MIN_ITEMS, int(WINDOW_CHUNKS_PER_WORKER * self.nwork * self.avg_chunk))
-        if self.inline_ok and self.cpu_item:
+        if self.inline_ok and not self.fixed and self.cpu_item:
             # While the map may still go inline, workers run at most about
             # INLINE_WINDOW_S of map's time ahead: what they hold when the
             # parent takes over is run at the parallel path's (slower) pace
-            # before the inline part can start.
-            w = min(w, max(WINDOW_MIN_ITEMS, int(INLINE_WINDOW_S / self.cpu_item)))
+            # before the inline part can start. Never below 4 chunks per
+            # worker, or workers would wait for the window.
+            w = min(w, max(WINDOW_MIN_ITEMS, int(4 * self.nwork * self.avg_chunk),
+                           int(INLINE_WINDOW_S / self.cpu_item)))
         return w
 
     # --- records from the pool (lock held)
@@ -673,8 +675,12 @@ class _JobState:
         # Only for tiny items (where the model's error matters): with dearer
         # or skewed items, what the consumer waits in order says little
         # (it waited for one long item, not for the pool's overhead).
+        # And only for items that compute: an item that blocks (I/O, a lock)
+        # has a wall time far above its CPU time, and would run serially inline.
+        wall = self.t_item.t_item
         if t < INLINE_OBS_MAX_T and self.obs_consumed is not None \
-                and self.obs_records >= INLINE_MIN_CHUNKS:
+                and self.obs_records >= INLINE_MIN_CHUNKS and wall is not None \
+                and wall <= 2 * t:
             items = self.consumed - self.obs_consumed
             if items > 0 and (self.wait_s / items + p) * INLINE_MARGIN >= t:
                 return True
@@ -734,8 +740,12 @@ class _JobState:
         ends there, raising its TypeError)."""
         batches = []
         t_enc = time.perf_counter()
+        # Encode ahead geometrically (at least twice what is encoded so far):
+        # a long map then makes O(log n) segments, not one per window move.
+        # (A map that then goes inline has encoded at most twice what it needed.)
+        ahead = max(upto, 2 * self.lazy[0].k * self.lazy[0].bsize)
         for lz in self.lazy:
-            blocks, err = lz.encode(upto)
+            blocks, err = lz.encode(ahead, self.arrays.encoder)
             if blocks:
                 batches.append((lz, blocks))
             if err is not None:
@@ -756,12 +766,13 @@ class _JobState:
                 return upto
             seg = self.pool.share(size)
         self.segs.append(seg)
-        buf, table, pos = seg.buf, self.lazy_seg.buf, 0
+        table, pos, blobs = self.lazy_seg.buf, 0, []
         for lz, bl in batches:
             for k, d in bl:
-                buf[pos: pos + len(d)] = d
+                blobs.append((pos, d))
                 BLOCK_ENTRY.pack_into(table, lz.table_off + k * BLOCK_ENTRY.size, seg.id, pos, len(d))
                 pos += (len(d) + 63) // 64 * 64
+        _array.write_blobs(seg.buf, blobs)
         return upto
 
     def _end(self):

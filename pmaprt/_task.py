@@ -45,10 +45,24 @@ def fn_bytes(fn):
     return b
 
 
+class _LargeBuffer(Exception):
+    pass
+
+
+def _small_buffers_inline(pb):
+    # pickle protocol 5: a buffer (an ndarray's data) goes in-band if this
+    # returns true; a large one stops the pickling at once, before any copy:
+    # the general path sends arrays through shared memory.
+    if pb.raw().nbytes > _shm.INLINE_DESC // 4:
+        raise _LargeBuffer
+    return True
+
+
 def encode(fn, args, kwargs):
     """The task's descriptor, or None when it must take the general path."""
     try:
-        desc = pickle.dumps((fn_bytes(fn), args, kwargs), _serialize.PROTOCOL)
+        desc = pickle.dumps((fn_bytes(fn), args, kwargs), _serialize.PROTOCOL,
+                            buffer_callback=_small_buffers_inline)
     except Exception:
         return None     # the general path pickles with cloudpickle, or names what fails
     if len(desc) > _shm.INLINE_DESC:

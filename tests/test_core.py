@@ -251,3 +251,33 @@ def test_long_list_abandoned_early_frees_its_segments(pool):
     assert [next(it) for _ in range(10)] == list(range(10))
     it.close()
     assert list(pool.map(ident, list(range(70_000)), inline=False)) == list(range(70_000))
+
+
+def test_long_list_map_opens_few_segments(pool):
+    # Lazy blocks are encoded ahead geometrically: a long map adds a handful of
+    # segments (file descriptors), not one per window move.
+    import psutil
+    me = psutil.Process()
+    fds0 = me.num_fds()
+    peak = 0
+    it = pool.map(ident, list(range(1_000_000)), chunksize=2000)
+    for i, y in enumerate(it):
+        if i % 50_000 == 0:
+            peak = max(peak, me.num_fds() - fds0)
+    assert peak <= 40, peak
+
+
+def test_a_list_that_shrinks_during_the_map_raises(pool):
+    xs = list(range(200_000))
+    it = pool.map(ident, xs, inline=False)
+    assert next(it) == 0
+    del xs[60_000:]
+    with pytest.raises(RuntimeError, match="changed size"):
+        for _ in it:
+            pass
+
+
+def test_fixed_chunks_are_not_held_back_by_the_window(pool):
+    it = pool.map(ident, range(200_000), chunksize=20_000)
+    assert list(it) == list(range(200_000))
+    assert all(w.chunks >= 1 for w in it.stats.workers), it.stats.summary()

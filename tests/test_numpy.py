@@ -576,3 +576,21 @@ def test_pmap_default_pool_with_arrays():
     assert list(pmap(row_sum, s, out=out, workers=2)) == [None] * 6
     assert out.tolist() == [1.0, 5.0, 9.0, 13.0, 17.0, 21.0]
     assert list(pmaprt.imap_unordered(len, s, chunks=3)) == [3, 3]
+
+
+def fill_if_array(item):
+    i, a = item
+    if a is not None:
+        a[:] = i
+    return i
+
+
+def test_shared_arrays_late_in_a_long_list_are_written_in_place(pool):
+    # A long list is encoded lazily, block by block as the map goes on: items
+    # far from the start that hold shared arrays still go by handle, so what
+    # fn writes into them is what the caller sees.
+    n = 40_000
+    arrays = {i: pmaprt.zeros(BIG) for i in range(n - 20, n)}
+    items = [(i, arrays.get(i)) for i in range(n)]
+    assert list(pool.map(fill_if_array, items, inline=False)) == list(range(n))
+    assert all(float(a[0]) == i and float(a[-1]) == i for i, a in arrays.items())
