@@ -28,7 +28,7 @@ import weakref
 from . import _task, _array, _shm
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
-    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
+    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
     H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_HAS_ERRORS, REC_KIND_MASK,
     REC_RESULT, REC_STOLEN, REC_WRAP, RETRY_RANGES, RING_SIZE, S_CANCEL, S_REFS, S_STATE,
     SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
@@ -222,6 +222,7 @@ class Pool:
         res.procs = [None] * n
         res.socks = [None] * n
         self._heads = [0] * n
+        self._tail_offs = [self._layout.worker(w) + W_TAIL for w in range(n)]
         self._start_failures = 0
         self._jobs = {}
         self._gen = 0
@@ -322,6 +323,10 @@ class Pool:
     def _on_death(self, w, proc, rc):
         r = self._r
         area = self._layout.worker(w)
+        if r.cas64(H_HOT_SPINNER, w + 1, 0):
+            # Killed holding the hot spinner word: a task posted since then
+            # woke no one (see wake_workers); the others look now.
+            self.wake_workers()
         try:
             drained = self._drain_worker(w)
         except (EOFError, OSError):
@@ -530,9 +535,11 @@ class Pool:
             self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
         return gen, slot, off
 
-    def wake_workers(self, count=1 << 30):
+    def wake_workers(self, count=1 << 30, task=False):
         r = self._r
         r.add32(H_BOARD_SEQ, 1)
+        if task and r.load64(H_HOT_SPINNER):
+            return      # a worker spins for it (see _worker.HOT_SPIN_NS)
         if r.load32(H_BOARD_SLEEPERS):
             r.wake32(H_BOARD_SEQ, count)
 
@@ -600,9 +607,12 @@ class Pool:
         return seen
 
     def _drain(self):
+        # One load per worker for the common case, an empty ring: a waiting
+        # parent drains every ring on each wake-up, so this runs per result.
         got = 0
-        for w in range(self.workers):
-            if self._drain_worker(w):
+        load, heads = self._r.load64, self._heads
+        for w, off in enumerate(self._tail_offs):
+            if load(off) != heads[w] and self._drain_worker(w):
                 got += 1
         return got
 
@@ -761,7 +771,7 @@ class Pool:
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << s))
         self._jobs[gen] = task
-        self.wake_workers(1)
+        self.wake_workers(1, task=True)
         return gen, s, off
 
     def close(self):

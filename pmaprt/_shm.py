@@ -48,6 +48,9 @@ H_RESULTS_SEQ = 24
 H_PARENT_SLEEPING = 28
 H_SHUTDOWN = 32
 H_ACTIVE_MASK = 40  # 64-bit: bit s set while slot s holds an active job
+# 64-bit: rank + 1 of the one worker spinning for the next job after finishing
+# work (0: none). A task (one call) posted while it spins needs no wake call.
+H_HOT_SPINNER = 48
 HEADER_SIZE = 64
 
 # job slot

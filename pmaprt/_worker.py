@@ -26,7 +26,7 @@ from . import _array, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, open_spec
 from ._errors import ReturnedError
 from ._shm import (
-    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_PARENT_SLEEPING, H_RESULTS_SEQ, H_SHUTDOWN,
+    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_RESULTS_SEQ, H_SHUTDOWN,
     MODE_FEED, MODE_INDEX, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_RESULT, REC_STOLEN, REC_WRAP,
     RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
     S_NEXT, S_NWORK, S_RANGES, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
@@ -42,6 +42,14 @@ IN_WORKER = False
 # tight submit loop without a system call, short enough not to take a core
 # from the user's work when nothing comes.
 SPIN_NS = 50_000 if (os.cpu_count() or 1) >= 4 else 0
+# A worker that has just finished work, if no other worker holds the hot
+# spinner word, spins this long for the next job before it sleeps, on every
+# machine: a loop of calls (Pool.apply, Executor.submit) then finds it awake
+# and posts without a wake call, which on a 2-core VM costs 20-50 us each way.
+# One hot spinner at most keeps small machines from losing a core to spins.
+HOT_SPIN_NS = 100_000
+# A worker busy with one job after another reads its socket this often.
+SOCKET_POLL_S = 0.001
 # A sleeping worker wakes this often to check that its parent is alive.
 IDLE_TIMEOUT_S = 1.0
 
@@ -71,6 +79,7 @@ class Worker:
         # Worker recycling: exit (and be replaced) after this many items.
         self.max_items = init.get("max_items_per_worker") or 0
         self.items_done = 0
+        self.hot_held = False  # holds H_HOT_SPINNER (taken as a task's record goes out)
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
         self.oob = _array.ResultEncoder(sock)   # results with large arrays: through shared memory
@@ -123,13 +132,40 @@ class Worker:
         r = self.r
         r.store32(self.area + W_PID, os.getpid())
         r.store32(self.area + W_STATE, WSTATE_READY)
+        me = self.rank + 1
+        hot = False
+        polled = 0.0
+        clock = time.perf_counter
         while True:
             if r.load32(H_SHUTDOWN):
                 return
-            self.poll_socket()
+            # The socket carries rare messages (segments, frees): between
+            # busy turns it is looked at every SOCKET_POLL_S, not at each
+            # (one system call per turn was a tenth of a round trip).
             seq = r.load32(H_BOARD_SEQ)
+            now = clock()
+            if now - polled > SOCKET_POLL_S:
+                polled = now
+                self.poll_socket()
             if self.work_once():
+                hot = True
                 continue
+            if hot:
+                hot = False
+                if self.hot_held or r.cas64(H_HOT_SPINNER, 0, me):
+                    self.hot_held = False
+                    # Spin only (timeout 0), then give the word back before
+                    # sleeping: a parent that read it as taken after bumping
+                    # the sequence skipped the wake call, and this store comes
+                    # before the futex's own check of the sequence.
+                    changed = r.wait32(H_BOARD_SEQ, seq, 0, HOT_SPIN_NS)
+                    r.store64(H_HOT_SPINNER, 0)
+                    if changed:
+                        continue
+            # Before sleeping, always: a freed segment's mapping goes now (the
+            # parent bumps the sequence after sending, so nothing is missed).
+            self.poll_socket()
+            polled = clock()
             # Counted in H_BOARD_SLEEPERS only once asleep in the kernel: while
             # this worker spins, the parent posts a job without a wake call.
             changed = r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S, SPIN_NS, H_BOARD_SLEEPERS)
@@ -155,6 +191,9 @@ class Worker:
         for gen, s, off in cands:
             if self.rank >= r.load32(off + S_NWORK) or not self.has_work(off):
                 continue
+            if self.hot_held:      # about to work: tasks must wake a sleeper again
+                self.hot_held = False
+                r.store64(H_HOT_SPINNER, 0)
             r.add32(off + S_REFS, 1)
             try:
                 if r.load32(off + S_STATE) == SLOT_ACTIVE and r.load64(off + S_GEN) == gen \
@@ -268,6 +307,13 @@ class Worker:
             self.t_items[ctx.fn_key] = ctx.sizer.t_item
         return did
 
+    def _take_hot(self):
+        # Before a task's record goes out: the caller's next task, posted as
+        # soon as it has this one's result, then finds this worker's claim to
+        # spin and needs no wake call (see HOT_SPIN_NS).
+        if not self.hot_held:
+            self.hot_held = self.r.cas64(H_HOT_SPINNER, 0, self.rank + 1)
+
     def run_task(self, gen, off):
         """One call (Pool.apply; see _task.py): claim it, run it, put its record."""
         r, a = self.r, self.area
@@ -279,7 +325,6 @@ class Worker:
         self._set_cur(gen, 0, 1)
         r.store64(a + W_CUR_K, -1)
         t0 = time.perf_counter()
-        c0 = time.thread_time()
         try:
             n = r.load32(off + S_DESC_LEN)
             base = off + self.layout.desc_off
@@ -291,27 +336,30 @@ class Worker:
                     self.fns.clear()
                 self.fns[fn_bytes] = fn
         except BaseException as e:
+            self._take_hot()
             self.put_error(gen, 0, 1, [], e, "while loading the task in the worker", t0, False)
             self._set_cur(0, 0, 0)
             return True
         try:
             result = fn(*args, **kwargs)
         except BaseException as e:
+            self._take_hot()
             self.put_error(gen, 0, 1, [], e, None, t0, False)
             self._set_cur(0, 0, 0)
             return True
         t1 = time.perf_counter()
-        cpu = time.thread_time() - c0
         self.items_done += 1
         try:
             payload = _serialize.dumps_list([result], self.oob)
         except BaseException as e:
             err = TypeError("pmaprt: the result of the task (a %s) cannot be pickled to return "
                             "it from the worker: %s" % (type(result).__name__, e))
+            self._take_hot()
             self.put_error(gen, 0, 1, [], err, None, t0, False, tb=False)
             self._set_cur(0, 0, 0)
             return True
-        self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, cpu)
+        self._take_hot()
+        self.put(REC_RESULT, gen, 0, 1, payload, t0, t1)   # a task's CPU time is not kept
         self._set_cur(0, 0, 0)
         if self.max_items and self.items_done >= self.max_items:
             self.recycle()

@@ -221,3 +221,64 @@ def test_ctrl_c_during_apply_is_prompt_and_leaves_no_worker():
               for q in pids):
         assert time.monotonic() < deadline, "workers left after Ctrl-C"
         time.sleep(0.05)
+
+
+# --- the hot spinner (H_HOT_SPINNER): a worker that has just answered a task
+# spins for the next one, and a task posted meanwhile skips the wake call.
+
+def sleep_then(x, s):
+    time.sleep(s)
+    return x
+
+
+def test_a_long_task_does_not_hold_back_the_next_from_another_thread():
+    # A worker takes the hot spinner word as it answers a task. If it then
+    # found another task waiting and ran it still holding the word, a task
+    # posted meanwhile would wake no sleeping worker: it would wait for a
+    # worker's 1 s idle wake-up (or for the long task).
+    with Pool(2) as p:
+        for _ in range(50):
+            assert p.apply(add, 1) == 1
+        out = {}
+
+        def call(key, *args):
+            out[key] = p.apply(sleep_then, *args)
+
+        # Both workers busy (0.6 s and 0.3 s); the long task waits on the board
+        # and goes to the worker that answers first, as it takes the word.
+        ts = [threading.Thread(target=call, args=("a", 1, 0.6))]
+        ts[0].start()
+        time.sleep(0.1)
+        ts.append(threading.Thread(target=call, args=("b", 2, 0.3)))
+        ts[1].start()
+        time.sleep(0.1)
+        ts.append(threading.Thread(target=call, args=("long", 7, 4.0)))
+        ts[2].start()
+        time.sleep(0.9)     # both answered; one runs the long task, one sleeps
+        lat = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert p.apply(add, 2, 3) == 5
+            lat.append(time.monotonic() - t0)
+        for t in ts:
+            t.join(T)
+        assert out == {"a": 1, "b": 2, "long": 7}
+        # A plain round trip is well under a millisecond; a woken-by-timeout
+        # one takes up to 1 s.
+        assert max(lat) < 0.3, lat
+
+
+def test_a_hot_spinner_killed_holding_the_word_blocks_no_task():
+    with Pool(2) as p:
+        assert p.apply(add, 1) == 1
+        r = p._r
+        victim = p.pids()[0]
+        # As if worker 0 were killed between taking the word and giving it back.
+        r.store64(pmaprt._shm.H_HOT_SPINNER, 1)
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        for i in range(20):
+            assert p.apply(add, i, 1) == i + 1
+        # Stuck, the word would leave each task to a worker's 1 s idle wake-up.
+        assert time.monotonic() - t0 < 5
+        assert victim not in p.pids()
