@@ -641,9 +641,12 @@ class Pool:
                                SPIN_NS if spin_ns is None else spin_ns, H_PARENT_SLEEPING)
         finally:
             res.leave_wait()
-        if not changed:
-            with self._lock:
-                self._drain()
+        with self._lock:
+            if self._r is None or self._res.ctl is None:
+                return      # terminated meanwhile: the caller's next wait says so
+            # What woke this wait is handed over now, not on the next call.
+            self._drain()
+            if not changed:
                 self._check_workers()
 
     # --- the public API
