@@ -928,6 +928,192 @@ core_set_pdeathsig(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------
+ * Results(source, tail_type): the iterator a map's caller sees.
+ *
+ * source yields the map's results in pieces: lists (a chunk's results, taken
+ * by index), tail_type tuples (fn, seq, start, end): the inline rest of a
+ * map over a list or tuple, fn(seq[i]) for i in start..end-1, computed here
+ * with one call per item (no map object, no iterator over seq, no chain), or
+ * any other iterable (taken item by item). It replaces
+ * itertools.chain.from_iterable(source), whose extra layer per item made an
+ * inline map of tiny items 5-10 % slower than builtin map.
+ * As map does, an exception from fn is raised for its item, and the next
+ * call goes on with the next item.
+ * ------------------------------------------------------------------------ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *source;    /* iterator of pieces; NULL once exhausted */
+    PyObject *tail_type; /* the type that marks an inline tail */
+    PyObject *list;      /* current list piece, or NULL */
+    Py_ssize_t pos;
+    PyObject *fn;        /* current inline tail: fn over seq[pos:end] */
+    PyObject *seq;
+    Py_ssize_t end;
+    PyObject *it;        /* current piece of another kind */
+} ResultsObject;
+
+static PyObject *
+Results_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *source, *tail_type;
+    if (!PyArg_ParseTuple(args, "OO:Results", &source, &tail_type))
+        return NULL;
+    if (!PyType_Check(tail_type)) {
+        PyErr_SetString(PyExc_TypeError, "Results: tail_type must be a type");
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(source);
+    if (!it) return NULL;
+    ResultsObject *self = (ResultsObject *)type->tp_alloc(type, 0);
+    if (!self) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->source = it;
+    Py_INCREF(tail_type);
+    self->tail_type = tail_type;
+    return (PyObject *)self;
+}
+
+static int
+Results_traverse(ResultsObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->source);
+    Py_VISIT(self->tail_type);
+    Py_VISIT(self->list);
+    Py_VISIT(self->fn);
+    Py_VISIT(self->seq);
+    Py_VISIT(self->it);
+    return 0;
+}
+
+static int
+Results_clear(ResultsObject *self)
+{
+    Py_CLEAR(self->source);
+    Py_CLEAR(self->tail_type);
+    Py_CLEAR(self->list);
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->seq);
+    Py_CLEAR(self->it);
+    return 0;
+}
+
+static void
+Results_dealloc(ResultsObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Results_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+Results_next(ResultsObject *self)
+{
+    for (;;) {
+        if (self->list) {
+            if (self->pos < PyList_GET_SIZE(self->list)) {
+                PyObject *x = PyList_GET_ITEM(self->list, self->pos++);
+                Py_INCREF(x);
+                return x;
+            }
+            Py_CLEAR(self->list);
+        }
+        else if (self->seq) {
+            if (self->pos < self->end) {
+                PyObject *x;
+                if (PyList_CheckExact(self->seq)) {
+                    if (self->pos >= PyList_GET_SIZE(self->seq))
+                        goto tail_done;     /* the list shrank: stop, as its iterator does */
+                    x = PyList_GET_ITEM(self->seq, self->pos);
+                }
+                else
+                    x = PyTuple_GET_ITEM(self->seq, self->pos);
+                self->pos++;
+                Py_INCREF(x);
+                PyObject *r = PyObject_CallOneArg(self->fn, x);
+                Py_DECREF(x);
+                return r;
+            }
+        tail_done:
+            Py_CLEAR(self->seq);
+            Py_CLEAR(self->fn);
+        }
+        else if (self->it) {
+            PyObject *x = PyIter_Next(self->it);
+            if (x || PyErr_Occurred())
+                return x;
+            Py_CLEAR(self->it);
+        }
+        if (!self->source)
+            return NULL;
+        PyObject *piece = PyIter_Next(self->source);
+        if (!piece) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_CLEAR(self->source);
+            return NULL;
+        }
+        if (PyList_CheckExact(piece)) {
+            self->list = piece;
+            self->pos = 0;
+        }
+        else if ((PyObject *)Py_TYPE(piece) == self->tail_type) {
+            PyObject *fn, *seq;
+            Py_ssize_t start, end;
+            if (!PyArg_ParseTuple(piece, "OOnn:inline tail", &fn, &seq, &start, &end)) {
+                Py_DECREF(piece);
+                return NULL;
+            }
+            if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) {
+                Py_DECREF(piece);
+                PyErr_SetString(PyExc_TypeError, "Results: an inline tail needs a list or tuple");
+                return NULL;
+            }
+            if (start < 0) start = 0;
+            if (PyTuple_CheckExact(seq) && end > PyTuple_GET_SIZE(seq))
+                end = PyTuple_GET_SIZE(seq);
+            Py_INCREF(fn);
+            Py_INCREF(seq);
+            self->fn = fn;
+            self->seq = seq;
+            self->pos = start;
+            self->end = end;
+            Py_DECREF(piece);
+        }
+        else {
+            self->it = PyObject_GetIter(piece);
+            Py_DECREF(piece);
+            if (!self->it)
+                return NULL;
+        }
+    }
+}
+
+static PyType_Slot Results_slots[] = {
+    {Py_tp_new, Results_new},
+    {Py_tp_dealloc, Results_dealloc},
+    {Py_tp_traverse, Results_traverse},
+    {Py_tp_clear, Results_clear},
+    {Py_tp_iter, PyObject_SelfIter},
+    {Py_tp_iternext, Results_next},
+    {Py_tp_doc, "Results(source, tail_type): the items of source's pieces in order; "
+                "a tail_type piece (fn, seq, start, end) gives fn(seq[i]) for i in "
+                "start..end-1."},
+    {0, NULL},
+};
+
+static PyType_Spec Results_spec = {
+    .name = "pmaprt._core.Results",
+    .basicsize = sizeof(ResultsObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Results_slots,
+};
+
 static PyMethodDef core_methods[] = {
     {"set_pdeathsig", core_set_pdeathsig, METH_O,
      "set_pdeathsig(sig): deliver sig to this process when its parent dies"},
@@ -957,6 +1143,12 @@ core_exec(PyObject *m)
     if (!mt) return -1;
     if (PyModule_AddObject(m, "Mapping", mt) < 0) {
         Py_DECREF(mt);
+        return -1;
+    }
+    PyObject *rt = PyType_FromModuleAndSpec(m, &Results_spec, NULL);
+    if (!rt) return -1;
+    if (PyModule_AddObject(m, "Results", rt) < 0) {
+        Py_DECREF(rt);
         return -1;
     }
     if (PyModule_AddIntConstant(m, "RANGE_N_MAX", (long)RANGE_N_MASK) < 0) return -1;

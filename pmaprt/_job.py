@@ -10,14 +10,15 @@
     Pool.wait drains the rings -> on_record: chunk results by start index
                            |
     _chunks yields each chunk's result list in order (or as they come); the
-    iterator the caller sees is itertools.chain over them, so each item costs
-    a C-level step, not a generator resume. A failure is raised at the
-    position map would raise it.
+    iterator the caller sees is _core.Results over them, which takes each
+    list by index, so each item costs a C-level step, not a generator
+    resume. A failure is raised at the position map would raise it.
 
 Inline: when the workers' measured CPU per item shows that dispatching cannot
 beat map itself (the parent's own cost of decoding a result is about as large
-as computing it), the parent claims the rest of the input and yields
-``map(fn, rest)``, as map would run it.
+as computing it), the parent claims the rest of the input and runs it as map
+would: for a list or tuple, _core.Results calls fn(seq[i]) itself (one C
+step per item, as builtin map's own); otherwise it yields ``map(fn, rest)``.
 """
 import collections
 import itertools
@@ -95,6 +96,12 @@ def _check_reliability(retries, timeout, on_error):
     return retries, timeout, on_error == "return"
 
 
+class _InlineTail(tuple):
+    """(fn, seq, start, end): a piece of a map's results that _core.Results
+    computes itself, fn(seq[i]) for i in start..end-1 (seq a list or tuple)."""
+    __slots__ = ()
+
+
 class MapJob:
     """The iterator returned by pmap and Pool.map; ``.stats`` has its MapStats.
 
@@ -108,7 +115,7 @@ class MapJob:
                  inline="auto", **options):
         self._state = st = _JobState(pool, fn, iterables, star, chunksize, ordered, workers,
                                      progress, inline, **options)
-        self._it = itertools.chain.from_iterable(st._chunks())
+        self._it = _shm._core.Results(st._chunks(), _InlineTail)
 
     def __iter__(self):
         return self._it
@@ -710,6 +717,9 @@ class _JobState:
             rest = itertools.chain(held, self.it) if held else self.it
             return itertools.starmap(self.fn, rest) if self.star else map(self.fn, rest)
         end = self.n
+        if len(self.iterables) == 1 and not self.star \
+                and type(self.iterables[0]) in (list, tuple):
+            return _InlineTail((self.fn, self.iterables[0], a, end))
         parts = [_tail(x, a, end) for x in self.iterables]
         if len(parts) > 1:
             return map(self.fn, *parts)
@@ -881,7 +891,7 @@ class _JobState:
                 self._finish()
                 rest = self._inline_rest()
                 if self._progress is not None:
-                    rest = self._progress_wrap(rest)
+                    rest = self._progress_wrap(_tail_iter(rest))
                 yield rest
         finally:
             self._finish()
@@ -923,6 +933,13 @@ class _JobState:
                     pool.unshare(seg)
         self.segs = []
         self.arrays.release()
+
+
+def _tail_iter(rest):
+    if type(rest) is _InlineTail:
+        fn, seq, a, end = rest
+        return map(fn, itertools.islice(seq, a, end))
+    return rest
 
 
 def _tail(x, a, end):

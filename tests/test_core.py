@@ -185,6 +185,98 @@ def test_inline_runs_tiny_items_in_the_caller_with_map_results(pool):
     assert list(it) == [2 * i for i in range(400_000)]
 
 
+def fail_at_big(x):
+    if x == 399_990:
+        raise KeyError(x)
+    return x * 2
+
+
+def test_inline_list_rest_runs_like_map(pool):
+    # A list (or tuple) of tiny items goes inline, where _core.Results calls
+    # fn itself: same results, same exception at the same item as map, and
+    # the next call goes on after it, as map's does.
+    xs = list(range(400_000))
+    it = pool.map(double, xs)
+    assert list(it) == [2 * i for i in xs]
+    assert "inline" in it.stats.mode
+    assert list(pool.map(double, tuple(xs))) == [2 * i for i in xs]
+    got = []
+    it = pool.map(fail_at_big, xs)
+    with pytest.raises(KeyError) as ei:
+        for y in it:
+            got.append(y)
+    assert ei.value.args == (399_990,)
+    assert got == [2 * i for i in range(399_990)]
+    assert "inline" in it.stats.mode
+    assert list(it) == [2 * i for i in range(399_991, 400_000)]
+
+
+class _Tail(tuple):
+    __slots__ = ()
+
+
+def test_results_iterator_pieces():
+    from pmaprt._shm import _core
+    calls = []
+
+    def f(x):
+        calls.append(x)
+        if x == 3:
+            raise ValueError("three")
+        return x * 10
+
+    def pieces():
+        yield [1, 2]
+        yield []
+        yield _Tail((f, [0, 1, 2, 3, 4, 5], 2, 5))   # fn(seq[2..4])
+        yield iter("ab")
+        yield _Tail((str, (7, 8, 9), 1, 99))        # end past a tuple: clamped
+    r = _core.Results(pieces(), _Tail)
+    assert iter(r) is r
+    assert [next(r) for _ in range(3)] == [1, 2, 20]
+    with pytest.raises(ValueError, match="three"):
+        next(r)
+    assert list(r) == [40, "a", "b", "8", "9"]
+    assert calls == [2, 3, 4]
+    assert list(r) == []
+    # A list that shrinks under an inline tail stops at its new end, as
+    # iterating the list would.
+    xs = [1, 2, 3, 4, 5]
+
+    def shrink(x):
+        if x == 2:
+            del xs[3:]
+        return x
+    assert list(_core.Results(iter([_Tail((shrink, xs, 0, 5))]), _Tail)) == [1, 2, 3]
+    with pytest.raises(TypeError, match="list or tuple"):
+        list(_core.Results(iter([_Tail((f, "abc", 0, 3))]), _Tail))
+    with pytest.raises(TypeError):
+        _core.Results(iter([]), "not a type")
+
+
+def test_results_iterator_errors_and_cycles_are_collected():
+    import gc
+    import weakref
+    from pmaprt._shm import _core
+
+    def pieces():
+        yield [1]
+        raise RuntimeError("source failed")
+    r = _core.Results(pieces(), _Tail)
+    assert next(r) == 1
+    with pytest.raises(RuntimeError, match="source failed"):
+        next(r)
+
+    class Box:
+        pass
+    b = Box()
+    b.r = _core.Results(iter([[b]]), _Tail)     # a cycle through the iterator
+    ref = weakref.ref(b)
+    del b
+    gc.collect()
+    assert ref() is None
+
+
 def test_apply(pool):
     assert pool.apply(add, 2, 3) == 5
     assert pool.apply(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
