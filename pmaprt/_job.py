@@ -32,7 +32,7 @@ from . import _array, _collective, _memguard, _serialize, _shm, _sched
 from ._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
                       item_timeout_error, oom_hint)
-from ._shm import (MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
+from ._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
                    FLAG_FEED_DONE, FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, RETRY_RANGES)
 
 REC_RESULT_ERRORS = 6  # as in _pool: results among which are returned exceptions
@@ -339,6 +339,16 @@ class _JobState:
                 self.outstanding[k][3] = True
                 self.chunks_done += 1
                 self._free_fed()
+
+    def wait_key(self):
+        """What a parent asleep for this map waits for (see H_PARENT_WANT):
+        the record at the consumer's position, for an ordered map over
+        index ranges; 0 (any record) where others matter too (a feed to
+        refill, a progress bar, retries and timeouts, an SPMD map)."""
+        if self.ordered and not self.feed_mode and self.gen is not None \
+                and self._progress is None and self.spmd is None and not self.tracked:
+            return ((self.slot + 1) << WANT_SHIFT) | self.consumed
+        return 0
 
     def has_news(self):
         """Whether the consumer can go on without waiting. Ordered: only the

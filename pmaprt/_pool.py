@@ -28,7 +28,7 @@ import weakref
 from . import _task, _array, _shm
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
-    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_MAGIC, H_PARENT_SLEEPING, H_RESULTS_SEQ,
+    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_MAGIC, H_PARENT_WANT, H_PARENT_SLEEPING, H_RESULTS_SEQ,
     H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_HAS_ERRORS, REC_KIND_MASK,
     REC_RESULT, REC_STOLEN, REC_WRAP, RETRY_RANGES, RING_SIZE, S_CANCEL, S_REFS, S_STATE,
     SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
@@ -140,9 +140,13 @@ class _Resources:
         self.waiters = 0
         self.waiters_lock = threading.Lock()
 
-    def enter_wait(self):
+    def enter_wait(self, want=0):
         with self.waiters_lock:
             self.waiters += 1
+            if self.ctl is not None:
+                # One waiter may name the record it waits for; with more than
+                # one, any record may be someone's.
+                self.ctl.region.store64(H_PARENT_WANT, want if self.waiters == 1 else 0)
 
     def leave_wait(self):
         with self.waiters_lock:
@@ -631,7 +635,8 @@ class Pool:
         if got or job.has_news():
             return
         res = self._res
-        res.enter_wait()
+        want = job.wait_key() if hasattr(job, "wait_key") else 0
+        res.enter_wait(want)
         try:
             if res.ctl is None:
                 raise PoolClosedError("pmaprt: the pool was terminated while a map was running")

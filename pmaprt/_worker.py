@@ -26,10 +26,10 @@ from . import _array, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, open_spec
 from ._errors import ReturnedError
 from ._shm import (
-    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_RESULTS_SEQ, H_SHUTDOWN,
+    H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_PARENT_WANT, H_RESULTS_SEQ, H_SHUTDOWN,
     MODE_FEED, MODE_INDEX, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_RESULT, REC_STOLEN, REC_WRAP,
     RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
-    S_NEXT, S_NWORK, S_RANGES, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
+    S_NEXT, S_NWORK, S_RANGES, WANT_POS_MASK, WANT_SHIFT, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
     FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, REC_HAS_ERRORS, RETRY_RANGES, S_MAX_ITEMS,
     W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT,
     W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
@@ -79,6 +79,7 @@ class Worker:
         # Worker recycling: exit (and be replaced) after this many items.
         self.max_items = init.get("max_items_per_worker") or 0
         self.items_done = 0
+        self.cur_slot = -1     # the job slot being worked on (for H_PARENT_WANT)
         self.hot_held = False  # holds H_HOT_SPINNER (taken as a task's record goes out)
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
@@ -195,6 +196,7 @@ class Worker:
                 self.hot_held = False
                 r.store64(H_HOT_SPINNER, 0)
             r.add32(off + S_REFS, 1)
+            self.cur_slot = s
             try:
                 if r.load32(off + S_STATE) == SLOT_ACTIVE and r.load64(off + S_GEN) == gen \
                         and not r.load32(off + S_CANCEL):
@@ -620,6 +622,11 @@ class Worker:
                 break
             seq = r.load32(a + W_SPACE_SEQ)
             r.store32(a + W_SPACE_WAIT, 1)
+            if r.load32(H_PARENT_SLEEPING):
+                # The parent may sleep for a record this one does not hold:
+                # it must drain the ring for this worker to go on.
+                r.add32(H_RESULTS_SEQ, 1)
+                r.wake32(H_RESULTS_SEQ, 1 << 30)
             if r.load64(a + W_HEAD) == head:
                 if not r.wait32(a + W_SPACE_SEQ, seq, IDLE_TIMEOUT_S, SPIN_NS) \
                         and os.getppid() != self.parent_pid:
@@ -637,7 +644,14 @@ class Worker:
         r.store64(a + W_TAIL, self.tail)
         r.add32(H_RESULTS_SEQ, 1)
         if r.load32(H_PARENT_SLEEPING):
-            r.wake32(H_RESULTS_SEQ, 1 << 30)
+            want = r.load64(H_PARENT_WANT)
+            # A parent asleep for one position of an ordered map is woken only
+            # by the record that holds it (or by anything but a plain result):
+            # records further on would wake it to find it cannot go on yet.
+            if not want or big or (kind & 0xFF) != REC_RESULT or (
+                    want >> WANT_SHIFT == self.cur_slot + 1
+                    and start <= (want & WANT_POS_MASK) < start + count):
+                r.wake32(H_RESULTS_SEQ, 1 << 30)
         if big:
             _shm.send_blob(self.sock, payload)
 
