@@ -959,8 +959,9 @@ Results_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *source, *tail_type;
     if (!PyArg_ParseTuple(args, "OO:Results", &source, &tail_type))
         return NULL;
-    if (!PyType_Check(tail_type)) {
-        PyErr_SetString(PyExc_TypeError, "Results: tail_type must be a type");
+    if (!PyType_Check(tail_type) ||
+            !PyType_IsSubtype((PyTypeObject *)tail_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "Results: tail_type must be a subclass of tuple");
         return NULL;
     }
     PyObject *it = PyObject_GetIter(source);
@@ -1034,8 +1035,13 @@ Results_next(ResultsObject *self)
                 else
                     x = PyTuple_GET_ITEM(self->seq, self->pos);
                 self->pos++;
+                /* Strong references for the call: fn may re-enter next() on
+                 * this iterator, which may finish the tail and clear them. */
+                PyObject *fn = self->fn;
                 Py_INCREF(x);
-                PyObject *r = PyObject_CallOneArg(self->fn, x);
+                Py_INCREF(fn);
+                PyObject *r = PyObject_CallOneArg(fn, x);
+                Py_DECREF(fn);
                 Py_DECREF(x);
                 return r;
             }
@@ -1044,22 +1050,32 @@ Results_next(ResultsObject *self)
             Py_CLEAR(self->fn);
         }
         else if (self->it) {
-            PyObject *x = PyIter_Next(self->it);
-            if (x || PyErr_Occurred())
+            PyObject *it = self->it;
+            Py_INCREF(it);
+            PyObject *x = PyIter_Next(it);
+            if (x || PyErr_Occurred()) {
+                Py_DECREF(it);
                 return x;
-            Py_CLEAR(self->it);
+            }
+            if (self->it == it)
+                Py_CLEAR(self->it);
+            Py_DECREF(it);
         }
         if (!self->source)
             return NULL;
-        PyObject *piece = PyIter_Next(self->source);
+        PyObject *src = self->source;
+        Py_INCREF(src);
+        PyObject *piece = PyIter_Next(src);
         if (!piece) {
-            if (PyErr_Occurred())
-                return NULL;
-            Py_CLEAR(self->source);
+            int err = PyErr_Occurred() != NULL;
+            if (!err && self->source == src)
+                Py_CLEAR(self->source);
+            Py_DECREF(src);
             return NULL;
         }
+        Py_DECREF(src);
         if (PyList_CheckExact(piece)) {
-            self->list = piece;
+            Py_XSETREF(self->list, piece);
             self->pos = 0;
         }
         else if ((PyObject *)Py_TYPE(piece) == self->tail_type) {
@@ -1079,17 +1095,18 @@ Results_next(ResultsObject *self)
                 end = PyTuple_GET_SIZE(seq);
             Py_INCREF(fn);
             Py_INCREF(seq);
-            self->fn = fn;
-            self->seq = seq;
+            Py_XSETREF(self->fn, fn);
+            Py_XSETREF(self->seq, seq);
             self->pos = start;
             self->end = end;
             Py_DECREF(piece);
         }
         else {
-            self->it = PyObject_GetIter(piece);
+            PyObject *it = PyObject_GetIter(piece);
             Py_DECREF(piece);
-            if (!self->it)
+            if (!it)
                 return NULL;
+            Py_XSETREF(self->it, it);
         }
     }
 }

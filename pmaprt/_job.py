@@ -164,7 +164,7 @@ class _JobState:
         self.iterables = iterables
         self.ordered = ordered
         # Items that must run in workers (retries, timeouts) never run inline.
-        self.inline_ok = inline == "auto" and not self.tracked
+        self.inline_ok = inline in ("auto", True) and not self.tracked
         self.inline_from = None
         if chunksize is None:
             from ._tune import cached_chunksize

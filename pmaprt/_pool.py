@@ -28,6 +28,7 @@ import weakref
 from . import _task, _array, _shm
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
+    HOT_CLAIMED,
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_MAGIC, H_PARENT_WANT, H_PARENT_SLEEPING, H_RESULTS_SEQ,
     H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_HAS_ERRORS, REC_KIND_MASK,
     REC_RESULT, REC_STOLEN, REC_WRAP, RETRY_RANGES, RING_SIZE, S_CANCEL, S_REFS, S_STATE,
@@ -143,10 +144,11 @@ class _Resources:
     def enter_wait(self, want=0):
         with self.waiters_lock:
             self.waiters += 1
-            if self.ctl is not None:
+            ctl = self.ctl
+            if ctl is not None:
                 # One waiter may name the record it waits for; with more than
                 # one, any record may be someone's.
-                self.ctl.region.store64(H_PARENT_WANT, want if self.waiters == 1 else 0)
+                ctl.region.store64(H_PARENT_WANT, want if self.waiters == 1 else 0)
 
     def leave_wait(self):
         with self.waiters_lock:
@@ -327,7 +329,8 @@ class Pool:
     def _on_death(self, w, proc, rc):
         r = self._r
         area = self._layout.worker(w)
-        if r.cas64(H_HOT_SPINNER, w + 1, 0):
+        h = r.load64(H_HOT_SPINNER)
+        if h & ~HOT_CLAIMED == w + 1 and r.cas64(H_HOT_SPINNER, h, 0):
             # Killed holding the hot spinner word: a task posted since then
             # woke no one (see wake_workers); the others look now.
             self.wake_workers()
@@ -542,8 +545,13 @@ class Pool:
     def wake_workers(self, count=1 << 30, task=False):
         r = self._r
         r.add32(H_BOARD_SEQ, 1)
-        if task and r.load64(H_HOT_SPINNER):
-            return      # a worker spins for it (see _worker.HOT_SPIN_NS)
+        if task:
+            # A worker spins for it (see _worker.HOT_SPIN_NS): the first post
+            # to mark the word claimed skips the wake; the spinner answers for
+            # that one task (and wakes a sleeper if it cannot take it itself).
+            h = r.load64(H_HOT_SPINNER)
+            if h and not h & HOT_CLAIMED and r.cas64(H_HOT_SPINNER, h, h | HOT_CLAIMED):
+                return
         if r.load32(H_BOARD_SLEEPERS):
             r.wake32(H_BOARD_SEQ, count)
 
@@ -664,7 +672,7 @@ class Pool:
 
         inline="auto": when the measured cost per item shows that dispatching to
         workers cannot beat map itself, the rest runs here, as map would run it;
-        inline=False keeps every item on the workers.
+        inline=False keeps every item on the workers (True is "auto").
 
         Reliability (each turns inline off: items then always run on workers):
 

@@ -51,6 +51,9 @@ H_ACTIVE_MASK = 40  # 64-bit: bit s set while slot s holds an active job
 # 64-bit: rank + 1 of the one worker spinning for the next job after finishing
 # work (0: none). A task (one call) posted while it spins needs no wake call.
 H_HOT_SPINNER = 48
+# Set in H_HOT_SPINNER by the one post that skipped its wake call because of
+# it: each hold covers one task, later posts wake a sleeper as usual.
+HOT_CLAIMED = 1 << 32
 # 64-bit: what a parent asleep for results waits for: (slot + 1) << WANT_SHIFT
 # | position, for an ordered map; 0: anything. A worker skips the wake call
 # for a plain result record that does not hold that position.

@@ -29,7 +29,7 @@ from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_PARENT_WANT, H_RESULTS_SEQ, H_SHUTDOWN,
     MODE_FEED, MODE_INDEX, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_RESULT, REC_STOLEN, REC_WRAP,
     RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
-    S_NEXT, S_NWORK, S_RANGES, WANT_POS_MASK, WANT_SHIFT, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
+    HOT_CLAIMED, S_NEXT, S_NWORK, S_RANGES, WANT_POS_MASK, WANT_SHIFT, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
     FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, REC_HAS_ERRORS, RETRY_RANGES, S_MAX_ITEMS,
     W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT,
     W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
@@ -81,6 +81,7 @@ class Worker:
         self.items_done = 0
         self.cur_slot = -1     # the job slot being worked on (for H_PARENT_WANT)
         self.hot_held = False  # holds H_HOT_SPINNER (taken as a task's record goes out)
+        self.owe_wake = False  # a task's post skipped its wake on this worker's word
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
         self.oob = _array.ResultEncoder(sock)   # results with large arrays: through shared memory
@@ -154,14 +155,13 @@ class Worker:
             if hot:
                 hot = False
                 if self.hot_held or r.cas64(H_HOT_SPINNER, 0, me):
-                    self.hot_held = False
+                    self.hot_held = True
                     # Spin only (timeout 0), then give the word back before
-                    # sleeping: a parent that read it as taken after bumping
-                    # the sequence skipped the wake call, and this store comes
-                    # before the futex's own check of the sequence.
+                    # sleeping. A post that marked it claimed skipped its wake
+                    # call: this worker looks at the board for it (the post
+                    # bumped the sequence first, so its task is there).
                     changed = r.wait32(H_BOARD_SEQ, seq, 0, HOT_SPIN_NS)
-                    r.store64(H_HOT_SPINNER, 0)
-                    if changed:
+                    if self._release_hot() or changed:
                         continue
             # Before sleeping, always: a freed segment's mapping goes now (the
             # parent bumps the sequence after sending, so nothing is missed).
@@ -178,6 +178,7 @@ class Worker:
         r = self.r
         mask = r.load64(H_ACTIVE_MASK)
         if not mask:
+            self.owe_wake = False
             return False
         cands = []
         s = 0
@@ -189,12 +190,20 @@ class Worker:
             s += 1
         cands.sort()
         did = False
-        for gen, s, off in cands:
+        for i, (gen, s, off) in enumerate(cands):
             if self.rank >= r.load32(off + S_NWORK) or not self.has_work(off):
                 continue
             if self.hot_held:      # about to work: tasks must wake a sleeper again
-                self.hot_held = False
-                r.store64(H_HOT_SPINNER, 0)
+                self._release_hot()
+            if self.owe_wake:
+                # A task's post skipped its wake call on this worker's word. If
+                # this worker is not about to take that task (it runs a map,
+                # or other jobs wait too), a sleeper must look instead.
+                self.owe_wake = False
+                if (r.load32(off + S_MODE) != _shm.MODE_TASK
+                        or any(self.has_work(o) for _, _, o in cands[i + 1:])) \
+                        and r.load32(H_BOARD_SLEEPERS):
+                    r.wake32(H_BOARD_SEQ, 1)
             r.add32(off + S_REFS, 1)
             self.cur_slot = s
             try:
@@ -205,7 +214,22 @@ class Worker:
                 r.add32(off + S_REFS, -1)
             if did:
                 return True
+        self.owe_wake = False   # nothing taken: the task went to another worker
         return did
+
+    def _release_hot(self):
+        """Give H_HOT_SPINNER back; True (and owe_wake set) if a task's post
+        relied on it (skipped its wake call)."""
+        r = self.r
+        self.hot_held = False
+        while True:
+            h = r.load64(H_HOT_SPINNER)
+            if r.cas64(H_HOT_SPINNER, h, 0):
+                break
+        if h & HOT_CLAIMED:
+            self.owe_wake = True
+            return True
+        return False
 
     def has_work(self, off):
         r = self.r
@@ -309,13 +333,6 @@ class Worker:
             self.t_items[ctx.fn_key] = ctx.sizer.t_item
         return did
 
-    def _take_hot(self):
-        # Before a task's record goes out: the caller's next task, posted as
-        # soon as it has this one's result, then finds this worker's claim to
-        # spin and needs no wake call (see HOT_SPIN_NS).
-        if not self.hot_held:
-            self.hot_held = self.r.cas64(H_HOT_SPINNER, 0, self.rank + 1)
-
     def run_task(self, gen, off):
         """One call (Pool.apply; see _task.py): claim it, run it, put its record."""
         r, a = self.r, self.area
@@ -338,15 +355,14 @@ class Worker:
                     self.fns.clear()
                 self.fns[fn_bytes] = fn
         except BaseException as e:
-            self._take_hot()
-            self.put_error(gen, 0, 1, [], e, "while loading the task in the worker", t0, False)
+            self.put_error(gen, 0, 1, [], e, "while loading the task in the worker", t0, False,
+                           hot=True)
             self._set_cur(0, 0, 0)
             return True
         try:
             result = fn(*args, **kwargs)
         except BaseException as e:
-            self._take_hot()
-            self.put_error(gen, 0, 1, [], e, None, t0, False)
+            self.put_error(gen, 0, 1, [], e, None, t0, False, hot=True)
             self._set_cur(0, 0, 0)
             return True
         t1 = time.perf_counter()
@@ -356,20 +372,25 @@ class Worker:
         except BaseException as e:
             err = TypeError("pmaprt: the result of the task (a %s) cannot be pickled to return "
                             "it from the worker: %s" % (type(result).__name__, e))
-            self._take_hot()
-            self.put_error(gen, 0, 1, [], err, None, t0, False, tb=False)
+            self.put_error(gen, 0, 1, [], err, None, t0, False, tb=False, hot=True)
             self._set_cur(0, 0, 0)
             return True
-        self._take_hot()
-        self.put(REC_RESULT, gen, 0, 1, payload, t0, t1)   # a task's CPU time is not kept
+        self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, hot=not self._recycling())
         self._set_cur(0, 0, 0)
         if self.max_items and self.items_done >= self.max_items:
             self.recycle()
         return True
 
+    def _recycling(self):
+        return bool(self.max_items and self.items_done >= self.max_items)
+
     def recycle(self):
         """max_items_per_worker reached: leave cleanly; the parent starts a fresh worker."""
-        self.r.store32(self.area + W_STATE, WSTATE_RECYCLED)
+        r = self.r
+        if self.hot_held and self._release_hot() and r.load32(H_BOARD_SLEEPERS):
+            r.wake32(H_BOARD_SEQ, 1)    # a task relied on this worker: another looks
+        self.owe_wake = False
+        r.store32(self.area + W_STATE, WSTATE_RECYCLED)
         raise SystemExit(0)
 
     # --- claiming work
@@ -580,7 +601,7 @@ class Worker:
             prog[0] = i + 1
         return has_errors
 
-    def put_error(self, gen, lo, n, ok, exc, where, t0, stolen, tb=True):
+    def put_error(self, gen, lo, n, ok, exc, where, t0, stolen, tb=True, hot=False):
         """Results before the failure, then the exception and its traceback."""
         self.prog[0] = max(n, 0)  # no item is running any more: encoding (no timeout applies)
         tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if tb else ""
@@ -599,12 +620,17 @@ class Worker:
                 % (type(exc).__name__, exc, pe)))
         payload = pickle.dumps((ok_payload, exc_bytes, tb_text, os.getpid()), 5)
         self.put(REC_ERROR | (REC_STOLEN if stolen else 0), gen, lo, len(ok), payload,
-                 t0, time.perf_counter())
+                 t0, time.perf_counter(), hot=hot)
 
     # --- the result ring
 
-    def put(self, kind, gen, start, count, payload, t0, t1, cpu=0.0):
+    def put(self, kind, gen, start, count, payload, t0, t1, cpu=0.0, hot=False):
         r, a = self.r, self.area
+        if hot and not self.hot_held:
+            # A task's record: take the hot spinner word just before it goes
+            # out (after all user code: a hold must stay short), so that the
+            # caller's next task finds this worker awake (see HOT_SPIN_NS).
+            self.hot_held = r.cas64(H_HOT_SPINNER, 0, self.rank + 1)
         plen = len(payload)
         big = plen > RING_SIZE // 2
         if big:
@@ -648,7 +674,10 @@ class Worker:
             # A parent asleep for one position of an ordered map is woken only
             # by the record that holds it (or by anything but a plain result):
             # records further on would wake it to find it cannot go on yet.
-            if not want or big or (kind & 0xFF) != REC_RESULT or (
+            # A stub record's arrays went ahead as memfds on the socket: the
+            # parent must read them, or the socket fills and this worker blocks.
+            if not want or big or (kind & 0xFF) != REC_RESULT \
+                    or _array.is_result_stub(payload) or (
                     want >> WANT_SHIFT == self.cur_slot + 1
                     and start <= (want & WANT_POS_MASK) < start + count):
                 r.wake32(H_RESULTS_SEQ, 1 << 30)

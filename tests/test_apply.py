@@ -268,17 +268,59 @@ def test_a_long_task_does_not_hold_back_the_next_from_another_thread():
         assert max(lat) < 0.3, lat
 
 
+def _post_now(p, fn, *args):
+    # Pool.apply's first half (post without waiting), to post two tasks
+    # within microseconds of each other.
+    from pmaprt import _task
+    task = _task.Task()
+    with p._lock:
+        gen, slot, off = p._post_task(task, _task.encode(fn, args, {}))
+    return task, (gen, slot, off)
+
+
+def _result(p, posted, deadline):
+    task, (gen, slot, off) = posted
+    try:
+        while not task.done:
+            assert time.monotonic() < deadline, "the task never ran"
+            p.wait(task)
+    finally:
+        p._retire(gen, slot, off)
+    return task.value
+
+
+def test_two_tasks_posted_during_one_hot_spin_both_start_at_once():
+    # The worker that answered the last call spins for the next one; a post
+    # that finds it spinning skips the wake call, but only one post may: a
+    # second task posted during the same spin must wake a sleeping worker, or
+    # it waits behind the first (0.5 s here) or for the 1 s idle wake-up.
+    with Pool(2) as p:
+        lat = []
+        for _ in range(5):
+            assert p.apply(add, 1) == 1     # a worker answers and spins now
+            slow = _post_now(p, sleep_then, 1, 0.5)
+            t0 = time.monotonic()
+            quick = _post_now(p, add, 2, 3)
+            assert _result(p, quick, t0 + T) == 5
+            lat.append(time.monotonic() - t0)
+            assert _result(p, slow, t0 + T) == 1
+        assert max(lat) < 0.3, lat
+
+
 def test_a_hot_spinner_killed_holding_the_word_blocks_no_task():
     with Pool(2) as p:
         assert p.apply(add, 1) == 1
+        time.sleep(0.01)        # the answering worker's spin is over
         r = p._r
         victim = p.pids()[0]
         # As if worker 0 were killed between taking the word and giving it back.
-        r.store64(pmaprt._shm.H_HOT_SPINNER, 1)
+        assert r.cas64(pmaprt._shm.H_HOT_SPINNER, 0, 1)
+        assert r.load64(pmaprt._shm.H_HOT_SPINNER) == 1
         os.kill(victim, signal.SIGKILL)
         t0 = time.monotonic()
         for i in range(20):
             assert p.apply(add, i, 1) == i + 1
-        # Stuck, the word would leave each task to a worker's 1 s idle wake-up.
+        # The first task's post skipped its wake (the word looked taken); the
+        # parent clears a dead holder's word and wakes the others.
         assert time.monotonic() - t0 < 5
         assert victim not in p.pids()

@@ -195,21 +195,29 @@ def fail_at_big(x):
 def test_inline_list_rest_runs_like_map(pool):
     # A list (or tuple) of tiny items goes inline, where _core.Results calls
     # fn itself: same results, same exception at the same item as map, and
-    # the next call goes on after it, as map's does.
+    # the next call goes on after it, as map's does. Going inline is the cost
+    # model's decision: a loaded machine gets three tries.
     xs = list(range(400_000))
-    it = pool.map(double, xs)
-    assert list(it) == [2 * i for i in xs]
+    for _ in range(3):
+        it = pool.map(double, xs)
+        assert list(it) == [2 * i for i in xs]
+        if "inline" in it.stats.mode:
+            break
     assert "inline" in it.stats.mode
     assert list(pool.map(double, tuple(xs))) == [2 * i for i in xs]
-    got = []
-    it = pool.map(fail_at_big, xs)
-    with pytest.raises(KeyError) as ei:
-        for y in it:
-            got.append(y)
-    assert ei.value.args == (399_990,)
-    assert got == [2 * i for i in range(399_990)]
+    for _ in range(3):
+        got = []
+        it = pool.map(fail_at_big, xs)
+        with pytest.raises(KeyError) as ei:
+            for y in it:
+                got.append(y)
+        assert ei.value.args == (399_990,)
+        assert got == [2 * i for i in range(399_990)]
+        if "inline" in it.stats.mode:
+            # Raised inline: the iterator goes on with the next item, as map's.
+            assert list(it) == [2 * i for i in range(399_991, 400_000)]
+            break
     assert "inline" in it.stats.mode
-    assert list(it) == [2 * i for i in range(399_991, 400_000)]
 
 
 class _Tail(tuple):
