@@ -544,14 +544,18 @@ class Pool:
 
     def wake_workers(self, count=1 << 30, task=False):
         r = self._r
-        r.add32(H_BOARD_SEQ, 1)
         if task:
             # A worker spins for it (see _worker.HOT_SPIN_NS): the first post
             # to mark the word claimed skips the wake; the spinner answers for
             # that one task (and wakes a sleeper if it cannot take it itself).
+            # Claimed before the sequence moves: the spinner, which gives the
+            # word back as soon as it sees the sequence move, cannot slip in
+            # between (it did, half the time, when the bump came first).
             h = r.load64(H_HOT_SPINNER)
             if h and not h & HOT_CLAIMED and r.cas64(H_HOT_SPINNER, h, h | HOT_CLAIMED):
+                r.add32(H_BOARD_SEQ, 1)
                 return
+        r.add32(H_BOARD_SEQ, 1)
         if r.load32(H_BOARD_SLEEPERS):
             r.wake32(H_BOARD_SEQ, count)
 
