@@ -381,3 +381,18 @@ def test_allreduce_out_and_in_place(pool):
     for same_obj, ok_out, ok_inplace, bad in run(pool.map(step_out, [5, 5, 5], axis_name="b")):
         assert same_obj and ok_out and ok_inplace
         assert "out must be a writeable C-contiguous float64 array" in bad
+
+
+def step_zeros(op):
+    r = pmaprt.axis_index("b")
+    x = np.array([-0.0, 0.0, np.nan, 1.0] if r == 0 else [0.0, -0.0, 2.0, np.nan])
+    return pmaprt.allreduce(x, op=op).tobytes()
+
+
+@pytest.mark.parametrize("op", ["min", "max", "sum"])
+def test_two_ranks_get_the_same_bits_for_signed_zeros_and_nans(pool, op):
+    # With two ranks a small array takes one message per rank, and each rank
+    # reduces the pair itself: both must use the same order (for min and max
+    # of -0.0 and 0.0, or of two NaNs, the order decides the bits).
+    a, b = run(pool.map(step_zeros, [op, op], axis_name="b"))
+    assert a == b
