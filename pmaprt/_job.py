@@ -27,6 +27,7 @@ import os
 import pickle
 import sys
 import time
+import weakref
 
 from . import _array, _collective, _memguard, _serialize, _shm, _sched
 from ._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
@@ -63,6 +64,42 @@ INLINE_WINDOW_S = 0.01
 INLINE_OBS_MAX_T = 2e-6
 # The caller's cost of taking one item from a result list (C-level iteration).
 CONSUME_ITEM_S = 1e-8
+# Known-tiny functions: a function the cost model last found tiny (from
+# measured costs) starts its next map over a list or tuple inline at once,
+# with no job posted: PROBE_FIRST items, then up to PROBE_S of items (by the
+# remembered cost, at least PROBE_MIN_ITEMS), then the rest run here, each
+# piece timed. If a piece costs more than PROBE_FACTOR x the remembered cost
+# (plus PROBE_SLACK_S) per item, the function is forgotten and the workers
+# take the rest as usual (a dear input costs at most PROBE_FIRST items run
+# serially); otherwise the whole map runs as map would. A short map of tiny items then
+# costs what map costs (before: the time to measure four chunks first).
+PROBE_S = 0.001
+PROBE_MIN_ITEMS = 256
+PROBE_FIRST = 16
+PROBE_FACTOR = 4
+PROBE_SLACK_S = 1e-6
+_TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
+
+
+def _tiny_estimate(fn):
+    try:
+        return _TINY.get(fn)
+    except TypeError:       # not weak-referenceable (a builtin function)
+        return None
+
+
+def _remember_tiny(fn, t):
+    try:
+        _TINY[fn] = t
+    except TypeError:
+        pass
+
+
+def _forget_tiny(fn):
+    try:
+        _TINY.pop(fn, None)
+    except TypeError:
+        pass
 
 try:
     _CORES = len(os.sched_getaffinity(0))
@@ -220,6 +257,19 @@ class _JobState:
             if self.ret:
                 raise ValueError("pmaprt: out= and on_error='return' do not go together: an "
                                  "exception cannot take an array row's place")
+        self.probe = 0
+        if self.inline_ok and not self.fixed and not star and not progress and out is None \
+                and chunks is None and axis_name is None and len(iterables) == 1 \
+                and type(iterables[0]) in (list, tuple):
+            est = _tiny_estimate(fn)
+            if est is not None:
+                # A known-tiny function: no job until the probe says otherwise.
+                self.probe, self.probe_est = max(PROBE_MIN_ITEMS, int(PROBE_S / max(est, 1e-9))), est
+                self.n = len(iterables[0])
+                self.feed_mode = False
+                self.stats.mode = "inline"
+                self.stats.t0 = time.perf_counter()
+                return
         fn_bytes = _serialize.dumps_fn(fn)
         plan = plan_input(iterables, star, self.arrays.encoder,
                           upfront=None if axis_name is not None else self._window())
@@ -254,7 +304,7 @@ class _JobState:
         seg.buf[desc_off: desc_off + len(desc)] = desc
         return seg, desc_off
 
-    def _start_index(self, plan, fn_bytes, star):
+    def _start_index(self, plan, fn_bytes, star, start=0):
         self.n = plan.n
         if plan.n > _shm.RANGE_LO_MAX:
             raise OverflowError("pmaprt: a map of more than %d items is not supported" % _shm.RANGE_LO_MAX)
@@ -264,11 +314,28 @@ class _JobState:
                                     + self.arrays.desc_extra())
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
         self.lazy, self.lazy_seg = plan.lazy, seg
-        self.limit = min(self.n, self._window())
+        self.limit = min(self.n, start + self._window())
         self.gen, self.slot, self.off = self.pool._post(
             self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off,
             self.flags, self.max_items,
-            spmd_seg=self.spmd.seg if self.spmd is not None else None)
+            spmd_seg=self.spmd.seg if self.spmd is not None else None, start=start)
+
+    def _start_after_probe(self, k):
+        """The probe of a known-tiny function cost more than remembered: post
+        the job for items k.. (the probe ran 0..k-1 here). False if the input
+        cannot be sent from k on (an item before k cannot be pickled): the
+        rest then runs here too."""
+        fn_bytes = _serialize.dumps_fn(self.fn)
+        plan = plan_input(self.iterables, self.star, self.arrays.encoder,
+                          upfront=k + self._window())
+        if plan.error is not None and plan.error[0] < k:
+            return False
+        self.stats.mode = "inline+index"
+        self.consumed = k
+        with self.pool._lock:
+            self._start_index(plan, fn_bytes, self.star, start=k)
+        self.arrays.started = True
+        return True
 
     def _start_feed(self, plan, fn_bytes, star):
         self.it = plan.iterator
@@ -670,17 +737,25 @@ class _JobState:
     def _want_inline(self):
         """The cost model: map's time per item (the workers' CPU per item)
         against the parallel path's, which is bounded by the parent's decode,
-        by all the CPU shared over the cores, and by the workers."""
+        by all the CPU shared over the cores, and by the workers. A function
+        the model finds tiny is remembered (see PROBE_S), even where the rest
+        of this map is too short to be worth the switch."""
         if not self.inline_ok or self.fixed or self.records < INLINE_MIN_CHUNKS:
             return False
         t, p = self.cpu_item, self.dec_item
         if t is None or p is None:
             return False
-        p += CONSUME_ITEM_S
+        if not self._tiny_by_model(t, p):
+            return False
+        _remember_tiny(self.fn, t)
         if not self.feed_mode:
             nxt = self.pool._r.load64(self.off + S_NEXT)
             if (self.n - nxt) * t < INLINE_MIN_WORK_S:
                 return False
+        return True
+
+    def _tiny_by_model(self, t, p):
+        p += CONSUME_ITEM_S
         p += self.enc_item
         par = max(p, (t + p) / _CORES, t / self.nwork)
         if par * INLINE_MARGIN >= t:
@@ -859,6 +934,32 @@ class _JobState:
         try:
             pos = 0
             pending, arrived = self.pending, self.arrived
+            if self.probe:
+                # A known-tiny function (see PROBE_S): run here, piece by piece
+                # (PROBE_FIRST items, then up to the probe size, then the
+                # rest), each timed; the workers take over after a dear piece.
+                seq, n, fn = self.iterables[0], self.n, self.fn
+                est = self.probe_est
+                limit = max(PROBE_FACTOR * est, est + PROBE_SLACK_S)
+                done, end = 0, min(n, PROBE_FIRST)
+                while done < n:
+                    t = time.perf_counter()
+                    yield _InlineTail((fn, seq, done, end))
+                    per_item = (time.perf_counter() - t) / (end - done)
+                    done = end
+                    if per_item > limit and done < n:
+                        break
+                    end = min(n, self.probe) if done < self.probe else n
+                if done >= n:
+                    self.stats.finish(time.perf_counter() - self.stats.t0)
+                    return
+                # Dearer than remembered (other inputs, a slow consumer): the
+                # workers take the rest, and the function is measured afresh.
+                _forget_tiny(fn)
+                if not self._start_after_probe(done):
+                    yield _InlineTail((fn, seq, done, n))
+                    return
+                pos = done
             if self.feed_mode:
                 self._feed()
             while True:
@@ -916,6 +1017,9 @@ class _JobState:
         self._finish()
 
     def _finish(self):
+        if self.inline_ok and self.inline_from is None and self.cpu_item is not None \
+                and self.cpu_item > INLINE_OBS_MAX_T:
+            _forget_tiny(self.fn)   # ran on the workers, and not tiny: measure afresh
         if self.gen is None and not self.segs:
             return
         exc = sys.exc_info()[1]

@@ -481,7 +481,7 @@ class Pool:
             raise self._broken
 
     def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0, flags=0,
-              max_items=0, spmd_seg=None):
+              max_items=0, spmd_seg=None, start=0):
         """Put a job on the board. Lock held. Returns (slot, offset).
         spmd_seg: an SPMD map's collective segment; worker w alone runs item w."""
         r, lay = self._r, self._layout
@@ -506,7 +506,7 @@ class Pool:
         r.store64(off + _shm.S_MAX_ITEMS, max_items or 0)
         r.store64(off + _shm.S_N, n)
         r.store64(off + _shm.S_LIMIT, limit)
-        r.store64(off + _shm.S_NEXT, 0)
+        r.store64(off + _shm.S_NEXT, start)   # items before start ran elsewhere
         r.store32(off + S_CANCEL, 0)
         r.store32(off + _shm.S_CHUNK, chunk)
         r.store32(off + _shm.S_NWORK, nwork)

@@ -220,6 +220,44 @@ def test_inline_list_rest_runs_like_map(pool):
     assert "inline" in it.stats.mode
 
 
+def busy_or_fail(n):
+    if n < 0:
+        raise ValueError("negative %d" % n)
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def test_known_tiny_function_runs_inline_at_once_and_hands_dear_inputs_back(pool):
+    from pmaprt import _job
+    for _ in range(3):      # learn: the cost model finds it tiny (a loaded machine gets 3 tries)
+        assert list(pool.map(busy_or_fail, [1] * 400_000)) == [0] * 400_000
+        if _job._tiny_estimate(busy_or_fail) is not None:
+            break
+    assert _job._tiny_estimate(busy_or_fail) is not None
+    # A short map of it now runs here at once, as map would: no job, no worker.
+    it = pool.map(busy_or_fail, [3] * 5000)
+    assert list(it) == [3] * 5000
+    assert it.stats.mode == "inline"
+    assert sum(w.items for w in it.stats.workers) == 0
+    # Dear inputs: the first probe piece shows it, the workers take the rest,
+    # in order, with their errors named at their item's index in the map.
+    v = busy_or_fail(100_000)
+    xs = [100_000] * 40
+    xs[30] = -1
+    it = pool.map(busy_or_fail, xs)
+    got = []
+    with pytest.raises(ValueError, match="negative -1") as ei:
+        for y in it:
+            got.append(y)
+    assert got == [v] * 30
+    assert it.stats.mode == "inline+index"
+    assert sum(w.items for w in it.stats.workers) > 0
+    assert any("item 30 of the map" in n for n in getattr(ei.value, "__notes__", []))
+    assert _job._tiny_estimate(busy_or_fail) is None
+
+
 class _Tail(tuple):
     __slots__ = ()
 
