@@ -747,12 +747,19 @@ class _JobState:
             return False
         if not self._tiny_by_model(t, p):
             return False
-        _remember_tiny(self.fn, t)
+        self._remember_if_computing(t)
         if not self.feed_mode:
             nxt = self.pool._r.load64(self.off + S_NEXT)
             if (self.n - nxt) * t < INLINE_MIN_WORK_S:
                 return False
         return True
+
+    def _remember_if_computing(self, t):
+        # Only items that compute: one whose wall time is far above its CPU
+        # time blocks (I/O, sleep) and would run serially in the caller.
+        wall = self.t_item.t_item
+        if wall is not None and wall <= 2 * t:
+            _remember_tiny(self.fn, t)
 
     def _tiny_by_model(self, t, p):
         p += CONSUME_ITEM_S
@@ -1018,8 +1025,15 @@ class _JobState:
 
     def _finish(self):
         if self.inline_ok and self.inline_from is None and self.cpu_item is not None \
-                and self.cpu_item > INLINE_OBS_MAX_T:
-            _forget_tiny(self.fn)   # ran on the workers, and not tiny: measure afresh
+                and self.gen is not None:
+            # A map that ran on the workers to its end: too short, or in too
+            # few chunks, to go inline, its measured costs still say whether
+            # the function is tiny for its next map (see PROBE_S).
+            if self.cpu_item > INLINE_OBS_MAX_T:
+                _forget_tiny(self.fn)
+            elif self.dec_item is not None and self.records \
+                    and self._tiny_by_model(self.cpu_item, self.dec_item):
+                self._remember_if_computing(self.cpu_item)
         if self.gen is None and not self.segs:
             return
         exc = sys.exc_info()[1]

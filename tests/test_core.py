@@ -446,3 +446,4 @@ def test_fixed_chunks_are_not_held_back_by_the_window(pool):
     assert list(it) == list(range(200_000))
     st = it._state
     assert st._window() >= 4 * st.nwork * 20_000, (st._window(), st.avg_chunk, st.cpu_item)
+
