@@ -951,6 +951,12 @@ typedef struct {
     PyObject *seq;
     Py_ssize_t end;
     PyObject *it;        /* current piece of another kind */
+    PyObject *box;       /* a timed tail's [budget_s, stop index], or NULL */
+    double budget, t0;   /* a timed tail ends once it has run budget seconds */
+    double t_check;      /* when the clock was last read */
+    Py_ssize_t ran;      /* items the current tail has run */
+    Py_ssize_t check_at; /* ran count at which to read the clock next */
+    Py_ssize_t last_stride; /* items between the last two reads */
 } ResultsObject;
 
 static PyObject *
@@ -987,6 +993,7 @@ Results_traverse(ResultsObject *self, visitproc visit, void *arg)
     Py_VISIT(self->fn);
     Py_VISIT(self->seq);
     Py_VISIT(self->it);
+    Py_VISIT(self->box);
     return 0;
 }
 
@@ -999,6 +1006,7 @@ Results_clear(ResultsObject *self)
     Py_CLEAR(self->fn);
     Py_CLEAR(self->seq);
     Py_CLEAR(self->it);
+    Py_CLEAR(self->box);
     return 0;
 }
 
@@ -1025,6 +1033,22 @@ Results_next(ResultsObject *self)
             Py_CLEAR(self->list);
         }
         else if (self->seq) {
+            /* A timed tail reads the clock after its 1st item, then after
+             * every item while items take over 2 us, else every 16th item
+             * (a read costs about 20 ns): it stops once it has run its
+             * budget, so the caller can time it and hand dear items on. */
+            if (self->box && self->ran >= self->check_at && self->pos < self->end) {
+                double t = now_s();
+                double per_item = (t - self->t_check) / (double)self->last_stride;
+                self->t_check = t;
+                if (t - self->t0 >= self->budget) {
+                    self->end = self->pos;
+                }
+                else {
+                    self->last_stride = per_item > 2e-6 ? 1 : 16;
+                    self->check_at = self->ran + self->last_stride;
+                }
+            }
             if (self->pos < self->end) {
                 PyObject *x;
                 if (PyList_CheckExact(self->seq)) {
@@ -1035,6 +1059,7 @@ Results_next(ResultsObject *self)
                 else
                     x = PyTuple_GET_ITEM(self->seq, self->pos);
                 self->pos++;
+                self->ran++;
                 /* Strong references for the call: fn may re-enter next() on
                  * this iterator, which may finish the tail and clear them. */
                 PyObject *fn = self->fn;
@@ -1046,6 +1071,14 @@ Results_next(ResultsObject *self)
                 return r;
             }
         tail_done:
+            if (self->box) {
+                PyObject *stop = PyLong_FromSsize_t(self->pos);
+                if (!stop || PyList_SetItem(self->box, 1, stop) < 0) {
+                    Py_CLEAR(self->box);
+                    return NULL;
+                }
+                Py_CLEAR(self->box);
+            }
             Py_CLEAR(self->seq);
             Py_CLEAR(self->fn);
         }
@@ -1079,11 +1112,26 @@ Results_next(ResultsObject *self)
             self->pos = 0;
         }
         else if ((PyObject *)Py_TYPE(piece) == self->tail_type) {
-            PyObject *fn, *seq;
+            PyObject *fn, *seq, *box = NULL;
             Py_ssize_t start, end;
-            if (!PyArg_ParseTuple(piece, "OOnn:inline tail", &fn, &seq, &start, &end)) {
+            if (!PyArg_ParseTuple(piece, "OOnn|O!:inline tail", &fn, &seq, &start, &end,
+                                  &PyList_Type, &box)) {
                 Py_DECREF(piece);
                 return NULL;
+            }
+            double budget = 0;
+            if (box) {
+                if (PyList_GET_SIZE(box) != 2) {
+                    Py_DECREF(piece);
+                    PyErr_SetString(PyExc_ValueError,
+                                    "Results: a timed tail's box is [budget_s, stop]");
+                    return NULL;
+                }
+                budget = PyFloat_AsDouble(PyList_GET_ITEM(box, 0));
+                if (budget == -1.0 && PyErr_Occurred()) {
+                    Py_DECREF(piece);
+                    return NULL;
+                }
             }
             if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) {
                 Py_DECREF(piece);
@@ -1099,6 +1147,13 @@ Results_next(ResultsObject *self)
             Py_XSETREF(self->seq, seq);
             self->pos = start;
             self->end = end;
+            Py_XINCREF(box);
+            Py_XSETREF(self->box, box);
+            self->budget = budget;
+            self->ran = 0;
+            self->check_at = 1;
+            self->last_stride = 1;
+            self->t0 = self->t_check = box ? now_s() : 0;
             Py_DECREF(piece);
         }
         else {
@@ -1119,8 +1174,9 @@ static PyType_Slot Results_slots[] = {
     {Py_tp_iter, PyObject_SelfIter},
     {Py_tp_iternext, Results_next},
     {Py_tp_doc, "Results(source, tail_type): the items of source's pieces in order; "
-                "a tail_type piece (fn, seq, start, end) gives fn(seq[i]) for i in "
-                "start..end-1."},
+                "a tail_type piece (fn, seq, start, end[, box]) gives fn(seq[i]) for i in "
+                "start..end-1; with box = [budget_s, stop] it stops once it has run "
+                "budget_s seconds and sets box[1] to where it stopped."},
     {0, NULL},
 };
 

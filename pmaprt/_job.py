@@ -65,19 +65,19 @@ INLINE_OBS_MAX_T = 2e-6
 # The caller's cost of taking one item from a result list (C-level iteration).
 CONSUME_ITEM_S = 1e-8
 # Known-tiny functions: a function the cost model last found tiny (from
-# measured costs) starts its next map over a list or tuple inline at once,
-# with no job posted: PROBE_FIRST items, then up to PROBE_S of items (by the
-# remembered cost, at least PROBE_MIN_ITEMS), then the rest run here, each
-# piece timed. If a piece costs more than PROBE_FACTOR x the remembered cost
-# (plus PROBE_SLACK_S) per item, the function is forgotten and the workers
-# take the rest as usual (a dear input costs at most PROBE_FIRST items run
-# serially); otherwise the whole map runs as map would. A short map of tiny items then
-# costs what map costs (before: the time to measure four chunks first).
-PROBE_S = 0.001
-PROBE_MIN_ITEMS = 256
-PROBE_FIRST = 16
+# measured costs) starts its next map over a list or tuple in the caller at
+# once, with no job posted, in timed pieces: _core.Results stops a piece once
+# it has run PROBE_PIECE_S (it reads the clock after the first item, then
+# after every item while items take over 2 us, else every 16th). A piece
+# that cost more than PROBE_FACTOR x the remembered cost per item (plus
+# PROBE_SLACK_S) makes the function forgotten and hands the rest to the
+# workers, from that index. A dear input thus costs about one piece's budget
+# run here (at least one item); otherwise the whole map runs as map would,
+# with a clock read per 16 items and a generator resume per 2 ms. A short map of tiny items then costs what map costs (before: four
+# measured chunks first, and it never went inline).
+PROBE_PIECE_S = 0.002
 PROBE_FACTOR = 4
-PROBE_SLACK_S = 1e-6
+PROBE_SLACK_S = 5e-5
 _TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
 
 
@@ -257,16 +257,17 @@ class _JobState:
             if self.ret:
                 raise ValueError("pmaprt: out= and on_error='return' do not go together: an "
                                  "exception cannot take an array row's place")
-        self.probe = 0
+        self.probe = False
         if self.inline_ok and not self.fixed and not star and not progress and out is None \
                 and chunks is None and axis_name is None and len(iterables) == 1 \
                 and type(iterables[0]) in (list, tuple):
             est = _tiny_estimate(fn)
             if est is not None:
-                # A known-tiny function: no job until the probe says otherwise.
-                self.probe, self.probe_est = max(PROBE_MIN_ITEMS, int(PROBE_S / max(est, 1e-9))), est
+                # A known-tiny function: no job until a piece proves dear.
+                self.probe, self.probe_est = True, est
                 self.n = len(iterables[0])
                 self.feed_mode = False
+                self.limit, self.slot, self.off, self.lazy_seg = 0, None, None, None
                 self.stats.mode = "inline"
                 self.stats.t0 = time.perf_counter()
                 return
@@ -325,15 +326,28 @@ class _JobState:
         the job for items k.. (the probe ran 0..k-1 here). False if the input
         cannot be sent from k on (an item before k cannot be pickled): the
         rest then runs here too."""
-        fn_bytes = _serialize.dumps_fn(self.fn)
+        self.pool._check_open()     # closed or terminated since map(): say so
+        try:
+            fn_bytes = _serialize.dumps_fn(self.fn)
+        except Exception:
+            return False
         plan = plan_input(self.iterables, self.star, self.arrays.encoder,
                           upfront=k + self._window())
         if plan.error is not None and plan.error[0] < k:
             return False
-        self.stats.mode = "inline+index"
         self.consumed = k
-        with self.pool._lock:
-            self._start_index(plan, fn_bytes, self.star, start=k)
+        try:
+            with self.pool._lock:
+                self.pool._check_open()
+                self._start_index(plan, fn_bytes, self.star, start=k)
+        except RuntimeError as e:
+            if "already live" not in str(e):
+                raise
+            for seg in self.segs:       # every job slot busy: the rest runs here
+                self.pool.unshare(seg)
+            self.segs = []
+            return False
+        self.stats.mode = "inline+index"
         self.arrays.started = True
         return True
 
@@ -738,7 +752,7 @@ class _JobState:
         """The cost model: map's time per item (the workers' CPU per item)
         against the parallel path's, which is bounded by the parent's decode,
         by all the CPU shared over the cores, and by the workers. A function
-        the model finds tiny is remembered (see PROBE_S), even where the rest
+        the model finds tiny is remembered (see PROBE_PIECE_S), even where the rest
         of this map is too short to be worth the switch."""
         if not self.inline_ok or self.fixed or self.records < INLINE_MIN_CHUNKS:
             return False
@@ -942,29 +956,31 @@ class _JobState:
             pos = 0
             pending, arrived = self.pending, self.arrived
             if self.probe:
-                # A known-tiny function (see PROBE_S): run here, piece by piece
-                # (PROBE_FIRST items, then up to the probe size, then the
-                # rest), each timed; the workers take over after a dear piece.
+                # A known-tiny function (see PROBE_PIECE_S): timed pieces here.
                 seq, n, fn = self.iterables[0], self.n, self.fn
                 est = self.probe_est
-                limit = max(PROBE_FACTOR * est, est + PROBE_SLACK_S)
-                done, end = 0, min(n, PROBE_FIRST)
+                per_item = max(PROBE_FACTOR * est, est)
+                done, dear = 0, False
                 while done < n:
+                    box = [PROBE_PIECE_S, done]
                     t = time.perf_counter()
-                    yield _InlineTail((fn, seq, done, end))
-                    per_item = (time.perf_counter() - t) / (end - done)
-                    done = end
-                    if per_item > limit and done < n:
+                    yield _InlineTail((fn, seq, done, n, box))
+                    dt = time.perf_counter() - t
+                    stop = box[1]
+                    if stop is None or stop <= done:
+                        break       # cannot happen: a piece runs one item at least
+                    if dt > (stop - done) * per_item + PROBE_SLACK_S:
+                        dear = True
+                    done = stop
+                    if dear:
                         break
-                    end = min(n, self.probe) if done < self.probe else n
-                if done >= n:
-                    self.stats.finish(time.perf_counter() - self.stats.t0)
-                    return
-                # Dearer than remembered (other inputs, a slow consumer): the
-                # workers take the rest, and the function is measured afresh.
-                _forget_tiny(fn)
-                if not self._start_after_probe(done):
-                    yield _InlineTail((fn, seq, done, n))
+                if dear:
+                    # Dearer than remembered (other inputs, a slow consumer): the
+                    # workers take the rest, and the function is measured afresh.
+                    _forget_tiny(fn)
+                if done >= n or not self._start_after_probe(done):
+                    if done < n:
+                        yield _InlineTail((fn, seq, done, n))
                     return
                 pos = done
             if self.feed_mode:
@@ -1024,17 +1040,19 @@ class _JobState:
         self._finish()
 
     def _finish(self):
-        if self.inline_ok and self.inline_from is None and self.cpu_item is not None \
-                and self.gen is not None:
+        if self.inline_ok and not self.fixed and self.inline_from is None \
+                and self.gen is not None and self.cpu_item is not None \
+                and self.dec_item is not None and self.records:
             # A map that ran on the workers to its end: too short, or in too
             # few chunks, to go inline, its measured costs still say whether
-            # the function is tiny for its next map (see PROBE_S).
-            if self.cpu_item > INLINE_OBS_MAX_T:
-                _forget_tiny(self.fn)
-            elif self.dec_item is not None and self.records \
-                    and self._tiny_by_model(self.cpu_item, self.dec_item):
+            # the function is tiny for its next map (see PROBE_PIECE_S).
+            if self._tiny_by_model(self.cpu_item, self.dec_item):
                 self._remember_if_computing(self.cpu_item)
+            else:
+                _forget_tiny(self.fn)
         if self.gen is None and not self.segs:
+            if self.probe and not self.stats.wall_s:
+                self.stats.finish(time.perf_counter() - self.stats.t0)
             return
         exc = sys.exc_info()[1]
         self.stats.finish(time.perf_counter() - self.stats.t0)

@@ -310,11 +310,14 @@ def test_two_tasks_posted_during_one_hot_spin_both_start_at_once():
 def test_a_hot_spinner_killed_holding_the_word_blocks_no_task():
     with Pool(2) as p:
         assert p.apply(add, 1) == 1
-        time.sleep(0.01)        # the answering worker's spin is over
         r = p._r
         victim = p.pids()[0]
-        # As if worker 0 were killed between taking the word and giving it back.
-        assert r.cas64(pmaprt._shm.H_HOT_SPINNER, 0, 1)
+        # As if worker 0 were killed between taking the word and giving it back
+        # (once the answering worker has given it back: its spin is 100 us).
+        deadline = time.monotonic() + T
+        while not r.cas64(pmaprt._shm.H_HOT_SPINNER, 0, 1):
+            assert time.monotonic() < deadline, "the hot spinner word was never given back"
+            time.sleep(0.001)
         assert r.load64(pmaprt._shm.H_HOT_SPINNER) == 1
         os.kill(victim, signal.SIGKILL)
         t0 = time.monotonic()

@@ -383,16 +383,48 @@ def test_allreduce_out_and_in_place(pool):
         assert "out must be a writeable C-contiguous float64 array" in bad
 
 
+def _pair(r):
+    return np.array([-0.0, 0.0, np.nan, 1.0] if r == 0 else [0.0, -0.0, 2.0, np.nan])
+
+
 def step_zeros(op):
     r = pmaprt.axis_index("b")
-    x = np.array([-0.0, 0.0, np.nan, 1.0] if r == 0 else [0.0, -0.0, 2.0, np.nan])
-    return pmaprt.allreduce(x, op=op).tobytes()
+    return pmaprt.allreduce(_pair(r), op=op).tobytes()
 
 
 @pytest.mark.parametrize("op", ["min", "max", "sum"])
 def test_two_ranks_get_the_same_bits_for_signed_zeros_and_nans(pool, op):
     # With two ranks a small array takes one message per rank, and each rank
-    # reduces the pair itself: both must use the same order (for min and max
-    # of -0.0 and 0.0, or of two NaNs, the order decides the bits).
+    # reduces the pair itself: both must use the same order, rank 0's first
+    # (for min and max of -0.0 and 0.0, the order decides the bits).
     a, b = run(pool.map(step_zeros, [op, op], axis_name="b"))
-    assert a == b
+    ufunc = {"min": np.minimum, "max": np.maximum, "sum": np.add}[op]
+    assert a == b == ufunc(_pair(0), _pair(1)).tobytes()
+
+
+def step_mixed(seed):
+    # Small (one message per rank) and large (the ring) calls interleaved,
+    # more of them than a rank has slots, some in place.
+    r = pmaprt.axis_index("b")
+    rng = np.random.default_rng([seed, r])
+    out = []
+    for size in [5, CAP32 * 3 + 1, 7, 7, 1, CAP32 * 2, 3, 11, 13]:
+        x = rng.standard_normal(size).astype(np.float32)
+        if size % 2:
+            pmaprt.allreduce(x, out=x)
+            out.append(x)
+        else:
+            out.append(pmaprt.allreduce(x))
+    return out
+
+
+def test_two_ranks_mix_small_and_ring_calls(pool):
+    a, b = run(pool.map(step_mixed, [5, 5], axis_name="b"))
+    for k, (x, y) in enumerate(zip(a, b)):
+        assert x.tobytes() == y.tobytes(), k
+    sizes = [5, CAP32 * 3 + 1, 7, 7, 1, CAP32 * 2, 3, 11, 13]
+    r0, r1 = np.random.default_rng([5, 0]), np.random.default_rng([5, 1])
+    for size, got in zip(sizes, a):
+        x0 = r0.standard_normal(size).astype(np.float32)
+        x1 = r1.standard_normal(size).astype(np.float32)
+        assert np.allclose(got, x0 + x1, rtol=1e-6, atol=1e-6)

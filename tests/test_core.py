@@ -229,21 +229,55 @@ def busy_or_fail(n):
     return s
 
 
-def test_known_tiny_function_runs_inline_at_once_and_hands_dear_inputs_back(pool):
+@pytest.fixture(autouse=True)
+def _fresh_tiny_memory():
+    # Functions remembered as tiny by earlier tests would start these tests'
+    # maps in the caller (see _job.PROBE_PIECE_S).
+    from pmaprt import _job
+    _job._TINY.clear()
+    yield
+    _job._TINY.clear()
+
+
+def test_known_tiny_function_is_learned_and_runs_inline_at_once(pool):
     from pmaprt import _job
     for _ in range(3):      # learn: the cost model finds it tiny (a loaded machine gets 3 tries)
         assert list(pool.map(busy_or_fail, [1] * 400_000)) == [0] * 400_000
         if _job._tiny_estimate(busy_or_fail) is not None:
             break
     assert _job._tiny_estimate(busy_or_fail) is not None
+    # A generous estimate: the pieces' timing must not mistake a loaded
+    # machine's pause for a dear input here.
+    _job._remember_tiny(busy_or_fail, 1e-6)
     # A short map of it now runs here at once, as map would: no job, no worker.
     it = pool.map(busy_or_fail, [3] * 5000)
     assert list(it) == [3] * 5000
     assert it.stats.mode == "inline"
     assert sum(w.items for w in it.stats.workers) == 0
-    # Dear inputs: the first probe piece shows it, the workers take the rest,
-    # in order, with their errors named at their item's index in the map.
+    assert it.stats.wall_s > 0
+
+
+def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
+    from pmaprt import _job
     v = busy_or_fail(100_000)
+    cases = {
+        "dear from the start": [100_000] * 40,
+        "fewer dear items than a piece checks": [100_000] * 6,
+        "a cheap head, a dear tail": [1] * 3000 + [100_000] * 40,
+    }
+    for name, xs in cases.items():
+        _job._remember_tiny(busy_or_fail, 2e-7)
+        it = pool.map(busy_or_fail, xs)
+        assert list(it) == [busy_or_fail(x) if x == 1 else v for x in xs], name
+        assert it.stats.mode == "inline+index", name
+        assert sum(w.items for w in it.stats.workers) > 0, name
+        assert _job._tiny_estimate(busy_or_fail) is None, name
+    # Unordered: every result once.
+    _job._remember_tiny(busy_or_fail, 2e-7)
+    xs = [100_000] * 30 + [5] * 30
+    assert sorted(pool.imap_unordered(busy_or_fail, xs)) == sorted(busy_or_fail(x) for x in xs)
+    # Errors on the workers are named at their item's index in the map.
+    _job._remember_tiny(busy_or_fail, 2e-7)
     xs = [100_000] * 40
     xs[30] = -1
     it = pool.map(busy_or_fail, xs)
@@ -253,9 +287,19 @@ def test_known_tiny_function_runs_inline_at_once_and_hands_dear_inputs_back(pool
             got.append(y)
     assert got == [v] * 30
     assert it.stats.mode == "inline+index"
-    assert sum(w.items for w in it.stats.workers) > 0
     assert any("item 30 of the map" in n for n in getattr(ei.value, "__notes__", []))
-    assert _job._tiny_estimate(busy_or_fail) is None
+
+
+def test_known_tiny_map_on_a_pool_closed_since_says_so():
+    from pmaprt import _job
+    p = Pool(2)
+    try:
+        _job._remember_tiny(busy_or_fail, 2e-7)
+        it = p.map(busy_or_fail, [100_000] * 40)
+    finally:
+        p.close()
+    with pytest.raises(pmaprt.PoolClosedError):
+        list(it)
 
 
 class _Tail(tuple):
