@@ -312,7 +312,6 @@ class _Rank:
         rank = self.rank
         P = 2 * (N - 1)
         L = src.size
-        pub_left = self.lline + L_PUB
         ack_right = self.rline + L_ACK
         my_pub = self.line + L_PUB
         my_ack = self.line + L_ACK
@@ -330,18 +329,12 @@ class _Rank:
             self.sent = m + 1
             r.store32(my_pub, self.sent & _MASK)
             self._ring(self.rline)
-            j = self.recv
-            self._wait(pub_left, j + 1, self.lline, "publish its part")
-            k = j % K
-            got = r.load64(self.left_off + k * stride)
-            if got != stamp:
-                raise self._fail(self._mismatch(got, stamp, src, op))
-            inp = left[k][:L]
+            inp = self._recv_view(left, L, stamp, src, op)
             if rank == 0:
                 ufunc(src, inp, out=res)
             else:
                 ufunc(inp, src, out=res)
-            self.recv = j + 1
+            self.recv += 1
             r.store32(my_ack, self.recv & _MASK)
             self._ring(self.lline)
             return
@@ -355,13 +348,7 @@ class _Rank:
                 lo, hi = bounds[b], bounds[b + 1]
                 n = hi - lo
                 if t:
-                    j = self.recv
-                    self._wait(pub_left, j + 1, self.lline, "publish its part")
-                    k = j % K
-                    got = r.load64(self.left_off + k * stride)
-                    if got != stamp:
-                        raise self._fail(self._mismatch(got, stamp, src, op))
-                    inp = left[k][:n]
+                    inp = self._recv_view(left, n, stamp, src, op)
                 if t < P:
                     m = self.sent
                     self._wait(ack_right, m - K + 1, self.rline, "take its part")
@@ -392,6 +379,16 @@ class _Rank:
             g0 += per_round
             if L == 0:
                 break
+
+    def _recv_view(self, left, n, stamp, src, op):
+        """Wait for the left neighbour's next message; a view of its n elements."""
+        j = self.recv
+        self._wait(self.lline + L_PUB, j + 1, self.lline, "publish its part")
+        k = j % self.slots
+        got = self.r.load64(self.left_off + k * (STAMP + self.slot_bytes))
+        if got != stamp:
+            raise self._fail(self._mismatch(got, stamp, src, op))
+        return left[k][:n]
 
     def _mismatch(self, got, want, src, op):
         if (got >> 32) != (want >> 32):
