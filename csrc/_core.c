@@ -1055,15 +1055,23 @@ Results_next(ResultsObject *self)
                     if (self->pos >= PyList_GET_SIZE(self->seq))
                         goto tail_done;     /* the list shrank: stop, as its iterator does */
                     x = PyList_GET_ITEM(self->seq, self->pos);
+                    Py_INCREF(x);
                 }
-                else
+                else if (PyTuple_CheckExact(self->seq)) {
                     x = PyTuple_GET_ITEM(self->seq, self->pos);
+                    Py_INCREF(x);
+                }
+                else {
+                    /* any other sequence (a range): seq[i], a new reference */
+                    x = PySequence_GetItem(self->seq, self->pos);
+                    if (!x)
+                        return NULL;
+                }
                 self->pos++;
                 self->ran++;
                 /* Strong references for the call: fn may re-enter next() on
                  * this iterator, which may finish the tail and clear them. */
                 PyObject *fn = self->fn;
-                Py_INCREF(x);
                 Py_INCREF(fn);
                 PyObject *r = PyObject_CallOneArg(fn, x);
                 Py_DECREF(fn);
@@ -1133,14 +1141,23 @@ Results_next(ResultsObject *self)
                     return NULL;
                 }
             }
-            if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) {
+            if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)
+                    && !PyRange_Check(seq)) {
                 Py_DECREF(piece);
-                PyErr_SetString(PyExc_TypeError, "Results: an inline tail needs a list or tuple");
+                PyErr_SetString(PyExc_TypeError,
+                                "Results: an inline tail needs a list, tuple or range");
                 return NULL;
             }
             if (start < 0) start = 0;
-            if (PyTuple_CheckExact(seq) && end > PyTuple_GET_SIZE(seq))
-                end = PyTuple_GET_SIZE(seq);
+            if (!PyList_CheckExact(seq)) {      /* fixed length: clamp once */
+                Py_ssize_t len = PySequence_Size(seq);
+                if (len < 0) {
+                    Py_DECREF(piece);
+                    return NULL;
+                }
+                if (end > len)
+                    end = len;
+            }
             Py_INCREF(fn);
             Py_INCREF(seq);
             Py_XSETREF(self->fn, fn);
@@ -1174,7 +1191,8 @@ static PyType_Slot Results_slots[] = {
     {Py_tp_iter, PyObject_SelfIter},
     {Py_tp_iternext, Results_next},
     {Py_tp_doc, "Results(source, tail_type): the items of source's pieces in order; "
-                "a tail_type piece (fn, seq, start, end[, box]) gives fn(seq[i]) for i in "
+                "a tail_type piece (fn, seq, start, end[, box]) (seq a list, tuple or "
+                "range) gives fn(seq[i]) for i in "
                 "start..end-1; with box = [budget_s, stop] it stops once it has run "
                 "budget_s seconds and sets box[1] to where it stopped."},
     {0, NULL},

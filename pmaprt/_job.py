@@ -64,6 +64,16 @@ INLINE_WINDOW_S = 0.01
 INLINE_OBS_MAX_T = 2e-6
 # The caller's cost of taking one item from a result list (C-level iteration).
 CONSUME_ITEM_S = 1e-8
+# Decoding a chunk's results has a fixed part besides its per-item cost (about
+# 2-4 us here). The model trusts the decode cost per item only once two chunks
+# were decoded (see _PerItem) and the largest is big enough for that part to be
+# under a tenth of an item's cost even in one an eighth its size: from
+# the first, small chunks (1, 4, 16 items), 5 us items looked not worth the
+# workers, and the model ran the rest of such a map here, serially.
+DEC_FIXED_S = 4e-6
+DEC_MAX_ERROR = 0.1
+# See _finish: items that cost less than this many times their moving.
+TINY_OVERHEAD_FACTOR = 4
 # Known-tiny functions: a function the cost model last found tiny (from
 # measured costs) starts its next map over a list or tuple in the caller at
 # once, with no job posted, in timed pieces: _core.Results stops a piece once
@@ -79,6 +89,31 @@ PROBE_PIECE_S = 0.002
 PROBE_FACTOR = 4
 PROBE_SLACK_S = 5e-5
 _TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
+# Inputs whose rest _core.Results runs itself (fn(seq[i]), timed or not).
+_TAIL_TYPES = (list, tuple, range)
+
+
+class _PerItem:
+    """A cost per item from the largest chunks seen: a chunk's fixed cost,
+    charged to the items of the first, small chunks, would inflate it. The
+    least among them: one slow chunk (a pause, one result slow to load) must
+    not make the parallel path look dear; one too cheap errs toward the
+    workers, never toward running dear items serially here. `samples`: the
+    chunks it rests on (of at least 1/SPAN of the largest count)."""
+    SPAN = 8
+    __slots__ = ("est", "largest", "samples")
+
+    def __init__(self):
+        self.est, self.largest, self.samples = None, 0, 0
+
+    def add(self, seconds, count):
+        d = seconds / count
+        if self.est is None or count > self.SPAN * self.largest:
+            self.est, self.samples = d, 1
+        elif self.SPAN * count >= self.largest:
+            self.est = min(self.est, d)
+            self.samples += 1
+        self.largest = max(self.largest, count)
 
 
 def _tiny_estimate(fn):
@@ -238,7 +273,8 @@ class _JobState:
         self.gen = None
         self.t_item = _sched.ChunkSizer(self.fixed)
         self.cpu_item = None       # workers' CPU seconds per item (EWMA)
-        self.dec_item = None       # the parent's decode seconds per item (EWMA)
+        self.dec = _PerItem()      # the parent's decode seconds per item
+        self.wenc = _PerItem()     # the workers' seconds per item reading items, encoding results
         self.enc_item = 0.0        # the parent's lazy encode seconds per item (list inputs)
         # Observed throughput, from the first chunk that ran its full target on
         # (a mature chunk): the consumer's seconds waiting for results then.
@@ -260,7 +296,7 @@ class _JobState:
         self.probe = False
         if self.inline_ok and not self.fixed and not star and not progress and out is None \
                 and chunks is None and axis_name is None and len(iterables) == 1 \
-                and type(iterables[0]) in (list, tuple):
+                and type(iterables[0]) in _TAIL_TYPES:
             est = _tiny_estimate(fn)
             if est is not None:
                 # A known-tiny function: no job until a piece proves dear.
@@ -390,7 +426,7 @@ class _JobState:
 
     # --- records from the pool (lock held)
 
-    def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen):
+    def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen, enc=0.0):
         if self.spmd is not None and self._spmd_record(kind, start, count, payload):
             return
         if start in self.recorded:
@@ -409,6 +445,7 @@ class _JobState:
                 self.t_item.observe(count, t1 - t0)
                 c = cpu / count
                 self.cpu_item = c if self.cpu_item is None else 0.5 * c + 0.5 * self.cpu_item
+                self.wenc.add(enc, count)
                 if self.obs_consumed is not None:
                     self.obs_records += 1
                 elif t1 - t0 >= _sched.TARGET_CHUNK_S / 2:
@@ -756,8 +793,8 @@ class _JobState:
         of this map is too short to be worth the switch."""
         if not self.inline_ok or self.fixed or self.records < INLINE_MIN_CHUNKS:
             return False
-        t, p = self.cpu_item, self.dec_item
-        if t is None or p is None:
+        t, p = self.cpu_item, self.dec.est
+        if not self._dec_known():
             return False
         if not self._tiny_by_model(t, p):
             return False
@@ -768,6 +805,12 @@ class _JobState:
                 return False
         return True
 
+    def _dec_known(self):
+        t = self.cpu_item
+        d = self.dec
+        return t is not None and d.samples >= 2 \
+            and d.largest / d.SPAN * t * DEC_MAX_ERROR >= DEC_FIXED_S
+
     def _remember_if_computing(self, t):
         # Only items that compute: one whose wall time is far above its CPU
         # time blocks (I/O, sleep) and would run serially in the caller.
@@ -775,10 +818,17 @@ class _JobState:
         if wall is not None and wall <= 2 * t:
             _remember_tiny(self.fn, t)
 
+    def _overhead_item(self):
+        """CPU seconds per item of the parallel path beyond the call itself:
+        the workers' reading of items and encoding of results, the caller's
+        encoding, decoding and taking."""
+        return (self.wenc.est or 0.0) + self.dec.est + self.enc_item + CONSUME_ITEM_S
+
     def _tiny_by_model(self, t, p):
         p += CONSUME_ITEM_S
         p += self.enc_item
-        par = max(p, (t + p) / _CORES, t / self.nwork)
+        w = t + (self.wenc.est or 0.0)   # a worker's CPU per item: the call, then encoding its result
+        par = max(p, (w + p) / _CORES, w / self.nwork)
         if par * INLINE_MARGIN >= t:
             return True
         # The model assumes the cores are shared perfectly; what the consumer
@@ -824,7 +874,7 @@ class _JobState:
             return itertools.starmap(self.fn, rest) if self.star else map(self.fn, rest)
         end = self.n
         if len(self.iterables) == 1 and not self.star \
-                and type(self.iterables[0]) in (list, tuple):
+                and type(self.iterables[0]) in _TAIL_TYPES:
             return _InlineTail((self.fn, self.iterables[0], a, end))
         parts = [_tail(x, a, end) for x in self.iterables]
         if len(parts) > 1:
@@ -924,8 +974,12 @@ class _JobState:
         t = time.perf_counter()
         results = _serialize.loads_list(payload)
         if count:
-            d = (time.perf_counter() - t) / count
-            self.dec_item = d if self.dec_item is None else 0.5 * d + 0.5 * self.dec_item
+            # Per item, from the largest chunks only: a chunk's decode has a
+            # fixed part (about 2-4 us) that the first, small chunks (1, 4,
+            # 16 items) would charge to each item, making items of a few us
+            # look not worth the workers (the model then ran a cost-shift
+            # workload's dear half serially here).
+            self.dec.add(time.perf_counter() - t, count)
         return results, None
 
     def _wait(self):
@@ -1041,13 +1095,21 @@ class _JobState:
 
     def _finish(self):
         if self.inline_ok and not self.fixed and self.inline_from is None \
-                and self.gen is not None and self.cpu_item is not None \
-                and self.dec_item is not None and self.records:
+                and self.gen is not None and self._dec_known() and self.records:
             # A map that ran on the workers to its end: too short, or in too
             # few chunks, to go inline, its measured costs still say whether
             # the function is tiny for its next map (see PROBE_PIECE_S).
-            if self._tiny_by_model(self.cpu_item, self.dec_item):
-                self._remember_if_computing(self.cpu_item)
+            # Also one whose items cost less than TINY_OVERHEAD_FACTOR x
+            # what moving one costs, when this whole map took longer than map
+            # would have: the model's steady state leaves out a map's fixed
+            # costs (posting, waking, the first chunk's latency), which
+            # decide short maps of such items.
+            t = self.cpu_item
+            lost = self.n is not None and self.consumed >= self.n > 0 \
+                and time.perf_counter() - self.stats.t0 >= self.n * t
+            if self._tiny_by_model(t, self.dec.est) or (
+                    lost and t < TINY_OVERHEAD_FACTOR * self._overhead_item()):
+                self._remember_if_computing(t)
             else:
                 _forget_tiny(self.fn)
         if self.gen is None and not self.segs:

@@ -589,7 +589,7 @@ class Pool:
         jobs = self._jobs
         while head < tail:
             pos = head % RING_SIZE
-            total, kind, gen, start, count, plen, t0, t1, cpu = REC.unpack_from(buf, base + pos)
+            total, kind, gen, start, count, plen, t0, t1, cpu, enc = REC.unpack_from(buf, base + pos)
             k = kind & REC_KIND_MASK
             if k == REC_WRAP:
                 head += total
@@ -614,7 +614,7 @@ class Pool:
             seen.add((gen, start))
             job = jobs.get(gen)
             if job is not None:
-                job.on_record(w, k, start, count, payload, t0, t1, cpu, bool(kind & REC_STOLEN))
+                job.on_record(w, k, start, count, payload, t0, t1, cpu, bool(kind & REC_STOLEN), enc)
         self._heads[w] = head
         r.store64(area + W_HEAD, head)
         r.add32(area + W_SPACE_SEQ, 1)

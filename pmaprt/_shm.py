@@ -118,8 +118,9 @@ WSTATE_STARTING, WSTATE_READY, WSTATE_RECYCLED = 0, 1, 2
 # goes over the worker's socket instead.
 RING_SIZE = 4 * 1024 * 1024
 
-# record: total_len, kind, gen, start, count, payload_len, t0, t1 (wall), cpu seconds
-REC = struct.Struct("<IIQqIIddd")
+# record: total_len, kind, gen, start, count, payload_len, t0, t1 (wall), cpu
+# seconds of the items, seconds encoding the results
+REC = struct.Struct("<IIQqIIdddd")
 REC_RESULT, REC_ERROR, REC_WRAP, REC_BIG = 1, 2, 3, 4
 REC_KIND_MASK = 0xFF
 REC_STOLEN = 0x100      # the chunk came from a steal

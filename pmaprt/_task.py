@@ -88,7 +88,7 @@ class Task:
     def has_news(self):
         return self.done
 
-    def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen):
+    def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen, enc=0.0):
         if self.done:
             return
         self.done = True

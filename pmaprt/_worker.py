@@ -476,7 +476,6 @@ class Worker:
 
     def run_chunk(self, ctx, lo, n, stolen):
         t0 = time.perf_counter()
-        c0 = time.thread_time()
         if n >= 0:
             self._set_cur(ctx.gen, lo, n)
         items = None
@@ -495,6 +494,11 @@ class Worker:
             return
         if ctx.sink is not None:
             ctx.sink.pos = lo
+        # cpu: the items' calls alone (what map would spend on them); the
+        # chunk's overhead here (reading the items, encoding the results)
+        # goes in the record apart (see _job._JobState._tiny_by_model).
+        t_got = time.perf_counter()
+        c0 = time.thread_time()
         fn = ctx.fn
         out = []
         app = out.append
@@ -545,7 +549,8 @@ class Worker:
                 out[j] = ReturnedError.wrap(err, lo + j, tb=False)
                 has_errors = True
         kind = REC_RESULT | (REC_STOLEN if stolen else 0) | (REC_HAS_ERRORS if has_errors else 0)
-        self.put(kind, ctx.gen, lo, n, payload, t0, t1, cpu)
+        self.put(kind, ctx.gen, lo, n, payload, t0, t1, cpu,
+                 enc=(t_got - t0) + (time.perf_counter() - t1))
         self._set_cur(0, 0, 0)
 
     def _run_items_preemptible(self, ctx, fn, items, lo, n, t0, out):
@@ -624,7 +629,7 @@ class Worker:
 
     # --- the result ring
 
-    def put(self, kind, gen, start, count, payload, t0, t1, cpu=0.0, hot=False):
+    def put(self, kind, gen, start, count, payload, t0, t1, cpu=0.0, hot=False, enc=0.0):
         r, a = self.r, self.area
         if hot and not self.hot_held:
             # A task's record: take the hot spinner word just before it goes
@@ -661,9 +666,9 @@ class Worker:
         buf = self.ctl.buf
         base = self.ring_off
         if wrap:
-            REC.pack_into(buf, base + pos, wrap, REC_WRAP, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+            REC.pack_into(buf, base + pos, wrap, REC_WRAP, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
             pos = 0
-        REC.pack_into(buf, base + pos, need, kind, gen, start, count, plen, t0, t1, cpu)
+        REC.pack_into(buf, base + pos, need, kind, gen, start, count, plen, t0, t1, cpu, enc)
         if body:
             buf[base + pos + REC.size: base + pos + REC.size + plen] = payload
         self.tail += wrap + need

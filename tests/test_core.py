@@ -255,6 +255,23 @@ def test_known_tiny_function_is_learned_and_runs_inline_at_once(pool):
     assert it.stats.mode == "inline"
     assert sum(w.items for w in it.stats.workers) == 0
     assert it.stats.wall_s > 0
+    # A range too.
+    it = pool.map(busy_or_fail, range(3, 0, -1))
+    assert list(it) == [3, 1, 0]
+    assert it.stats.mode == "inline"
+
+
+def test_tiny_function_over_a_range_is_learned(pool):
+    from pmaprt import _job
+    for _ in range(3):      # a loaded machine gets 3 tries
+        assert list(pool.map(double, range(20_000))) == [2 * i for i in range(20_000)]
+        if _job._tiny_estimate(double) is not None:
+            break
+    assert _job._tiny_estimate(double) is not None
+    _job._remember_tiny(double, 1e-6)
+    it = pool.map(double, range(20_000))
+    assert list(it) == [2 * i for i in range(20_000)]
+    assert it.stats.mode == "inline"
 
 
 def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
@@ -272,6 +289,13 @@ def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
         assert it.stats.mode == "inline+index", name
         assert sum(w.items for w in it.stats.workers) > 0, name
         assert _job._tiny_estimate(busy_or_fail) is None, name
+    # A range: the dear rest goes to the workers from where the piece stopped.
+    _job._remember_tiny(busy_or_fail, 2e-7)
+    xs = range(100_000, 100_040)
+    it = pool.map(busy_or_fail, xs)
+    assert list(it) == [busy_or_fail(x) for x in xs]
+    assert it.stats.mode == "inline+index"
+    assert sum(w.items for w in it.stats.workers) > 0
     # Unordered: every result once.
     _job._remember_tiny(busy_or_fail, 2e-7)
     xs = [100_000] * 30 + [5] * 30
@@ -339,8 +363,16 @@ def test_results_iterator_pieces():
             del xs[3:]
         return x
     assert list(_core.Results(iter([_Tail((shrink, xs, 0, 5))]), _Tail)) == [1, 2, 3]
-    with pytest.raises(TypeError, match="list or tuple"):
+    with pytest.raises(TypeError, match="list, tuple or range"):
         list(_core.Results(iter([_Tail((f, "abc", 0, 3))]), _Tail))
+    # A range: fn(r[i]), clamped to its length, timed like a list.
+    def g(x):
+        return x + 1
+    assert list(_core.Results(iter([_Tail((g, range(10, 20, 2), 1, 99))]), _Tail)) == \
+        [13, 15, 17, 19]
+    box = [0.0, None]       # a budget of 0 s: one item, then it stops
+    assert list(_core.Results(iter([_Tail((g, range(100), 3, 50, box))]), _Tail)) == [4]
+    assert box[1] == 4
     with pytest.raises(TypeError):
         _core.Results(iter([]), "not a type")
 
@@ -491,3 +523,33 @@ def test_fixed_chunks_are_not_held_back_by_the_window(pool):
     st = it._state
     assert st._window() >= 4 * st.nwork * 20_000, (st._window(), st.avg_chunk, st.cpu_item)
 
+
+
+def _load_slowly():
+    time.sleep(0.002)
+    return "first"
+
+
+class _SlowToLoad:
+    def __reduce__(self):
+        return _load_slowly, ()
+
+
+def five_us_slow_first_load(x):
+    if x == 0:
+        return _SlowToLoad()
+    return busy_or_fail(150)     # about 5 us
+
+
+def test_items_of_a_few_us_stay_on_the_workers(pool):
+    # 5 us items: two workers beat map by far, so the cost model must never
+    # take the rest of such a map into the caller. A chunk's decode has a
+    # fixed part; taken from the first, 1-item chunk as the cost per item, it
+    # once made the model run such maps here, serially. Here the first result
+    # takes 2 ms to load, so that a model trusting it would always go inline.
+    xs = list(range(10_000))
+    v = busy_or_fail(150)
+    for _ in range(8):
+        it = pool.map(five_us_slow_first_load, xs)
+        assert list(it) == ["first"] + [v] * (len(xs) - 1)
+        assert "inline" not in it.stats.mode
