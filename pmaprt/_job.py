@@ -357,7 +357,7 @@ class _JobState:
             self.flags, self.max_items,
             spmd_seg=self.spmd.seg if self.spmd is not None else None, start=start)
 
-    def _start_after_probe(self, k):
+    def _start_after_probe(self, k, mode):
         """The probe of a known-tiny function cost more than remembered: post
         the job for items k.. (the probe ran 0..k-1 here). False if the input
         cannot be sent from k on (an item before k cannot be pickled): the
@@ -383,7 +383,7 @@ class _JobState:
                 self.pool.unshare(seg)
             self.segs = []
             return False
-        self.stats.mode = "inline+index"
+        self.stats.mode = mode
         self.arrays.started = True
         return True
 
@@ -1011,78 +1011,96 @@ class _JobState:
             pending, arrived = self.pending, self.arrived
             if self.probe:
                 # A known-tiny function (see PROBE_PIECE_S): timed pieces here.
-                seq, n, fn = self.iterables[0], self.n, self.fn
-                est = self.probe_est
-                per_item = max(PROBE_FACTOR * est, est)
-                done, dear = 0, False
-                while done < n:
-                    box = [PROBE_PIECE_S, done]
-                    t = time.perf_counter()
-                    yield _InlineTail((fn, seq, done, n, box))
-                    dt = time.perf_counter() - t
-                    stop = box[1]
-                    if stop is None or stop <= done:
-                        break       # cannot happen: a piece runs one item at least
-                    if dt > (stop - done) * per_item + PROBE_SLACK_S:
-                        dear = True
-                    done = stop
-                    if dear:
-                        break
-                if dear:
-                    # Dearer than remembered (other inputs, a slow consumer): the
-                    # workers take the rest, and the function is measured afresh.
-                    _forget_tiny(fn)
-                if done >= n or not self._start_after_probe(done):
-                    if done < n:
-                        yield _InlineTail((fn, seq, done, n))
+                done = yield from self._timed_inline(0, self.probe_est)
+                if done >= self.n or not self._start_after_probe(done, "inline+index"):
+                    if done < self.n:
+                        yield _InlineTail((self.fn, self.iterables[0], done, self.n))
                     return
                 pos = done
             if self.feed_mode:
                 self._feed()
-            while True:
-                end = self._end()
-                if end is not None and pos >= end:
-                    break
-                if self.ordered:
-                    rec = pending.pop(pos, None)
-                    start = pos
-                else:
-                    start = arrived.popleft() if arrived else None
-                    rec = pending.pop(start) if start is not None else None
-                if rec is None:
-                    # Ordered: an error is raised where map would raise it.
-                    # Unordered: as soon as it is known (once the results that
-                    # arrived before it are yielded), like a result in finishing order.
-                    if self.error_at is not None and (self.error_at <= pos or not self.ordered):
-                        raise self.errors[self.error_at]
-                    self._wait()
-                    continue
-                results, exc = self._take(rec, start)
-                pos += len(results)
-                self.consumed = pos
-                if self._progress is not None:
-                    self._progress.update(len(results))
-                yield results
-                if exc is not None:
-                    raise exc
+            while True:     # again when an inline rest hands dear items back
+                while True:
+                    end = self._end()
+                    if end is not None and pos >= end:
+                        break
+                    if self.ordered:
+                        rec = pending.pop(pos, None)
+                        start = pos
+                    else:
+                        start = arrived.popleft() if arrived else None
+                        rec = pending.pop(start) if start is not None else None
+                    if rec is None:
+                        # Ordered: an error is raised where map would raise it.
+                        # Unordered: as soon as it is known (once the results that
+                        # arrived before it are yielded), like a result in finishing order.
+                        if self.error_at is not None and (self.error_at <= pos or not self.ordered):
+                            raise self.errors[self.error_at]
+                        self._wait()
+                        continue
+                    results, exc = self._take(rec, start)
+                    pos += len(results)
+                    self.consumed = pos
+                    if self._progress is not None:
+                        self._progress.update(len(results))
+                    yield results
+                    if exc is not None:
+                        raise exc
+                    if self.inline_from is not None:
+                        continue
+                    if self._want_inline():
+                        self._go_inline()
+                    elif not self.feed_mode:
+                        self._raise_limit()
+                    elif not self.feed_done:
+                        self._refeed()
+                if self.error_at is not None and (self.inline_from is None or self.error_at <= pos):
+                    raise self.errors[self.error_at]
                 if self.inline_from is not None:
-                    continue
-                if self._want_inline():
-                    self._go_inline()
-                elif not self.feed_mode:
-                    self._raise_limit()
-                elif not self.feed_done:
-                    self._refeed()
-            if self.error_at is not None and (self.inline_from is None or self.error_at <= pos):
-                raise self.errors[self.error_at]
-            if self.inline_from is not None:
-                self._finish()
-                rest = self._inline_rest()
-                if self._progress is not None:
-                    rest = self._progress_wrap(_tail_iter(rest))
-                yield rest
+                    self._finish()
+                    rest = self._inline_rest()
+                    if self._progress is not None:
+                        rest = self._progress_wrap(_tail_iter(rest))
+                    elif type(rest) is _InlineTail:
+                        # Timed pieces, as a known-tiny map's: items that turn
+                        # dear (a cost shift) go back to the workers, in a job
+                        # posted for the rest, rather than run serially here.
+                        done = yield from self._timed_inline(self.inline_from, self.cpu_item)
+                        if done < self.n:
+                            self.inline_from = None
+                            if self._start_after_probe(done, self.stats.mode + "+index"):
+                                pos = done
+                                continue
+                            yield _InlineTail((self.fn, self.iterables[0], done, self.n))
+                        return
+                    yield rest
+                return
         finally:
             self._finish()
+
+    def _timed_inline(self, done, est):
+        """Yields timed pieces of the rest (from item `done`) run here; ends
+        at the end of the input, or after a piece that cost more than
+        PROBE_FACTOR x est per item (the function is then forgotten as tiny).
+        Returns the index reached."""
+        seq, n, fn = self.iterables[0], self.n, self.fn
+        per_item = max(PROBE_FACTOR * est, est)
+        while done < n:
+            box = [PROBE_PIECE_S, done]
+            t = time.perf_counter()
+            yield _InlineTail((fn, seq, done, n, box))
+            dt = time.perf_counter() - t
+            stop = box[1]
+            if stop is None or stop <= done:
+                break       # cannot happen: a piece runs one item at least
+            dear = dt > (stop - done) * per_item + PROBE_SLACK_S
+            done = stop
+            if dear:
+                # Dearer than remembered (other inputs, a slow consumer): the
+                # workers take the rest, and the function is measured afresh.
+                _forget_tiny(fn)
+                break
+        return done
 
     def _progress_wrap(self, it):
         bar = self._progress

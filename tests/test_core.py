@@ -553,3 +553,26 @@ def test_items_of_a_few_us_stay_on_the_workers(pool):
         it = pool.map(five_us_slow_first_load, xs)
         assert list(it) == ["first"] + [v] * (len(xs) - 1)
         assert "inline" not in it.stats.mode
+
+
+def tiny_then_dear(x):
+    if x >= 399_000:
+        return busy_or_fail(20_000)     # about 0.5 ms
+    return x * 2
+
+
+def test_inline_rest_hands_items_that_turn_dear_back_to_the_workers(pool):
+    # Tiny items take the map inline; when the last thousand turn dear (about
+    # 0.5 ms each), they must go back to the workers from where they start,
+    # not run one by one here. Going inline is the model's decision: a loaded
+    # machine gets three tries.
+    xs = list(range(400_000))
+    want = [tiny_then_dear(x) for x in range(399_000)] + [busy_or_fail(20_000)] * 1000
+    for _ in range(3):
+        it = pool.map(tiny_then_dear, xs)
+        assert list(it) == want
+        if "inline" in it.stats.mode:
+            break
+    assert it.stats.mode == "index+inline+index"
+    handed = sum(c for w in it.stats.workers for (_, _, lo, c) in w.chunk_log if lo >= 399_000)
+    assert handed > 500
