@@ -75,18 +75,22 @@ DEC_MAX_ERROR = 0.1
 # See _finish: items that cost less than this many times their moving.
 TINY_OVERHEAD_FACTOR = 4
 # Known-tiny functions: a function the cost model last found tiny (from
-# measured costs) starts its next map over a list or tuple in the caller at
-# once, with no job posted, in timed pieces: _core.Results stops a piece once
-# it has run PROBE_PIECE_S (it reads the clock after the first item, then
-# after every item while items take over 2 us, else every 16th). A piece
-# that cost more than PROBE_FACTOR x the remembered cost per item (plus
-# PROBE_SLACK_S) makes the function forgotten and hands the rest to the
-# workers, from that index. A dear input thus costs about one piece's budget
-# run here (at least one item); otherwise the whole map runs as map would,
-# with a clock read per 16 items and a generator resume per 2 ms. A short map of tiny items then costs what map costs (before: four
-# measured chunks first, and it never went inline).
+# measured costs) starts its next map over a list, tuple or range in the
+# caller at once, with no job posted, in timed pieces: _core.Results stops a
+# piece once it has run PROBE_PIECE_S (it reads the clock after the first
+# item, then after every item while items take over 2 us, else every 16th).
+# PROBE_STRIKES pieces in a row that cost more than PROBE_FACTOR x the
+# remembered cost per item (plus PROBE_SLACK_S) make the function forgotten
+# and hand the rest to the workers, from that index. A dear input thus costs
+# about two pieces' budget run here (at least two items); otherwise the whole
+# map runs as map would, with a clock read per 16 items and a generator
+# resume per 2 ms. A short map of tiny items then costs what map costs. The
+# rest of a map that went inline midway runs in the same timed pieces.
 PROBE_PIECE_S = 0.002
 PROBE_FACTOR = 4
+# Two dear pieces in a row: one can be a pause of this process (preempted for
+# most of a 2 ms piece on a busy machine), which must not post the job.
+PROBE_STRIKES = 2
 PROBE_SLACK_S = 5e-5
 _TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
 # Inputs whose rest _core.Results runs itself (fn(seq[i]), timed or not).
@@ -1080,11 +1084,12 @@ class _JobState:
 
     def _timed_inline(self, done, est):
         """Yields timed pieces of the rest (from item `done`) run here; ends
-        at the end of the input, or after a piece that cost more than
-        PROBE_FACTOR x est per item (the function is then forgotten as tiny).
-        Returns the index reached."""
+        at the end of the input, or after PROBE_STRIKES pieces in a row that
+        cost more than PROBE_FACTOR x est per item (the function is then
+        forgotten as tiny). Returns the index reached."""
         seq, n, fn = self.iterables[0], self.n, self.fn
         per_item = max(PROBE_FACTOR * est, est)
+        strikes = 0
         while done < n:
             box = [PROBE_PIECE_S, done]
             t = time.perf_counter()
@@ -1093,9 +1098,9 @@ class _JobState:
             stop = box[1]
             if stop is None or stop <= done:
                 break       # cannot happen: a piece runs one item at least
-            dear = dt > (stop - done) * per_item + PROBE_SLACK_S
+            strikes = strikes + 1 if dt > (stop - done) * per_item + PROBE_SLACK_S else 0
             done = stop
-            if dear:
+            if strikes >= PROBE_STRIKES:
                 # Dearer than remembered (other inputs, a slow consumer): the
                 # workers take the rest, and the function is measured afresh.
                 _forget_tiny(fn)
