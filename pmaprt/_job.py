@@ -275,7 +275,7 @@ class _JobState:
         self.segs = []
         self.lazy = []             # _access.LazyBlocks of a long list input
         self.gen = None
-        self.t_item = _sched.ChunkSizer(self.fixed)
+        self.t_item = _sched.ChunkSizer(self.fixed, grow=False)   # feed chunks; cost estimates
         self.cpu_item = None       # workers' CPU seconds per item (EWMA)
         self.dec = _PerItem()      # the parent's decode seconds per item
         self.wenc = _PerItem()     # the workers' seconds per item reading items, encoding results

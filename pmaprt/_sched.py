@@ -8,8 +8,19 @@ at the end of the map and make ordered results arrive in bigger lumps.
 """
 import math
 
-# Seconds of work one chunk aims at.
+# Seconds of work one chunk aims at, at first.
 TARGET_CHUNK_S = 0.002
+# While the cost per item holds steady (each chunk within STEADY x the
+# estimate), a worker doubles its target per chunk up to MAX_TARGET_S; any
+# other chunk sets it back to TARGET_CHUNK_S. Each chunk costs more than its
+# dispatch: the caller wakes, decodes and yields it, and on a machine with no
+# spare core that wake takes a worker's core (on 2 cores, 2 ms chunks of 50 us
+# items ran 4-9 % slower than the same map in 2,500-item chunks). Near the end
+# a chunk is held to TAIL_SHARE of an even share of what is left unclaimed
+# (remaining / workers), never below TARGET_CHUNK_S: the last chunks stay short.
+MAX_TARGET_S = 0.016
+STEADY = 1.5
+TAIL_SHARE = 0.5
 # The first chunk of a function never seen before is one item: it measures.
 # Each later chunk may grow at most this factor over the last, so a wrong
 # first measurement (a cold cache, a lazy import) costs at most a few chunks.
@@ -39,19 +50,29 @@ SPAN_FACTOR = 2
 
 
 class ChunkSizer:
-    __slots__ = ("fixed", "t_item", "last")
+    __slots__ = ("fixed", "t_item", "last", "grown", "grow")
 
-    def __init__(self, fixed=0, t_item=None):
+    def __init__(self, fixed=0, t_item=None, grow=True):
         self.fixed = fixed
         self.t_item = t_item
         self.last = 1 if t_item is None else MAX_CHUNK
+        self.grown = TARGET_CHUNK_S     # this worker's target now (see MAX_TARGET_S)
+        # False: the target stays TARGET_CHUNK_S (chunks the caller feeds
+        # from an iterator: what is in flight is held in memory).
+        self.grow = grow
 
-    def size(self):
+    def size(self, remaining=None, workers=1):
+        """Items for the next chunk; `remaining`: items not yet claimed by
+        any worker (None: unknown), which bounds it near the end."""
         if self.fixed:
             return self.fixed
         if self.t_item is None:
             return 1
-        c = int(TARGET_CHUNK_S / max(self.t_item, 1e-9))
+        t = max(self.t_item, 1e-9)
+        target = self.grown
+        if remaining is not None and target > TARGET_CHUNK_S:
+            target = max(TARGET_CHUNK_S, min(target, TAIL_SHARE * remaining * t / workers))
+        c = int(target / t)
         return max(1, min(c, self.last * GROWTH, MAX_CHUNK))
 
     def observe(self, count, seconds):
@@ -62,7 +83,12 @@ class ChunkSizer:
         if self.t_item is None:
             self.t_item = t
         else:
-            self.t_item = EWMA_ALPHA * t + (1 - EWMA_ALPHA) * self.t_item
+            est = self.t_item
+            if self.grow and est / STEADY <= t <= est * STEADY:
+                self.grown = min(2 * self.grown, MAX_TARGET_S)
+            else:
+                self.grown = TARGET_CHUNK_S
+            self.t_item = EWMA_ALPHA * t + (1 - EWMA_ALPHA) * est
 
 
 def span_size(chunk, remaining, workers):

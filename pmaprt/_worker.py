@@ -410,8 +410,9 @@ class Worker:
             # One shard per rank: this worker's own, never a span or a steal.
             lo, n = r.range_take(mine, 1, a + W_CUR_LO)
             return (lo, n, False) if n else None
+        n_all = r.load64(off + S_N)
         while True:
-            c = ctx.sizer.size()
+            c = ctx.sizer.size(max(0, n_all - r.load64(off + S_NEXT)), ctx.nwork)
             if ctx.max_items:
                 c = max(1, min(c, ctx.max_items - self.items_done))
             lo, n = r.range_take(mine, c, a + W_CUR_LO)
