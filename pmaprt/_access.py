@@ -93,17 +93,19 @@ class _DataArea:
         return off
 
 
-def plan_input(iterables, star, enc=None, upfront=None):
+def plan_input(iterables, star, enc=None, upfront=None, start=0):
     """IndexPlan or FeedPlan for map(fn, *iterables); `star`: items are arg tuples.
     enc: the job's _array.ItemEncoder (shared arrays, out-of-band buffers).
     upfront: items the workers may claim at first (the job's first window):
-    a long list need only be encoded that far before the job starts."""
+    a long list need only be encoded that far before the job starts.
+    start: the workers start at this item (the caller ran those before it):
+    a list's blocks before it are not encoded."""
     if all(_indexable(x) for x in iterables):
         area = _DataArea()
         specs, error, n = [], None, min(len(x) for x in iterables)
         for x in iterables:
             if upfront is not None and isinstance(x, (list, tuple)):
-                spec, err = _blocks_spec(x, n, area, enc, upfront)
+                spec, err = _blocks_spec(x, n, area, enc, upfront, start)
             else:
                 spec, err = _index_spec(x, n, area, enc)
             specs.append(spec)
@@ -158,13 +160,15 @@ def _array_spec(a, area, enc=None):
     return ("array", a.dtype, a.shape, off)
 
 
-def _blocks_spec(x, n, area, enc=None, upfront=None):
+def _blocks_spec(x, n, area, enc=None, upfront=None, start=0):
     """Encode x[:n] in blocks; stops at the first item that cannot be encoded.
     With `upfront`, a long list of plain items (no out-of-band buffers) is
-    encoded only as far as the first `upfront` items: see LazyBlocks."""
+    encoded only as far as the first `upfront` items: see LazyBlocks. Blocks
+    wholly before item `start` are left out (the workers never read them)."""
     if n == 0:
         return ("slice", ()), None
-    probe = x[: min(n, 32)]
+    start = min(start, n - 1)
+    probe = x[start: min(n, start + 32)]
     oob = False
     try:
         data = _serialize.dumps_list(list(probe), enc)
@@ -183,9 +187,10 @@ def _blocks_spec(x, n, area, enc=None, upfront=None):
     bsize = max(1, min(MAX_BLOCK_ITEMS, BLOCK_BYTES // per_item))
     if upfront is not None and not oob and not getattr(enc, "ref_bytes", 0) \
             and n >= LAZY_MIN_ITEMS and n > upfront + bsize:
-        return _lazy_blocks_spec(x, n, area, bsize, upfront, enc)
-    offsets, error = [], None
-    for lo in range(0, n, bsize):
+        return _lazy_blocks_spec(x, n, area, bsize, upfront, enc, start)
+    first = start // bsize
+    offsets, error = [(0, 0)] * first, None
+    for lo in range(first * bsize, n, bsize):
         block = list(x[lo: min(lo + bsize, n)])
         try:
             data = _serialize.dumps_list(block, enc)
@@ -219,13 +224,14 @@ def _encode_block(x, lo, hi, enc=None):
         return _serialize.dumps_list(block[:j], enc), (lo + j, _unpicklable_item(lo + j, block[j], exc))
 
 
-def _lazy_blocks_spec(x, n, area, bsize, upfront, enc=None):
+def _lazy_blocks_spec(x, n, area, bsize, upfront, enc=None, start=0):
     nblocks = (n + bsize - 1) // bsize
     table = bytearray(nblocks * BLOCK_ENTRY.size)
     table_off = area.add(table, len(table))
     lazy = LazyBlocks(x, n, bsize, nblocks, table_off)
+    lazy.k = start // bsize     # blocks before start: never read, never encoded
     error = None
-    for k in range(min(nblocks, (upfront + bsize - 1) // bsize)):
+    for k in range(lazy.k, min(nblocks, (upfront + bsize - 1) // bsize)):
         lo = k * bsize
         data, error = _encode_block(x, lo, min(lo + bsize, n), enc)
         if data:

@@ -436,9 +436,11 @@ class ResultEncoder:
 
     def __init__(self, sock):
         self.sock = sock
+        self.moved = 0      # bytes the last chunk's results took (pickle and buffers)
 
     def dumps(self, items):
         tag, body, bufs = _pickle_oob(items)
+        self.moved = len(body) + sum(pb.raw().nbytes for pb in bufs)
         if not bufs:
             return tag + body
         entries, copies = [], []

@@ -93,6 +93,7 @@ PROBE_FACTOR = 4
 PROBE_STRIKES = 2
 PROBE_SLACK_S = 5e-5
 _TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
+_TINY_UPTO = weakref.WeakKeyDictionary()  # fn -> tiny only for maps up to this length
 # Inputs whose rest _core.Results runs itself (fn(seq[i]), timed or not).
 _TAIL_TYPES = (list, tuple, range)
 
@@ -120,16 +121,26 @@ class _PerItem:
         self.largest = max(self.largest, count)
 
 
-def _tiny_estimate(fn):
+def _tiny_estimate(fn, n=None):
+    """The remembered cost per item of a known-tiny function, or None; with
+    n, None also for a map longer than the function is tiny for."""
     try:
-        return _TINY.get(fn)
+        t = _TINY.get(fn)
+        if t is not None and n is not None and n > _TINY_UPTO.get(fn, n):
+            return None
+        return t
     except TypeError:       # not weak-referenceable (a builtin function)
         return None
 
 
-def _remember_tiny(fn, t):
+def _remember_tiny(fn, t, upto=None):
+    """upto: the longest map the function is tiny for (None: any)."""
     try:
         _TINY[fn] = t
+        if upto is None:
+            _TINY_UPTO.pop(fn, None)
+        else:
+            _TINY_UPTO[fn] = upto
     except TypeError:
         pass
 
@@ -137,6 +148,7 @@ def _remember_tiny(fn, t):
 def _forget_tiny(fn):
     try:
         _TINY.pop(fn, None)
+        _TINY_UPTO.pop(fn, None)
     except TypeError:
         pass
 
@@ -287,6 +299,7 @@ class _JobState:
         self.wait_s = 0.0
         self.avg_chunk = 1.0
         self.n = None
+        self.n_input = None        # a sized input's length (n stops at an unpicklable item)
         self._progress = None
         self.star = star = star or len(iterables) > 1
         # arrays (_array.py): chunks= blocks, out=, shared arrays and out-of-band buffers
@@ -301,11 +314,11 @@ class _JobState:
         if self.inline_ok and not self.fixed and not star and not progress and out is None \
                 and chunks is None and axis_name is None and len(iterables) == 1 \
                 and type(iterables[0]) in _TAIL_TYPES:
-            est = _tiny_estimate(fn)
+            est = _tiny_estimate(fn, len(iterables[0]))
             if est is not None:
                 # A known-tiny function: no job until a piece proves dear.
                 self.probe, self.probe_est = True, est
-                self.n = len(iterables[0])
+                self.n = self.n_input = len(iterables[0])
                 self.feed_mode = False
                 self.limit, self.slot, self.off, self.lazy_seg = 0, None, None, None
                 self.stats.mode = "inline"
@@ -346,6 +359,8 @@ class _JobState:
         return seg, desc_off
 
     def _start_index(self, plan, fn_bytes, star, start=0):
+        if self.n_input is None:
+            self.n_input = min(len(x) for x in self.iterables)
         self.n = plan.n
         if plan.n > _shm.RANGE_LO_MAX:
             raise OverflowError("pmaprt: a map of more than %d items is not supported" % _shm.RANGE_LO_MAX)
@@ -363,18 +378,20 @@ class _JobState:
 
     def _start_after_probe(self, k, mode):
         """The probe of a known-tiny function cost more than remembered: post
-        the job for items k.. (the probe ran 0..k-1 here). False if the input
-        cannot be sent from k on (an item before k cannot be pickled): the
-        rest then runs here too."""
-        self.pool._check_open()     # closed or terminated since map(): say so
+        the job for items k.. (items before k ran here). False if it cannot
+        be posted (the function cannot be pickled, every job slot is busy):
+        the rest then runs here too, to the input's end (items need no
+        pickling here). Raises the pool's error if it was closed or broken
+        since map()."""
+        self.pool._check_open()
         try:
             fn_bytes = _serialize.dumps_fn(self.fn)
         except Exception:
             return False
+        # Blocks of a list wholly before k are not encoded (start=k).
         plan = plan_input(self.iterables, self.star, self.arrays.encoder,
-                          upfront=k + self._window())
-        if plan.error is not None and plan.error[0] < k:
-            return False
+                          upfront=k + self._window(), start=k)
+        saved = self.n, self.consumed, self.error_at, dict(self.errors)
         self.consumed = k
         try:
             with self.pool._lock:
@@ -383,9 +400,11 @@ class _JobState:
         except RuntimeError as e:
             if "already live" not in str(e):
                 raise
-            for seg in self.segs:       # every job slot busy: the rest runs here
-                self.pool.unshare(seg)
+            with self.pool._lock:
+                for seg in self.segs:   # every job slot busy: the rest runs here
+                    self.pool.unshare(seg)
             self.segs = []
+            self.n, self.consumed, self.error_at, self.errors = saved
             return False
         self.stats.mode = mode
         self.arrays.started = True
@@ -815,12 +834,12 @@ class _JobState:
         return t is not None and d.samples >= 2 \
             and d.largest / d.SPAN * t * DEC_MAX_ERROR >= DEC_FIXED_S
 
-    def _remember_if_computing(self, t):
+    def _remember_if_computing(self, t, upto=None):
         # Only items that compute: one whose wall time is far above its CPU
         # time blocks (I/O, sleep) and would run serially in the caller.
         wall = self.t_item.t_item
         if wall is not None and wall <= 2 * t:
-            _remember_tiny(self.fn, t)
+            _remember_tiny(self.fn, t, upto)
 
     def _overhead_item(self):
         """CPU seconds per item of the parallel path beyond the call itself:
@@ -828,11 +847,16 @@ class _JobState:
         encoding, decoding and taking."""
         return (self.wenc.est or 0.0) + self.dec.est + self.enc_item + CONSUME_ITEM_S
 
-    def _tiny_by_model(self, t, p):
+    def _par_item(self, t, p):
+        """The model's seconds per item of the parallel path, steady state."""
         p += CONSUME_ITEM_S
         p += self.enc_item
         w = t + (self.wenc.est or 0.0)   # a worker's CPU per item: the call, then encoding its result
-        par = max(p, (w + p) / _CORES, w / self.nwork)
+        return max(p, (w + p) / _CORES, w / self.nwork)
+
+    def _tiny_by_model(self, t, p):
+        par = self._par_item(t, p)
+        p += CONSUME_ITEM_S + self.enc_item
         if par * INLINE_MARGIN >= t:
             return True
         # The model assumes the cores are shared perfectly; what the consumer
@@ -866,6 +890,12 @@ class _JobState:
                     if nxt >= self.n or r.cas64(self.off + S_NEXT, nxt, self.n):
                         break
                 self.inline_from = min(nxt, self.n)
+                # Items from here on run here and need no pickling: an item
+                # found unpicklable there is no error of this map any more.
+                errs = {i: e for i, e in self.errors.items() if i < self.inline_from}
+                if len(errs) < len(self.errors):
+                    self.errors = errs
+                    self.error_at = min(errs) if errs else None
         self.stats.mode += "+inline"
 
     def _inline_rest(self):
@@ -876,7 +906,7 @@ class _JobState:
             self._held = None
             rest = itertools.chain(held, self.it) if held else self.it
             return itertools.starmap(self.fn, rest) if self.star else map(self.fn, rest)
-        end = self.n
+        end = self.n_input
         if len(self.iterables) == 1 and not self.star \
                 and type(self.iterables[0]) in _TAIL_TYPES:
             return _InlineTail((self.fn, self.iterables[0], a, end))
@@ -1016,9 +1046,9 @@ class _JobState:
             if self.probe:
                 # A known-tiny function (see PROBE_PIECE_S): timed pieces here.
                 done = yield from self._timed_inline(0, self.probe_est)
-                if done >= self.n or not self._start_after_probe(done, "inline+index"):
-                    if done < self.n:
-                        yield _InlineTail((self.fn, self.iterables[0], done, self.n))
+                if done >= self.n_input or not self._start_after_probe(done, "inline+index"):
+                    if done < self.n_input:
+                        yield _InlineTail((self.fn, self.iterables[0], done, self.n_input))
                     return
                 pos = done
             if self.feed_mode:
@@ -1070,12 +1100,20 @@ class _JobState:
                         # dear (a cost shift) go back to the workers, in a job
                         # posted for the rest, rather than run serially here.
                         done = yield from self._timed_inline(self.inline_from, self.cpu_item)
-                        if done < self.n:
+                        if done < self.n_input:
                             self.inline_from = None
-                            if self._start_after_probe(done, self.stats.mode + "+index"):
+                            try:
+                                posted = self._start_after_probe(done, self.stats.mode + "+index")
+                            except Exception:
+                                # Closed or broken since: this map needs no
+                                # worker any more; it ends here, as before.
+                                if not (self.pool._closed or self.pool._broken is not None):
+                                    raise
+                                posted = False
+                            if posted:
                                 pos = done
                                 continue
-                            yield _InlineTail((self.fn, self.iterables[0], done, self.n))
+                            yield _InlineTail((self.fn, self.iterables[0], done, self.n_input))
                         return
                     yield rest
                 return
@@ -1087,7 +1125,7 @@ class _JobState:
         at the end of the input, or after PROBE_STRIKES pieces in a row that
         cost more than PROBE_FACTOR x est per item (the function is then
         forgotten as tiny). Returns the index reached."""
-        seq, n, fn = self.iterables[0], self.n, self.fn
+        seq, n, fn = self.iterables[0], self.n_input, self.fn
         per_item = max(PROBE_FACTOR * est, est)
         strikes = 0
         while done < n:
@@ -1122,17 +1160,20 @@ class _JobState:
             # A map that ran on the workers to its end: too short, or in too
             # few chunks, to go inline, its measured costs still say whether
             # the function is tiny for its next map (see PROBE_PIECE_S).
-            # Also one whose items cost less than TINY_OVERHEAD_FACTOR x
-            # what moving one costs, when this whole map took longer than map
-            # would have: the model's steady state leaves out a map's fixed
-            # costs (posting, waking, the first chunk's latency), which
-            # decide short maps of such items.
+            # A map of items that cost less than TINY_OVERHEAD_FACTOR x their
+            # moving, that took longer than map would have, marks it tiny
+            # too, but only for maps up to the length where the parallel
+            # path's steady gain would pay this map's fixed costs (posting,
+            # waking, the first chunk's latency: wall - n * par), which the
+            # model leaves out and which decide short maps of such items.
             t = self.cpu_item
-            lost = self.n is not None and self.consumed >= self.n > 0 \
-                and time.perf_counter() - self.stats.t0 >= self.n * t
-            if self._tiny_by_model(t, self.dec.est) or (
-                    lost and t < TINY_OVERHEAD_FACTOR * self._overhead_item()):
+            wall = time.perf_counter() - self.stats.t0
+            lost = self.n is not None and self.consumed >= self.n > 0 and wall >= self.n * t
+            par = self._par_item(t, self.dec.est)
+            if self._tiny_by_model(t, self.dec.est):
                 self._remember_if_computing(t)
+            elif lost and t < TINY_OVERHEAD_FACTOR * self._overhead_item():
+                self._remember_if_computing(t, int(max(0.0, wall - self.n * par) / (t - par)))
             else:
                 _forget_tiny(self.fn)
         if self.gen is None and not self.segs:

@@ -21,6 +21,11 @@ TARGET_CHUNK_S = 0.002
 MAX_TARGET_S = 0.016
 STEADY = 1.5
 TAIL_SHARE = 0.5
+# A chunk whose results take more than this many bytes does not grow the
+# target: moving them costs far more than the chunk's dispatch, and a worker
+# holds a chunk's results twice while it sends them (built, then copied into
+# shared memory), so larger chunks of large results would raise peak memory.
+GROW_MAX_BYTES = 1 << 20
 # The first chunk of a function never seen before is one item: it measures.
 # Each later chunk may grow at most this factor over the last, so a wrong
 # first measurement (a cold cache, a lazy import) costs at most a few chunks.
@@ -74,6 +79,10 @@ class ChunkSizer:
             target = max(TARGET_CHUNK_S, min(target, TAIL_SHARE * remaining * t / workers))
         c = int(target / t)
         return max(1, min(c, self.last * GROWTH, MAX_CHUNK))
+
+    def hold(self):
+        """No growth after this chunk (see GROW_MAX_BYTES)."""
+        self.grown = TARGET_CHUNK_S
 
     def observe(self, count, seconds):
         if count <= 0:

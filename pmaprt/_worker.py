@@ -537,6 +537,8 @@ class Worker:
         while True:
             try:
                 payload = _serialize.dumps_list(out, self.oob)
+                if self.oob is not None and self.oob.moved > _sched.GROW_MAX_BYTES:
+                    ctx.sizer.hold()
                 break
             except BaseException:
                 bad = _serialize.find_unpicklable(out, BaseException)

@@ -576,3 +576,79 @@ def test_inline_rest_hands_items_that_turn_dear_back_to_the_workers(pool):
     assert it.stats.mode == "index+inline+index"
     handed = sum(c for w in it.stats.workers for (_, _, lo, c) in w.chunk_log if lo >= 399_000)
     assert handed > 500
+
+
+def busy_or_zero(x):
+    return busy_or_fail(x) if type(x) is int else 0
+
+
+def test_known_tiny_dear_rest_with_every_slot_busy_runs_here_to_the_end():
+    # The hand-over cannot post (the pool's one job slot is held by another
+    # map): the rest runs here, all of it. An item that cannot be pickled
+    # (a lock) is no error here, where nothing is pickled.
+    import threading
+    from pmaprt import _job
+    p = Pool(2, max_jobs=1)
+    try:
+        held = p.map(busy_or_fail, [1] * 100_000)
+        next(held)                          # the only slot, held
+        _job._remember_tiny(busy_or_zero, 2e-7)
+        v = busy_or_fail(100_000)
+        xs = [100_000] * 40 + [threading.Lock()] + [1] * 9
+        it = p.map(busy_or_zero, xs)
+        assert list(it) == [v] * 40 + [0] + [0] * 9
+        assert it.stats.mode == "inline"
+        assert list(held) == [0] * 99_999
+    finally:
+        p.terminate()
+
+
+def test_hand_over_of_a_long_list_encodes_only_the_rest():
+    from pmaprt._access import plan_input
+    xs = ["item %06d %s" % (i, "x" * 100) for i in range(200_000)]
+    whole = plan_input([xs], False, upfront=200_000)
+    rest = plan_input([xs], False, upfront=200_000, start=190_000)
+    assert rest.n == whole.n == 200_000 and rest.error is None
+    assert rest.data_size < whole.data_size / 10, (rest.data_size, whole.data_size)
+
+
+def test_a_function_tiny_for_short_maps_runs_long_maps_on_the_workers(pool):
+    # A short map that lost to map on its fixed costs (posting, waking) marks
+    # its function tiny only up to the length where the workers' steady gain
+    # pays those costs back: a longer map of it starts on the workers.
+    from pmaprt import _job
+    _job._remember_tiny(busy_or_fail, 1e-6, upto=1000)
+    assert _job._tiny_estimate(busy_or_fail, 1000) == 1e-6
+    assert _job._tiny_estimate(busy_or_fail, 1001) is None
+    it = pool.map(busy_or_fail, [1] * 500)
+    assert list(it) == [0] * 500
+    assert it.stats.mode == "inline"
+    it = pool.map(busy_or_fail, [300] * 5000)     # about 10 us each
+    assert list(it) == [busy_or_fail(300)] * 5000
+    assert not it.stats.mode.startswith("inline")
+    assert sum(w.items for w in it.stats.workers) > 2500
+    # Remembered as tiny for any length, it would have started here.
+    _job._remember_tiny(busy_or_fail, 1e-5)
+    assert _job._tiny_estimate(busy_or_fail, 10 ** 9) == 1e-5
+
+
+def test_map_that_went_inline_finishes_when_the_pool_is_closed_meanwhile():
+    p = Pool(2)
+    try:
+        xs = list(range(400_000))
+        want = [tiny_then_dear(x) for x in range(399_000)] + [busy_or_fail(20_000)] * 1000
+        for _ in range(3):
+            it = p.map(tiny_then_dear, xs)
+            got = []
+            for y in it:
+                got.append(y)
+                if "inline" in it.stats.mode and not p.closed:
+                    p.terminate()          # the rest needs no worker unless handed back
+            if "inline" in it.stats.mode:
+                break
+            p.terminate()
+            p = Pool(2)
+        assert got == want
+        assert "inline" in it.stats.mode
+    finally:
+        p.terminate()
