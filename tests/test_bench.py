@@ -24,7 +24,7 @@ OPT = type(None)
 RESULT_TYPES = {
     "workload": (str,), "runner": (str,), "label": (str,), "kind": (str,), "status": (str,),
     "note": (str, OPT), "metric": (str,), "params": (dict, OPT), "items": (int, OPT),
-    "times_s": (list, OPT), "runs": (int, OPT), "median_s": (float, OPT), "min_s": (float, OPT),
+    "times_s": (list, OPT), "paired_serial_s": (list, OPT), "runs": (int, OPT), "median_s": (float, OPT), "min_s": (float, OPT),
     "items_per_s": (float, OPT), "latency_us": (float, OPT), "busbw_gbps": (float, OPT),
     "speedup_vs_map": (float, OPT), "speedup_vs_best_peer": (float, OPT),
     "makespan_over_ideal": (float, OPT), "efficiency": (float, OPT), "startup_s": (float, OPT),
@@ -140,6 +140,14 @@ def test_json_workloads_and_results(quick):
     for name in ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy", "roundtrip"):
         base = [r for r in results if r["workload"] == name and r["runner"] == "builtin_map"]
         assert len(base) == 1 and base[0]["status"] == "ok", name
+    # each timed run of a parallel runner was paired with a builtin map run
+    for r in results:
+        if r["status"] == "ok" and r["kind"] in ("pmaprt", "peer") and \
+                r["workload"] in ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy"):
+            assert len(r["paired_serial_s"]) == r["runs"], r
+            assert all(isinstance(t, NUM) and t > 0 for t in r["paired_serial_s"])
+        elif r["kind"] == "baseline":
+            assert r["paired_serial_s"] is None
     # every peer has a record per map workload: ok, or skipped/error with a note
     for rid in ("mp_pool_map", "mp_pool_imap", "ppe_cs1", "ppe_tuned", "joblib", "mpire",
                 "pmaprt"):
@@ -341,3 +349,33 @@ def test_optional_feature_paths(tmp_path, monkeypatch):
     assert doc["files"]["plots"] == ["allreduce_busbw.png"]
     with open(out / "allreduce_busbw.png", "rb") as f:
         assert f.read(8) == PNG_SIG
+
+
+def test_paired_ratios_are_medians_of_per_run_ratios():
+    """vs map, eff and /ideal of a paired runner come from its own pairs: a
+    machine twice as fast during one runner's runs must not read as a 2x
+    difference between runners."""
+    from pmaprt.bench.suite import Config, Suite, new_record, new_workload_entry
+    from pmaprt.bench.runners import BuiltinMap, MpPoolMap, Pmaprt
+
+    s = Suite(Config(workers=2, workloads=["heavy_tailed"]))
+    s.entries["heavy_tailed"] = new_workload_entry("heavy_tailed", longest_item_s=0.01)
+    base = new_record("heavy_tailed", BuiltinMap(), times_s=[0.2, 0.2, 0.2], median_s=0.2)
+    # pmaprt ran while the machine was twice as fast: serial 0.1 beside it
+    pm = new_record("heavy_tailed", Pmaprt(), times_s=[0.06, 0.05, 0.07], median_s=0.06,
+                    paired_serial_s=[0.1, 0.1, 0.1])
+    mp = new_record("heavy_tailed", MpPoolMap(), times_s=[0.125, 0.1, 0.1], median_s=0.1,
+                    paired_serial_s=[0.2, 0.2, 0.2])
+    old = new_record("heavy_tailed", MpPoolMap(), times_s=[0.1], median_s=0.1)
+    s.results = [base, pm, mp, old]
+    s._derive()
+    assert pm["speedup_vs_map"] == pytest.approx(0.1 / 0.06)
+    assert pm["efficiency"] == pytest.approx(0.1 / (2 * 0.06))
+    assert pm["makespan_over_ideal"] == pytest.approx(0.06 / 0.05)
+    assert mp["efficiency"] == pytest.approx(1.0)
+    assert mp["makespan_over_ideal"] == pytest.approx(1.0)
+    # unpaired: against the baseline's median, as before
+    assert old["speedup_vs_map"] == pytest.approx(2.0)
+    assert old["makespan_over_ideal"] == pytest.approx(1.0)
+    # vs best still compares medians
+    assert pm["speedup_vs_best_peer"] == pytest.approx(0.1 / 0.06)

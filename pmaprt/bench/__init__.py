@@ -102,13 +102,19 @@ Result record keys (all always present, null where not applicable):
 ``items``     int, items per run (calls per sample for roundtrip).
 ``times_s``   list of float, every timed run's seconds (raw; per-call
               seconds for roundtrip).
+``paired_serial_s``  list of float or null: the time of a builtin map run
+              over the same input taken just before each timed run (parallel
+              runners of map workloads, unless --no-pair).
 ``runs``      int, len(times_s).
 ``median_s``, ``min_s``  float.
 ``items_per_s``          float, items / median_s.
 ``latency_us``           float, roundtrip only.
 ``busbw_gbps``           float, allreduce only: 2(W-1)/W * bytes / t / 1e9
                          (the memcpy baseline: bytes / t / 1e9).
-``speedup_vs_map``       float, serial_s / median_s (>1: faster than map).
+``speedup_vs_map``       float, serial_s / median_s (>1: faster than map);
+                         with paired_serial_s, the median of the per-run
+                         ratios paired_serial_s[k] / times_s[k] (as are
+                         efficiency and makespan_over_ideal).
 ``speedup_vs_best_peer`` float, best_peer_s / median_s (>1: faster than the
                          fastest parallel peer).
 ``makespan_over_ideal``  float, median_s / ideal_s (1 is perfect).

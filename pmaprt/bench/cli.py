@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these runners besides builtin map (repeatable): "
                         + ", ".join(RUNNER_IDS))
     p.add_argument("--no-sweep", action="store_true", help="skip the chunk-size sweeps")
+    p.add_argument("--no-pair", action="store_true",
+                   help="do not run builtin map before each timed run of a parallel runner "
+                        "(vs map, eff and /ideal then come from the medians)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
@@ -64,6 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             progress=not args.no_progress,
             max_runner_s=args.max_runner_s,
             sweep=not args.no_sweep,
+            pair=not args.no_pair,
             plots=not args.no_plots,
             runners=args.runner,
             argv=list(sys.argv[1:] if argv is None else argv),

@@ -97,7 +97,9 @@ def render(doc: Dict[str, Any]) -> str:
     out.append("versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]))
     out.append("ratios: 'vs map' and 'vs best' are speedups (reference time / this time; >1 is "
                "faster); best = fastest parallel peer; eff = serial/(W*t); /ideal = t / "
-               "max(serial/W, longest item)")
+               "max(serial/W, longest item)" + (
+                   "; vs map, eff and /ideal: medians of per-run ratios, each run paired with "
+                   "a builtin map run just before it" if cfg.get("pair") else ""))
     results = doc.get("results", [])
     for name, e in doc.get("workloads", {}).items():
         out.append("")

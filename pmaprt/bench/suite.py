@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import workloads as W
-from .runners import Runner, all_runners, Pmaprt, RUNNER_IDS
+from .runners import BuiltinMap, Runner, all_runners, Pmaprt, RUNNER_IDS
 
 SCHEMA_VERSION = 1
 
@@ -29,7 +29,7 @@ MEMORY_WORKLOADS = ("numpy",)
 #: every per-result record has exactly these keys (None where not applicable)
 RESULT_KEYS = (
     "workload", "runner", "label", "kind", "status", "note", "metric", "params",
-    "items", "times_s", "runs", "median_s", "min_s", "items_per_s", "latency_us",
+    "items", "times_s", "paired_serial_s", "runs", "median_s", "min_s", "items_per_s", "latency_us",
     "busbw_gbps", "speedup_vs_map", "speedup_vs_best_peer", "makespan_over_ideal",
     "efficiency", "startup_s", "stats",
 )
@@ -65,6 +65,10 @@ class Config:
     progress: bool = True
     max_runner_s: Optional[float] = None  # None: 3 s quick, 60 s full
     sweep: bool = True
+    # each timed run of a parallel runner comes right after a run of builtin
+    # map over the same input; vs map, eff and /ideal are then medians of the
+    # per-pair ratios (see Suite.timed)
+    pair: bool = True
     plots: bool = True
     runners: Optional[List[str]] = None  # None: all (builtin map always runs)
     argv: List[str] = field(default_factory=list)
@@ -102,6 +106,7 @@ class Config:
             "workloads": list(self.workloads or []),
             "max_runner_s": self.max_runner_s,
             "sweep": self.sweep,
+            "pair": self.pair,
             "plots": self.plots,
             "runners": list(self.runners) if self.runners is not None else None,
         }
@@ -266,12 +271,23 @@ class Suite:
         self.cal: Optional[W.Calibration] = None
 
     # timing ---------------------------------------------------------------
-    def timed(self, run: Callable[[], Any]):
+    def timed(self, run: Callable[[], Any], pair: Optional[Callable[[], Any]] = None,
+              paired: Optional[List[float]] = None):
         """Run up to ``repeat`` times, stopping early once ``max_runner_s`` is
-        spent (at least one run).  Returns (times, first result, note)."""
+        spent (at least one run).  Returns (times, first result, note).
+
+        pair: a reference run (builtin map over the same input) timed just
+        before each run, its times appended to ``paired``. On a shared machine
+        the speed of a core drifts by up to 2x over seconds: a ratio between
+        runs a fraction of a second apart drifts far less than one between
+        medians taken minutes apart, runner after runner."""
         times, first = [], None
         spent = 0.0
         for k in range(self.cfg.repeat):
+            if pair is not None:
+                t0 = time.perf_counter()
+                pair()
+                paired.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             res = run()
             dt = time.perf_counter() - t0
@@ -418,8 +434,13 @@ class Suite:
                         # before the timed runs: their freed memory stays in the heaps
                         mem = _peak_memory(lambda: r.map(w.fn, w.args),
                                            warm=lambda: r.map(w.fn, w.args[: 2 * cfg.workers]))
-                    times, first, note = self.timed(lambda: r.map(w.fn, w.args))
+                    pair, paired = None, []
+                    if cfg.pair and r.kind != "baseline":
+                        pair = lambda: BuiltinMap().map(w.fn, w.args)  # noqa: E731
+                    times, first, note = self.timed(lambda: r.map(w.fn, w.args), pair, paired)
                     self._fill_times(rec, times, w.n)
+                    if paired:
+                        rec["paired_serial_s"] = [float(t) for t in paired]
                     rec["note"] = note
                     if mem:
                         rec["params"] = dict(rec["params"] or {}, **mem)
@@ -946,17 +967,29 @@ class Suite:
                 if serial and entry.get("longest_item_s") is not None:
                     ideal = max(serial / wk, entry["longest_item_s"])
                     entry["ideal_s"] = ideal
+            longest = entry.get("longest_item_s") if entry is not None else None
             for r in ok:
                 if r["metric"] == "busbw":
                     continue
-                if serial and r["metric"] == "wall":
+                ps = r.get("paired_serial_s")
+                if ps and len(ps) == len(r["times_s"]) and r["metric"] == "wall":
+                    # medians of per-pair ratios (Suite.timed)
+                    pairs = list(zip(ps, r["times_s"]))
+                    r["speedup_vs_map"] = statistics.median(s_ / t for s_, t in pairs)
+                    r["efficiency"] = statistics.median(s_ / (wk * t) for s_, t in pairs)
+                    if longest is not None:
+                        r["makespan_over_ideal"] = statistics.median(
+                            t / max(s_ / wk, longest) for s_, t in pairs)
+                elif serial and r["metric"] == "wall":
                     r["speedup_vs_map"] = serial / r["median_s"]
                     if r["kind"] != "baseline":
                         r["efficiency"] = serial / (wk * r["median_s"])
+                    if ideal:
+                        r["makespan_over_ideal"] = r["median_s"] / ideal
+                elif ideal:
+                    r["makespan_over_ideal"] = r["median_s"] / ideal
                 if best and not (r["metric"] == "latency" and r["kind"] == "baseline"):
                     r["speedup_vs_best_peer"] = best["median_s"] / r["median_s"]
-                if ideal:
-                    r["makespan_over_ideal"] = r["median_s"] / ideal
             if entry is not None and name in W.SWEPT:
                 sw = [r for r in ok if r["kind"] == "sweep"]
                 if sw:
