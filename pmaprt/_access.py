@@ -99,7 +99,8 @@ def plan_input(iterables, star, enc=None, upfront=None, start=0):
     upfront: items the workers may claim at first (the job's first window):
     a long list need only be encoded that far before the job starts.
     start: the workers start at this item (the caller ran those before it):
-    a list's blocks before it are not encoded."""
+    a list's items before it are not pickled (placeholders; blocks wholly
+    before it are left out)."""
     if all(_indexable(x) for x in iterables):
         area = _DataArea()
         specs, error, n = [], None, min(len(x) for x in iterables)
@@ -107,7 +108,7 @@ def plan_input(iterables, star, enc=None, upfront=None, start=0):
             if upfront is not None and isinstance(x, (list, tuple)):
                 spec, err = _blocks_spec(x, n, area, enc, upfront, start)
             else:
-                spec, err = _index_spec(x, n, area, enc)
+                spec, err = _index_spec(x, n, area, enc, start)
             specs.append(spec)
             if err is not None and (error is None or err[0] < error[0]):
                 error = err
@@ -120,7 +121,7 @@ def plan_input(iterables, star, enc=None, upfront=None, start=0):
     return FeedPlan(zip(*iterables))
 
 
-def _index_spec(x, n, area, enc=None):
+def _index_spec(x, n, area, enc=None, start=0):
     if isinstance(x, range):
         return ("slice", x), None
     if _is_ndarray(x):
@@ -128,7 +129,7 @@ def _index_spec(x, n, area, enc=None):
     if isinstance(x, (str, bytes)):
         return ("slice", x), None
     if isinstance(x, (list, tuple)):
-        return _blocks_spec(x, n, area, enc)
+        return _blocks_spec(x, n, area, enc, start=start)
     if isinstance(x, _array.BlockView):
         inner, err = _index_spec(x.base, len(x.base), area, enc)
         if err is not None:
@@ -179,9 +180,11 @@ def _blocks_spec(x, n, area, enc=None, upfront=None, start=0):
         per_item = 1024
     if n * per_item <= SMALL_INLINE_BYTES and not oob:
         # Small: the items travel inside the descriptor (no segment, no message).
+        # Items before `start` ran already: placeholders, never pickled.
+        items = _from(x, 0, n, start)
         try:
-            _serialize.dumps_list(list(x[:n]))
-            return ("slice", x[:n]), None
+            _serialize.dumps_list(items)
+            return ("slice", items if start else x[:n]), None
         except _serialize.PICKLE_ERRORS:
             pass  # the block encoder below names the item that fails
     bsize = max(1, min(MAX_BLOCK_ITEMS, BLOCK_BYTES // per_item))
@@ -191,7 +194,7 @@ def _blocks_spec(x, n, area, enc=None, upfront=None, start=0):
     first = start // bsize
     offsets, error = [(0, 0)] * first, None
     for lo in range(first * bsize, n, bsize):
-        block = list(x[lo: min(lo + bsize, n)])
+        block = _from(x, lo, min(lo + bsize, n), start)
         try:
             data = _serialize.dumps_list(block, enc)
         except _serialize.PICKLE_ERRORS:
@@ -206,11 +209,23 @@ def _blocks_spec(x, n, area, enc=None, upfront=None, start=0):
     return ("blocks", bsize, offsets), error
 
 
-def _encode_block(x, lo, hi, enc=None):
+def _from(x, lo, hi, start):
+    """list(x[lo:hi]), with None in place of the items before `start` (items
+    the caller has already run: a job posted for the rest of a map must not
+    pickle them, nor fail on one that cannot be)."""
+    if start <= lo:
+        return list(x[lo:hi])
+    if start >= hi:
+        return [None] * (hi - lo)
+    return [None] * (start - lo) + list(x[start:hi])
+
+
+def _encode_block(x, lo, hi, enc=None, start=0):
     """(data, None) for items [lo, hi) of x (bytes, or an _array.Encoded with
     enc), or (data of those before the first bad item, (index, error)) when
-    one cannot be pickled, or the list has shrunk since the map began."""
-    block = list(x[lo:hi])
+    one cannot be pickled, or the list has shrunk since the map began.
+    Items before `start`: placeholders (see _from)."""
+    block = _from(x, lo, hi, start)
     short = None
     if len(block) < hi - lo:
         short = (lo + len(block), RuntimeError(
@@ -229,11 +244,11 @@ def _lazy_blocks_spec(x, n, area, bsize, upfront, enc=None, start=0):
     table = bytearray(nblocks * BLOCK_ENTRY.size)
     table_off = area.add(table, len(table))
     lazy = LazyBlocks(x, n, bsize, nblocks, table_off)
-    lazy.k = start // bsize     # blocks before start: never read, never encoded
+    lazy.k = lazy.k0 = start // bsize   # blocks before start: never read, never encoded
     error = None
     for k in range(lazy.k, min(nblocks, (upfront + bsize - 1) // bsize)):
         lo = k * bsize
-        data, error = _encode_block(x, lo, min(lo + bsize, n), enc)
+        data, error = _encode_block(x, lo, min(lo + bsize, n), enc, start)
         if data:
             BLOCK_ENTRY.pack_into(table, k * BLOCK_ENTRY.size, 0, area.add(data, len(data)), len(data))
         lazy.k = k + 1
@@ -252,6 +267,7 @@ class LazyBlocks:
     def __init__(self, x, n, bsize, nblocks, table_off):
         self.x, self.n, self.bsize, self.nblocks, self.table_off = x, n, bsize, nblocks, table_off
         self.k = 0
+        self.k0 = 0     # the first block encoded (a job for the rest of a map starts later)
 
     def encode(self, upto, enc=None):
         """[(block, data)], error: the blocks items below `upto` need, up to

@@ -436,11 +436,11 @@ class ResultEncoder:
 
     def __init__(self, sock):
         self.sock = sock
-        self.moved = 0      # bytes the last chunk's results took (pickle and buffers)
+        self.moved = 0      # bytes the last chunk's results took (pickle, copied buffers)
 
     def dumps(self, items):
         tag, body, bufs = _pickle_oob(items)
-        self.moved = len(body) + sum(pb.raw().nbytes for pb in bufs)
+        self.moved = len(body)  # + the buffers copied below (not those of shared arrays)
         if not bufs:
             return tag + body
         entries, copies = [], []
@@ -457,6 +457,7 @@ class ResultEncoder:
                     continue
             entries.append((KIND_MAPPING, 0, size, n))
             copies.append((size, raw))
+            self.moved += n
             size = _align(size + n)
         blob = _blob(entries, body)
         if not copies:

@@ -224,6 +224,10 @@ class MapJob:
 
 
 class _JobState:
+    # a job posted for the rest of a map (_start_after_probe): when, from which item
+    posted_at = None
+    posted_from = 0
+
     def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
                  retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
                  memory_floor=None, axis_name=None, out=None, chunks=None):
@@ -388,7 +392,7 @@ class _JobState:
             fn_bytes = _serialize.dumps_fn(self.fn)
         except Exception:
             return False
-        # Blocks of a list wholly before k are not encoded (start=k).
+        # Items of a list before k are not pickled (start=k: placeholders).
         plan = plan_input(self.iterables, self.star, self.arrays.encoder,
                           upfront=k + self._window(), start=k)
         saved = self.n, self.consumed, self.error_at, dict(self.errors)
@@ -408,6 +412,7 @@ class _JobState:
             return False
         self.stats.mode = mode
         self.arrays.started = True
+        self.posted_at, self.posted_from = time.perf_counter(), k
         return True
 
     def _start_feed(self, plan, fn_bytes, star):
@@ -940,10 +945,12 @@ class _JobState:
         ends there, raising its TypeError)."""
         batches = []
         t_enc = time.perf_counter()
-        # Encode ahead geometrically (at least twice what is encoded so far):
+        # Encode ahead geometrically (at least twice what is encoded so far,
+        # counted from the first block: a job for the rest of a map starts there):
         # a long map then makes O(log n) segments, not one per window move.
         # (A map that then goes inline has encoded at most twice what it needed.)
-        ahead = max(upto, 2 * self.lazy[0].k * self.lazy[0].bsize)
+        lz0 = self.lazy[0]
+        ahead = max(upto, (2 * lz0.k - lz0.k0) * lz0.bsize)
         for lz in self.lazy:
             blocks, err = lz.encode(ahead, self.arrays.encoder)
             if blocks:
@@ -1166,14 +1173,17 @@ class _JobState:
             # path's steady gain would pay this map's fixed costs (posting,
             # waking, the first chunk's latency: wall - n * par), which the
             # model leaves out and which decide short maps of such items.
+            # (A job posted for the rest of a map is judged from its posting,
+            # over the items it had: those before ran in the caller.)
             t = self.cpu_item
-            wall = time.perf_counter() - self.stats.t0
-            lost = self.n is not None and self.consumed >= self.n > 0 and wall >= self.n * t
+            wall = time.perf_counter() - (self.posted_at or self.stats.t0)
+            n = None if self.n is None else self.n - self.posted_from
+            lost = n is not None and self.consumed >= self.n and n > 0 and wall >= n * t
             par = self._par_item(t, self.dec.est)
             if self._tiny_by_model(t, self.dec.est):
                 self._remember_if_computing(t)
             elif lost and t < TINY_OVERHEAD_FACTOR * self._overhead_item():
-                self._remember_if_computing(t, int(max(0.0, wall - self.n * par) / (t - par)))
+                self._remember_if_computing(t, int(max(0.0, wall - n * par) / (t - par)))
             else:
                 _forget_tiny(self.fn)
         if self.gen is None and not self.segs:

@@ -612,6 +612,46 @@ def test_hand_over_of_a_long_list_encodes_only_the_rest():
     assert rest.data_size < whole.data_size / 10, (rest.data_size, whole.data_size)
 
 
+def test_hand_over_never_pickles_the_items_that_ran_already():
+    # Items before the hand-over ran in the caller: an unpicklable one among
+    # them, in the same block as the first item handed over (or in a list
+    # small enough to travel in the descriptor), is no error of the job.
+    import threading
+    from pmaprt._access import plan_input
+    lock = threading.Lock()
+    for xs, k in (([1] * 20 + [lock] + [1] * 100, 50),                 # small: the descriptor
+                  ([1] * 20 + [lock] + [1] * 30_000, 3000),            # blocks
+                  (["s%07d" % i for i in range(100_000)], 60_010)):    # lazily encoded blocks
+        if type(xs[0]) is str:
+            xs[60_000] = lock
+            plan = plan_input([xs], False, upfront=k + 8192, start=k)
+        else:
+            plan = plan_input([xs], False, start=k)
+        assert plan.error is None, (len(xs), k, plan.error)
+        assert plan.n == len(xs)
+    # ... while one at or after the start still fails, at its index
+    xs = [1] * 100 + [lock] + [1] * 100
+    plan = plan_input([xs], False, start=100)
+    assert plan.error is not None and plan.error[0] == 100
+
+
+def zero_unless_int(x):
+    return busy_or_fail(x) if type(x) is int else 0
+
+
+def test_known_tiny_map_with_an_unpicklable_item_it_ran_hands_over_the_rest(pool):
+    import threading
+    from pmaprt import _job
+    lock = threading.Lock()
+    for xs in ([1] * 20 + [lock] + [1] * 3000 + [100_000] * 40,
+               [1] * 20 + [lock] + [100_000] * 40):
+        _job._remember_tiny(zero_unless_int, 2e-7)
+        it = pool.map(zero_unless_int, xs)
+        assert list(it) == [zero_unless_int(x) for x in xs]
+        assert it.stats.mode == "inline+index"
+        assert sum(w.items for w in it.stats.workers) > 0
+
+
 def test_a_function_tiny_for_short_maps_runs_long_maps_on_the_workers(pool):
     # A short map that lost to map on its fixed costs (posting, waking) marks
     # its function tiny only up to the length where the workers' steady gain

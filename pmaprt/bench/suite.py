@@ -288,6 +288,7 @@ class Suite:
                 t0 = time.perf_counter()
                 pair()
                 paired.append(time.perf_counter() - t0)
+                spent += paired[-1]
             t0 = time.perf_counter()
             res = run()
             dt = time.perf_counter() - t0
