@@ -7,6 +7,7 @@ near 1 %. Longer chunks would cut the overhead further but leave a longer tail
 at the end of the map and make ordered results arrive in bigger lumps.
 """
 import math
+import random
 
 # Seconds of work one chunk aims at, at first.
 TARGET_CHUNK_S = 0.002
@@ -104,3 +105,16 @@ def span_size(chunk, remaining, workers):
     """Items to claim from the shared counter at once (guided self-scheduling)."""
     span = max(chunk, math.ceil(remaining / (SPAN_FACTOR * workers)))
     return min(span, remaining)
+
+
+def victim_rng(seed, rank):
+    """The RNG a worker draws its steal victims from in a job: seeded by the
+    pool's seed and the worker's rank, so a schedule can be reproduced."""
+    return random.Random(seed * 1_000_003 + rank)
+
+
+def victims(rng, rank, workers):
+    """The order in which a worker of this rank tries the others' ranges."""
+    out = [w for w in range(workers) if w != rank]
+    rng.shuffle(out)
+    return out

@@ -301,7 +301,7 @@ class Worker:
                 ctx.get = None
             else:
                 ctx.get = open_spec(spec, segbuf)
-            ctx.rng = random.Random(seed * 1_000_003 + self.rank)
+            ctx.rng = _sched.victim_rng(seed, self.rank)
         except BaseException as e:  # reported at the first chunk this worker claims
             ctx.error = (e, "while loading the function or input of this map in the worker")
             ctx.fn = None
@@ -434,9 +434,7 @@ class Worker:
                     break
             else:
                 # Steal the back half of a victim's range.
-                victims = [w for w in range(ctx.nwork) if w != self.rank]
-                ctx.rng.shuffle(victims)
-                for v in victims:
+                for v in _sched.victims(ctx.rng, self.rank, ctx.nwork):
                     if r.range_steal(off + S_RANGES + 8 * v, mine)[1]:
                         ctx.stolen = True
                         break

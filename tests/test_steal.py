@@ -64,6 +64,121 @@ def test_interleavings_take_every_index_once(n, workers, ops):
     mm.close()
 
 
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 2000), workers=st.integers(1, 5),
+       ops=st.lists(st.tuples(st.integers(0, 4),
+                              st.sampled_from(["take", "take", "complete", "untake", "untake",
+                                               "span", "span", "stale span", "steal", "steal",
+                                               "steal retry", "crash", "flush"]),
+                              st.integers(1, 300), st.integers(0, 4)), max_size=300))
+def test_the_workers_protocol_keeps_every_index_in_exactly_one_place(n, workers, ops):
+    """The calls as the workers and the parent make them: spans claimed from
+    the shared counter into a worker's own range word (claim_span), chunks
+    taken with their claim recorded in the worker's current-chunk words
+    (range_take with mark), steals into the thief's own word (range_steal
+    with dest), from other workers and from the retry words, the unstarted
+    tail of a chunk given back (range_untake), and crashes: the parent reads
+    the dead worker's current-chunk words and puts that chunk in a retry word
+    (range_put), or keeps it until one is free. After every step each index
+    is in exactly one place: the counter's rest, a range word, a current
+    chunk, the parent's backlog, or done."""
+    RETRY = 2
+    CUR, NEXT, RANGES, RETRIES = 0, 16 * workers, 16 * workers + 8, 24 * workers + 8
+    mm, r = region(1 + 3 * workers + RETRY)
+    rng = lambda w: RANGES + 8 * w          # noqa: E731
+    cur = lambda w: CUR + 16 * w            # noqa: E731  (lo, n)
+    running = {}                            # worker -> (lo, k) it runs
+    backlog, done = [], []
+
+    def places():
+        out = list(range(r.load64(NEXT), n))
+        for w in range(workers):
+            lo, k = r.range_get(rng(w))
+            out += range(lo, lo + k)
+            if r.load64(cur(w) + 8):
+                out += range(r.load64(cur(w)), r.load64(cur(w)) + r.load64(cur(w) + 8))
+        for j in range(RETRY):
+            lo, k = r.range_get(RETRIES + 8 * j)
+            out += range(lo, lo + k)
+        for lo, k in backlog:
+            out += range(lo, lo + k)
+        return sorted(out + done)
+
+    def complete(w):
+        lo, k = running.pop(w, (0, 0))
+        done.extend(range(lo, lo + k))
+        r.store64(cur(w) + 8, 0)
+
+    def flush():
+        while backlog:
+            if not any(r.range_put(RETRIES + 8 * j, *backlog[0]) for j in range(RETRY)):
+                return
+            backlog.pop(0)
+
+    def step(who, op, c, other):
+        empty = r.range_get(rng(who))[1] == 0
+        if op == "take" and who not in running:
+            lo, k = r.range_take(rng(who), c, cur(who))
+            if k:
+                running[who] = (lo, k)
+                assert (r.load64(cur(who)), r.load64(cur(who) + 8)) == (lo, k)
+        elif op == "complete":
+            complete(who)
+        elif op == "untake" and running.get(who, (0, 0))[1] > 1:
+            lo, k = running[who]
+            keep = min(other, k - 1)
+            if r.range_untake(rng(who), lo + keep, k - keep, cur(who) + 8, keep):
+                running[who] = (lo, keep)
+                assert r.load64(cur(who) + 8) == keep
+        elif op == "span" and empty:
+            nxt = r.load64(NEXT)
+            if nxt < n:
+                assert r.claim_span(NEXT, nxt, min(c, n - nxt), rng(who))
+                assert r.range_get(rng(who)) == (nxt, min(c, n - nxt))
+        elif op == "stale span" and empty:
+            nxt = r.load64(NEXT)
+            if 0 < nxt < n:     # another worker moved the counter since this one read it
+                assert not r.claim_span(NEXT, nxt - 1, min(c, n - nxt), rng(who))
+                assert r.range_get(rng(who))[1] == 0
+        elif op == "steal" and empty and other % workers != who:
+            v = rng(other % workers)
+            before = r.range_get(v)
+            lo, k = r.range_steal(v, rng(who))
+            if before[1]:
+                assert k == before[1] - before[1] // 2 and lo + k == sum(before)
+                assert r.range_get(rng(who)) == (lo, k)
+        elif op == "steal retry" and empty:
+            r.range_steal(RETRIES + 8 * (other % RETRY), rng(who))
+        elif op == "crash":
+            # the parent: the dead worker's current chunk goes back; its
+            # range word stays for its successor (or thieves)
+            k = r.load64(cur(who) + 8)
+            if k:
+                backlog.append((r.load64(cur(who)), k))
+            r.store64(cur(who) + 8, 0)
+            running.pop(who, None)
+            flush()
+        elif op == "flush":
+            flush()
+
+    for who, op, c, other in ops:
+        step(who % workers, op, c, other)
+        assert places() == list(range(n)), (op, who)
+    # everyone drains: complete, claim, steal, until nothing is left anywhere
+    for _ in range(4 * n + 10):
+        if len(done) == n:
+            break
+        for w in range(workers):
+            for op in ("complete", "take", "span", "take", "untake", "steal retry", "steal",
+                       "take", "complete"):
+                step(w, op, 64, w + 1)
+            flush()
+        assert places() == list(range(n))
+    assert sorted(done) == list(range(n))
+    r.release()
+    mm.close()
+
+
 def test_steal_takes_the_back_half():
     mm, r = region(2)
     r.range_set(0, 100, 10)
