@@ -692,3 +692,57 @@ def test_map_that_went_inline_finishes_when_the_pool_is_closed_meanwhile():
         assert "inline" in it.stats.mode
     finally:
         p.terminate()
+
+
+def test_idle_workers_use_no_cpu():
+    # Between maps the workers sleep on a futex: no polling, no spinning.
+    import psutil
+    with Pool(2) as p:
+        assert list(p.map(double, range(1000), inline=False)) == [2 * x for x in range(1000)]
+        assert p.apply(double, 4) == 8
+        time.sleep(0.2)                 # past the hot spinner's 100 us
+        procs = [psutil.Process(pid) for pid in p.pids()]
+        before = [sum(pr.cpu_times()[:2]) for pr in procs]
+        time.sleep(2.0)
+        after = [sum(pr.cpu_times()[:2]) for pr in procs]
+    used = [a - b for a, b in zip(after, before)]
+    assert max(used) <= 0.05, used      # CPU seconds in 2 s idle (a poll loop: ~2 s)
+
+
+def test_module_level_functions_go_by_reference():
+    import pickletools
+    from pmaprt import _serialize
+    data = _serialize.dumps_fn(double)
+    ops = [op.name for op, _, _ in pickletools.genops(data)]
+    assert "STACK_GLOBAL" in ops or "GLOBAL" in ops
+    assert b"co_code" not in data and len(data) < 100, data     # a name, not the code
+    assert _serialize.loads_fn(data) is double
+    # a lambda goes by value (cloudpickle)
+    lam = eval("lambda x: x + 1")
+    assert _serialize.loads_fn(_serialize.dumps_fn(lam))(1) == 2
+    assert not _serialize.by_reference(lam)
+
+
+class Squares:
+    """A sized, indexable input that is no list, tuple, range or array."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return i * i
+
+
+def test_a_custom_sequence_is_indexed_not_iterated(pool):
+    xs = Squares(5000)
+    it = pool.map(double, xs, inline=False)
+    assert list(it) == [2 * i * i for i in range(5000)]
+    assert it.stats.mode == "index"             # split into index ranges, not fed
+    assert sum(w.items for w in it.stats.workers) == 5000

@@ -334,6 +334,49 @@ def test_lambda_and_closure_functions(pool):
     assert list(pool.map(lambda x: -x, gen_input, inline=False)) == [-x for x in range(20)]
 
 
+# The table's last two cells: an item whose pickling calls os._exit or kills
+# its own process. Items are pickled in the parent, so the parent is what
+# dies, with the code or signal the item chose, as it would calling the item's
+# code itself; what pmaprt owes it then is that no worker outlives it.
+PICKLE_EXIT_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    import pmaprt
+
+    class Bomb:
+        def __reduce__(self):
+            if {how!r} == "os._exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(10)
+
+    pool = pmaprt.Pool(2)
+    assert list(pool.map(abs, range(-50, 50), inline=False)) == [abs(x) for x in range(-50, 50)]
+    print(" ".join(str(p) for p in pool.pids()), flush=True)
+    list(pool.map(abs, [1, 2, 3, Bomb(), 5], inline=False))
+    print("NOT REACHED", flush=True)
+""")
+
+
+@pytest.mark.parametrize("how", ["os._exit", "SIGKILL"])
+def test_fault_table_pickling_an_item_that_ends_the_parent(how):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PICKLE_EXIT_SCRIPT.format(repo=REPO, how=how)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    lines = out.split("\n")
+    pids = [int(x) for x in lines[0].split()]
+    assert len(pids) == 2, (out, err)
+    assert "NOT REACHED" not in out
+    assert proc.returncode == (3 if how == "os._exit" else -signal.SIGKILL), (proc.returncode, err)
+    assert_workers_gone(pids, 10)
+
+
 # --- 4, 5. Ctrl-C and a killed parent leave no worker behind
 
 CHILD_SCRIPT = textwrap.dedent("""
