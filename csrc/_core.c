@@ -957,6 +957,8 @@ typedef struct {
     Py_ssize_t ran;      /* items the current tail has run */
     Py_ssize_t check_at; /* ran count at which to read the clock next */
     Py_ssize_t last_stride; /* items between the last two reads */
+    int crange;          /* seq is a range whose items fit a long long: */
+    long long rstart, rstep; /* item i is rstart + i * rstep (no PyLong math) */
 } ResultsObject;
 
 static PyObject *
@@ -1061,8 +1063,16 @@ Results_next(ResultsObject *self)
                     x = PyTuple_GET_ITEM(self->seq, self->pos);
                     Py_INCREF(x);
                 }
+                else if (self->crange) {
+                    /* a range of C-sized ints: as its own iterator computes
+                     * them (range[i] would do the arithmetic in PyLongs:
+                     * 1.7x map's time for x*2) */
+                    x = PyLong_FromLongLong(self->rstart + (long long)self->pos * self->rstep);
+                    if (!x)
+                        return NULL;
+                }
                 else {
-                    /* any other sequence (a range): seq[i], a new reference */
+                    /* any other sequence (a range of huge ints): seq[i] */
                     x = PySequence_GetItem(self->seq, self->pos);
                     if (!x)
                         return NULL;
@@ -1158,6 +1168,36 @@ Results_next(ResultsObject *self)
                 if (end > len)
                     end = len;
             }
+            int crange = 0;
+            long long rstart = 0, rstep = 0;
+            if (PyRange_Check(seq) && end > start) {
+                /* items start + i*step for i < end: C arithmetic when the
+                 * range's start, step and last item fit a long long */
+                PyObject *a = PyObject_GetAttrString(seq, "start");
+                PyObject *b = a ? PyObject_GetAttrString(seq, "step") : NULL;
+                if (!a || !b) {
+                    Py_XDECREF(a);
+                    Py_XDECREF(b);
+                    Py_DECREF(piece);
+                    return NULL;
+                }
+                int o1 = 0, o2 = 0;
+                rstart = PyLong_AsLongLongAndOverflow(a, &o1);
+                rstep = PyLong_AsLongLongAndOverflow(b, &o2);
+                Py_DECREF(a);
+                Py_DECREF(b);
+                if (PyErr_Occurred()) {
+                    Py_DECREF(piece);
+                    return NULL;
+                }
+                long long prod, last;
+                crange = !o1 && !o2
+                    && !__builtin_mul_overflow((long long)(end - 1), rstep, &prod)
+                    && !__builtin_add_overflow(rstart, prod, &last);
+            }
+            self->crange = crange;
+            self->rstart = rstart;
+            self->rstep = rstep;
             Py_INCREF(fn);
             Py_INCREF(seq);
             Py_XSETREF(self->fn, fn);

@@ -370,6 +370,15 @@ def test_results_iterator_pieces():
         return x + 1
     assert list(_core.Results(iter([_Tail((g, range(10, 20, 2), 1, 99))]), _Tail)) == \
         [13, 15, 17, 19]
+    # ranges of C-sized ints are computed in C, others through range[i]:
+    # the same items either way (negative steps, the edges of a long long,
+    # past them)
+    big = 2 ** 63
+    for r in (range(0), range(5, -7, -3), range(-big, -big + 50, 7), range(big - 40, big - 1, 3),
+              range(big - 5, big + 5), range(-3 * big, 3 * big, big // 2), range(0, 10 ** 30, 10 ** 28)):
+        for a, b in ((0, len(r)), (1, len(r) - 1), (2, len(r) + 5)):
+            assert list(_core.Results(iter([_Tail((g, r, a, b))]), _Tail)) == \
+                [x + 1 for x in r[a:b]], (r, a, b)
     box = [0.0, None]       # a budget of 0 s: one item, then it stops
     assert list(_core.Results(iter([_Tail((g, range(100), 3, 50, box))]), _Tail)) == [4]
     assert box[1] == 4

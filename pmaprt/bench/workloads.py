@@ -220,7 +220,7 @@ def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration
     min_items = max(8, 2 * workers)
     if name == "tiny":
         n = _scaled(SIZES["tiny"][i], scale, min_items)
-        return Workload(name, double, list(range(n)), {"n": n}, DESCRIPTIONS[name])
+        return Workload(name, double, range(n), {"n": n}, DESCRIPTIONS[name])
     if name == "medium":
         n = _scaled(SIZES["medium"][i], scale, min_items)
         it = cal.iters_for(50.0)
