@@ -121,9 +121,42 @@ def test_allreduce_world_sizes(pool, n):
     spmd_check(pool, n, [(s,) for s in (0, 1, 7, 1009, 2 * CAP32 + 3)], "float64", "sum")
 
 
-def test_allreduce_large(pool):
-    """64 MB of float32 per rank, over 2 ranks."""
-    spmd_check(pool, 2, [(16 * 1024 * 1024,)], "float32", "sum")
+@pytest.mark.parametrize("dtype,op,n", [("float32", "sum", 2), ("float64", "mean", 2),
+                                        ("int32", "max", 3), ("int64", "min", 2)])
+def test_allreduce_large(pool, dtype, op, n):
+    """64 MB per rank: every dtype and every op at that size once."""
+    spmd_check(pool, n, [((64 << 20) // np.dtype(dtype).itemsize,)], dtype, op)
+
+
+def step_count_passes(small_fusion):
+    """psum of a tree; how many reductions (ring passes) it took."""
+    from pmaprt import _collective
+    r = pmaprt.axis_index("b")
+    ctx = _collective._current("b", "psum")
+    saved = _collective.FUSION_BYTES
+    if small_fusion:
+        _collective.FUSION_BYTES = 1000     # this worker only, for this call
+    try:
+        tree = {"w": [np.full((3, 4), r + 1.0) for _ in range(20)],     # 20 x 96 bytes of float64
+                "b": np.ones(5, np.float32),
+                "i": [np.arange(3, dtype=np.int64) * (r + 1) for _ in range(4)]}
+        c0 = ctx.calls
+        out = pmaprt.psum(tree, "b")
+        return ctx.calls - c0, out
+    finally:
+        _collective.FUSION_BYTES = saved
+
+
+@pytest.mark.parametrize("small_fusion", [False, True])
+def test_fusion_batches_small_leaves_into_few_reductions(pool, small_fusion):
+    res = run(pool.map(step_count_passes, [small_fusion] * 2, axis_name="b"))
+    for passes, out in res:
+        # one reduction per dtype (float64, float32, int64): 3, not 25; with
+        # 1,000-byte buckets the 20 float64 leaves (1,920 bytes) take two
+        assert passes == (4 if small_fusion else 3), passes
+        assert all(np.array_equal(w, np.full((3, 4), 3.0)) for w in out["w"])
+        assert np.array_equal(out["b"], np.full(5, 2, np.float32))
+        assert all(np.array_equal(i, np.arange(3) * 3) for i in out["i"])
 
 
 @settings(max_examples=30, deadline=None,
