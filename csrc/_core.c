@@ -371,7 +371,8 @@ Region_range_take(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 /* range_steal(off[, dest]) -> (lo, c): a thief takes the back half (rounded
  * up) of the victim's range; c == 0 when there was nothing to take. With
  * `dest` (the thief's own, empty, range word) the stolen range is stored there
- * right after the CAS, so no index is ever held only in a local variable. */
+ * right after the CAS (a few instructions later: see ARCHITECTURE.md, "No item
+ * is ever held only in a local variable", for the window that leaves). */
 static PyObject *
 Region_range_steal(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
