@@ -223,10 +223,32 @@ class MapJob:
         return "<pmaprt map %s items=%s>" % (self._state.stats.mode, self._state.n)
 
 
+def gaps(lo, hi, held):
+    """The parts of [lo, hi) that no interval [a, b) of `held` covers, as
+    (start, count) in increasing order."""
+    out = []
+    pos = lo
+    for a, b in sorted(held):
+        if pos >= hi:
+            break
+        if b <= a:
+            continue
+        if a > pos:
+            out.append((pos, min(a, hi) - pos))
+        pos = max(pos, b)
+    if pos < hi:
+        out.append((pos, hi - pos))
+    return out
+
+
 class _JobState:
     # a job posted for the rest of a map (_start_after_probe): when, from which item
     posted_at = None
     posted_from = 0
+    # A worker died moving items between shared words: the pool reconciles
+    # this job (Pool._reconcile) once it gets a consistent view.
+    suspect = False
+    first = 0                      # index mode: items before this ran elsewhere
 
     def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
                  retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
@@ -284,7 +306,7 @@ class _JobState:
         self.here_error = None     # fails wherever the consumer is
         self.consumed = 0
         self.records = 0
-        self.recorded = set()      # starts of the chunks whose record arrived
+        self.recorded = {}         # start -> count of the chunks whose record arrived
         self.attempts = {}         # item index -> crashes or timeouts on it
         self.backlog = []          # lost ranges waiting for a free retry word (index mode)
         self.load_crashes = 0      # workers that died loading this job, in a row
@@ -374,6 +396,7 @@ class _JobState:
                                     + self.arrays.desc_extra())
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
         self.lazy, self.lazy_seg = plan.lazy, seg
+        self.first = start
         self.limit = min(self.n, start + self._window())
         self.gen, self.slot, self.off = self.pool._post(
             self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off,
@@ -427,6 +450,7 @@ class _JobState:
         # chunk -> [first item, first byte in the ring (None: own segment), end byte or segment, done]
         self.outstanding = collections.OrderedDict()
         self.start_chunk = {}
+        self.last_entry = {}          # chunk start -> its latest table entry
         self.ring_tail = 0
         self.table_off = 0
         self.ring_off = FEED_TABLE * FEED_ENTRY.size
@@ -459,7 +483,7 @@ class _JobState:
             return
         if start in self.recorded:
             return  # cannot happen: a chunk is run again only when its record is missing
-        self.recorded.add(start)
+        self.recorded[start] = count
         self.pending[start] = (kind, count, payload)
         self.records += 1
         self.load_crashes = 0
@@ -649,9 +673,53 @@ class _JobState:
             return
         self._table_entry(start, count, nbytes, doff, seg_id)
 
+    def reconcile(self, curs, words, nxt):
+        """Pool._reconcile: a worker died moving items between shared words,
+        and may have taken some it had recorded nowhere (between a claim's
+        compare-and-swap and the store that records it). Given a consistent
+        view of the job (curs: every worker's (gen, lo, n, k) current-chunk
+        words; words: the slot's non-empty range words as (lo, n); nxt: the
+        shared counter), the items (index mode) or chunks (feed mode) found
+        nowhere never ran: they run again, free of charge. Lock held."""
+        if self.gen is None or self.spmd is not None:
+            return
+        if self.feed_mode:
+            self._reconcile_feed(curs, nxt)
+            return
+        if self.error_at is not None and not self.ordered:
+            return      # the map raises at its next step: nothing is waited for
+        lo = max(self.first, self.consumed) if self.ordered else self.first
+        hi = min(nxt, self.n)
+        if self.inline_from is not None:
+            hi = min(hi, self.inline_from)
+        if self.error_at is not None:
+            hi = min(hi, self.error_at)   # items from there on are not waited for
+        if lo >= hi:
+            return
+        held = [(a, a + k) for a, k in self.recorded.items() if a + k > lo and a < hi]
+        held += [(a, a + k) for g, a, k, _ in curs if g == self.gen and k > 0]
+        held += [(a, a + k) for a, k in words]
+        held += [(a, a + k) for a, k in self.backlog]
+        for a, k in gaps(lo, hi, held):
+            self.stats.reclaimed += k
+            self._requeue(a, k, [(a, k)])
+
+    def _reconcile_feed(self, curs, nxt):
+        live_k = {k for g, _, n, k in curs if g == self.gen and k >= 0}
+        live_lo = {a for g, a, n, _ in curs if g == self.gen and n > 0}
+        for k, entry in list(self.outstanding.items()):
+            s = entry[0]
+            if entry[3] or s in self.recorded or s in live_lo:
+                continue
+            e = self.last_entry.get(s, k)
+            if e >= nxt or e in live_k:
+                continue    # not claimed yet, or claimed by a live worker
+            self.stats.reclaimed += 1
+            self.on_lost_feed_chunk(e)
+
     def _put_local(self, idx, results):
         self.pending[idx] = (REC_LOCAL, len(results), results)
-        self.recorded.add(idx)
+        self.recorded[idx] = len(results)
         if not self.ordered:
             self.arrived.append(idx)
 
@@ -707,6 +775,7 @@ class _JobState:
         k = self.chunks
         FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
                              start, count, nbytes, doff, seg_id)
+        self.last_entry[start] = k
         self.chunks = k + 1
         self.pool._r.store64(self.off + S_LIMIT, self.chunks)
         self.pool.wake_workers()
@@ -788,6 +857,7 @@ class _JobState:
         self.outstanding[k] = [self.fed, bstart, bend, False]
         self.chunks_published += 1
         self.start_chunk[self.fed] = k
+        self.last_entry[self.fed] = k
         self.fed += len(items)
         self.chunks = k + 1
         self.pool._r.store64(self.off + S_LIMIT, self.chunks)

@@ -32,7 +32,7 @@ from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_MAGIC, H_PARENT_WANT, H_PARENT_SLEEPING, H_RESULTS_SEQ,
     H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_HAS_ERRORS, REC_KIND_MASK,
     REC_RESULT, REC_STOLEN, REC_WRAP, RETRY_RANGES, RING_SIZE, S_CANCEL, S_REFS, S_STATE,
-    SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
+    SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
     W_HEAD, W_RING, W_SPACE_SEQ, W_SPACE_WAIT, W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
 # A result record whose chunk holds returned exceptions (on_error="return").
@@ -264,6 +264,7 @@ class Pool:
         r.store64(area + W_CUR_N, 0)
         r.store64(area + W_CUR_K, -1)
         r.store64(area + W_CUR_DONE, 0)
+        r.store64(area + W_CLAIM, 0)
         r.store32(area + W_STATE, 0)
         self._heads[w] = 0
         self._stall[w] = None
@@ -303,6 +304,8 @@ class Pool:
         for job in list(self._jobs.values()):
             if job.backlog:
                 job.flush_backlog()
+            if job.suspect:
+                self._reconcile(job)
 
     def _check_stuck(self, w, proc, now):
         r = self._r
@@ -353,7 +356,12 @@ class Pool:
         if recycled:
             self.recycled += 1
         elif job is not None:
-            if cn > 0 and (gen, lo) not in drained:
+            if r.load64(area + W_CLAIM) & 1 and getattr(job, "spmd", None) is None:
+                # Killed moving items between shared words: what it held may be
+                # recorded nowhere (see _reconcile); its current chunk, if any,
+                # never started. Reconciled once the replacement is started.
+                job.suspect = True
+            elif cn > 0 and (gen, lo) not in drained:
                 job.on_lost(what, proc.pid, rc, lo, cn, done, timed_out)
             elif cn < 0:
                 job.on_load_crash(WorkerCrashedError(
@@ -380,6 +388,49 @@ class Pool:
             self._start_failures = 0
         self._res.socks[w].close()
         self._spawn(w)
+
+    def _reconcile(self, job):
+        """A worker died as it moved items between shared words (W_CLAIM
+        odd): between a claim's compare-and-swap and the store that records
+        it, items are in no word. Reads where every item of the job is, in an
+        order that sees each item that moves while it reads (current-chunk
+        words, then range words, then the result rings: items move from a
+        current chunk to a word or a ring only by a store to those first),
+        and accepts the view only if no live worker started or ended a claim
+        meanwhile (W_CLAIM even and unchanged). The job then runs again what
+        is nowhere. Otherwise it tries again at the next check. Lock held."""
+        r, lay = self._r, self._layout
+        areas = [lay.worker(w) for w in range(self.workers)]
+        seq = [r.load64(a + W_CLAIM) for a in areas]
+        if any(c & 1 for c in seq):
+            return
+        off = job.off
+        if off is None:
+            job.suspect = False
+            return
+        curs = []
+        for a in areas:
+            # The claimed feed chunk first: a worker stores its items' range
+            # in W_CUR_LO/N before it clears W_CUR_K.
+            k = r.load64(a + W_CUR_K)
+            curs.append((r.load64(a + W_CUR_GEN), r.load64(a + W_CUR_LO), r.load64(a + W_CUR_N), k))
+        words = []
+        if off is not None and r.load32(off + _shm.S_MODE) == _shm.MODE_INDEX:
+            for w in range(self.workers):
+                words.append(r.range_get(off + _shm.S_RANGES + 8 * w))
+            for j in range(RETRY_RANGES):
+                words.append(r.range_get(off + lay.retry_off + 8 * j))
+        nxt = r.load64(off + _shm.S_NEXT)
+        self._drain()
+        if [r.load64(a + W_CLAIM) for a in areas] != seq:
+            return
+        if r.load64(off + _shm.S_GEN) != job.gen:
+            job.suspect = False
+            return
+        job.suspect = False
+        if job.reconcile(curs, [x for x in words if x[1]], nxt):
+            r.store64(off + _shm.S_NEXT, 0)     # a task nobody holds: post it again
+            self.wake_workers()
 
     # --- segments
 
@@ -775,6 +826,7 @@ class Pool:
                 "iterators (or create the Pool with a larger max_jobs)" % lay.nslots)
         self._gen += 1
         gen = task.gen = self._gen
+        task.off = off
         r.store32(off + S_STATE, SLOT_FREE)
         r.store64(off + _shm.S_GEN, gen)
         r.store32(off + _shm.S_MODE, _shm.MODE_TASK)

@@ -110,6 +110,10 @@ W_SPACE_SEQ = 48
 W_SPACE_WAIT = 52
 W_CUR_DONE = 56  # items of the current chunk finished (when the job asks for progress)
 W_CUR_K = 64     # feed mode: the chunk number claimed, until its items are read (-1: none)
+# Odd while the worker moves items between shared words (a claim, a steal, an
+# untake): a worker that dies with it odd may have taken items it had not yet
+# recorded anywhere, and the parent reconciles its job (see _job.reconcile).
+W_CLAIM = 72
 W_RING = 128
 WSTATE_STARTING, WSTATE_READY, WSTATE_RECYCLED = 0, 1, 2
 

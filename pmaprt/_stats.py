@@ -27,6 +27,9 @@ class MapStats:
     # Chunks lost to a dead (or timed-out) worker, and items run again for it.
     lost_chunks: int = 0
     retried: int = 0
+    # Items (feed mode: chunks) that a worker killed as it claimed them took
+    # with it unrecorded, found by the parent and run again.
+    reclaimed: int = 0
 
     @property
     def steals(self):

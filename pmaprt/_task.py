@@ -74,7 +74,7 @@ class Task:
     """The parent's side of one posted task; the pool calls these methods
     (lock held) as it does a map's."""
 
-    __slots__ = ("gen", "done", "value", "exc")
+    __slots__ = ("gen", "done", "value", "exc", "off", "suspect")
     backlog = ()
     timeout = None
     spmd = None
@@ -84,6 +84,16 @@ class Task:
         self.done = False
         self.value = None
         self.exc = None
+        self.off = None
+        self.suspect = False
+
+    def reconcile(self, curs, words, nxt):
+        """Pool._reconcile: True when the task was claimed (nxt == 1) by a
+        worker that died before it recorded the claim: nobody holds it, it
+        never ran, and the pool posts it again."""
+        if self.done or nxt == 0:
+            return False
+        return not any(g == self.gen and (n > 0 or k == 0) for g, _, n, k in curs)
 
     def has_news(self):
         return self.done

@@ -31,7 +31,7 @@ from ._shm import (
     RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
     HOT_CLAIMED, S_NEXT, S_NWORK, S_RANGES, WANT_POS_MASK, WANT_SHIFT, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
     FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, REC_HAS_ERRORS, RETRY_RANGES, S_MAX_ITEMS,
-    W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT,
+    W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT,
     W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
 
@@ -82,6 +82,7 @@ class Worker:
         self.cur_slot = -1     # the job slot being worked on (for H_PARENT_WANT)
         self.hot_held = False  # holds H_HOT_SPINNER (taken as a task's record goes out)
         self.owe_wake = False  # a task's post skipped its wake on this worker's word
+        self.claim_seq = 0     # W_CLAIM: odd while items move between shared words
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
         self.oob = _array.ResultEncoder(sock)   # results with large arrays: through shared memory
@@ -339,7 +340,12 @@ class Worker:
         r.store64(a + W_CUR_N, 0)
         r.store64(a + W_CUR_K, -1)
         r.store64(a + W_CUR_GEN, gen)
-        if not r.cas64_mark(off + S_NEXT, 0, 1, a + W_CUR_K, 0):
+        self.claim_seq += 1
+        r.store64(a + W_CLAIM, self.claim_seq)
+        took = r.cas64_mark(off + S_NEXT, 0, 1, a + W_CUR_K, 0)
+        self.claim_seq += 1
+        r.store64(a + W_CLAIM, self.claim_seq)
+        if not took:
             return False    # another worker took it
         self._set_cur(gen, 0, 1)
         r.store64(a + W_CUR_K, -1)
@@ -401,11 +407,21 @@ class Worker:
     # parent knows exactly which items it lost, and can run them again.
 
     def claim_index(self, ctx):
-        r, off, a = self.r, ctx.off, self.area
-        mine = off + S_RANGES + 8 * self.rank
+        r, a = self.r, self.area
         r.store64(a + W_CUR_N, 0)
         r.store64(a + W_CUR_GEN, ctx.gen)
         self.prog[0] = 0
+        self.claim_seq += 1
+        r.store64(a + W_CLAIM, self.claim_seq)     # odd: moving items
+        try:
+            return self._claim_index(ctx)
+        finally:
+            self.claim_seq += 1
+            r.store64(a + W_CLAIM, self.claim_seq)
+
+    def _claim_index(self, ctx):
+        r, off, a = self.r, ctx.off, self.area
+        mine = off + S_RANGES + 8 * self.rank
         if ctx.spmd:
             # One shard per rank: this worker's own, never a span or a steal.
             lo, n = r.range_take(mine, 1, a + W_CUR_LO)
@@ -447,12 +463,18 @@ class Worker:
         r.store64(a + W_CUR_K, -1)
         r.store64(a + W_CUR_GEN, ctx.gen)
         self.prog[0] = 0
-        while True:
-            k = r.load64(off + S_NEXT)
-            if k >= r.load64(off + S_LIMIT):
-                return None
-            if r.cas64_mark(off + S_NEXT, k, k + 1, a + W_CUR_K, k):
-                return k, -1, False
+        self.claim_seq += 1
+        r.store64(a + W_CLAIM, self.claim_seq)
+        try:
+            while True:
+                k = r.load64(off + S_NEXT)
+                if k >= r.load64(off + S_LIMIT):
+                    return None
+                if r.cas64_mark(off + S_NEXT, k, k + 1, a + W_CUR_K, k):
+                    return k, -1, False
+        finally:
+            self.claim_seq += 1
+            r.store64(a + W_CLAIM, self.claim_seq)
 
     # --- running a chunk
 
@@ -581,7 +603,15 @@ class Worker:
             i = j
             if i < n and time.perf_counter() > deadline:
                 mine = ctx.off + S_RANGES + 8 * self.rank
-                if self.r.range_untake(mine, lo + i, n - i, self.area + W_CUR_N, i):
+                r, a = self.r, self.area
+                self.claim_seq += 1
+                r.store64(a + W_CLAIM, self.claim_seq)
+                try:
+                    given = r.range_untake(mine, lo + i, n - i, a + W_CUR_N, i)
+                finally:
+                    self.claim_seq += 1
+                    r.store64(a + W_CLAIM, self.claim_seq)
+                if given:
                     return has_errors, i
                 deadline = float("inf")   # cannot give them back: finish the chunk
         return has_errors, n
