@@ -307,6 +307,7 @@ class _JobState:
         self.consumed = 0
         self.records = 0
         self.recorded = {}         # start -> count of the chunks whose record arrived
+        self.err_rec = None        # lowest index where a chunk that arrived raised
         self.attempts = {}         # item index -> crashes or timeouts on it
         self.backlog = []          # lost ranges waiting for a free retry word (index mode)
         self.load_crashes = 0      # workers that died loading this job, in a row
@@ -450,7 +451,10 @@ class _JobState:
         # chunk -> [first item, first byte in the ring (None: own segment), end byte or segment, done]
         self.outstanding = collections.OrderedDict()
         self.start_chunk = {}
-        self.last_entry = {}          # chunk start -> its latest table entry
+        # chunk start -> its latest table entry k, and k -> that entry's fields
+        # (the table is a ring: an old k's slot may hold another chunk since)
+        self.last_entry = {}
+        self.entries = {}
         self.ring_tail = 0
         self.table_off = 0
         self.ring_off = FEED_TABLE * FEED_ENTRY.size
@@ -503,7 +507,10 @@ class _JobState:
                 elif t1 - t0 >= _sched.TARGET_CHUNK_S / 2:
                     self.obs_consumed = self.consumed
                     self.wait_s = 0.0
+        if kind == REC_ERROR and (self.err_rec is None or start + count < self.err_rec):
+            self.err_rec = start + count   # where the chunk's function raised
         if self.feed_mode:
+            self._drop_entry(start)
             k = self.start_chunk.pop(start, None)
             if k is not None and k in self.outstanding:
                 self.outstanding[k][3] = True
@@ -665,13 +672,25 @@ class _JobState:
         if self.load_crashes > limit:
             self.fail_here(err)
 
+    def _note_entry(self, k, ent):
+        old = self.last_entry.get(ent[0])
+        if old is not None:
+            self.entries.pop(old, None)
+        self.last_entry[ent[0]] = k
+        self.entries[k] = ent
+
+    def _drop_entry(self, start):
+        k = self.last_entry.pop(start, None)
+        if k is not None:
+            self.entries.pop(k, None)
+
     def on_lost_feed_chunk(self, k):
-        """A worker died between claiming feed chunk k and reading it: publish it again."""
-        start, count, nbytes, doff, seg_id = FEED_ENTRY.unpack_from(
-            self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size)
-        if start in self.recorded or self.start_chunk.get(start) is None:
+        """A worker died between claiming feed chunk k and reading it: publish it
+        again (unless its record arrived, or it was published again since)."""
+        ent = self.entries.get(k)
+        if ent is None or ent[0] in self.recorded or self.start_chunk.get(ent[0]) is None:
             return
-        self._table_entry(start, count, nbytes, doff, seg_id)
+        self._table_entry(*ent)
 
     def reconcile(self, curs, words, nxt):
         """Pool._reconcile: a worker died moving items between shared words,
@@ -686,14 +705,16 @@ class _JobState:
         if self.feed_mode:
             self._reconcile_feed(curs, nxt)
             return
-        if self.error_at is not None and not self.ordered:
+        if (self.error_at is not None or self.err_rec is not None) and not self.ordered:
             return      # the map raises at its next step: nothing is waited for
         lo = max(self.first, self.consumed) if self.ordered else self.first
         hi = min(nxt, self.n)
         if self.inline_from is not None:
             hi = min(hi, self.inline_from)
-        if self.error_at is not None:
-            hi = min(hi, self.error_at)   # items from there on are not waited for
+        for e in (self.error_at, self.err_rec):
+            if e is not None:
+                hi = min(hi, e)   # items from an error on are not waited for (an
+                                  # error record names only the items before it)
         if lo >= hi:
             return
         held = [(a, a + k) for a, k in self.recorded.items() if a + k > lo and a < hi]
@@ -711,8 +732,8 @@ class _JobState:
             s = entry[0]
             if entry[3] or s in self.recorded or s in live_lo:
                 continue
-            e = self.last_entry.get(s, k)
-            if e >= nxt or e in live_k:
+            e = self.last_entry.get(s)
+            if e is None or e >= nxt or e in live_k:
                 continue    # not claimed yet, or claimed by a live worker
             self.stats.reclaimed += 1
             self.on_lost_feed_chunk(e)
@@ -743,10 +764,11 @@ class _JobState:
         """Feed mode: publish the pieces of lost chunk [lo, lo+cn) as chunks of their own."""
         k = self.start_chunk.pop(lo, None)
         entry = self.outstanding.get(k) if k is not None else None
-        if entry is None:
+        ent = self.entries.get(self.last_entry.get(lo))
+        if entry is None or ent is None:
             return
-        start, count, nbytes, doff, seg_id = FEED_ENTRY.unpack_from(
-            self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size)
+        self._drop_entry(lo)
+        start, count, nbytes, doff, seg_id = ent
         buf = self.pool._res.segs[seg_id].buf if seg_id else self.seg.buf
         try:
             items = _serialize.loads_list(buf[doff: doff + nbytes])
@@ -775,7 +797,7 @@ class _JobState:
         k = self.chunks
         FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
                              start, count, nbytes, doff, seg_id)
-        self.last_entry[start] = k
+        self._note_entry(k, (start, count, nbytes, doff, seg_id))
         self.chunks = k + 1
         self.pool._r.store64(self.off + S_LIMIT, self.chunks)
         self.pool.wake_workers()
@@ -857,7 +879,7 @@ class _JobState:
         self.outstanding[k] = [self.fed, bstart, bend, False]
         self.chunks_published += 1
         self.start_chunk[self.fed] = k
-        self.last_entry[self.fed] = k
+        self._note_entry(k, (self.fed, len(items), nbytes, doff, seg_id))
         self.fed += len(items)
         self.chunks = k + 1
         self.pool._r.store64(self.off + S_LIMIT, self.chunks)

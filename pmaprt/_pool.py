@@ -358,8 +358,10 @@ class Pool:
         elif job is not None:
             if r.load64(area + W_CLAIM) & 1 and getattr(job, "spmd", None) is None:
                 # Killed moving items between shared words: what it held may be
-                # recorded nowhere (see _reconcile); its current chunk, if any,
-                # never started. Reconciled once the replacement is started.
+                # recorded nowhere (see _reconcile). No item was running: its
+                # current chunk, if any, had not started, or was being cut
+                # (an untake: the items that ran are run again; nothing is
+                # charged). Reconciled once the replacement is started.
                 job.suspect = True
             elif cn > 0 and (gen, lo) not in drained:
                 job.on_lost(what, proc.pid, rc, lo, cn, done, timed_out)

@@ -379,3 +379,49 @@ def test_paired_ratios_are_medians_of_per_run_ratios():
     assert old["makespan_over_ideal"] == pytest.approx(1.0)
     # vs best still compares medians
     assert pm["speedup_vs_best_peer"] == pytest.approx(0.1 / 0.06)
+
+
+def test_efficiency_splits_into_busy_fraction_and_work_inflation():
+    """eff = busy fraction / work inflation, per run, from the workers' busy
+    seconds: a map whose workers were never idle but whose items took 1.25x
+    their serial time reads busy 1.0, inflation 1.25, eff 0.8."""
+    from pmaprt.bench.suite import Config, Suite, new_record, new_workload_entry, split_efficiency
+    from pmaprt.bench.runners import BuiltinMap, Pmaprt
+
+    # W=2; serial 0.2 s per run; the map took 0.125 s with 2 x 0.125 s busy
+    split = split_efficiency([0.25, 0.25, 0.2], [0.125, 0.125, 0.125], [0.2, 0.2, 0.2], 2)
+    assert split["busy_fraction"] == pytest.approx(1.0)
+    assert split["work_inflation"] == pytest.approx(1.25)
+    assert split_efficiency([], [0.1], [0.2], 2) is None
+    assert split_efficiency([0.1], [0.1, 0.1], [0.2, 0.2], 2) is None
+
+    s = Suite(Config(workers=2, workloads=["medium"]))
+    s.entries["medium"] = new_workload_entry("medium")
+    base = new_record("medium", BuiltinMap(), times_s=[0.2, 0.2, 0.2], median_s=0.2)
+    pm = new_record("medium", Pmaprt(), times_s=[0.125, 0.125, 0.125], median_s=0.125,
+                    paired_serial_s=[0.2, 0.2, 0.2],
+                    stats={"busy_s_runs": [0.2, 0.2, 0.2]})
+    s.results = [base, pm]
+    s._derive()
+    assert pm["efficiency"] == pytest.approx(0.8)
+    assert pm["stats"]["busy_fraction"] == pytest.approx(0.8)
+    assert pm["stats"]["work_inflation"] == pytest.approx(1.0)
+    assert pm["efficiency"] == pytest.approx(
+        pm["stats"]["busy_fraction"] / pm["stats"]["work_inflation"])
+
+
+def test_quick_suite_splits_pmaprt_efficiency(quick):
+    _, doc, proc = quick
+    checked = 0
+    for name in ("medium", "heavy_tailed", "cost_shift"):
+        r = next(r for r in doc["results"] if r["workload"] == name and r["kind"] == "pmaprt")
+        if r["status"] != "ok" or "inline" in (r["stats"] or {}).get("mode", ""):
+            continue
+        checked += 1
+        st = r["stats"]
+        assert len(st["busy_s_runs"]) == r["runs"]
+        assert 0 < st["busy_fraction"] <= 1.0 + 1e-9, st["busy_fraction"]
+        assert st["work_inflation"] > 0
+        assert st["busy_fraction"] / st["work_inflation"] == pytest.approx(r["efficiency"], rel=1e-6)
+        assert "eff %.2f = busy" % r["efficiency"] in proc.stdout
+    assert checked, "no pmaprt map of the quick suite ran on its workers"

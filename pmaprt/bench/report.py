@@ -172,6 +172,15 @@ def render(doc: Dict[str, Any]) -> str:
             row += [str(r["runs"]), r["note"] or ""]
             rows.append(row)
         out += _table(headers, rows, align)
+        for r in recs:
+            st = r.get("stats") or {}
+            if r["status"] == "ok" and st.get("busy_fraction") is not None:
+                out.append("  {}: eff {} = busy {} / inflation {}: its workers spent {:.0%} of "
+                           "the wall time in chunks (the scheduler's share); the items took "
+                           "{:.2f}x their serial time when {} ran at once (the machine's)".format(
+                               r["label"], fmt_f(r["efficiency"]), fmt_f(st["busy_fraction"]),
+                               fmt_f(st["work_inflation"]), st["busy_fraction"],
+                               st["work_inflation"], cfg.get("workers")))
         if has_mem:
             out.append("  peak PSS / USS: how much the sum over this process and its children "
                        "grew during one extra, untimed run (PSS counts a shared page once; USS "

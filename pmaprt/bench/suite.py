@@ -195,6 +195,31 @@ def stats_summary(st) -> Optional[Dict[str, Any]]:
     }
 
 
+def busy_seconds(st) -> Optional[float]:
+    """The workers' seconds inside chunks (reading items, running them),
+    summed over workers; None for a map that ran (partly) inline."""
+    if st is None or "inline" in (getattr(st, "mode", "") or ""):
+        return None
+    return float(sum(getattr(w, "busy_s", 0.0) for w in getattr(st, "workers", None) or []))
+
+
+def split_efficiency(busy: List[float], times: List[float], serial: List[float],
+                     workers: int) -> Optional[Dict[str, float]]:
+    """Efficiency serial/(W*t) = busy fraction / work inflation, per run:
+    busy fraction = busy/(W*t), the share of the workers' wall time spent in
+    chunks (what the scheduler controls: idle workers, dispatch); work
+    inflation = busy/serial, how much longer the same items took in W
+    processes at once than in one (what the machine does: shared caches,
+    memory bandwidth, clock, other tenants). Medians over the runs."""
+    if not busy or len(busy) != len(times) or len(serial) != len(times):
+        return None
+    rows = [(b, t, s_) for b, t, s_ in zip(busy, times, serial) if b and t and s_]
+    if not rows:
+        return None
+    return {"busy_fraction": statistics.median(b / (workers * t) for b, t, _ in rows),
+            "work_inflation": statistics.median(b / s_ for b, _, s_ in rows)}
+
+
 def adaptive_chunksize(st) -> Optional[int]:
     cs = getattr(st, "chunksizes", None) if st is not None else None
     if not cs:
@@ -438,7 +463,14 @@ class Suite:
                     pair, paired = None, []
                     if cfg.pair and r.kind != "baseline":
                         pair = lambda: BuiltinMap().map(w.fn, w.args)  # noqa: E731
-                    times, first, note = self.timed(lambda: r.map(w.fn, w.args), pair, paired)
+                    busy = []   # pmaprt: the workers' seconds in chunks, per timed run
+
+                    def run_map(r=r, w=w, busy=busy):
+                        out = r.map(w.fn, w.args)
+                        if isinstance(r, Pmaprt):
+                            busy.append(busy_seconds(r.last_stats))
+                        return out
+                    times, first, note = self.timed(run_map, pair, paired)
                     self._fill_times(rec, times, w.n)
                     if paired:
                         rec["paired_serial_s"] = [float(t) for t in paired]
@@ -454,6 +486,8 @@ class Suite:
                     if isinstance(r, Pmaprt):
                         st = r.last_stats
                         rec["stats"] = stats_summary(st)
+                        if rec["stats"] is not None and None not in busy:
+                            rec["stats"]["busy_s_runs"] = [float(b) for b in busy]
                         ac = adaptive_chunksize(st)
                         self.entries[name]["adaptive_chunksize"] = ac
                         if ac is not None:
@@ -991,6 +1025,12 @@ class Suite:
                     r["makespan_over_ideal"] = r["median_s"] / ideal
                 if best and not (r["metric"] == "latency" and r["kind"] == "baseline"):
                     r["speedup_vs_best_peer"] = best["median_s"] / r["median_s"]
+                st = r.get("stats")
+                if st and st.get("busy_s_runs") and r["metric"] == "wall":
+                    ser = ps or ([serial] * len(r["times_s"]) if serial else [])
+                    split = split_efficiency(st["busy_s_runs"], r["times_s"], ser, wk)
+                    if split:
+                        st.update(split)
             if entry is not None and name in W.SWEPT:
                 sw = [r for r in ok if r["kind"] == "sweep"]
                 if sw:
