@@ -691,7 +691,11 @@ def test_map_that_went_inline_finishes_when_the_pool_is_closed_meanwhile():
             got = []
             for y in it:
                 got.append(y)
-                if "inline" in it.stats.mode and not p.closed:
+                # Once the caller runs the rest (the items before the switch,
+                # which workers had taken, have all arrived: terminating
+                # before would fail the map with PoolClosedError, as it should).
+                st = it._state
+                if st.inline_from is not None and len(got) > st.inline_from and not p.closed:
                     p.terminate()          # the rest needs no worker unless handed back
             if "inline" in it.stats.mode:
                 break
