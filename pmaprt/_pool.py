@@ -798,7 +798,7 @@ class Pool:
             self._check_open()
             gen, slot, off = self._post_task(task, desc)
         try:
-            while not task.done:
+            while not task.has_news():
                 self.wait(task, TASK_SPIN_NS)
         except KeyboardInterrupt:
             # The worker may be deep in a long call: end it now, as a map does.
@@ -840,8 +840,10 @@ class Pool:
         r.store32(off + _shm.S_NWORK, self.workers)
         r.store32(off + _shm.S_DESC_LEN, len(desc))
         r.store64(off + _shm.S_DESC_SEG, 0)
+        r.store32(off + _shm.S_TASK_DONE, 0)
         base = off + lay.desc_off
         self._ctl.buf[base: base + len(desc)] = desc
+        task.r, task.buf, task.base = r, self._ctl.buf, base
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << s))
         self._jobs[gen] = task

@@ -78,6 +78,11 @@ S_NWORK = 60
 S_DESC_SEG = 64
 S_DESC_OFF = 72
 S_MAX_ITEMS = 80   # recycle a worker after this many items (0: never)
+# A task's result (Pool.apply, see _task.py), when it fits the slot's inline
+# area: the worker writes it over the descriptor, stores its length, then
+# S_TASK_DONE = 1. Larger results and errors go through the result ring.
+S_TASK_DONE = 88
+S_TASK_LEN = 96
 S_SPMD_SEG = 120   # SPMD maps: the collective segment (FLAG_SPMD set)
 S_RANGES = 128
 # After the workers' range words: RETRY_RANGES words that no worker owns. The

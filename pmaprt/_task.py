@@ -7,10 +7,12 @@ same job board as a map, in its own mode (MODE_TASK): its descriptor, in
 the slot's inline area, is the pickled (function bytes, args, kwargs); the
 first worker to see it claims it with one compare-and-swap that also
 records the claim in the worker's words (so a crash is reported as this
-task's), runs it, and puts one record in its result ring. The parent
-waits for that record as a map does (spin briefly, then sleep on the
-results futex), so the crash, Ctrl-C and pool-termination handling of maps
-applies to tasks unchanged.
+task's), runs it, and writes the result over the descriptor in the slot
+(S_TASK_DONE, S_TASK_LEN; an error, or a result too large for the inline
+area, goes as one record in its result ring). The parent waits for either
+as for a map's records (spin briefly, then sleep on the results futex), so
+the crash, Ctrl-C and pool-termination handling of maps applies to tasks
+unchanged.
 
 Calls whose arguments do not fit the inline area, or cannot be pickled
 plainly, take the general path (a one-item starmap).
@@ -74,7 +76,7 @@ class Task:
     """The parent's side of one posted task; the pool calls these methods
     (lock held) as it does a map's."""
 
-    __slots__ = ("gen", "done", "value", "exc", "off", "suspect")
+    __slots__ = ("gen", "done", "value", "exc", "off", "suspect", "r", "buf", "base")
     backlog = ()
     timeout = None
     spmd = None
@@ -86,17 +88,36 @@ class Task:
         self.exc = None
         self.off = None
         self.suspect = False
+        self.r = self.buf = self.base = None
 
     def reconcile(self, curs, words, nxt):
         """Pool._reconcile: True when the task was claimed (nxt == 1) by a
         worker that died before it recorded the claim: nobody holds it, it
         never ran, and the pool posts it again."""
-        if self.done or nxt == 0:
+        if self.has_news() or nxt == 0:
             return False
         return not any(g == self.gen and (n > 0 or k == 0) for g, _, n, k in curs)
 
     def has_news(self):
-        return self.done
+        """Done: a record arrived (an error, a large result), or the result
+        is in the slot (see _shm.S_TASK_DONE), which this takes."""
+        if self.done:
+            return True
+        r = self.r
+        if r is None:
+            return False
+        try:
+            if not r.load32(self.off + _shm.S_TASK_DONE):
+                return False
+            payload = bytes(self.buf[self.base: self.base + r.load64(self.off + _shm.S_TASK_LEN)])
+        except ValueError:
+            return False    # the pool was terminated: its wait says so
+        self.done = True
+        try:
+            self.value = _serialize.loads_list(payload)[0]
+        except BaseException as e:
+            self.exc = e
+        return True
 
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen, enc=0.0):
         if self.done:
@@ -121,6 +142,8 @@ class Task:
             self.exc = err
 
     def on_lost(self, what, pid, rc, lo, cn, done, timed_out):
+        if self.has_news():
+            return      # its result was in the slot: the worker died after the task
         self._crashed(WorkerCrashedError("%s while running the task%s" % (what, oom_hint(rc)),
                                          pid, rc, (0, 1)))
 

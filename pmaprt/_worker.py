@@ -381,11 +381,29 @@ class Worker:
             self.put_error(gen, 0, 1, [], err, None, t0, False, tb=False, hot=True)
             self._set_cur(0, 0, 0)
             return True
-        self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, hot=not self._recycling())
+        hot = not self._recycling()
+        if len(payload) <= _shm.INLINE_DESC and not _array.is_result_stub(payload):
+            self.put_task_result(off, payload, hot)
+        else:
+            self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, hot=hot)
         self._set_cur(0, 0, 0)
         if self.max_items and self.items_done >= self.max_items:
             self.recycle()
         return True
+
+    def put_task_result(self, off, payload, hot):
+        """A task's result, into its slot (see _shm.S_TASK_DONE): the caller
+        reads it there, with no record to parse."""
+        r = self.r
+        if hot and not self.hot_held:
+            self.hot_held = r.cas64(H_HOT_SPINNER, 0, self.rank + 1)   # as put() does
+        base = off + self.layout.desc_off
+        self.ctl.buf[base: base + len(payload)] = payload
+        r.store64(off + _shm.S_TASK_LEN, len(payload))
+        r.store32(off + _shm.S_TASK_DONE, 1)
+        r.add32(H_RESULTS_SEQ, 1)
+        if r.load32(H_PARENT_SLEEPING):
+            r.wake32(H_RESULTS_SEQ, 1 << 30)
 
     def _recycling(self):
         return bool(self.max_items and self.items_done >= self.max_items)

@@ -142,6 +142,43 @@ def test_large_arguments_and_results(pool):
     assert out.shape == (300_000,) and out.sum() == 300_000
 
 
+def zeros(n):
+    return b"\0" * n
+
+
+def test_results_each_side_of_the_slot_area(pool):
+    # Up to the slot's inline area a result comes back in the slot, beyond it
+    # through the worker's result ring: both whole, call after call.
+    from pmaprt._shm import INLINE_DESC
+    for n in (0, 1, INLINE_DESC - 64, INLINE_DESC + 1, 4 * INLINE_DESC, 10):
+        for _ in range(3):
+            assert pool.apply(zeros, n) == b"\0" * n
+
+
+def test_a_task_whose_worker_died_after_its_result_keeps_the_result():
+    # The worker stored the result in the slot, then died before it cleared
+    # its current-chunk words: the parent's crash path must take the result,
+    # not report a crash.
+    import mmap
+
+    from pmaprt import _core, _serialize, _shm, _task
+    mm = mmap.mmap(-1, 4096)
+    r = _core.Region(mm)
+    buf = memoryview(mm)
+    t = _task.Task()
+    t.gen, t.off, t.r, t.buf, t.base = 1, 0, r, buf, 512
+    assert not t.has_news()
+    payload = _serialize.dumps_list([{"answer": 42}])
+    buf[512: 512 + len(payload)] = payload
+    r.store64(_shm.S_TASK_LEN, len(payload))
+    r.store32(_shm.S_TASK_DONE, 1)
+    t.on_lost("worker 0 (pid 1) was killed by signal SIGKILL (9)", 1, -9, 0, 1, 0, None)
+    assert t.done and t.exc is None and t.value == {"answer": 42}
+    r.release()
+    buf.release()
+    mm.close()
+
+
 def test_calls_from_many_threads(pool):
     errors = []
 
