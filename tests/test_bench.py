@@ -425,3 +425,37 @@ def test_quick_suite_splits_pmaprt_efficiency(quick):
         assert st["busy_fraction"] / st["work_inflation"] == pytest.approx(r["efficiency"], rel=1e-6)
         assert "eff %.2f = busy" % r["efficiency"] in proc.stdout
     assert checked, "no pmaprt map of the quick suite ran on its workers"
+
+
+def test_paired_sweep_compares_each_fixed_size_with_the_adaptive_run_beside_it():
+    """A machine twice as fast during one fixed size's runs must not make it
+    the best fixed size: each is judged against the adaptive runs just before
+    its own runs."""
+    from pmaprt.bench.suite import Config, Suite, new_record, new_workload_entry
+    from pmaprt.bench.runners import BuiltinMap, Pmaprt
+
+    s = Suite(Config(workers=2, workloads=["medium"]))
+    s.entries["medium"] = new_workload_entry("medium")
+    base = new_record("medium", BuiltinMap(), times_s=[0.2] * 3, median_s=0.2)
+    ad = new_record("medium", Pmaprt(), times_s=[0.12] * 3, median_s=0.12)
+    # cs=16 ran while the machine was twice as fast (adaptive beside it: 0.06)
+    fast = new_record("medium", Pmaprt(), kind="sweep", params={"chunksize": 16},
+                      times_s=[0.066] * 3, median_s=0.066, items_per_s=1.0,
+                      stats={"paired_adaptive_s": [0.06] * 3})
+    # cs=64 is really 5 % faster than adaptive
+    good = new_record("medium", Pmaprt(), kind="sweep", params={"chunksize": 64},
+                      times_s=[0.114] * 3, median_s=0.114, items_per_s=1.0,
+                      stats={"paired_adaptive_s": [0.12] * 3})
+    s.results = [base, ad, fast, good]
+    s._derive()
+    sw = s.entries["medium"]["sweep"]
+    assert sw["paired"] is True
+    assert sw["best_fixed_chunksize"] == 64
+    assert sw["adaptive_over_best_fixed"] == pytest.approx(0.114 / 0.12)
+    assert fast["stats"]["vs_adaptive"] == pytest.approx(0.06 / 0.066)
+    # unpaired: medians, as before
+    for r in (fast, good):
+        del r["stats"]["paired_adaptive_s"]
+    s._derive()
+    sw = s.entries["medium"]["sweep"]
+    assert sw["paired"] is False and sw["best_fixed_chunksize"] == 16

@@ -74,7 +74,10 @@ fastest parallel peer) and ``best_peer_s``; ``adaptive_chunksize`` (int:
 median of pmaprt's ``MapStats.chunksizes`` in its last adaptive run);
 ``sweep`` (swept workloads: ``chunksizes``, ``items_per_s``,
 ``best_fixed_chunksize``, ``best_fixed_items_per_s``, ``adaptive_chunksize``,
-``adaptive_items_per_s``, ``adaptive_over_best_fixed``); ``timeline``
+``adaptive_items_per_s``, ``adaptive_over_best_fixed`` (best fixed time /
+adaptive time: with ``paired``, each fixed run followed an adaptive run and
+this is the median of those per-pair ratios for the fixed size fastest
+against them)); ``timeline``
 (``{wall_s, mode, truncated, workers: [[[t_start, t_end, start_index,
 count], ...] per worker]}`` from the last adaptive run's chunk logs).
 

@@ -188,12 +188,15 @@ def render(doc: Dict[str, Any]) -> str:
         sw = [r for r in results if r["workload"] == name and r["kind"] == "sweep"]
         if sw:
             ad = e.get("adaptive_chunksize")
-            out.append(f"  chunk-size sweep (pmaprt, fixed chunksize; adaptive median = {ad if ad is not None else '-'}):")
+            swe = e.get("sweep") or {}
+            out.append(f"  chunk-size sweep (pmaprt, fixed chunksize; adaptive median = {ad if ad is not None else '-'})"
+                       + ("; vs adaptive: median of per-run ratios, each fixed run right after an "
+                          "adaptive run" if swe.get("paired") else "") + ":")
             srows = []
             ad_rec = next((r for r in recs if r["kind"] == "pmaprt" and r["status"] == "ok"), None)
             for r in sw:
-                rel = None
-                if ad_rec and r["median_s"]:
+                rel = (r.get("stats") or {}).get("vs_adaptive")
+                if rel is None and ad_rec and r["median_s"]:
                     rel = ad_rec["median_s"] / r["median_s"]
                 srows.append([f"{r['params']['chunksize']:,}", fmt_time(r["median_s"]),
                               fmt_rate(r["items_per_s"]), fmt_x(rel), str(r["runs"] or "-"),
@@ -203,6 +206,10 @@ def render(doc: Dict[str, Any]) -> str:
                               fmt_rate(ad_rec["items_per_s"]), "1.00x", str(ad_rec["runs"]), ""])
             out += _table(["chunksize", "median", "items/s", "vs adaptive", "runs", "note"], srows,
                           "lrrrrl")
+            x = swe.get("adaptive_over_best_fixed")
+            if x:
+                out.append("  best fixed chunksize {:,}: adaptive takes {:.2f}x its time".format(
+                    swe.get("best_fixed_chunksize"), 1.0 / x))
     out.append("")
     files = doc.get("files", {})
     if files.get("plots"):

@@ -220,6 +220,20 @@ def split_efficiency(busy: List[float], times: List[float], serial: List[float],
             "work_inflation": statistics.median(b / s_ for b, _, s_ in rows)}
 
 
+def vs_adaptive(fixed: Dict[str, Any], adaptive: Optional[Dict[str, Any]]) -> Optional[float]:
+    """A fixed chunk size's speed relative to the adaptive choice (adaptive
+    time / fixed time; > 1: the fixed size was faster): the median of its
+    per-run ratios against the adaptive run just before each (paired sweeps),
+    else the ratio of medians."""
+    pa = (fixed.get("stats") or {}).get("paired_adaptive_s")
+    ts = fixed.get("times_s") or []
+    if pa and len(pa) == len(ts) and all(ts):
+        return statistics.median(a / t for a, t in zip(pa, ts))
+    if adaptive and adaptive.get("median_s") and fixed.get("median_s"):
+        return adaptive["median_s"] / fixed["median_s"]
+    return None
+
+
 def adaptive_chunksize(st) -> Optional[int]:
     cs = getattr(st, "chunksizes", None) if st is not None else None
     if not cs:
@@ -542,7 +556,13 @@ class Suite:
                     self.results.append(rec)
                     prog.step(f"sweep {w.name} cs={cs}")
                     continue
-                times, first, note = self.timed(lambda: r.map(w.fn, w.args, chunksize=cs))
+                # Paired: each fixed run right after an adaptive one, so that
+                # "vs adaptive" compares runs a moment apart (Suite.timed).
+                pair, paired = None, []
+                if self.cfg.pair:
+                    pair = lambda: r.map(w.fn, w.args)  # noqa: E731
+                times, first, note = self.timed(lambda: r.map(w.fn, w.args, chunksize=cs),
+                                                pair, paired)
                 self._fill_times(rec, times, w.n)
                 rec["note"] = note
                 if not _same(first, self.expected.get(w.name)):
@@ -551,6 +571,8 @@ class Suite:
                 if st is not None:
                     rec["stats"] = {"mode": getattr(st, "mode", None),
                                     "chunksize_median": adaptive_chunksize(st)}
+                    if paired:
+                        rec["stats"]["paired_adaptive_s"] = [float(t) for t in paired]
             except Exception as e:
                 rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
             del first
@@ -1034,8 +1056,17 @@ class Suite:
             if entry is not None and name in W.SWEPT:
                 sw = [r for r in ok if r["kind"] == "sweep"]
                 if sw:
-                    bestfix = min(sw, key=lambda r: r["median_s"])
                     ad = next((r for r in ok if r["kind"] == "pmaprt"), None)
+                    for r in sw:
+                        r["stats"] = r.get("stats") or {}
+                        r["stats"]["vs_adaptive"] = vs_adaptive(r, ad)
+                    paired = all(r["stats"].get("paired_adaptive_s") for r in sw)
+                    if paired:
+                        # fastest against the adaptive runs beside it
+                        bestfix = max(sw, key=lambda r: r["stats"]["vs_adaptive"] or 0.0)
+                    else:
+                        bestfix = min(sw, key=lambda r: r["median_s"])
+                    rel = bestfix["stats"]["vs_adaptive"]
                     entry["sweep"] = {
                         "chunksizes": [r["params"]["chunksize"] for r in sw],
                         "items_per_s": [r["items_per_s"] for r in sw],
@@ -1043,7 +1074,8 @@ class Suite:
                         "best_fixed_items_per_s": bestfix["items_per_s"],
                         "adaptive_chunksize": entry.get("adaptive_chunksize"),
                         "adaptive_items_per_s": ad["items_per_s"] if ad else None,
-                        "adaptive_over_best_fixed": (bestfix["median_s"] / ad["median_s"]) if ad else None,
+                        "adaptive_over_best_fixed": (1.0 / rel) if rel else None,
+                        "paired": paired,
                     }
 
 
