@@ -32,7 +32,7 @@ from ._shm import (
     H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_MAGIC, H_PARENT_WANT, H_PARENT_SLEEPING, H_RESULTS_SEQ,
     H_SHUTDOWN, MAGIC, REC, REC_BIG, REC_BIG_ERROR, REC_ERROR, REC_HAS_ERRORS, REC_KIND_MASK,
     REC_RESULT, REC_STOLEN, REC_WRAP, RETRY_RANGES, RING_SIZE, S_CANCEL, S_REFS, S_STATE,
-    SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
+    SLOT_ACTIVE, SLOT_CLOSED, SLOT_FREE, W_CLAIM, W_SLOT, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
     W_HEAD, W_RING, W_SPACE_SEQ, W_SPACE_WAIT, W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
 # A result record whose chunk holds returned exceptions (on_error="return").
@@ -265,6 +265,7 @@ class Pool:
         r.store64(area + W_CUR_K, -1)
         r.store64(area + W_CUR_DONE, 0)
         r.store64(area + W_CLAIM, 0)
+        r.store32(area + W_SLOT, 0)
         r.store32(area + W_STATE, 0)
         self._heads[w] = 0
         self._stall[w] = None
@@ -337,6 +338,12 @@ class Pool:
             # Killed holding the hot spinner word: a task posted since then
             # woke no one (see wake_workers); the others look now.
             self.wake_workers()
+        held = r.load32(area + W_SLOT)
+        if held:
+            # Killed inside a job: its reference to the slot goes with it
+            # (else the slot, closed, could never be posted to again).
+            r.store32(area + W_SLOT, 0)
+            r.add32(self._layout.slot(held - 1) + S_REFS, -1)
         try:
             drained = self._drain_worker(w)
         except (EOFError, OSError):
@@ -800,6 +807,8 @@ class Pool:
         try:
             while not task.has_news():
                 self.wait(task, TASK_SPIN_NS)
+            if not task.done:
+                task.take_slot()
         except KeyboardInterrupt:
             # The worker may be deep in a long call: end it now, as a map does.
             self._jobs.pop(gen, None)

@@ -119,6 +119,10 @@ W_CUR_K = 64     # feed mode: the chunk number claimed, until its items are read
 # untake): a worker that dies with it odd may have taken items it had not yet
 # recorded anywhere, and the parent reconciles its job (see _job.reconcile).
 W_CLAIM = 72
+# The job slot (+1) whose S_REFS this worker holds (0: none): a worker killed
+# inside a job cannot drop its reference; the parent drops it for it, or the
+# slot could never be reused.
+W_SLOT = 80
 W_RING = 128
 WSTATE_STARTING, WSTATE_READY, WSTATE_RECYCLED = 0, 1, 2
 

@@ -100,24 +100,31 @@ class Task:
 
     def has_news(self):
         """Done: a record arrived (an error, a large result), or the result
-        is in the slot (see _shm.S_TASK_DONE), which this takes."""
-        if self.done:
-            return True
+        is in the slot (see _shm.S_TASK_DONE; the caller takes it from there
+        with take_slot, before the slot is retired)."""
+        return self.done or self.in_slot()
+
+    def in_slot(self):
         r = self.r
         if r is None:
             return False
         try:
-            if not r.load32(self.off + _shm.S_TASK_DONE):
-                return False
-            payload = bytes(self.buf[self.base: self.base + r.load64(self.off + _shm.S_TASK_LEN)])
+            return bool(r.load32(self.off + _shm.S_TASK_DONE))
         except ValueError:
             return False    # the pool was terminated: its wait says so
-        self.done = True
+
+    def take_slot(self):
+        """The result from the slot (the calling thread only: Pool.apply's)."""
+        try:
+            payload = bytes(self.buf[self.base: self.base + self.r.load64(self.off + _shm.S_TASK_LEN)])
+        except ValueError:
+            from ._errors import PoolClosedError
+            raise PoolClosedError("pmaprt: the pool was terminated while a task was running")
         try:
             self.value = _serialize.loads_list(payload)[0]
-        except BaseException as e:
+        except Exception as e:
             self.exc = e
-        return True
+        self.done = True
 
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen, enc=0.0):
         if self.done:
@@ -142,8 +149,8 @@ class Task:
             self.exc = err
 
     def on_lost(self, what, pid, rc, lo, cn, done, timed_out):
-        if self.has_news():
-            return      # its result was in the slot: the worker died after the task
+        if self.in_slot():
+            return      # its result is in the slot: the worker died after the task
         self._crashed(WorkerCrashedError("%s while running the task%s" % (what, oom_hint(rc)),
                                          pid, rc, (0, 1)))
 

@@ -31,7 +31,7 @@ from ._shm import (
     RING_SIZE, S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MODE, S_N,
     HOT_CLAIMED, S_NEXT, S_NWORK, S_RANGES, WANT_POS_MASK, WANT_SHIFT, S_REFS, S_STATE, SLOT_ACTIVE, FLAG_FEED_DONE,
     FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, REC_HAS_ERRORS, RETRY_RANGES, S_MAX_ITEMS,
-    W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT,
+    W_CLAIM, W_SLOT, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N, W_HEAD, W_PID, W_SPACE_SEQ, W_SPACE_WAIT,
     W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
 
@@ -205,13 +205,18 @@ class Worker:
                         or any(self.has_work(o) for _, _, o in cands[i + 1:])) \
                         and r.load32(H_BOARD_SLEEPERS):
                     r.wake32(H_BOARD_SEQ, 1)
+            # The reference first, then its record (and the record cleared
+            # before the reference is dropped): a kill in between leaks the
+            # reference rather than dropping one that is not held.
             r.add32(off + S_REFS, 1)
+            r.store32(self.area + W_SLOT, s + 1)
             self.cur_slot = s
             try:
                 if r.load32(off + S_STATE) == SLOT_ACTIVE and r.load64(off + S_GEN) == gen \
                         and not r.load32(off + S_CANCEL):
                     did |= self.run_job(s, gen, off)
             finally:
+                r.store32(self.area + W_SLOT, 0)
                 r.add32(off + S_REFS, -1)
             if did:
                 return True

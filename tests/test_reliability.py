@@ -624,3 +624,18 @@ def test_timeout_of_item_0_fires_while_other_maps_flood_segments():
         assert not t.is_alive()
         assert isinstance(box["r"], TimeoutError), box["r"]
         assert "item 0" in str(box["r"])
+
+
+def test_workers_killed_inside_jobs_do_not_use_up_the_job_slots(tmp_path):
+    # A worker killed inside a job cannot drop its reference to the job's
+    # slot; the parent drops it. Else each such death would leave one slot
+    # closed for good, and with max_jobs=2 the third map could not be posted.
+    with Pool(1, max_jobs=2) as p:
+        for k in range(5):
+            marker = str(tmp_path / ("killed%d" % k))
+            items = [(x, 3, marker) for x in range(20)]
+            assert list(p.map(kill_once_at, items, retries=1, inline=False)) == \
+                [x * x for x in range(20)]
+            assert os.path.exists(marker)
+        assert p.apply(square, 7) == 49
+        assert list(p.map(square, range(10), inline=False)) == [x * x for x in range(10)]

@@ -128,7 +128,14 @@ Result record keys (all always present, null where not applicable):
                          ``chunksize_median``/``_min``/``_max``, ``chunksizes``
                          (null past 10,000 chunks), ``workers`` (list of
                          ``{items, chunks, steals, busy_s, idle_s, rank,
-                         chunk_log_len}``).
+                         chunk_log_len}``); for a map run on the workers,
+                         ``busy_s_runs`` (the workers' seconds in chunks,
+                         per timed run), ``busy_fraction`` (median of
+                         busy / (W * t)) and ``work_inflation`` (median of
+                         busy / the paired serial time): in each run,
+                         efficiency = busy fraction / work inflation.
+                         Sweep records: ``paired_adaptive_s`` (the adaptive
+                         run before each fixed run) and ``vs_adaptive``.
 
 A workload of 50,000 items or more is first run on a 1% prefix by each
 runner; a runner whose full run projects past 5 * ``max_runner_s`` is recorded

@@ -175,9 +175,11 @@ def render(doc: Dict[str, Any]) -> str:
         for r in recs:
             st = r.get("stats") or {}
             if r["status"] == "ok" and st.get("busy_fraction") is not None:
-                out.append("  {}: eff {} = busy {} / inflation {}: its workers spent {:.0%} of "
-                           "the wall time in chunks (the scheduler's share); the items took "
-                           "{:.2f}x their serial time when {} ran at once (the machine's)".format(
+                out.append("  {}: eff {}; busy {}, inflation {} (medians; in each run eff = "
+                           "busy / inflation): its workers spent {:.0%} of the wall time in "
+                           "chunks, reading and running items (the scheduler's share); the "
+                           "items took {:.2f}x their serial time when {} ran at once (the "
+                           "machine's)".format(
                                r["label"], fmt_f(r["efficiency"]), fmt_f(st["busy_fraction"]),
                                fmt_f(st["work_inflation"]), st["busy_fraction"],
                                st["work_inflation"], cfg.get("workers")))
