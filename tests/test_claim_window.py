@@ -20,6 +20,7 @@ import threading
 import pytest
 
 from pmaprt import Pool, _shm
+from test_reliability import once   # True the first time any process calls it with a path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,14 +28,6 @@ DEADLINE_S = 60
 
 
 # --- run in the workers
-
-def once(marker):
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
-
 
 class DieInWindow:
     """Stands in for the worker's Region: the claim named `what` takes its
