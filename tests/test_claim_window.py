@@ -143,6 +143,12 @@ def triple(x):
     return x * 3
 
 
+def nap(x):
+    import time
+    time.sleep(0.05)
+    return x
+
+
 # --- the parent
 
 def consume(it, pool):
@@ -189,6 +195,9 @@ def test_items_stolen_unrecorded_run_again(tmp_path, options):
     n = 2000
     items = [(x, marker, 40) for x in range(n)]
     with Pool(workers=2, seed=7) as pool:
+        # Both workers up and this module loaded in each before the armed
+        # map: a worker that joins late might find nothing left to steal.
+        assert sorted(pool.map(nap, range(4), chunksize=1, inline=False)) == [0, 1, 2, 3]
         it = pool.map(slow_arm_steals, items, inline=False, **options)
         out = consume(it, pool)
         assert sorted(out) == [x * 3 for x in range(n)]
