@@ -805,6 +805,13 @@ class Pool:
             self._check_open()
             gen, slot, off = self._post_task(task, desc)
         try:
+            if TASK_SPIN_NS:
+                # Spin (in C, the GIL released) on the slot's done word: a
+                # tiny call answers within it, with none of wait()'s work.
+                try:
+                    self._r.wait32(off + _shm.S_TASK_DONE, 0, 0, TASK_SPIN_NS)
+                except (AttributeError, ValueError):
+                    pass    # terminated meanwhile: wait() says so
             while not task.has_news():
                 self.wait(task, TASK_SPIN_NS)
             if not task.done:

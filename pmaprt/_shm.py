@@ -80,7 +80,8 @@ S_DESC_OFF = 72
 S_MAX_ITEMS = 80   # recycle a worker after this many items (0: never)
 # A task's result (Pool.apply, see _task.py), when it fits the slot's inline
 # area: the worker writes it over the descriptor, stores its length, then
-# S_TASK_DONE = 1. Larger results and errors go through the result ring.
+# S_TASK_DONE = 1. Larger results and errors go through the result ring, and
+# then S_TASK_DONE = 2 (the caller spins on this word first).
 S_TASK_DONE = 88
 S_TASK_LEN = 96
 S_SPMD_SEG = 120   # SPMD maps: the collective segment (FLAG_SPMD set)

@@ -109,7 +109,7 @@ class Task:
         if r is None:
             return False
         try:
-            return bool(r.load32(self.off + _shm.S_TASK_DONE))
+            return r.load32(self.off + _shm.S_TASK_DONE) == 1   # 2: a record in the ring
         except ValueError:
             return False    # the pool was terminated: its wait says so
 

@@ -368,12 +368,14 @@ class Worker:
         except BaseException as e:
             self.put_error(gen, 0, 1, [], e, "while loading the task in the worker", t0, False,
                            hot=True)
+            self._task_in_ring(off)
             self._set_cur(0, 0, 0)
             return True
         try:
             result = fn(*args, **kwargs)
         except BaseException as e:
             self.put_error(gen, 0, 1, [], e, None, t0, False, hot=True)
+            self._task_in_ring(off)
             self._set_cur(0, 0, 0)
             return True
         t1 = time.perf_counter()
@@ -384,6 +386,7 @@ class Worker:
             err = TypeError("pmaprt: the result of the task (a %s) cannot be pickled to return "
                             "it from the worker: %s" % (type(result).__name__, e))
             self.put_error(gen, 0, 1, [], err, None, t0, False, tb=False, hot=True)
+            self._task_in_ring(off)
             self._set_cur(0, 0, 0)
             return True
         hot = not self._recycling()
@@ -391,10 +394,16 @@ class Worker:
             self.put_task_result(off, payload, hot)
         else:
             self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, hot=hot)
+            self._task_in_ring(off)
         self._set_cur(0, 0, 0)
         if self.max_items and self.items_done >= self.max_items:
             self.recycle()
         return True
+
+    def _task_in_ring(self, off):
+        # The task's record is in the ring (an error, a large result): a
+        # caller spinning on the slot's done word stops, and drains it.
+        self.r.store32(off + _shm.S_TASK_DONE, 2)
 
     def put_task_result(self, off, payload, hot):
         """A task's result, into its slot (see _shm.S_TASK_DONE): the caller
