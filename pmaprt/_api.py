@@ -3,7 +3,8 @@ import itertools
 import threading
 
 from . import _array, _worker
-from ._pool import Pool, check_workers, default_workers
+from ._options import MapOptions, default_workers
+from ._pool import Pool
 
 _default = None
 _default_lock = threading.Lock()
@@ -92,18 +93,16 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
                              "backend=%r" % (backend,))
         return _other_backend(fn, iterables, backend, options, chunksize, ordered,
                               workers, progress)
-    if workers is not None:
-        check_workers(workers)
+    opts = MapOptions.make(chunksize=chunksize, ordered=ordered, workers=workers,
+                           progress=progress, out=out, chunks=chunks, **options)
     if _worker.IN_WORKER:
         if out is not None or chunks is not None:
             return _array.local_map(fn, iterables, False, out, chunks)
-        if options.get("axis_name") is not None:
+        if opts.axis_name is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
-                               % (options["axis_name"],))
+                               % (opts.axis_name,))
         return map(fn, *iterables)
-    return default_pool(workers).map(fn, *iterables, chunksize=chunksize, ordered=ordered,
-                                     workers=workers, progress=progress, out=out, chunks=chunks,
-                                     **options)
+    return default_pool(workers).run_map(fn, iterables, False, opts)
 
 
 def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False, out=None,
@@ -116,17 +115,16 @@ def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False,
 def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False,
             out=None, **options):
     """itertools.starmap(fn, iterable) on worker processes."""
-    if workers is not None:
-        check_workers(workers)
+    opts = MapOptions.make(chunksize=chunksize, ordered=ordered, workers=workers,
+                           progress=progress, out=out, **options)
     if _worker.IN_WORKER:
         if out is not None:
             return _array.local_map(fn, (iterable,), True, out)
-        if options.get("axis_name") is not None:
+        if opts.axis_name is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
-                               % (options["axis_name"],))
+                               % (opts.axis_name,))
         return itertools.starmap(fn, iterable)
-    return default_pool(workers).starmap(fn, iterable, chunksize=chunksize, ordered=ordered,
-                                         workers=workers, progress=progress, out=out, **options)
+    return default_pool(workers).run_map(fn, (iterable,), True, opts)
 
 
 def _other_backend(fn, iterables, backend, options, chunksize, ordered, workers, progress):

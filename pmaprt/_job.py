@@ -38,6 +38,8 @@ from ._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FL
 
 REC_RESULT_ERRORS = 6  # as in _pool: results among which are returned exceptions
 from ._stats import MapStats, WorkerStats
+from ._options import CORES, check_chunksize
+from ._tune import cached_chunksize
 
 # Index mode: how far past the consumer workers may run, in chunks per worker
 # (at least WINDOW_MIN_ITEMS items). A lazy consumer that stops leaves at most
@@ -152,38 +154,6 @@ def _forget_tiny(fn):
     except TypeError:
         pass
 
-try:
-    _CORES = len(os.sched_getaffinity(0))
-except AttributeError:
-    _CORES = os.cpu_count() or 1
-
-
-def _check_chunksize(chunksize):
-    if chunksize is None:
-        return 0
-    if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-        raise TypeError("pmaprt: chunksize must be a positive int or None, got %r" % (chunksize,))
-    if chunksize < 1:
-        raise ValueError("pmaprt: chunksize must be >= 1 (or None for adaptive), got %d" % chunksize)
-    return min(chunksize, _shm.RANGE_N_MAX)
-
-
-def _check_reliability(retries, timeout, on_error):
-    if isinstance(retries, bool) or not isinstance(retries, int):
-        raise TypeError("pmaprt: retries must be an int >= 0, got %r" % (retries,))
-    if retries < 0:
-        raise ValueError("pmaprt: retries must be >= 0, got %d" % retries)
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError("pmaprt: timeout must be a number of seconds or None, got %r" % (timeout,))
-        if not timeout > 0:
-            raise ValueError("pmaprt: timeout must be > 0 seconds, got %r" % (timeout,))
-        timeout = float(timeout)
-    if on_error not in ("raise", "return"):
-        raise ValueError('pmaprt: on_error must be "raise" or "return", got %r' % (on_error,))
-    return retries, timeout, on_error == "return"
-
-
 class _InlineTail(tuple):
     """(fn, seq, start, end): a piece of a map's results that _core.Results
     computes itself, fn(seq[i]) for i in start..end-1 (seq a list or tuple)."""
@@ -199,10 +169,8 @@ class MapJob:
 
     __slots__ = ("_state", "_it", "__weakref__")
 
-    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress,
-                 inline="auto", **options):
-        self._state = st = _JobState(pool, fn, iterables, star, chunksize, ordered, workers,
-                                     progress, inline, **options)
+    def __init__(self, pool, fn, iterables, star, opts):
+        self._state = st = _JobState(pool, fn, iterables, star, opts)
         self._it = _shm._core.Results(st._chunks(), _InlineTail)
 
     def __iter__(self):
@@ -250,9 +218,7 @@ class _JobState:
     suspect = False
     first = 0                      # index mode: items before this ran elsewhere
 
-    def __init__(self, pool, fn, iterables, star, chunksize, ordered, workers, progress, inline,
-                 retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
-                 memory_floor=None, axis_name=None, out=None, chunks=None):
+    def __init__(self, pool, fn, iterables, star, opts):
         if not callable(fn):
             raise TypeError("pmaprt: %r is not callable" % (fn,))
         if not iterables:
@@ -263,28 +229,26 @@ class _JobState:
             except TypeError:
                 raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
                                 % (i + 2, type(x).__name__)) from None
-        if inline not in ("auto", False, True):
-            raise ValueError("pmaprt: inline must be 'auto' or False, got %r" % (inline,))
-        self.retries, self.timeout, self.ret = _check_reliability(retries, timeout, on_error)
-        from ._pool import check_max_items
-        self.max_items = check_max_items(max_items_per_worker)
-        self.guard = _memguard.MemoryGuard(_memguard.check_floor(memory_floor))
-        # Progress per item lets the parent name the item a crash or timeout hit.
-        self.tracked = bool(self.retries or self.timeout is not None or self.ret)
+        self.opts = opts
+        self.retries, self.timeout, self.ret = opts.retries, opts.timeout, opts.return_errors
+        self.max_items = opts.max_items_per_worker
+        self.guard = _memguard.MemoryGuard(opts.memory_floor)
+        self.tracked = opts.tracked
+        axis_name, out, chunks, progress = opts.axis_name, opts.out, opts.chunks, opts.progress
         self.flags = (FLAG_PROGRESS if self.tracked else 0) | (FLAG_ON_ERROR_RETURN if self.ret else 0)
         pool._check_open()
         self.pool = pool
         self.fn = fn
         self.iterables = iterables
-        self.ordered = ordered
+        self.ordered = opts.ordered
         # Items that must run in workers (retries, timeouts) never run inline.
-        self.inline_ok = inline in ("auto", True) and not self.tracked
+        self.inline_ok = opts.inline in ("auto", True) and not self.tracked
         self.inline_from = None
+        chunksize = opts.chunksize
         if chunksize is None:
-            from ._tune import cached_chunksize
             chunksize = cached_chunksize(fn)
-        self.fixed = _check_chunksize(chunksize)
-        self.nwork = pool.workers if workers is None else min(pool.workers, workers)
+        self.fixed = check_chunksize(chunksize, _shm.RANGE_N_MAX)
+        self.nwork = pool.workers if opts.workers is None else min(pool.workers, opts.workers)
         # SPMD map (axis_name): one shard per worker, all at once, never inline and
         # never retried; self.spmd is the collective segment's parent side.
         self.spmd = None
@@ -949,7 +913,7 @@ class _JobState:
         p += CONSUME_ITEM_S
         p += self.enc_item
         w = t + (self.wenc.est or 0.0)   # a worker's CPU per item: the call, then encoding its result
-        return max(p, (w + p) / _CORES, w / self.nwork)
+        return max(p, (w + p) / CORES, w / self.nwork)
 
     def _tiny_by_model(self, t, p):
         par = self._par_item(t, p)

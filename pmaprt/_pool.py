@@ -26,6 +26,9 @@ import time
 import weakref
 
 from . import _task, _array, _shm
+from ._job import MapJob
+from ._options import check_max_items, check_workers
+from ._options import MapOptions
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint
 from ._shm import (
     HOT_CLAIMED,
@@ -98,33 +101,6 @@ class _Spawner:
 
 
 _spawner = _Spawner()
-
-
-def default_workers():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def check_max_items(n):
-    if n is None:
-        return 0
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError("pmaprt: max_items_per_worker must be a positive int or None, got %r" % (n,))
-    if n < 1:
-        raise ValueError("pmaprt: max_items_per_worker must be >= 1 (or None), got %d" % n)
-    return n
-
-
-def check_workers(workers):
-    if workers is None:
-        return default_workers()
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError("pmaprt: workers must be a positive int or None, got %r" % (workers,))
-    if workers < 1:
-        raise ValueError("pmaprt: workers must be >= 1 (or None for one per core), got %d" % workers)
-    return workers
 
 
 class _Resources:
@@ -765,11 +741,11 @@ class Pool:
         i, into out[lo:hi]) and the iterator yields None per item once its
         result is in out. See pmaprt.pmap.
         """
-        from ._job import MapJob
-        return MapJob(self, fn, iterables, star=False, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline, retries=retries,
-                      timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
-                      memory_floor=memory_floor, axis_name=axis_name, out=out, chunks=chunks)
+        return self.run_map(fn, iterables, False, MapOptions.make(
+            chunksize=chunksize, ordered=ordered, workers=workers, progress=progress,
+            inline=inline, retries=retries, timeout=timeout, on_error=on_error,
+            max_items_per_worker=max_items_per_worker, memory_floor=memory_floor,
+            axis_name=axis_name, out=out, chunks=chunks))
 
     def imap_unordered(self, fn, *iterables, **options):
         """Like map, results in the order they finish (same options as map)."""
@@ -780,11 +756,16 @@ class Pool:
                 inline="auto", retries=0, timeout=None, on_error="raise", max_items_per_worker=None,
                 memory_floor=None, axis_name=None, out=None):
         """itertools.starmap(fn, iterable), in parallel (same options as map)."""
-        from ._job import MapJob
-        return MapJob(self, fn, (iterable,), star=True, chunksize=chunksize, ordered=ordered,
-                      workers=workers, progress=progress, inline=inline, retries=retries,
-                      timeout=timeout, on_error=on_error, max_items_per_worker=max_items_per_worker,
-                      memory_floor=memory_floor, axis_name=axis_name, out=out)
+        return self.run_map(fn, (iterable,), True, MapOptions.make(
+            chunksize=chunksize, ordered=ordered, workers=workers, progress=progress,
+            inline=inline, retries=retries, timeout=timeout, on_error=on_error,
+            max_items_per_worker=max_items_per_worker, memory_floor=memory_floor,
+            axis_name=axis_name, out=out))
+
+    def run_map(self, fn, iterables, star, opts):
+        """A map with options already checked (MapOptions): the one entry
+        that pmap and the methods above share."""
+        return MapJob(self, fn, iterables, star, opts)
 
     def apply(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on one worker; returns its result (or raises

@@ -148,7 +148,7 @@ class _PoolTimer:
 
 def _default_workers() -> int:
     try:
-        from ._pool import default_workers  # the default pool's size
+        from ._options import default_workers  # the default pool's size
 
         return max(1, int(default_workers()))
     except Exception:

@@ -42,7 +42,7 @@ import weakref
 
 from . import _serialize
 from ._errors import RemoteTraceback, WorkerCrashedError
-from ._pool import default_workers
+from ._options import default_workers
 from ._sched import GROWTH, MAX_CHUNK, ChunkSizer
 
 __all__ = ["DaskBackend", "dask_map", "in_dask_task", "COLLECTIVES_ERROR"]

@@ -41,7 +41,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 from . import _serialize
 from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
-from ._pool import Pool, default_workers
+from ._options import default_workers
+from ._pool import Pool
 
 # Tasks one batch may hold. A runner takes everything queued up to this many:
 # larger batches amortize the map's start (posting the job, encoding the

@@ -711,7 +711,7 @@ def _device_input(eng, kind, fn, arr, out, chunksize, launch, dtype, devices):
 def cpu_chunk_map(fn, arr, out=None, chunksize=None, workers=None):
     """fn over row chunks of arr on the CPU pool, concatenated (device='auto' fallback)."""
     from ._api import pmap
-    from ._pool import default_workers
+    from ._options import default_workers
 
     arr = np.asarray(arr)
     rows = len(arr)

@@ -32,7 +32,8 @@ from joblib.parallel import (AutoBatchingMixin, FallbackToBackend, ParallelBacke
                              SequentialBackend)
 
 from . import _serialize, _worker
-from ._pool import Pool, default_workers
+from ._options import default_workers
+from ._pool import Pool
 from .executor import Executor
 
 __all__ = ["PmaprtBackend", "register", "shutdown"]
