@@ -13,7 +13,7 @@ from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
 from ._tune import TuneResult, tune
-from ._devices import devices
+from .gpu.discovery import devices
 from .executor import Executor
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ import psutil
 import pytest
 
 import pmaprt
-from pmaprt import _devices as devmod
+from pmaprt.gpu import discovery as devmod
 
 
 class NVMLError(Exception):

@@ -23,7 +23,8 @@ import pytest
 
 import pmaprt
 from pmaprt import gpu
-from pmaprt._gpu_ring import HostLinks
+from pmaprt.gpu import collective, dispatch, engines, forkguard, pipeline
+from pmaprt.gpu.ring import CupyLinks, HostLinks, ring_allreduce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,13 +48,15 @@ needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
 
 @pytest.fixture
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(gpu, "_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
 
 
 # -- no GPU needed -------------------------------------------------------------
 def test_import_pmaprt_imports_no_gpu_library():
+    # pmaprt.gpu itself is imported (pmaprt.devices lives in it); the CUDA
+    # libraries are imported only when a device map or all-reduce runs.
     code = ("import sys, pmaprt; pmaprt.pmap; pmaprt.devices();"
-            "bad = [m for m in ('cupy', 'pmaprt.gpu', 'numba') if m in sys.modules];"
+            "bad = [m for m in ('cupy', 'cupyx', 'numba') if m in sys.modules];"
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
@@ -79,34 +82,34 @@ def test_kernel_kind():
     (1000, 128, (8, 128)), (5, (3, 32), (3, 32)), (0, None, (1, 256)),
 ])
 def test_launch_config(n, launch, want):
-    assert gpu.launch_config(n, launch) == want
+    assert engines.launch_config(n, launch) == want
 
 
 @pytest.mark.parametrize("bad,err", [(0, ValueError), (2048, ValueError), ((0, 32), ValueError),
                                      ("x", TypeError), (True, TypeError)])
 def test_launch_config_rejects(bad, err):
     with pytest.raises(err, match="threads|launch"):
-        gpu.launch_config(10, bad)
+        engines.launch_config(10, bad)
 
 
 def test_chunk_default_and_memory_bound():
     rows = 1 << 30
     # 4-byte rows, no bound: CHUNK_BYTES of input
-    assert gpu.plan_chunk(rows, 4, 4, None, 2) == gpu.CHUNK_BYTES // 4
+    assert dispatch.plan_chunk(rows, 4, 4, None, 2) == dispatch.CHUNK_BYTES // 4
     # 1 MiB free: 2 streams x (4 + 4) bytes per row within half of it
-    assert gpu.plan_chunk(rows, 4, 4, 1 << 20, 2) == (1 << 19) // 16
-    assert gpu.plan_chunk(10, 4, 4, 1 << 20, 2) == 10           # never more than the rows
-    assert gpu.plan_chunk(10, 4, 4, float("inf"), 2) == 10      # unknown free memory
-    assert gpu.plan_chunk(rows, 4, 4, 1 << 20, 2, chunksize=1000) == 1000
+    assert dispatch.plan_chunk(rows, 4, 4, 1 << 20, 2) == (1 << 19) // 16
+    assert dispatch.plan_chunk(10, 4, 4, 1 << 20, 2) == 10           # never more than the rows
+    assert dispatch.plan_chunk(10, 4, 4, float("inf"), 2) == 10      # unknown free memory
+    assert dispatch.plan_chunk(rows, 4, 4, 1 << 20, 2, chunksize=1000) == 1000
 
 
 def test_chunk_larger_than_free_memory_is_a_clear_error():
     with pytest.raises(gpu.GPUMemoryError, match=r"chunksize=100000 rows.*GPU 3.*chunksize <= 32768"):
-        gpu.plan_chunk(1 << 20, 4, 4, 1 << 20, 2, chunksize=100000, device=3)
+        dispatch.plan_chunk(1 << 20, 4, 4, 1 << 20, 2, chunksize=100000, device=3)
     with pytest.raises(gpu.GPUMemoryError, match="one row needs"):
-        gpu.plan_chunk(10, 1 << 30, 1 << 30, 1 << 20, 2)
+        dispatch.plan_chunk(10, 1 << 30, 1 << 30, 1 << 20, 2)
     with pytest.raises(ValueError, match="chunksize must be a positive int"):
-        gpu.plan_chunk(10, 4, 4, None, 2, chunksize=0)
+        dispatch.plan_chunk(10, 4, 4, None, 2, chunksize=0)
     assert issubclass(gpu.GPUMemoryError, MemoryError)
 
 
@@ -135,7 +138,7 @@ def test_auto_without_gpu_and_a_kernel_is_a_clear_error(monkeypatch, fresh_warni
     def k(x, out):
         pass
 
-    monkeypatch.setattr(gpu, "_gpu_available", lambda: (False, "no GPU found by NVML"))
+    monkeypatch.setattr(dispatch, "_gpu_available", lambda: (False, "no GPU found by NVML"))
     with pytest.raises(RuntimeError, match="no GPU found by NVML.*cannot run on the CPU"):
         pmaprt.pmap(k, np.zeros(4), device="auto")
 
@@ -181,11 +184,11 @@ def test_two_arrays_are_refused():
 
 
 def test_forked_child_refuses_cuda(monkeypatch):
-    monkeypatch.setattr(gpu, "_cuda_pid", os.getpid() + 1)     # as if CUDA began in a parent
+    monkeypatch.setattr(forkguard, "_cuda_pid", os.getpid() + 1)     # as if CUDA began in a parent
     with pytest.raises(RuntimeError, match="cannot be used in a forked child"):
-        gpu._check_not_forked()
-    monkeypatch.setattr(gpu, "_cuda_pid", os.getpid())
-    gpu._check_not_forked()
+        forkguard.check_not_forked()
+    monkeypatch.setattr(forkguard, "_cuda_pid", os.getpid())
+    forkguard.check_not_forked()
 
 
 @pytest.mark.parametrize("op", ["sum", "mean", "min", "max"])
@@ -209,6 +212,7 @@ SIM_SCRIPT = textwrap.dedent(r'''
     from numba import cuda
     import pmaprt
     from pmaprt import gpu
+    from pmaprt.gpu import engines
 
     @cuda.jit
     def affine(x, out):
@@ -305,7 +309,7 @@ SIM_SCRIPT = textwrap.dedent(r'''
     check("empty", empty)
 
     def chunk_over_free_memory():
-        gpu._NumbaEngine.free_memory = lambda self, i: 4096
+        engines.NumbaEngine.free_memory = lambda self, i: 4096
         try:
             pmaprt.pmap(affine, np.zeros(10000, np.float32), device="gpu", chunksize=5000)
         except gpu.GPUMemoryError as e:
@@ -484,23 +488,23 @@ def test_gpu_ring_logical_ranks_on_one_device(cp, op, ranks, size):
     rng = np.random.default_rng(size)
     host = [rng.standard_normal(size).astype(np.float64) for _ in range(ranks)]
     bufs = [cp.asarray(h) for h in host]
-    links = gpu.CupyLinks([0] * ranks)
+    links = CupyLinks([0] * ranks)
     got = gpu.allreduce(bufs, op=op, method="ring")
     want = {"sum": np.sum, "mean": np.mean, "min": np.min, "max": np.max}[op](np.stack(host), 0)
     for g in got:
         np.testing.assert_allclose(g.get(), want, rtol=1e-12)
     # the same schedule moves the same bytes as the host reference
     hl = HostLinks(np)
-    gpu.ring_allreduce([h.copy() for h in host], op, links=hl)
+    ring_allreduce([h.copy() for h in host], op, links=hl)
     bufs2 = [cp.asarray(h) for h in host]
-    gpu.ring_allreduce(bufs2, op, xp=cp, links=links)
+    ring_allreduce(bufs2, op, xp=cp, links=links)
     assert links.sent == hl.sent
 
 
 @needs_gpu
 def test_gpu_nccl_across_devices(cp):
     n = cp.cuda.runtime.getDeviceCount()
-    if n < 2 or gpu._nccl() is None:
+    if n < 2 or collective.nccl_module() is None:
         pytest.skip("needs 2 GPUs and cupy.cuda.nccl (have %d GPU(s))" % n)
     xs = []
     for d in range(n):
@@ -512,11 +516,11 @@ def test_gpu_nccl_across_devices(cp):
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 1001])
 def test_host_copy_split_over_threads_is_exact(monkeypatch, rows):
-    monkeypatch.setattr(gpu, "COPY_SPLIT_BYTES", 1)
-    monkeypatch.setattr(gpu, "COPY_THREADS", 3)
+    monkeypatch.setattr(pipeline, "COPY_SPLIT_BYTES", 1)
+    monkeypatch.setattr(pipeline, "COPY_THREADS", 3)
     src = np.random.default_rng(rows).standard_normal((rows, 5))
     dst = np.zeros_like(src)
-    gpu.host_copy(dst, src)
+    pipeline.host_copy(dst, src)
     np.testing.assert_array_equal(dst, src)
 
 
@@ -534,7 +538,7 @@ def test_bench_gpu_workload_skips_cleanly_without_a_gpu(monkeypatch):
     e = suite.entries["gpu"]
     assert e["status"] == "skipped" and e["note"].startswith("no GPU") and not suite.results
     # a GPU seen by NVML but no CuPy: still a skip that says what to install
-    from pmaprt._devices import CPUInfo, Devices, GPUInfo
+    from pmaprt.gpu.discovery import CPUInfo, Devices, GPUInfo
 
     fake = Devices(CPUInfo(2, 1, 2, 1 << 30, 1 << 29),
                    (GPUInfo(0, 0, "NVIDIA H100", "GPU-x", 80 << 30, 79 << 30, 0, 0, 0),))
@@ -551,8 +555,8 @@ class DevArray(np.ndarray):
 
 
 class FakeEngine:
-    """gpu.py's engine interface over NumPy: copies happen at once, events are
-    labels, and every operation is logged as (device, op, chunk start)."""
+    """The engine interface of pmaprt.gpu.engines over NumPy: copies happen at once,
+    events are labels, and every operation is logged as (device, op, chunk start)."""
     name = "cupy"
 
     def __init__(self, ndev=2, free=None):
@@ -637,8 +641,8 @@ class FakeEngine:
 @pytest.fixture
 def fake(monkeypatch):
     eng = FakeEngine()
-    monkeypatch.setattr(gpu, "_engine_for", lambda kind, arr: eng)
-    monkeypatch.setattr(gpu, "kernel_kind", lambda fn: "function" if fn is not KERNEL else "raw")
+    monkeypatch.setattr(dispatch, "engine_for", lambda kind, arr: eng)
+    monkeypatch.setattr(dispatch, "kernel_kind", lambda fn: "function" if fn is not KERNEL else "raw")
     return eng
 
 

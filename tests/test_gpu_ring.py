@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pmaprt._gpu_ring import HostLinks, ring_allreduce, ring_schedule, segment_bounds
+from pmaprt.gpu.ring import HostLinks, ring_allreduce, ring_schedule, segment_bounds
 
 WANT = {"sum": lambda a: a.sum(0), "mean": lambda a: a.mean(0),
         "min": lambda a: a.min(0), "max": lambda a: a.max(0)}

@@ -21,6 +21,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+try:
+    import psutil
+except ImportError:  # pragma: no cover - psutil is a hard dependency
+    psutil = None
+
+from .._options import default_workers
+
 __all__ = ["devices", "Devices", "CPUInfo", "GPUInfo"]
 
 
@@ -60,14 +67,7 @@ class Devices:
 
 
 def _cpu():
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil is a hard dependency
-        psutil = None
-    try:
-        avail = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        avail = os.cpu_count()
+    avail = default_workers()
     total = free = phys = None
     if psutil is not None:
         try:
