@@ -4,12 +4,11 @@
 the same exceptions, on worker processes that exchange work through shared memory.
 """
 from ._api import default_pool, imap_unordered, pmap, shutdown, starmap
-from ._collective import (
-    CollectiveAbortedError, CollectiveError, allreduce, axis_index, axis_size, pmax, pmean,
-    pmin, psum,
-)
+from ._collective import allreduce, axis_index, axis_size, pmax, pmean, pmin, psum
 from ._array import asarray, empty, empty_like, is_shared, zeros, zeros_like
-from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
+from ._errors import (
+    CollectiveAbortedError, CollectiveError, PoolClosedError, RemoteTraceback, WorkerCrashedError,
+)
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
 from ._tune import TuneResult, tune

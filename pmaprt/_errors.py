@@ -105,3 +105,12 @@ def add_note(exc, note):
 def item_timeout_error(index, timeout, what):
     return TimeoutError("pmaprt: item %d of the map ran longer than timeout=%gs; %s was killed "
                         "and replaced" % (index, timeout, what))
+
+
+class CollectiveError(RuntimeError):
+    """A collective call failed: mismatched calls across ranks, a call outside an
+    SPMD map, or a rank that left early."""
+
+
+class CollectiveAbortedError(CollectiveError):
+    """Another rank of the SPMD map failed (raised, died) while this rank waited."""

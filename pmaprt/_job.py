@@ -31,8 +31,8 @@ import weakref
 
 from . import _array, _collective, _memguard, _serialize, _shm, _sched
 from ._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
-from ._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
-                      item_timeout_error, oom_hint)
+from ._errors import (CollectiveAbortedError, RemoteTraceback, ReturnedError, WorkerCrashedError,
+                      add_note, item_timeout_error, oom_hint)
 from ._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
                    FLAG_FEED_DONE, FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, RETRY_RANGES)
 
@@ -533,7 +533,7 @@ class _JobState:
             return False
         self.records += 1
         _ok, exc = self._take((kind, count, payload), start)
-        if isinstance(exc, _collective.CollectiveAbortedError):
+        if isinstance(exc, CollectiveAbortedError):
             # Failed only because another rank did: the map raises that one.
             if sp.root is None:
                 sp.secondary.append(start)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pmaprt
 from pmaprt import CollectiveError, Pool, WorkerCrashedError
-from pmaprt._collective import SLOT_BYTES
+from pmaprt._collective.segment import SLOT_BYTES
 
 POOL_WORKERS = 3
 TIMEOUT_S = 60.0
@@ -130,12 +130,12 @@ def test_allreduce_large(pool, dtype, op, n):
 
 def step_count_passes(small_fusion):
     """psum of a tree; how many reductions (ring passes) it took."""
-    from pmaprt import _collective
+    from pmaprt._collective import api, reduce
     r = pmaprt.axis_index("b")
-    ctx = _collective._current("b", "psum")
-    saved = _collective.FUSION_BYTES
+    ctx = api._current("b", "psum")
+    saved = reduce.FUSION_BYTES
     if small_fusion:
-        _collective.FUSION_BYTES = 1000     # this worker only, for this call
+        reduce.FUSION_BYTES = 1000     # this worker only, for this call
     try:
         tree = {"w": [np.full((3, 4), r + 1.0) for _ in range(20)],     # 20 x 96 bytes of float64
                 "b": np.ones(5, np.float32),
@@ -144,7 +144,7 @@ def step_count_passes(small_fusion):
         out = pmaprt.psum(tree, "b")
         return ctx.calls - c0, out
     finally:
-        _collective.FUSION_BYTES = saved
+        reduce.FUSION_BYTES = saved
 
 
 @pytest.mark.parametrize("small_fusion", [False, True])
@@ -201,7 +201,7 @@ def test_fusion_of_a_tree(pool):
 
 
 def step_small_fusion(x):
-    import pmaprt._collective as c
+    import pmaprt._collective.reduce as c
     saved, c.FUSION_BYTES = c.FUSION_BYTES, 64   # force several fusion buckets
     try:
         return pmaprt.psum([x * k for k in range(10)], "b")
