@@ -8,7 +8,7 @@ from ._collective import (
     CollectiveAbortedError, CollectiveError, allreduce, axis_index, axis_size, pmax, pmean,
     pmin, psum,
 )
-from ._array import asarray, empty, empty_like, is_shared, zeros, zeros_like
+from ._arrays import asarray, empty, empty_like, is_shared, zeros, zeros_like
 from ._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
