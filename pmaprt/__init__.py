@@ -5,7 +5,7 @@ the same exceptions, on worker processes that exchange work through shared memor
 """
 from ._api import default_pool, imap_unordered, pmap, shutdown, starmap
 from ._collective import allreduce, axis_index, axis_size, pmax, pmean, pmin, psum
-from ._array import asarray, empty, empty_like, is_shared, zeros, zeros_like
+from ._arrays import asarray, empty, empty_like, is_shared, zeros, zeros_like
 from ._errors import (
     CollectiveAbortedError, CollectiveError, PoolClosedError, RemoteTraceback, WorkerCrashedError,
 )

@@ -28,7 +28,7 @@ items ``[a, b)``.
 import collections.abc
 import struct
 
-from . import _array, _serialize
+from . import _arrays, _serialize
 
 BLOCK_BYTES = 64 * 1024
 MAX_BLOCK_ITEMS = 4096
@@ -95,7 +95,7 @@ class _DataArea:
 
 def plan_input(iterables, star, enc=None, upfront=None, start=0):
     """IndexPlan or FeedPlan for map(fn, *iterables); `star`: items are arg tuples.
-    enc: the job's _array.ItemEncoder (shared arrays, out-of-band buffers).
+    enc: the job's _arrays.ItemEncoder (shared arrays, out-of-band buffers).
     upfront: items the workers may claim at first (the job's first window):
     a long list need only be encoded that far before the job starts.
     start: the workers start at this item (the caller ran those before it):
@@ -130,12 +130,12 @@ def _index_spec(x, n, area, enc=None, start=0):
         return ("slice", x), None
     if isinstance(x, (list, tuple)):
         return _blocks_spec(x, n, area, enc, start=start)
-    if isinstance(x, _array.BlockView):
+    if isinstance(x, _arrays.BlockView):
         inner, err = _index_spec(x.base, len(x.base), area, enc)
         if err is not None:
             # the block holding the bad row fails, at its position
             i = 0
-            while _array.rule_rows(x.rule, i)[1] <= err[0]:
+            while _arrays.rule_rows(x.rule, i)[1] <= err[0]:
                 i += 1
             err = (i, err[1])
         return ("chunked", inner, x.rule), err
@@ -146,16 +146,16 @@ def _array_spec(a, area, enc=None):
     if a.dtype.hasobject:
         return ("slice", a)
     if enc is not None:
-        m = _array.find_mapping(a)
+        m = _arrays.find_mapping(a)
         if m is not None and m.fd >= 0:
             # a shared array, however small: by handle, no copy (fn sees the parent's memory)
-            return _array.shared_spec(a, enc.share(m), m)
+            return _arrays.shared_spec(a, enc.share(m), m)
     if a.nbytes <= SMALL_INLINE_BYTES:
         return ("slice", a)
-    if enc is not None and a.flags.c_contiguous and a.nbytes >= _array.PVM_MIN and enc.use_pvm():
+    if enc is not None and a.flags.c_contiguous and a.nbytes >= _arrays.PVM_MIN and enc.use_pvm():
         # the workers read their rows straight from this process: no copy here
         enc.keep(a)
-        return _array.pvm_spec(a)
+        return _arrays.pvm_spec(a)
     # one copy, straight from `a` (any layout) into the segment
     off = area.add(a, a.nbytes)
     return ("array", a.dtype, a.shape, off)
@@ -172,7 +172,7 @@ def _blocks_spec(x, n, area, enc=None, upfront=None, start=0):
     probe = x[start: min(n, start + 32)]
     oob = False
     try:
-        data = _serialize.dumps_list(list(probe), enc)
+        data = _arrays.dumps_list(list(probe), enc)
         # the arrays it refers to count: a block is what one worker decodes at once
         per_item = max(1, (len(data) + getattr(enc, "ref_bytes", 0)) // len(probe))
         oob = data[:1] != b"P" and data[:1] != b"C"   # arrays out of band: never in the descriptor
@@ -196,13 +196,13 @@ def _blocks_spec(x, n, area, enc=None, upfront=None, start=0):
     for lo in range(first * bsize, n, bsize):
         block = _from(x, lo, min(lo + bsize, n), start)
         try:
-            data = _serialize.dumps_list(block, enc)
+            data = _arrays.dumps_list(block, enc)
         except _serialize.PICKLE_ERRORS:
             bad = _serialize.find_unpicklable(block)
             j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
             error = (lo + j, _unpicklable_item(lo + j, block[j], exc))
             if j:
-                data = _serialize.dumps_list(block[:j], enc)
+                data = _arrays.dumps_list(block[:j], enc)
                 offsets.append((area.add(data, len(data)), len(data)))
             break
         offsets.append((area.add(data, len(data)), len(data)))
@@ -221,7 +221,7 @@ def _from(x, lo, hi, start):
 
 
 def _encode_block(x, lo, hi, enc=None, start=0):
-    """(data, None) for items [lo, hi) of x (bytes, or an _array.Encoded with
+    """(data, None) for items [lo, hi) of x (bytes, or an _arrays.Encoded with
     enc), or (data of those before the first bad item, (index, error)) when
     one cannot be pickled, or the list has shrunk since the map began.
     Items before `start`: placeholders (see _from)."""
@@ -232,11 +232,11 @@ def _encode_block(x, lo, hi, enc=None, start=0):
             "pmaprt: the input list changed size during the map (it had at least %d items "
             "when the map began, %d now)" % (hi, len(x))))
     try:
-        return _serialize.dumps_list(block, enc), short
+        return _arrays.dumps_list(block, enc), short
     except _serialize.PICKLE_ERRORS:
         bad = _serialize.find_unpicklable(block)
         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
-        return _serialize.dumps_list(block[:j], enc), (lo + j, _unpicklable_item(lo + j, block[j], exc))
+        return _arrays.dumps_list(block[:j], enc), (lo + j, _unpicklable_item(lo + j, block[j], exc))
 
 
 def _lazy_blocks_spec(x, n, area, bsize, upfront, enc=None, start=0):
@@ -317,14 +317,14 @@ def open_spec(spec, segbuf):
         arr = np.frombuffer(segbuf, dtype=dtype, count=count, offset=off).reshape(shape)
         return lambda a, b: arr[a:b]
     if kind == "sharr":
-        arr = _array.open_shared(spec, _array._resolver)
+        arr = _arrays.open_shared(spec, _arrays.resolve)
         return lambda a, b: arr[a:b]
     if kind == "pvm":
-        return _array.open_pvm(spec)
+        return _arrays.open_pvm(spec)
     if kind == "chunked":
         rows = open_spec(spec[1], segbuf)
         rule = spec[2]
-        span = _array.rule_rows
+        span = _arrays.rule_rows
         return lambda a, b: [rows(*span(rule, i)) for i in range(a, b)]
     if kind == "blocks":
         return _BlockReader(spec[1], spec[2], segbuf).get
@@ -350,7 +350,7 @@ class _BlockReader:
         b = self.cache.get(k)
         if b is None:
             off, nbytes = self.offsets[k]
-            b = _serialize.loads_list(self.segbuf[off: off + nbytes])
+            b = _arrays.loads_list(self.segbuf[off: off + nbytes])
             if len(self.cache) >= 4:
                 self.cache.clear()
             self.cache[k] = b
@@ -381,8 +381,8 @@ class _LazyBlockReader(_BlockReader):
         if b is None:
             seg_id, off, nbytes = BLOCK_ENTRY.unpack_from(
                 self.segbuf, self.table_off + k * BLOCK_ENTRY.size)
-            buf = _array._resolver(seg_id).buf if seg_id else self.segbuf
-            b = _serialize.loads_list(buf[off: off + nbytes])
+            buf = _arrays.resolve(seg_id).buf if seg_id else self.segbuf
+            b = _arrays.loads_list(buf[off: off + nbytes])
             if len(self.cache) >= 4:
                 self.cache.clear()
             self.cache[k] = b

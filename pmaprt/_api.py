@@ -2,7 +2,7 @@
 import itertools
 import threading
 
-from . import _array, _worker
+from . import _arrays, _worker
 from ._options import MapOptions, default_workers
 from ._pool import Pool
 
@@ -97,7 +97,7 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
                            progress=progress, out=out, chunks=chunks, **options)
     if _worker.IN_WORKER:
         if out is not None or chunks is not None:
-            return _array.local_map(fn, iterables, False, out, chunks)
+            return _arrays.local_map(fn, iterables, False, out, chunks)
         if opts.axis_name is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
                                % (opts.axis_name,))
@@ -119,7 +119,7 @@ def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progres
                            progress=progress, out=out, **options)
     if _worker.IN_WORKER:
         if out is not None:
-            return _array.local_map(fn, (iterable,), True, out)
+            return _arrays.local_map(fn, (iterable,), True, out)
         if opts.axis_name is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
                                % (opts.axis_name,))

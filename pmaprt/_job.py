@@ -29,7 +29,7 @@ import sys
 import time
 import weakref
 
-from . import _array, _collective, _memguard, _serialize, _shm, _sched
+from . import _arrays, _collective, _memguard, _serialize, _shm, _sched
 from ._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from ._errors import (CollectiveAbortedError, RemoteTraceback, ReturnedError, WorkerCrashedError,
                       add_note, item_timeout_error, oom_hint)
@@ -293,8 +293,8 @@ class _JobState:
         self.n_input = None        # a sized input's length (n stops at an unpicklable item)
         self._progress = None
         self.star = star = star or len(iterables) > 1
-        # arrays (_array.py): chunks= blocks, out=, shared arrays and out-of-band buffers
-        self.arrays = _array.JobArrays(pool, self.segs, iterables, out, chunks, star)
+        # arrays (_arrays/): chunks= blocks, out=, shared arrays and out-of-band buffers
+        self.arrays = _arrays.JobArrays(pool, self.segs, iterables, out, chunks, star)
         self.iterables = iterables = self.arrays.iterables
         if out is not None:
             self.inline_ok = False  # the workers write out=; results here would not
@@ -345,7 +345,7 @@ class _JobState:
         desc_off = (data_size + 63) // 64 * 64
         seg = self.pool.share(desc_off + len(desc), reserve=bool(data_size))
         self.segs.append(seg)
-        _array.write_blobs(seg.buf, blobs)  # the one copy of the data, in threads when large
+        _arrays.write_blobs(seg.buf, blobs)  # the one copy of the data, in threads when large
         seg.buf[desc_off: desc_off + len(desc)] = desc
         return seg, desc_off
 
@@ -735,7 +735,7 @@ class _JobState:
         start, count, nbytes, doff, seg_id = ent
         buf = self.pool._res.segs[seg_id].buf if seg_id else self.seg.buf
         try:
-            items = _serialize.loads_list(buf[doff: doff + nbytes])
+            items = _arrays.loads_list(buf[doff: doff + nbytes])
         except Exception as e:
             # Cannot rebuild the items here (arrays out of band): fail the lost range.
             self.fail_at(lo, WorkerCrashedError(
@@ -796,14 +796,14 @@ class _JobState:
                     self.fail_at(self.fed + len(items), e)
                 if items:
                     try:
-                        data = _serialize.dumps_list(items, self.arrays.encoder)
+                        data = _arrays.dumps_list(items, self.arrays.encoder)
                     except _serialize.PICKLE_ERRORS:
                         bad = _serialize.find_unpicklable(items)
                         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
                         self.feed_done = True
                         self.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
                         items = items[:j]
-                        data = _serialize.dumps_list(items, self.arrays.encoder) if items else None
+                        data = _arrays.dumps_list(items, self.arrays.encoder) if items else None
                     self.arrays.hold(self.fed)  # shared arrays in this chunk: kept until its record
                     if items and not self._publish(items, data):
                         # no room in the ring: keep the items for the next round
@@ -823,10 +823,10 @@ class _JobState:
         nbytes = len(data)
         k = self.chunks
         seg_id = 0
-        if nbytes > FEED_BIG or _array.has_inline_buffers(data):
+        if nbytes > FEED_BIG or _arrays.has_inline_buffers(data):
             # (arrays decoded in a worker view their chunk's memory: never the ring, which is reused)
             seg = self.pool.share(nbytes)
-            _array.write_blobs(seg.buf, [(0, data)])
+            _arrays.write_blobs(seg.buf, [(0, data)])
             self.segs.append(seg)
             seg_id, doff, bstart, bend = seg.id, 0, None, seg
         else:
@@ -1035,7 +1035,7 @@ class _JobState:
                 blobs.append((pos, d))
                 BLOCK_ENTRY.pack_into(table, lz.table_off + k * BLOCK_ENTRY.size, seg.id, pos, len(d))
                 pos += (len(d) + 63) // 64 * 64
-        _array.write_blobs(seg.buf, blobs)
+        _arrays.write_blobs(seg.buf, blobs)
         return upto
 
     def _end(self):
@@ -1053,14 +1053,14 @@ class _JobState:
         if kind == REC_LOCAL:
             return payload, None
         if kind == REC_RESULT_ERRORS:
-            results = _serialize.loads_list(payload)
+            results = _arrays.loads_list(payload)
             for i, v in enumerate(results):
                 if type(v) is ReturnedError:
                     results[i] = v.rebuild()
             return results, None
         if kind == REC_ERROR:
             ok_payload, exc_bytes, tb_text, pid = pickle.loads(payload)
-            ok = _serialize.loads_list(ok_payload)
+            ok = _arrays.loads_list(ok_payload)
             exc = pickle.loads(exc_bytes)
             index = start + len(ok)
             if tb_text:
@@ -1069,7 +1069,7 @@ class _JobState:
                      % (index, pid))
             return ok, exc
         t = time.perf_counter()
-        results = _serialize.loads_list(payload)
+        results = _arrays.loads_list(payload)
         if count:
             # Per item, from the largest chunks only: a chunk's decode has a
             # fixed part (about 2-4 us) that the first, small chunks (1, 4,

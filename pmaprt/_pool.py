@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 
-from . import _task, _array, _shm
+from . import _task, _arrays, _shm
 from ._job import MapJob
 from ._options import check_max_items, check_workers
 from ._options import MapOptions
@@ -220,6 +220,7 @@ class Pool:
         self._flusher = None
         self._timed_out = {}           # worker -> the item index it was killed for
         self.recycled = 0              # workers replaced after max_items_per_worker
+        self.arrays = _arrays.PoolArrays(self)   # shared arrays lent to the workers, and pvm
         self._finalizer = weakref.finalize(self, res.terminate, False)
         try:
             for w in range(n):
@@ -434,7 +435,7 @@ class Pool:
         for w in range(self.workers):
             self._send(w, ("unseg", seg.id))
         seg.close()
-        if isinstance(seg, _array.ArraySeg):
+        if isinstance(seg, _arrays.ArraySeg):
             self.wake_workers()  # the array was freed: idle workers drop their mapping now
 
     def _send(self, w, msg, fd=None):
@@ -641,9 +642,9 @@ class Pool:
             else:
                 p = base + pos + REC.size
                 payload = bytes(buf[p: p + plen])
-            if k == REC_RESULT and _array.is_result_stub(payload):
+            if k == REC_RESULT and _arrays.is_result_stub(payload):
                 # results with large arrays: their memfd came ahead on the socket
-                payload = _array.attach_result(payload, self._res.socks[w])
+                payload = _arrays.attach_result(payload, self._res.socks[w])
             if kind & REC_HAS_ERRORS:
                 k = REC_RESULT_ERRORS
             head += total

@@ -4,23 +4,26 @@
   functions of an importable module); cloudpickle by value otherwise (lambdas,
   closures, functions defined in ``__main__`` or locally).
 - Lists of items or results: pickle protocol 5, cloudpickle when pickle
-  fails (a lambda inside an item). The first byte says which. With an
-  encoder from _array, buffers of 64 KiB or more (ndarrays anywhere inside
-  the items) travel out of band through shared memory (tag b"O", b"R"). (marshal is not
+  fails (a lambda inside an item). The first byte says which. (marshal is not
   used: it writes any buffer-protocol object, a NumPy scalar among them, as
-  bytes, and measured no faster than pickle for lists of ints or floats.)
+  bytes, and is no faster than pickle for lists of ints or floats.)
+
+This module is pure pickling and knows nothing of shared memory: the layer
+above (_arrays.transport) adds the out-of-band buffers of large arrays, with
+tags of its own, on top of these.
 """
 import pickle
 
-from . import _array
-
-_PICKLE = b"P"
-_CLOUD = b"C"
+TAG_PICKLE = b"P"
+TAG_CLOUD = b"C"
 
 PROTOCOL = 5
 
 
-def _cloudpickle():
+def cloudpickle():
+    """The cloudpickle module. Imported on first use: a process that never
+    pickles a function or item by value (most workers) does not pay its
+    import at start."""
     import cloudpickle
     return cloudpickle
 
@@ -41,7 +44,7 @@ def dumps_fn(fn):
         except Exception:
             pass
     try:
-        return _cloudpickle().dumps(fn, PROTOCOL)
+        return cloudpickle().dumps(fn, PROTOCOL)
     except Exception as e:
         raise TypeError("pmaprt: the function %r cannot be pickled for the workers: %s" % (fn, e)) from e
 
@@ -55,33 +58,24 @@ def dumps_obj(obj):
     try:
         return pickle.dumps(obj, PROTOCOL)
     except Exception:
-        return _cloudpickle().dumps(obj, PROTOCOL)
+        return cloudpickle().dumps(obj, PROTOCOL)
 
 
-def dumps_list(items, enc=None):
-    """Encode a list; raises the pickling error of the first bad object.
-    enc (an _array.ItemEncoder or ResultEncoder): large buffers (ndarrays)
-    go out of band, through shared memory; the result may then be an
-    _array.Encoded (parent) or a stub whose memfd went ahead (worker)."""
-    if enc is not None:
-        return enc.dumps(items)
+def dumps_list(items):
+    """Encode a list; raises the pickling error of the first bad object."""
     try:
-        return _PICKLE + pickle.dumps(items, PROTOCOL)
+        return TAG_PICKLE + pickle.dumps(items, PROTOCOL)
     except Exception as first:
         try:
-            return _CLOUD + _cloudpickle().dumps(items, PROTOCOL)
+            return TAG_CLOUD + cloudpickle().dumps(items, PROTOCOL)
         except Exception:
             raise first
 
 
 def loads_list(data):
-    if isinstance(data, _array.ResultPayload):
-        return _array.load_oob(data.blob, data.mapping)
     tag = bytes(data[:1])
-    if tag == _PICKLE or tag == _CLOUD:
+    if tag == TAG_PICKLE or tag == TAG_CLOUD:
         return pickle.loads(memoryview(data)[1:])
-    if tag == _array.TAG_OOB:
-        return _array.load_oob(data)
     raise ValueError("pmaprt: corrupt payload (tag %r)" % tag)
 
 

@@ -20,7 +20,7 @@ plainly, take the general path (a one-item starmap).
 import pickle
 import types
 
-from . import _serialize, _shm
+from . import _arrays, _serialize, _shm
 from ._errors import RemoteTraceback, WorkerCrashedError, add_note, oom_hint
 from ._shm import REC_ERROR
 
@@ -121,7 +121,7 @@ class Task:
             from ._errors import PoolClosedError
             raise PoolClosedError("pmaprt: the pool was terminated while a task was running")
         try:
-            self.value = _serialize.loads_list(payload)[0]
+            self.value = _arrays.loads_list(payload)[0]
         except Exception as e:
             self.exc = e
         self.done = True
@@ -139,7 +139,7 @@ class Task:
                 add_note(exc, "pmaprt: raised by the function in worker pid %d" % pid)
                 self.exc = exc
             else:
-                self.value = _serialize.loads_list(payload)[0]
+                self.value = _arrays.loads_list(payload)[0]
         except BaseException as e:
             self.exc = e
 

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 
-from . import _array, _serialize, _shm, _sched
+from . import _arrays, _serialize, _shm, _sched
 from ._access import FEED_ENTRY, open_spec
 from ._errors import ReturnedError
 from ._shm import (
@@ -85,8 +85,8 @@ class Worker:
         self.claim_seq = 0     # W_CLAIM: odd while items move between shared words
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
-        self.oob = _array.ResultEncoder(sock)   # results with large arrays: through shared memory
-        _array.set_resolver(self.segment)       # items that refer to shared arrays
+        self.oob = _arrays.ResultEncoder(sock)   # results with large arrays: through shared memory
+        _arrays.set_resolver(self.segment)       # items that refer to shared arrays
 
     # --- segments from the parent
 
@@ -95,7 +95,7 @@ class Worker:
         if kind == "seg":
             _, seg_id, size = msg
             # mapped, its descriptor closed at once; unmapped with its last view
-            self.segs[seg_id] = _array.MappedSegment(fds[0], size, seg_id)
+            self.segs[seg_id] = _arrays.MappedSegment(fds[0], size, seg_id)
         elif kind == "unseg":
             seg = self.segs.pop(msg[1], None)
             if seg is not None:
@@ -298,7 +298,7 @@ class Worker:
                     self.fns.clear()
                 self.fns[fn_bytes] = fn
             ctx.fn = fn
-            ctx.sink = _array.open_sink(desc[4] if len(desc) > 4 else None, fn, self.segment)
+            ctx.sink = _arrays.open_sink(desc[4] if len(desc) > 4 else None, fn, self.segment)
             if ctx.sink is not None:
                 ctx.fn = ctx.sink  # out=: results are written into the shared array
             segbuf = ctx.seg.buf if ctx.seg is not None else None
@@ -381,7 +381,7 @@ class Worker:
         t1 = time.perf_counter()
         self.items_done += 1
         try:
-            payload = _serialize.dumps_list([result], self.oob)
+            payload = _arrays.dumps_list([result], self.oob)
         except BaseException as e:
             err = TypeError("pmaprt: the result of the task (a %s) cannot be pickled to return "
                             "it from the worker: %s" % (type(result).__name__, e))
@@ -390,7 +390,7 @@ class Worker:
             self._set_cur(0, 0, 0)
             return True
         hot = not self._recycling()
-        if len(payload) <= _shm.INLINE_DESC and not _array.is_result_stub(payload):
+        if len(payload) <= _shm.INLINE_DESC and not _arrays.is_result_stub(payload):
             self.put_task_result(off, payload, hot)
         else:
             self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, hot=hot)
@@ -525,7 +525,7 @@ class Worker:
         self._set_cur(ctx.gen, start, count)
         self.r.store64(self.area + W_CUR_K, -1)
         buf = self.segment(seg_id).buf if seg_id else ctx.seg.buf
-        return start, count, _serialize.loads_list(buf[doff: doff + nbytes])
+        return start, count, _arrays.loads_list(buf[doff: doff + nbytes])
 
     def run_chunk(self, ctx, lo, n, stolen):
         t0 = time.perf_counter()
@@ -588,7 +588,7 @@ class Worker:
         self.items_done += n
         while True:
             try:
-                payload = _serialize.dumps_list(out, self.oob)
+                payload = _arrays.dumps_list(out, self.oob)
                 if self.oob is not None and self.oob.moved > _sched.GROW_MAX_BYTES:
                     ctx.sizer.hold()
                 break
@@ -745,7 +745,7 @@ class Worker:
             # A stub record's arrays went ahead as memfds on the socket: the
             # parent must read them, or the socket fills and this worker blocks.
             if not want or big or (kind & 0xFF) != REC_RESULT \
-                    or _array.is_result_stub(payload) or (
+                    or _arrays.is_result_stub(payload) or (
                     want >> WANT_SHIFT == self.cur_slot + 1
                     and start <= (want & WANT_POS_MASK) < start + count):
                 r.wake32(H_RESULTS_SEQ, 1 << 30)

@@ -13,7 +13,7 @@ import pytest
 
 import pmaprt
 from pmaprt import Pool, pmap
-from pmaprt import _array
+from pmaprt import _arrays
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = 20_000          # float64 elements: 160 KB, over the out-of-band threshold
@@ -27,8 +27,8 @@ def pool(request):
     in shared memory."""
     with Pool(2) as p:
         if request.param == "copy":
-            p.__dict__["_pvm"] = False
-        elif not _array.pvm_allowed(p):
+            p.arrays.pvm = False
+        elif not p.arrays.pvm_allowed():
             pytest.skip("process_vm_readv from workers is not allowed here")
         yield p
 
@@ -63,7 +63,7 @@ def origin(a):
             break
     if isinstance(a, (bytearray, bytes)):
         return "pickle"
-    return "shared" if isinstance(a, _array.Mapping) else "own"
+    return "shared" if isinstance(a, _arrays.Mapping) else "own"
 
 
 def nested(t):
@@ -288,7 +288,7 @@ def test_arrays_in_tuples_and_dicts_both_ways(pool):
             # memory, or read from the parent into a buffer of its own
             assert (g["came"] != "pickle") == bool(i % 2), (i, g["came"])
             # a large result array is a view of the mapping the worker sent
-            assert (_array.find_mapping(g["double"]) is not None) == bool(i % 2), i
+            assert (_arrays.find_mapping(g["double"]) is not None) == bool(i % 2), i
             assert g["double"].flags.writeable
 
 
@@ -508,7 +508,7 @@ def test_peak_memory_within_input_plus_output(pool, case):
     pm = _peak(pool, run)
     # a plain input costs its one copy into shared memory, unless the workers
     # read it from the parent
-    copies = 1 if case == "plain in" and not _array.pvm_allowed(pool) else 0
+    copies = 1 if case == "plain in" and not pool.arrays.pvm_allowed() else 0
     bound = 1.10 * ((2 + copies) * nbytes)
     # USS sum (what the issue names): its peak cannot read high from sampling skew
     assert pm.growth("uss") <= bound, ("uss", pm.growth("uss") / 2**20, bound / 2**20)

@@ -665,11 +665,9 @@ class Suite:
         pool = pmaprt.Pool(cfg.workers)
         # the same, where workers may not read the parent: the plain array is copied
         copying = pmaprt.Pool(cfg.workers)
-        copying.__dict__["_pvm"] = False
+        copying.arrays.pvm = False
         try:
-            from pmaprt._array import pvm_allowed
-
-            reads = pvm_allowed(pool)
+            reads = pool.arrays.pvm_allowed()
             few = 2 * cfg.workers
             variants = [
                 ("pmaprt (shared array)", pool, shared, {}),
