@@ -346,7 +346,6 @@ class ExecutorState:
                 self.pool.close()
 
 
-
 def shutdown_all():
     """At interpreter exit: no new submits; every live executor's pending
     work completes (as concurrent.futures does)."""

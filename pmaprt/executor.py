@@ -45,6 +45,7 @@ from ._pool import Pool
 # job slots (32 by default) with the pool's other users.
 SHARED_POOL_RUNNERS = 8
 
+
 def _check_max_workers(max_workers):
     if max_workers is None:
         return default_workers()
