@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from pmaprt import pmap, shutdown
+
 
 # Data made in a process, kept for its later trainings (each worker makes it
 # once from the seed: nothing large travels with the tasks).
@@ -87,7 +89,6 @@ def grid(small):
 
 
 def search(configs, **pmap_options):
-    from pmaprt import pmap
     t0 = time.perf_counter()
     results = list(pmap(train, configs, **pmap_options))
     return results, time.perf_counter() - t0
@@ -118,7 +119,6 @@ def main(argv=None):
     agree = same_configs and np.allclose(loss_local, loss_dask, rtol=1e-9, atol=1e-12)
     print("local pool and Dask agree: %s (largest loss difference %.3g)"
           % (agree, float(np.max(np.abs(loss_local - loss_dask))) if len(configs) else 0.0))
-    from pmaprt import shutdown
     shutdown()
     return 0 if agree else 1
 

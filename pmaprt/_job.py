@@ -39,7 +39,7 @@ from ._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FL
 REC_RESULT_ERRORS = 6  # as in _pool: results among which are returned exceptions
 from ._stats import MapStats, WorkerStats
 from ._options import CORES, check_chunksize
-from ._tune import cached_chunksize
+from ._tuned import cached_chunksize
 
 # Index mode: how far past the consumer workers may run, in chunks per worker
 # (at least WINDOW_MIN_ITEMS items). A lazy consumer that stops leaves at most

@@ -4,8 +4,8 @@
 geometric set of fixed chunk sizes (and, optionally, several worker counts),
 within a total time budget, and recommends the fastest point.  With
 ``cache=True`` the recommendation is remembered under the function's module and
-qualified name, where :func:`cached_chunksize` finds it later (``pmap`` asks it
-when called with ``chunksize=None``).
+qualified name in ``pmaprt._tuned``, where ``cached_chunksize`` finds it later
+(``pmap`` asks it when called with ``chunksize=None``).
 
 Pick a sample that takes a small fraction of ``time_budget`` to map once: every
 measured point costs one full map over the sample.
@@ -13,83 +13,17 @@ measured point costs one full map over the sample.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["TuneResult", "tune", "cached_chunksize", "cached", "clear_cache",
-           "default_chunksizes"]
+from ._options import default_workers
+from ._pool import Pool
+from ._tuned import CurvePoint, TuneResult, remember
 
-#: (chunksize, workers, seconds, items_per_s)
-CurvePoint = Tuple[int, int, float, float]
+__all__ = ["TuneResult", "tune", "default_chunksizes"]
 
 #: a timer: (fn, sample, chunksize, workers) -> seconds for one full map
 Timer = Callable[[Callable, List[Any], int, int], float]
-
-
-@dataclass
-class TuneResult:
-    """What :func:`tune` measured and recommends.
-
-    ``curve`` has one point per measured (chunksize, workers) pair, sorted by
-    workers then chunksize; ``seconds`` is the best of that point's
-    measurements and ``items_per_s`` is ``len(sample) / seconds``.
-    """
-
-    chunksize: int
-    workers: int
-    curve: List[CurvePoint] = field(default_factory=list)
-    items: int = 0
-    elapsed_s: float = 0.0
-    skipped: List[Tuple[int, int]] = field(default_factory=list)  # not measured: over budget
-
-    @property
-    def items_per_s(self) -> float:
-        for cs, w, _, ips in self.curve:
-            if cs == self.chunksize and w == self.workers:
-                return ips
-        return 0.0
-
-
-_CACHE: Dict[str, TuneResult] = {}
-_LOCK = threading.Lock()
-
-
-def _key(fn: Callable) -> Optional[str]:
-    fn = getattr(fn, "__func__", fn)  # bound methods: the function
-    mod = getattr(fn, "__module__", None)
-    qn = getattr(fn, "__qualname__", None)
-    if not mod or not qn:
-        return None  # e.g. functools.partial: no stable identity
-    return f"{mod}:{qn}"
-
-
-def cached(fn: Callable) -> Optional[TuneResult]:
-    """The last cached :class:`TuneResult` for ``fn`` (by module + qualname)."""
-    k = _key(fn)
-    if k is None:
-        return None
-    with _LOCK:
-        return _CACHE.get(k)
-
-
-def cached_chunksize(fn: Callable) -> Optional[int]:
-    """The chunk size ``tune(fn, ..., cache=True)`` recommended, or None."""
-    r = cached(fn)
-    return None if r is None else int(r.chunksize)
-
-
-def clear_cache(fn: Optional[Callable] = None) -> None:
-    """Forget the recommendation for ``fn``, or every one if fn is None."""
-    with _LOCK:
-        if fn is None:
-            _CACHE.clear()
-        else:
-            k = _key(fn)
-            if k is not None:
-                _CACHE.pop(k, None)
 
 
 def default_chunksizes(n: int, workers: int) -> List[int]:
@@ -107,17 +41,12 @@ class _PoolTimer:
     """The real timer: one warm ``pmaprt.Pool`` per worker count."""
 
     def __init__(self):
-        self.pools: Dict[int, Any] = {}
+        self.pools: Dict[int, Pool] = {}
 
-    def _pool(self, workers: int):
+    def _pool(self, workers: int) -> Pool:
         p = self.pools.get(workers)
         if p is None:
-            import pmaprt  # late: pmaprt imports this module
-
-            p = pmaprt.Pool(workers=workers)
-            enter = getattr(p, "__enter__", None)
-            if enter is not None:
-                p = enter() or p
+            p = Pool(workers=workers)
             for _ in p.map(abs, range(4 * workers), chunksize=1):  # start every worker
                 pass
             self.pools[workers] = p
@@ -136,28 +65,15 @@ class _PoolTimer:
     def close(self):
         for p in self.pools.values():
             try:
-                ex = getattr(p, "__exit__", None)
-                if ex is not None:
-                    ex(None, None, None)
-                elif hasattr(p, "close"):
-                    p.close()
+                p.close()
             except Exception:
                 pass
         self.pools.clear()
 
 
-def _default_workers() -> int:
-    try:
-        from ._options import default_workers  # the default pool's size
-
-        return max(1, int(default_workers()))
-    except Exception:
-        return os.cpu_count() or 1
-
-
 def _as_workers(workers: Union[None, int, Iterable[int]]) -> List[int]:
     if workers is None:
-        return [_default_workers()]
+        return [default_workers()]  # the default pool's size
     if isinstance(workers, int):
         ws = [workers]
     else:
@@ -264,8 +180,5 @@ def tune(
                         elapsed_s=elapsed,
                         skipped=[p for p in points if p not in best])
     if cache:
-        k = _key(fn)
-        if k is not None:
-            with _LOCK:
-                _CACHE[k] = result
+        remember(fn, result)
     return result

@@ -285,7 +285,7 @@ def test_stats_helpers_are_defensive():
     """MapStats fields the core may not have yet read as null, not errors."""
     from types import SimpleNamespace as NS
 
-    from pmaprt.bench.suite import adaptive_chunksize, stats_summary, timeline
+    from pmaprt.bench.records import adaptive_chunksize, stats_summary, timeline
 
     assert stats_summary(None) is None and timeline(None) is None
     assert adaptive_chunksize(NS()) is None
@@ -299,29 +299,11 @@ def test_stats_helpers_are_defensive():
     json.dumps(s), json.dumps(tl)
 
 
-def test_optional_feature_paths(tmp_path, monkeypatch):
-    """When pmaprt grows out=, that workload runs (here through a stand-in); the
+def test_array_and_allreduce_workloads(tmp_path):
+    """The preprocess workload runs pmaprt's out= against its peers; the
     all-reduce workload runs for real against its peers, and its plot is written."""
-    import numpy as np
-
-    import pmaprt
     from pmaprt.bench import cli
 
-    real_pmap = pmaprt.pmap
-
-    def pmap_with_out(fn, *iterables, workers=None, chunksize=None, ordered=True,
-                      progress=False, out=None):
-        it = real_pmap(fn, *iterables, workers=workers, chunksize=chunksize, ordered=ordered)
-        if out is None:
-            return it
-
-        def fill():
-            for i, r in enumerate(it):
-                out[i] = r
-                yield None
-        return fill()
-
-    monkeypatch.setattr(pmaprt, "pmap", pmap_with_out)
     out = tmp_path / "r"
     rc = cli.main(["--workload", "preprocess", "--workload", "allreduce", "--size-scale", "0.01",
                    "--repeat", "1", "--out", str(out), "--no-progress"])
@@ -356,11 +338,11 @@ def test_paired_ratios_are_medians_of_per_run_ratios():
     """vs map, eff and /ideal of a paired runner come from its own pairs: a
     machine twice as fast during one runner's runs must not read as a 2x
     difference between runners."""
-    from pmaprt.bench.suite import Config, Suite, new_record, new_workload_entry
+    from pmaprt.bench.derive import derive
+    from pmaprt.bench.records import new_record, new_workload_entry
     from pmaprt.bench.runners import BuiltinMap, MpPoolMap, Pmaprt
 
-    s = Suite(Config(workers=2, workloads=["heavy_tailed"]))
-    s.entries["heavy_tailed"] = new_workload_entry("heavy_tailed", longest_item_s=0.01)
+    entries = {"heavy_tailed": new_workload_entry("heavy_tailed", longest_item_s=0.01)}
     base = new_record("heavy_tailed", BuiltinMap(), times_s=[0.2, 0.2, 0.2], median_s=0.2)
     # pmaprt ran while the machine was twice as fast: serial 0.1 beside it
     pm = new_record("heavy_tailed", Pmaprt(), times_s=[0.06, 0.05, 0.07], median_s=0.06,
@@ -368,8 +350,7 @@ def test_paired_ratios_are_medians_of_per_run_ratios():
     mp = new_record("heavy_tailed", MpPoolMap(), times_s=[0.125, 0.1, 0.1], median_s=0.1,
                     paired_serial_s=[0.2, 0.2, 0.2])
     old = new_record("heavy_tailed", MpPoolMap(), times_s=[0.1], median_s=0.1)
-    s.results = [base, pm, mp, old]
-    s._derive()
+    derive([base, pm, mp, old], entries, 2)
     assert pm["speedup_vs_map"] == pytest.approx(0.1 / 0.06)
     assert pm["efficiency"] == pytest.approx(0.1 / (2 * 0.06))
     assert pm["makespan_over_ideal"] == pytest.approx(0.06 / 0.05)
@@ -386,7 +367,8 @@ def test_efficiency_splits_into_busy_fraction_and_work_inflation():
     """eff = busy fraction / work inflation, per run, from the workers' busy
     seconds: a map whose workers were never idle but whose items took 1.25x
     their serial time reads busy 1.0, inflation 1.25, eff 0.8."""
-    from pmaprt.bench.suite import Config, Suite, new_record, new_workload_entry, split_efficiency
+    from pmaprt.bench.derive import derive, split_efficiency
+    from pmaprt.bench.records import new_record, new_workload_entry
     from pmaprt.bench.runners import BuiltinMap, Pmaprt
 
     # W=2; serial 0.2 s per run; the map took 0.125 s with 2 x 0.125 s busy
@@ -396,14 +378,12 @@ def test_efficiency_splits_into_busy_fraction_and_work_inflation():
     assert split_efficiency([], [0.1], [0.2], 2) is None
     assert split_efficiency([0.1], [0.1, 0.1], [0.2, 0.2], 2) is None
 
-    s = Suite(Config(workers=2, workloads=["medium"]))
-    s.entries["medium"] = new_workload_entry("medium")
+    entries = {"medium": new_workload_entry("medium")}
     base = new_record("medium", BuiltinMap(), times_s=[0.2, 0.2, 0.2], median_s=0.2)
     pm = new_record("medium", Pmaprt(), times_s=[0.125, 0.125, 0.125], median_s=0.125,
                     paired_serial_s=[0.2, 0.2, 0.2],
                     stats={"busy_s_runs": [0.2, 0.2, 0.2]})
-    s.results = [base, pm]
-    s._derive()
+    derive([base, pm], entries, 2)
     assert pm["efficiency"] == pytest.approx(0.8)
     assert pm["stats"]["busy_fraction"] == pytest.approx(0.8)
     assert pm["stats"]["work_inflation"] == pytest.approx(1.0)
@@ -437,11 +417,11 @@ def test_paired_sweep_compares_each_fixed_size_with_the_adaptive_run_beside_it()
     """A machine twice as fast during one fixed size's runs must not make it
     the best fixed size: each is judged against the adaptive runs just before
     its own runs."""
-    from pmaprt.bench.suite import Config, Suite, new_record, new_workload_entry
+    from pmaprt.bench.derive import derive
+    from pmaprt.bench.records import new_record, new_workload_entry
     from pmaprt.bench.runners import BuiltinMap, Pmaprt
 
-    s = Suite(Config(workers=2, workloads=["medium"]))
-    s.entries["medium"] = new_workload_entry("medium")
+    entries = {"medium": new_workload_entry("medium")}
     base = new_record("medium", BuiltinMap(), times_s=[0.2] * 3, median_s=0.2)
     ad = new_record("medium", Pmaprt(), times_s=[0.12] * 3, median_s=0.12)
     # cs=16 ran while the machine was twice as fast (adaptive beside it: 0.06)
@@ -452,9 +432,8 @@ def test_paired_sweep_compares_each_fixed_size_with_the_adaptive_run_beside_it()
     good = new_record("medium", Pmaprt(), kind="sweep", params={"chunksize": 64},
                       times_s=[0.114] * 3, median_s=0.114, items_per_s=1.0,
                       stats={"paired_adaptive_s": [0.12] * 3})
-    s.results = [base, ad, fast, good]
-    s._derive()
-    sw = s.entries["medium"]["sweep"]
+    derive([base, ad, fast, good], entries, 2)
+    sw = entries["medium"]["sweep"]
     assert sw["paired"] is True
     assert sw["best_fixed_chunksize"] == 64
     assert sw["adaptive_over_best_fixed"] == pytest.approx(0.114 / 0.12)
@@ -462,6 +441,6 @@ def test_paired_sweep_compares_each_fixed_size_with_the_adaptive_run_beside_it()
     # unpaired: medians, as before
     for r in (fast, good):
         del r["stats"]["paired_adaptive_s"]
-    s._derive()
-    sw = s.entries["medium"]["sweep"]
+    derive([base, ad, fast, good], entries, 2)
+    sw = entries["medium"]["sweep"]
     assert sw["paired"] is False and sw["best_fixed_chunksize"] == 16

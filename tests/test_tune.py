@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from pmaprt import _tune
-from pmaprt._tune import TuneResult, cached, cached_chunksize, clear_cache, tune
+from pmaprt import _tune, _tuned
+from pmaprt._tune import tune
+from pmaprt._tuned import TuneResult, cached, cached_chunksize, clear_cache
 
 N = 1024
 
@@ -137,7 +138,7 @@ def test_cache_key_is_module_and_qualname():
     k = K()
     tune(k.meth, range(64), workers=1, _timer=u_shape(best=8))
     assert cached_chunksize(K.meth) == 8  # bound method -> its function
-    assert _tune._key(K.meth).endswith("test_cache_key_is_module_and_qualname.<locals>.K.meth")
+    assert _tuned._key(K.meth).endswith("test_cache_key_is_module_and_qualname.<locals>.K.meth")
     import functools
 
     p = functools.partial(work_a)

@@ -14,8 +14,8 @@ with chunksize ceil(n/4W), ``joblib.Parallel`` with automatic batching, and
 warmed before anything is timed, and is timed over the same inputs; each figure
 is the median of ``repeat`` runs (fewer when one runner has used up
 ``max_runner_s`` on one workload).  A peer that is not installed or cannot
-start is reported as skipped/error with a note, never fatal.  Workloads that
-need pmaprt features not there yet (a GPU) are skipped with a note.
+start is reported as skipped/error with a note, never fatal.  The ``gpu``
+workload is skipped with a note on a machine without a GPU or without CuPy.
 The ``allreduce`` workload times ``pmaprt.allreduce`` inside an SPMD map against
 a naive multiprocessing all-reduce and memcpy (see ``pmaprt.bench.collective``).
 
@@ -143,7 +143,9 @@ as skipped with the projection in ``note`` (raise ``--max-runner-s`` to run it).
 """
 
 from .cli import main  # noqa: F401
-from .suite import Config, run_suite, RESULT_KEYS, WORKLOAD_KEYS, TOP_KEYS, SCHEMA_VERSION  # noqa: F401
+from .config import Config  # noqa: F401
+from .records import RESULT_KEYS, SCHEMA_VERSION, TOP_KEYS, WORKLOAD_KEYS  # noqa: F401
+from .suite import run_suite  # noqa: F401
 
 __all__ = ["main", "Config", "run_suite", "RESULT_KEYS", "WORKLOAD_KEYS", "TOP_KEYS",
            "SCHEMA_VERSION"]

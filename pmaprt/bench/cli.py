@@ -7,8 +7,14 @@ import os
 import sys
 from typing import List, Optional
 
+import numpy as np
+
 from . import workloads as W
+from .config import Config
+from .plots import write_all
+from .report import render
 from .runners import RUNNER_IDS
+from .suite import run_suite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .suite import Config, run_suite
-    from .report import render
-
     args = build_parser().parse_args(argv)
     if args.list:
         for n in W.ALL:
@@ -86,12 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def write_outputs(doc, out_dir: str, plots: bool = True) -> None:
     """results.json, table.txt and (unless plots=False) the PNG plots."""
-    from .report import render
-
     os.makedirs(out_dir, exist_ok=True)
     if plots:
-        from .plots import write_all
-
         doc["files"]["plots"] = write_all(doc, out_dir)
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(render(doc))
@@ -103,13 +102,8 @@ def write_outputs(doc, out_dir: str, plots: bool = True) -> None:
 
 
 def _jsonable(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-    except Exception:
-        pass
+    if isinstance(o, np.generic):
+        return o.item()
     if isinstance(o, (set, tuple)):
         return list(o)
     return str(o)

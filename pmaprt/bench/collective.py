@@ -22,9 +22,14 @@ holds plain bandwidth S / t.
 """
 from __future__ import annotations
 
-import statistics
+import multiprocessing as mp
+import socket
 import time
 from typing import Any, Dict, List
+
+import numpy as np
+
+import pmaprt
 
 from .runners import Runner
 
@@ -59,10 +64,6 @@ def busbw(nbytes: int, t: float, workers: int) -> float:
 
 def rank_times(sizes: List[int], samples: int) -> Dict[int, List[float]]:
     """One rank of the SPMD map: per-call seconds of each sample, per size."""
-    import numpy as np
-
-    import pmaprt
-
     tiny = np.zeros(1, np.float32)
     out = {}
     for nbytes in sizes:
@@ -84,10 +85,6 @@ def rank_times(sizes: List[int], samples: int) -> Dict[int, List[float]]:
 def rank_memcpy_times(sizes: List[int], samples: int) -> Dict[int, List[float]]:
     """One rank: per-copy seconds of np.copyto of each size, all ranks copying at
     once (lined up by a tiny all-reduce before each sample)."""
-    import numpy as np
-
-    import pmaprt
-
     tiny = np.zeros(1, np.float32)
     out = {}
     for nbytes in sizes:
@@ -107,8 +104,6 @@ def rank_memcpy_times(sizes: List[int], samples: int) -> Dict[int, List[float]]:
 
 
 def _spmd_times(fn, sizes, workers, samples):
-    import pmaprt
-
     with pmaprt.Pool(workers) as pool:
         per_rank = list(pool.starmap(fn, [(sizes, samples)] * workers, axis_name="bench"))
     return {s: [max(r[s][i] for r in per_rank) for i in range(samples)] for s in sizes}
@@ -133,8 +128,6 @@ _PARTS: Dict[int, Any] = {}
 
 def _part(nbytes: int):
     """This worker's input (allocated once per size, like a gradient buffer)."""
-    import numpy as np
-
     a = _PARTS.get(nbytes)
     if a is None:
         _PARTS.clear()
@@ -147,10 +140,6 @@ def _take(a) -> int:
 
 
 def time_naive(sizes: List[int], workers: int, samples: int) -> Dict[int, List[float]]:
-    import multiprocessing as mp
-
-    import numpy as np
-
     out = {}
     pool = mp.get_context("spawn").Pool(workers)
     try:
@@ -178,8 +167,6 @@ def time_naive(sizes: List[int], workers: int, samples: int) -> Dict[int, List[f
 
 
 def time_memcpy(sizes: List[int], samples: int) -> Dict[int, List[float]]:
-    import numpy as np
-
     out = {}
     for nbytes in sizes:
         src = np.ones(nbytes // 4, np.float32)
@@ -238,9 +225,6 @@ def _gloo_rank(rank, workers, port, sizes, samples, q):
 def time_gloo(sizes: List[int], workers: int, samples: int) -> Dict[int, List[float]]:
     """torch.distributed's gloo all-reduce over W spawned processes on this host
     (TCP rendezvous on loopback): per-call seconds (slowest rank) per sample."""
-    import multiprocessing as mp
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

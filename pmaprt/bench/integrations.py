@@ -24,6 +24,7 @@ a note. Prints a table; ``--out DIR`` also writes ``integrations.json`` there.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
+
+import pmaprt
 
 from . import workloads as W
 
@@ -117,9 +120,6 @@ def bench_joblib(workers, cal, full, repeat, log):
 
 
 def bench_executor(workers, cal, full, repeat, log):
-    import concurrent.futures as cf
-    from pmaprt import Executor
-
     rows = []
     n = _size("submits", full)
     xs = list(range(n))
@@ -135,7 +135,7 @@ def bench_executor(workers, cal, full, repeat, log):
     serial_m, _ = _timed(lambda: list(map(fn, margs)), 1)
     res = {}
     for label, make in (("ProcessPoolExecutor", lambda: cf.ProcessPoolExecutor(workers)),
-                        ("pmaprt.Executor", lambda: Executor(workers))):
+                        ("pmaprt.Executor", lambda: pmaprt.Executor(workers))):
         with make() as ex:
             list(ex.map(W.noop, range(8 * workers)))  # warm: every worker started
             res[(label, "submit")] = _timed(lambda: submits(ex), repeat,
@@ -160,8 +160,6 @@ def bench_dask(workers, cal, full, repeat, log):
         import distributed
     except ImportError as e:
         return [_row("dask", "-", "-", 0, None, [], note="skipped: %s" % e)]
-    from pmaprt import pmap
-
     rows = []
     t0 = time.perf_counter()
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -179,7 +177,7 @@ def bench_dask(workers, cal, full, repeat, log):
             serial, st = _timed(lambda: list(map(fn, args)), 1)
             peer = _timed(lambda: client.gather(client.map(fn, args, pure=False)), repeat,
                           lambda out: out == expected)
-            ours = _timed(lambda: list(pmap(fn, args, backend="dask", client=client)), repeat,
+            ours = _timed(lambda: list(pmaprt.pmap(fn, args, backend="dask", client=client)), repeat,
                           lambda out: out == expected)
             log("dask %s: client.map %.3f s, pmaprt %.3f s" % (name, peer[0], ours[0]))
             rows.append(_row("dask", name, "builtin map", n, serial, st, serial))
@@ -244,7 +242,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     for s in SECTIONS:
         if s in sections:
             rows.extend(runners[s](workers, cal, args.full, args.repeat, log))
-    import pmaprt
     pmaprt.shutdown()
     header = ("pmaprt integrations benchmark: W=%d, %s, median of %d, %s, %.0f s"
               % (workers, "full" if args.full else "quick", args.repeat,

@@ -5,13 +5,18 @@ import datetime as _dt
 import os
 import platform
 import sys
+from importlib.metadata import version
 from typing import Any, Dict, List, Optional
+
+import psutil
+
+import pmaprt
+
+from .runners import pmaprt_version
 
 
 def _pkg_version(name: str) -> Optional[str]:
     try:
-        from importlib.metadata import version
-
         return version(name)
     except Exception:
         return None
@@ -49,8 +54,6 @@ def gpus() -> List[Dict[str, Any]]:
     except Exception:
         pass
     try:
-        import pmaprt
-
         devs = getattr(pmaprt, "devices", None)
         if callable(devs):
             devs = devs()
@@ -68,8 +71,6 @@ def gpus() -> List[Dict[str, Any]]:
 def describe(workers: int) -> Dict[str, Any]:
     """The ``machine`` object of results.json."""
     try:
-        import psutil
-
         mem = int(psutil.virtual_memory().total)
         phys = psutil.cpu_count(logical=False)
     except Exception:
@@ -78,8 +79,6 @@ def describe(workers: int) -> Dict[str, Any]:
         affinity = len(os.sched_getaffinity(0))
     except Exception:
         affinity = None
-    from .runners import pmaprt_version
-
     versions = {
         "python": platform.python_version(),
         "pmaprt": pmaprt_version(),

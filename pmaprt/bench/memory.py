@@ -16,10 +16,13 @@ are created, and a result's memfd is mapped with MAP_POPULATE by the parent.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
 from typing import Callable, Dict, List, Optional
+
+import psutil
 
 
 def trim_heap() -> None:
@@ -27,8 +30,6 @@ def trim_heap() -> None:
     malloc_trim), so that memory freed by earlier runs does not hide the next
     run's growth. A no-op elsewhere."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -36,8 +37,6 @@ def trim_heap() -> None:
 
 def tree_pids(root: Optional[int] = None) -> List[int]:
     """root (default: this process) and its descendants."""
-    import psutil
-
     p = psutil.Process(root or os.getpid())
     try:
         kids = p.children(recursive=True)
@@ -48,8 +47,6 @@ def tree_pids(root: Optional[int] = None) -> List[int]:
 
 def sample(pids: List[int]) -> Dict[str, int]:
     """{"uss", "pss", "rss": sums in bytes, "n": processes read} over pids."""
-    import psutil
-
     out = {"uss": 0, "pss": 0, "rss": 0, "n": 0}
     for pid in pids:
         try:

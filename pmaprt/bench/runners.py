@@ -15,7 +15,12 @@ process start-up; every runner uses the same worker count.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from importlib.metadata import version
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pmaprt
 
 from . import workloads as W
 
@@ -88,8 +93,6 @@ class MpPoolMap(Runner):
     label = "mp.Pool.map"
 
     def start(self, workers):
-        import multiprocessing as mp
-
         self.workers = workers
         self.pool = mp.Pool(workers)
 
@@ -128,8 +131,6 @@ class PPE(Runner):
     fixed_chunksize: Optional[int] = 1
 
     def start(self, workers):
-        from concurrent.futures import ProcessPoolExecutor
-
         self.workers = workers
         self.ex = ProcessPoolExecutor(max_workers=workers)
 
@@ -226,8 +227,6 @@ class Mpire(Runner):
 
     def version(self):
         try:
-            from importlib.metadata import version
-
             return version("mpire")
         except Exception:
             return None
@@ -260,9 +259,9 @@ class Mpire(Runner):
 
 
 class Pmaprt(Runner):
-    """pmaprt on a pool of its own (``pmaprt.Pool``), or ``pmaprt.pmap`` if the
-    package has no ``Pool``.  ``chunksize=None`` is pmaprt's adaptive choice;
-    ``last_stats`` is the MapStats of the latest completed map."""
+    """pmaprt on a pool of its own (``pmaprt.Pool``).  ``chunksize=None`` is
+    pmaprt's adaptive choice; ``last_stats`` is the MapStats of the latest
+    completed map."""
 
     id = "pmaprt"
     label = "pmaprt"
@@ -274,40 +273,19 @@ class Pmaprt(Runner):
         self.last_stats = None
         self.pool = None
 
-    def available(self):
-        try:
-            import pmaprt
-        except Exception as e:  # pragma: no cover - depends on the core
-            return False, f"pmaprt import failed: {e}"
-        if getattr(pmaprt, "Pool", None) is None and getattr(pmaprt, "pmap", None) is None:
-            return False, "pmaprt has neither Pool nor pmap"
-        return True, None
-
     def version(self):
         return pmaprt_version()
 
     def start(self, workers):
-        import pmaprt
-
-        self.workers = workers
-        PoolCls = getattr(pmaprt, "Pool", None)
-        if PoolCls is not None:
-            pool = PoolCls(workers=workers)
-            self._owner = pool
-            enter = getattr(pool, "__enter__", None)
-            self.pool = (enter() if enter is not None else None) or pool
-            self.workers = int(getattr(self.pool, "workers", workers) or workers)
+        self.pool = pmaprt.Pool(workers=workers)
+        self.workers = self.pool.workers
 
     def params(self, n):
         return {"workers": self.workers,
                 "chunksize": self.chunksize if self.chunksize else "adaptive"}
 
     def _iter(self, fn, args, chunksize):
-        import pmaprt
-
-        if self.pool is not None:
-            return self.pool.map(fn, args, chunksize=chunksize)
-        return pmaprt.pmap(fn, args, workers=self.workers, chunksize=chunksize)
+        return self.pool.map(fn, args, chunksize=chunksize)
 
     def map(self, fn, args, chunksize: Any = "default"):
         cs = self.chunksize if chunksize == "default" else chunksize
@@ -318,39 +296,16 @@ class Pmaprt(Runner):
 
     def call(self, fn, x):
         # one call on the warm pool (as mp.Pool.apply for multiprocessing)
-        if self.pool is not None and hasattr(self.pool, "apply"):
-            return self.pool.apply(fn, x)
-        return list(self._iter(fn, [x], None))[0]
+        return self.pool.apply(fn, x)
 
     def close(self):
-        owner = getattr(self, "_owner", None)
-        if owner is not None:
-            try:
-                ex = getattr(owner, "__exit__", None)
-                if ex is not None:
-                    ex(None, None, None)
-                elif hasattr(owner, "close"):
-                    owner.close()
-            finally:
-                self._owner = None
-                self.pool = None
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
 
 
 def pmaprt_version() -> Optional[str]:
-    try:
-        import pmaprt
-
-        v = getattr(pmaprt, "__version__", None)
-        if v:
-            return str(v)
-    except Exception:
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version("pmaprt")
-    except Exception:
-        return None
+    return str(pmaprt.__version__)
 
 
 class PmaprtRetries(Pmaprt):

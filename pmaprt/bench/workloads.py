@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+
 # --------------------------------------------------------------------------
 # item functions (module level: pickled by reference)
 # --------------------------------------------------------------------------
@@ -46,8 +48,6 @@ def spin(n):
 
 def sqrt_sum(a):
     """The numpy workload: one chunk of a large float64 array."""
-    import numpy as np
-
     return float(np.sqrt(a).sum())
 
 
@@ -57,8 +57,6 @@ PRE_CLIP = 3.0
 
 
 def _pre_stats():
-    import numpy as np
-
     mu = np.linspace(-1.0, 1.0, PRE_COLS, dtype=np.float32)
     sigma = np.linspace(0.5, 2.0, PRE_COLS, dtype=np.float32)
     return mu, sigma
@@ -71,8 +69,6 @@ def normalize_clip(block):
     """The preprocessing workload: standardize each column of a float32 block
     of rows, then clip to +-PRE_CLIP (one temporary, float32 throughout)."""
     global _PRE
-    import numpy as np
-
     if _PRE is None:
         mu, sigma = _pre_stats()
         _PRE = (mu, (1.0 / sigma).astype(np.float32))
@@ -227,8 +223,6 @@ def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration
         return Workload(name, spin, [it] * n,
                         {"n": n, "item_us_target": 50.0, "spin_iters": it}, DESCRIPTIONS[name])
     if name == "heavy_tailed":
-        import numpy as np
-
         n = _scaled(SIZES["heavy_tailed"][i], scale, min_items)
         unit_us = 50.0 if full else 10.0
         rng = np.random.default_rng(20240601)
@@ -253,8 +247,6 @@ def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration
                         {"n": n, "cheap_us": cheap_us, "dear_us": dear_us, "ratio": 100},
                         DESCRIPTIONS[name], ideal=True, longest_arg=b)
     if name == "numpy":
-        import numpy as np
-
         nbytes = _scaled(SIZES["numpy_bytes"][i], scale, NUMPY_CHUNKS * 8)
         count = max(NUMPY_CHUNKS, nbytes // 8)
         count -= count % NUMPY_CHUNKS
@@ -265,8 +257,6 @@ def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration
                          "chunk_bytes": int(chunks[0].nbytes), "dtype": "float64"},
                         DESCRIPTIONS[name])
     if name == "preprocess":
-        import numpy as np
-
         rows = _scaled(SIZES["preprocess_rows"][i], scale, min_items)
         block = max(1, min(PRE_BLOCK_ROWS, rows // (4 * max(1, workers))))
         nblocks = max(1, rows // block)
