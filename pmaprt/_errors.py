@@ -1,6 +1,20 @@
-"""Exceptions raised by pmaprt, rooted in the standard library's types."""
+"""Exceptions raised by pmaprt, rooted in the standard library's types, and
+the one way an exception crosses from a worker to the caller.
+
+A remote exception travels as a pair (exception bytes, traceback text):
+`pack_exception` makes it in the worker, `rebuild_exception` turns it back
+into the user's own exception type with the worker's traceback as its
+``__cause__`` (CPython's ``_ExceptionWithTraceback`` / ``_rebuild_exc`` pair is
+the model). Every path that returns an exception (a map's chunk, a task, the
+Executor, the Dask backend, ``on_error="return"``) uses this pair.
+"""
 from concurrent.futures.process import BrokenProcessPool
+import os
+import pickle
 import signal
+import traceback
+
+from . import _serialize
 
 
 class WorkerCrashedError(BrokenProcessPool):
@@ -53,6 +67,35 @@ def describe_exit(exitcode):
     return "exited with code %d" % exitcode
 
 
+def pack_exception(exc, with_traceback=True, where=None):
+    """(exception bytes, traceback text) for `exc`, raised in this process.
+
+    An exception that cannot be pickled (or unpickled: a class that pickles
+    but fails to rebuild) travels as a RuntimeError that names it, so the
+    caller always gets an exception, never a hang. `where` prefixes the
+    traceback with what the worker was doing."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) \
+        if with_traceback else ""
+    if where:
+        tb = "(%s)\n%s" % (where, tb)
+    try:
+        data = _serialize.dumps_obj(exc)
+        pickle.loads(data)
+    except BaseException as pe:
+        data = pickle.dumps(RuntimeError("pmaprt: %s: %s (the exception could not be pickled: %s)"
+                                         % (type(exc).__name__, exc, pe)), _serialize.PROTOCOL)
+    return data, tb
+
+
+def rebuild_exception(data, tb):
+    """The exception packed by `pack_exception`, with the worker's traceback
+    (when there is one) as its ``__cause__``."""
+    exc = pickle.loads(data)
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
 class ReturnedError:
     """An exception raised by fn on one item, travelling as that item's result
     (on_error="return"). The parent turns it back into the exception, with the
@@ -71,24 +114,11 @@ class ReturnedError:
 
     @classmethod
     def wrap(cls, exc, index, tb=True):
-        import os
-        import pickle
-        import traceback
-        from . import _serialize
-        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if tb else ""
-        try:
-            data = _serialize.dumps_obj(exc)
-            pickle.loads(data)
-        except BaseException as pe:
-            data = pickle.dumps(RuntimeError("pmaprt: %s: %s (the exception could not be pickled: %s)"
-                                             % (type(exc).__name__, exc, pe)))
+        data, tb_text = pack_exception(exc, tb)
         return cls(data, tb_text, index, os.getpid())
 
     def rebuild(self):
-        import pickle
-        exc = pickle.loads(self.exc_bytes)
-        if self.tb:
-            exc.__cause__ = RemoteTraceback(self.tb)
+        exc = rebuild_exception(self.exc_bytes, self.tb)
         add_note(exc, "pmaprt: raised by the function on item %d of the map (worker pid %d)"
                  % (self.index, self.pid))
         return exc

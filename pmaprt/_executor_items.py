@@ -1,7 +1,7 @@
 """What one Executor task is, on its way to a worker and back.
 
     parent: encode_tasks(batch) --> (task id, function bytes, args, kwargs)
-    worker: call(task) --> (task id, ok, pickled result or (exception, traceback))
+    worker: call(task) --> (task id, ok, pickled result or packed exception)
     parent: deliver(future, ok, payload) --> the future's result or exception
 
 - A batch carries each distinct function's bytes once per task; a worker
@@ -13,24 +13,16 @@
 """
 import concurrent.futures as _cf
 import pickle
-import traceback
 
 from . import _serialize
-from ._errors import RemoteTraceback
+from ._errors import pack_exception, rebuild_exception
 
 # --- worker side
 
 
 def _dump_exc(exc):
-    """Pickled (exception, formatted traceback); a RuntimeError naming it when
-    the exception itself cannot be pickled."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        return _serialize.dumps_obj((exc, tb))
-    except BaseException as pe:
-        sub = RuntimeError("%s: %s (the exception could not be pickled: %s)"
-                           % (type(exc).__name__, exc, pe))
-        return pickle.dumps((sub, tb), _serialize.PROTOCOL)
+    """The packed exception (see _errors.pack_exception), pickled."""
+    return pickle.dumps(pack_exception(exc), _serialize.PROTOCOL)
 
 
 # Functions decoded so far, by their bytes (a batch of tasks of
@@ -114,12 +106,12 @@ def deliver(f, ok, payload):
         return
     try:
         value = pickle.loads(payload)
+        if not ok:
+            value = rebuild_exception(*value)
     except BaseException as e:
         set_future(f, exc=e)
         return
     if ok:
         set_future(f, value)
     else:
-        exc, tb = value
-        exc.__cause__ = RemoteTraceback(tb)
-        set_future(f, exc=exc)
+        set_future(f, exc=value)

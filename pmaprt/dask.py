@@ -9,7 +9,7 @@
         BUFFER_PER_THREAD x threads not yet consumed
                                   |
     each chunk task runs fn over its items on a Dask worker and returns
-    (results, (exception, traceback) or None, seconds)
+    (results, packed exception (_errors.pack_exception) or None, seconds)
                                   |
     results in input order (or as they finish), lazily, like map
 
@@ -37,11 +37,10 @@ import logging
 import math
 import pickle
 import time
-import traceback
 import weakref
 
 from . import _serialize
-from ._errors import RemoteTraceback, WorkerCrashedError
+from ._errors import WorkerCrashedError, pack_exception, rebuild_exception
 from ._options import default_workers
 from ._sched import GROWTH, MAX_CHUNK, ChunkSizer
 
@@ -97,18 +96,8 @@ class _Sizer(ChunkSizer):
 # --- worker side
 
 
-def _pack_exc(exc):
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        pickle.dumps(exc)
-    except Exception as pe:
-        exc = RuntimeError("%s: %s (the exception could not be pickled: %s)"
-                           % (type(exc).__name__, exc, pe))
-    return exc, tb
-
-
 def _run_chunk(fn, star, spec, *arrays):
-    """One chunk on a Dask worker: (results, (exception, traceback) or None, seconds)."""
+    """One chunk on a Dask worker: (results, packed exception (_errors.pack_exception) or None, seconds)."""
     global _IN_TASK
     t0 = time.perf_counter()
     cols = [arrays[c[1]][c[2]:c[3]] if c[0] == "array" else c[1] for c in spec]
@@ -126,7 +115,7 @@ def _run_chunk(fn, star, spec, *arrays):
             for x in cols[0]:
                 app(fn(x))
     except Exception as e:
-        return out, _pack_exc(e), time.perf_counter() - t0
+        return out, pack_exception(e), time.perf_counter() - t0
     finally:
         _IN_TASK = False
     return out, None, time.perf_counter() - t0
@@ -391,8 +380,7 @@ class _DaskMap:
         out, err, _ = e.value
         if err is None:
             return out, None
-        exc, tb = err
-        exc.__cause__ = RemoteTraceback(tb)
+        exc = rebuild_exception(*err)
         if hasattr(exc, "add_note"):
             exc.add_note("pmaprt: raised by the function on item %d of the map (Dask)"
                          % (e.start + len(out)))
