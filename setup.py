@@ -18,7 +18,8 @@ setup(
             "pmaprt._core",
             sources=CORE_SOURCES,
             depends=["csrc/pmaprt.h"],
-            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall"],
+            # hidden: the files share functions, the module exports only PyInit__core
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-fvisibility=hidden"],
         )
     ],
     install_requires=["numpy", "cloudpickle", "psutil"],
