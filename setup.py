@@ -1,4 +1,8 @@
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
+
+# The C extension: one file per type or concern, sharing csrc/pmaprt.h.
+CORE_SOURCES = ["csrc/module.c", "csrc/region.c", "csrc/ranges.c", "csrc/mapping.c",
+                "csrc/buffers.c", "csrc/results.c"]
 
 setup(
     name="pmaprt",
@@ -6,13 +10,16 @@ setup(
     description="A parallel-map runtime: map over every core, through shared memory.",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=["pmaprt", "pmaprt.bench"],
+    packages=find_packages(include=["pmaprt", "pmaprt.*"]),
+    package_data={"pmaprt": ["_core.pyi"]},
     python_requires=">=3.9",
     ext_modules=[
         Extension(
             "pmaprt._core",
-            sources=["csrc/_core.c"],
-            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall"],
+            sources=CORE_SOURCES,
+            depends=["csrc/pmaprt.h"],
+            # hidden: the files share functions, the module exports only PyInit__core
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-fvisibility=hidden"],
         )
     ],
     install_requires=["numpy", "cloudpickle", "psutil"],

@@ -80,20 +80,27 @@ TINY_OVERHEAD_FACTOR = 4
 # measured costs) starts its next map over a list, tuple or range in the
 # caller at once, with no job posted, in timed pieces: _core.Results stops a
 # piece once it has run PROBE_PIECE_S (it reads the clock after the first
-# item, then after every item while items take over 2 us, else every 16th).
+# item, then as PROBE_DEAR_ITEM_S and PROBE_CLOCK_STRIDE say).
 # PROBE_STRIKES pieces in a row that cost more than PROBE_FACTOR x the
 # remembered cost per item (plus PROBE_SLACK_S) make the function forgotten
 # and hand the rest to the workers, from that index. A dear input thus costs
 # about two pieces' budget run here (at least two items); otherwise the whole
-# map runs as map would, with a clock read per 16 items and a generator
-# resume per 2 ms. A short map of tiny items then costs what map costs. The
-# rest of a map that went inline midway runs in the same timed pieces.
+# map runs as map would, with a clock read per PROBE_CLOCK_STRIDE items and a
+# generator resume per 2 ms. A short map of tiny items then costs what map
+# costs. The rest of a map that went inline midway runs in the same timed
+# pieces.
 PROBE_PIECE_S = 0.002
 PROBE_FACTOR = 4
 # Two dear pieces in a row: one can be a pause of this process (preempted for
 # most of a 2 ms piece on a busy machine), which must not post the job.
 PROBE_STRIKES = 2
 PROBE_SLACK_S = 5e-5
+# A timed piece reads the clock after every item while items cost more than
+# PROBE_DEAR_ITEM_S, else after every PROBE_CLOCK_STRIDE-th: a longer stride
+# spreads the cost of a read over more tiny items, but lets a piece whose
+# items turn dear overrun its budget by up to a stride of them.
+PROBE_DEAR_ITEM_S = 2e-6
+PROBE_CLOCK_STRIDE = 16
 _TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
 _TINY_UPTO = weakref.WeakKeyDictionary()  # fn -> tiny only for maps up to this length
 # Inputs whose rest _core.Results runs itself (fn(seq[i]), timed or not).
@@ -1192,11 +1199,11 @@ class _JobState:
         per_item = max(PROBE_FACTOR * est, est)
         strikes = 0
         while done < n:
-            box = [PROBE_PIECE_S, done]
+            budget = _shm._core.PieceBudget(PROBE_PIECE_S, PROBE_DEAR_ITEM_S, PROBE_CLOCK_STRIDE)
             t = time.perf_counter()
-            yield _InlineTail((fn, seq, done, n, box))
+            yield _InlineTail((fn, seq, done, n, budget))
             dt = time.perf_counter() - t
-            stop = box[1]
+            stop = budget.stop
             if stop is None or stop <= done:
                 break       # cannot happen: a piece runs one item at least
             strikes = strikes + 1 if dt > (stop - done) * per_item + PROBE_SLACK_S else 0

@@ -379,9 +379,10 @@ def test_results_iterator_pieces():
         for a, b in ((0, len(r)), (1, len(r) - 1), (2, len(r) + 5)):
             assert list(_core.Results(iter([_Tail((g, r, a, b))]), _Tail)) == \
                 [x + 1 for x in r[a:b]], (r, a, b)
-    box = [0.0, None]       # a budget of 0 s: one item, then it stops
-    assert list(_core.Results(iter([_Tail((g, range(100), 3, 50, box))]), _Tail)) == [4]
-    assert box[1] == 4
+    budget = _core.PieceBudget(0.0, 2e-6, 16)   # a budget of 0 s: one item, then it stops
+    assert budget.stop is None
+    assert list(_core.Results(iter([_Tail((g, range(100), 3, 50, budget))]), _Tail)) == [4]
+    assert budget.stop == 4
     with pytest.raises(TypeError):
         _core.Results(iter([]), "not a type")
 

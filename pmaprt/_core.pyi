@@ -1,0 +1,132 @@
+"""Types of pmaprt._core, the C extension (csrc/): atomics and futex waits on
+shared memory, the range-stealing protocol, memfd mappings, buffer copies and
+the iterator a map's caller sees. Offsets are byte offsets into a Region's
+buffer, aligned to the word's width."""
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+from _typeshed import ReadableBuffer, WriteableBuffer
+
+RANGE_N_MAX: Final[int]
+"""The largest count a packed range word holds (2**20 - 1)."""
+RANGE_LO_MAX: Final[int]
+"""The largest low index a packed range word holds (2**44 - 1)."""
+
+class Region:
+    """Atomics and futex waits on a writable, 8-byte aligned shared buffer."""
+
+    def __init__(self, buffer: WriteableBuffer) -> None:
+        """Hold a writable view of buffer (released by release() or with the Region)."""
+    @property
+    def size(self) -> int:
+        """The buffer's size in bytes (0 once released)."""
+    def release(self) -> None:
+        """Release the buffer; every later operation raises ValueError."""
+    def load32(self, off: int, /) -> int:
+        """The 32-bit word at off."""
+    def store32(self, off: int, v: int, /) -> None:
+        """Store v (mod 2**32) into the 32-bit word at off."""
+    def add32(self, off: int, d: int, /) -> int:
+        """Add d to the 32-bit word at off; returns the old value."""
+    def load64(self, off: int, /) -> int:
+        """The signed 64-bit word at off."""
+    def store64(self, off: int, v: int, /) -> None:
+        """Store v into the 64-bit word at off."""
+    def add64(self, off: int, d: int, /) -> int:
+        """Add d to the 64-bit word at off; returns the old value."""
+    def cas64(self, off: int, expected: int, new: int, /) -> bool:
+        """Compare-and-swap the 64-bit word at off from expected to new."""
+    def wait32(
+        self, off: int, expected: int, timeout_s: float | None, spin_ns: int, sleepers: int = ..., /
+    ) -> bool:
+        """Spin spin_ns, then sleep until the word differs from expected (True) or timeout_s passes (False)."""
+    def wake32(self, off: int, n: int, /) -> int:
+        """Wake up to n sleepers on the 32-bit word at off; returns how many woke."""
+    def range_take(self, off: int, maxc: int, mark: int = ..., /) -> tuple[int, int]:
+        """The owner takes (lo, c), up to maxc, from the front of its range; recorded at mark."""
+    def range_steal(self, off: int, dest: int = ..., /) -> tuple[int, int]:
+        """A thief takes (lo, c), the back half of the range; stored into its word dest."""
+    def range_put(self, off: int, lo: int, n: int, /) -> bool:
+        """Store [lo, lo + n) into the range word at off if it is empty."""
+    def range_untake(self, off: int, lo: int, c: int, mark: int, kept: int, /) -> bool:
+        """The owner gives [lo, lo + c) back to the front of its range, then stores kept at mark."""
+    def range_set(self, off: int, lo: int, n: int, /) -> None:
+        """The owner publishes [lo, lo + n) into its empty range word."""
+    def range_get(self, off: int, /) -> tuple[int, int]:
+        """The (lo, n) of the range word at off."""
+    def claim_span(self, next: int, expected: int, span: int, dest: int, /) -> bool:
+        """Move [expected, expected + span) from the counter at next into the empty range word dest."""
+    def cas64_mark(self, off: int, expected: int, new: int, mark: int, value: int, /) -> bool:
+        """cas64, and on success store value at mark."""
+
+class Mapping:
+    """A MAP_SHARED mapping of a memfd, unmapped when its last reference goes."""
+
+    def __new__(
+        cls, fd: int, size: int, own_fd: bool = False, populate: bool = False, readonly: bool = False
+    ) -> Mapping:
+        """Map size bytes of fd; own_fd: close fd with the mapping; populate: MAP_POPULATE."""
+    def __buffer__(self, flags: int, /) -> memoryview:
+        """The mapping's bytes (read-only when readonly)."""
+    def __release_buffer__(self, buffer: memoryview, /) -> None:
+        """Release a view made by __buffer__."""
+    def populate(self, off: int = 0, len: int = -1, /) -> None:
+        """Allocate and map the pages of [off, off + len) now (MADV_POPULATE_WRITE), GIL released."""
+    @property
+    def address(self) -> int:
+        """The mapping's start address in this process."""
+    @property
+    def size(self) -> int:
+        """Its size in bytes."""
+    @property
+    def fd(self) -> int:
+        """The memfd it owns, or -1."""
+    @property
+    def key(self) -> int:
+        """A number unique to this mapping in this process."""
+    @property
+    def exports(self) -> int:
+        """Buffer views of it exported now."""
+
+class PieceBudget:
+    """The budget of one timed piece of Results: budget in, where it stopped out."""
+
+    def __new__(cls, budget_s: float, dear_item_s: float, clock_stride: int) -> PieceBudget:
+        """Run for budget_s seconds, reading the clock per item while items cost over dear_item_s, else per clock_stride items."""
+    @property
+    def budget_s(self) -> float:
+        """Seconds the piece may run."""
+    @property
+    def dear_item_s(self) -> float:
+        """Items dearer than this get a clock read each."""
+    @property
+    def clock_stride(self) -> int:
+        """Items per clock read while items are cheaper than dear_item_s."""
+    @property
+    def stop(self) -> int | None:
+        """The index the piece reached (its end), or None until it has ended."""
+
+class Results(Iterator[Any]):
+    """The items of source's pieces in order: lists, tail_type pieces, other iterables."""
+
+    def __new__(cls, source: Iterable[Any], tail_type: type[tuple[Any, ...]]) -> Results:
+        """Iterate over source's pieces; a tail_type piece is (fn, seq, start, end[, budget])."""
+    def __iter__(self) -> Results:
+        """The iterator itself."""
+    def __next__(self) -> Any:
+        """The next item: of a list piece, fn(seq[i]) of a tail piece, or of another iterable."""
+
+def set_pdeathsig(sig: int, /) -> None:
+    """Deliver sig to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+
+def memcpy(dst: WriteableBuffer, dst_off: int, src: ReadableBuffer, /) -> int:
+    """Copy contiguous src into dst at byte offset dst_off, GIL released; returns the bytes copied."""
+
+def populate(buffer: WriteableBuffer, off: int = 0, len: int = -1, /) -> None:
+    """Allocate and map a writable mapped buffer's pages of [off, off + len) now, GIL released."""
+
+def vm_read(pid: int, address: int, dst: WriteableBuffer, dst_off: int, nbytes: int, /) -> int:
+    """Copy nbytes at address in process pid into dst at dst_off (process_vm_readv), GIL released."""
+
+def buffer_address(obj: ReadableBuffer, /) -> tuple[int, int]:
+    """(address, nbytes) of a contiguous buffer."""
