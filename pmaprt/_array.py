@@ -72,9 +72,9 @@ import sys
 import threading
 import weakref
 
-from . import _core_loader, _shm
+from . import _shm
 
-_core = _core_loader.core()
+_core = _shm.core()
 Mapping = _core.Mapping
 memcpy = _core.memcpy
 buffer_address = _core.buffer_address

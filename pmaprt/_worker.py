@@ -763,8 +763,7 @@ def main():
     init, _ = _shm.recv_msg(sock)
     sys.path[:] = init["sys_path"]
     try:
-        from . import _core_loader
-        _core_loader.core().set_pdeathsig(signal.SIGKILL)
+        _shm.core().set_pdeathsig(signal.SIGKILL)
     except OSError:
         pass
     if os.getppid() != init["parent_pid"]:
