@@ -712,10 +712,8 @@ def share(pool, mapping):
         segs = pool._res.segs
         if sid not in segs:
             seg = ArraySeg(sid, mapping, pool)
-            segs[sid] = seg
             _parent_maps[sid] = mapping
-            for w in range(pool.workers):
-                pool._send(w, ("seg", sid, seg.size), seg.fd)
+            pool.lend(seg)
     return sid
 
 
