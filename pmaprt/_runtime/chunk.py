@@ -8,9 +8,9 @@ Protocol, step by step (the worker, inside a job it entered, board.py):
    -1 while loading: a crash then is the job's (`on_load_crash`). A load
    error is kept and reported as the first chunk this worker claims.
 2. Claim a chunk (claims.py) until none is left or the job is cancelled.
-3. Store W_CUR = (gen, lo, n) (W_CUR_N last, after a 0: the parent never sees
-   a half-written chunk), read its items (a feed chunk: from its table entry,
-   then W_CUR_K = -1), and run fn on each.
+3. The claim recorded the chunk in W_CUR_LO and W_CUR_N; store W_CUR =
+   (gen, lo, n) again (a feed chunk: its items' range from its table entry,
+   then W_CUR_K = -1), read its items, and run fn on each.
 4. With progress asked for (retries, timeouts, on_error="return"), store the
    items done in W_CUR_DONE after each item: the parent then names the item
    a crash or timeout hit, and an exception can take its item's place.

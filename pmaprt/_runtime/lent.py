@@ -16,8 +16,8 @@ Protocol, step by step:
    handling for every job. It sends what the socket takes now
    (MSG_DONTWAIT); the rest stays in that worker's outbox, flushed at every
    check and by a background thread while anything is left.
-3. Worker: reads its socket between chunks (every SOCKET_POLL_S while busy,
-   and always before it sleeps) and maps each segment as its message comes,
+3. Worker: reads its socket between turns at the board (every SOCKET_POLL_S
+   while busy, and always before it sleeps) and maps each segment as its message comes,
    closing the fd at once. When a job names a segment it has not seen yet,
    `segment()` waits on the socket for it.
 4. Parent: `unshare` drops the segment, queues `SegmentFreed` for every

@@ -304,7 +304,7 @@ class TaskRunner:
             self.put(REC_RESULT, gen, 0, 1, payload, t0, t1, hot=hot)
             self._task_in_ring(off)
         self._set_cur(0, 0, 0)
-        if self.recycling():
+        if self.max_items and self.items_done >= self.max_items:
             self.recycle()
         return True
 
