@@ -11,6 +11,8 @@ from typing import Any, Optional, Protocol
 
 
 class Job(Protocol):
+    __slots__ = ()
+
     # Set by the runtime when the job is posted: its id and its slot's offset
     # in the control segment (None until posted).
     gen: Optional[int]

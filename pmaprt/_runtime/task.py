@@ -101,6 +101,8 @@ class Task(Job):
     """The parent's side of one posted task: the Job the runtime sees (no
     backlog, no timeout, no SPMD: the protocol's defaults)."""
 
+    __slots__ = ("gen", "off", "done", "value", "exc", "suspect", "r", "buf", "base")
+
     def __init__(self):
         self.gen = None
         self.off = None
