@@ -2,7 +2,8 @@
 import itertools
 import threading
 
-from . import _arrays, _worker
+from . import _arrays
+from ._runtime import worker as _worker
 from ._options import MapOptions, default_workers
 from ._pool import Pool
 

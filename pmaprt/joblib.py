@@ -31,7 +31,8 @@ from joblib import register_parallel_backend
 from joblib.parallel import (AutoBatchingMixin, FallbackToBackend, ParallelBackendBase,
                              SequentialBackend)
 
-from . import _serialize, _worker
+from . import _serialize
+from ._runtime import worker as _worker
 from ._options import default_workers
 from ._pool import Pool
 from .executor import Executor

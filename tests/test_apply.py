@@ -1,4 +1,4 @@
-"""Pool.apply: one call on one worker, through the task path (_task.py), with
+"""Pool.apply: one call on one worker, through the task path (_runtime/task.py), with
 the guarantees of a map: the user's exception, a crash named by its exit,
 unpicklable values named, the pool usable after each, Ctrl-C prompt."""
 import os
@@ -161,7 +161,8 @@ def test_a_task_whose_worker_died_after_its_result_keeps_the_result():
     # not report a crash.
     import mmap
 
-    from pmaprt import _core, _serialize, _shm, _task
+    from pmaprt import _core, _serialize, _shm
+    from pmaprt._runtime import task as _task
     mm = mmap.mmap(-1, 4096)
     r = _core.Region(mm)
     buf = memoryview(mm)
@@ -310,7 +311,7 @@ def test_a_long_task_does_not_hold_back_the_next_from_another_thread():
 def _post_now(p, fn, *args):
     # Pool.apply's first half (post without waiting), to post two tasks
     # within microseconds of each other.
-    from pmaprt import _task
+    from pmaprt._runtime import task as _task
     task = _task.Task()
     with p._lock:
         gen, slot, off = p._post_task(task, _task.encode(fn, args, {}))

@@ -95,7 +95,7 @@ def arm(what, marker=None):
     if _armed:
         return
     _armed.append(what)
-    from pmaprt._worker import Worker
+    from pmaprt._runtime.worker import Worker
     for w in [o for o in gc.get_objects() if isinstance(o, Worker)]:
         if not isinstance(w.r, DieInWindow):
             w.r = DieInWindow(w.r, what, marker)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import pmaprt
-from pmaprt import _core_loader
+from pmaprt._shm import loader as _core_loader
 
 core = _core_loader.core()
 
@@ -202,7 +202,7 @@ def _hammer(buf_name, rank, workers, q):
     # real concurrency: owners and thieves in separate processes
     import mmap as _mm
     import random
-    from pmaprt import _core_loader as cl
+    from pmaprt._shm import loader as cl
     f = open(buf_name, "r+b")
     m = _mm.mmap(f.fileno(), 8 * workers)
     r = cl.core().Region(m)

@@ -8,10 +8,10 @@ import threading
 
 import numpy as np
 
-from .. import _core_loader
+from .. import _shm
 from .._options import CORES
 
-memcpy = _core_loader.core().memcpy
+memcpy = _shm.core().memcpy
 
 # Below this total a copy runs in the calling thread: starting threads costs
 # more than it saves on a copy that fits in a few milliseconds.

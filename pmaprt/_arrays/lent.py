@@ -24,11 +24,11 @@ this process's memory" (pvm.py), asked once per pool.
 import os
 import weakref
 
-from .. import _core_loader, _shm
+from .. import _shm
 from . import pvm
 from .shared import Mapping
 
-buffer_address = _core_loader.core().buffer_address
+buffer_address = _shm.core().buffer_address
 
 # Segment ids of shared arrays: SHARED_BASE + the mapping's key in the
 # parent; below it are the pool's own job segments.
@@ -83,10 +83,8 @@ class PoolArrays:
             segs = pool._res.segs
             if sid not in segs:
                 seg = ArraySeg(sid, mapping, lambda _ref: self._mapping_gone(sid))
-                segs[sid] = seg
                 _parent_maps[sid] = mapping
-                for w in range(pool.workers):
-                    pool._send(w, ("seg", sid, seg.size), seg.fd)
+                pool.lend(seg)
         return sid
 
     def release_gone(self):

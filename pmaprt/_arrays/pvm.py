@@ -15,10 +15,10 @@ import sys
 
 import numpy as np
 
-from .. import _core_loader
+from .. import _shm
 from .shared import array_address
 
-_core = _core_loader.core()
+_core = _shm.core()
 
 class Spares:
     """Worker side: buffers that rows read from the parent went into, reused

@@ -18,10 +18,10 @@ import pickle
 
 import numpy as np
 
-from .. import _core_loader, _shm
+from .. import _shm
 from .copy import copy_array
 
-_core = _core_loader.core()
+_core = _shm.core()
 Mapping = _core.Mapping
 
 

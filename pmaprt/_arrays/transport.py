@@ -37,13 +37,13 @@ import struct
 
 import numpy as np
 
-from .. import _core_loader, _serialize, _shm
+from .. import _serialize, _shm
 from .copy import array_tasks, byte_tasks, run_tasks
 from .lent import received_segment_id, resolve
 from .pvm import read_parent
 from .shared import Mapping, find_mapping, new_mapping
 
-_core = _core_loader.core()
+_core = _shm.core()
 memcpy = _core.memcpy
 buffer_address = _core.buffer_address
 

@@ -1,0 +1,196 @@
+"""Sleep and wake-up, both ways: idle workers, the hot spinner, a waiting parent.
+
+Nobody polls for long: a waiter spins briefly on its word, then sleeps on it
+in the kernel (a futex). A waker always changes the word first and calls the
+kernel only when the sleepers' count says someone sleeps; the C wait counts
+itself in that word before it sleeps and the kernel refuses to sleep once
+the word has changed, so no wake-up is lost between a check and a sleep.
+
+Workers waiting for work (board.py posts it):
+
+1. A post stores the job in its slot, then bumps H_BOARD_SEQ, and calls
+   wake on it only if H_BOARD_SLEEPERS is non-zero (`wake_workers`; as many
+   workers as the job has items).
+2. An idle worker reads H_BOARD_SEQ before it looks at the board. Finding
+   nothing, it spins WORKER_SPIN_NS on the word, then counts itself in
+   H_BOARD_SLEEPERS and sleeps while the word holds the value it read, for
+   IDLE_TIMEOUT_S at most (then it checks that its parent is alive).
+
+The hot spinner (Pool.apply and Executor.submit loops):
+
+3. A worker that has just finished work takes H_HOT_SPINNER (0 -> rank + 1)
+   and spins HOT_SPIN_NS on H_BOARD_SEQ without counting itself a sleeper. A
+   worker answering a task takes the word just before its result goes out
+   (ring.py, task.py), so that the caller's next task finds it awake.
+4. A task's post that finds the word held and not yet claimed sets
+   HOT_CLAIMED in it (compare-and-swap) *before* it bumps the sequence, and
+   skips the wake call. One post per hold may skip it; later posts wake a
+   sleeper as usual.
+5. The spinner gives the word back when its spin ends or as it starts work.
+   Finding HOT_CLAIMED, it owes that task a wake-up: it looks at the board
+   itself, and if what it takes first is not that task (a map, or other jobs
+   wait too) it wakes one sleeper for it (board.py, `work_once`).
+6. A worker killed holding the word: the parent clears it and wakes every
+   worker (`_release_dead_hot_spinner`, from processes.py).
+
+A parent waiting for results (ring.py delivers them):
+
+7. A worker stores its ring's W_TAIL, bumps H_RESULTS_SEQ, and calls wake
+   only if H_PARENT_SLEEPING is non-zero and the record is one the parent
+   waits for: H_PARENT_WANT is 0 (anything) or (slot + 1) << WANT_SHIFT | the
+   position an ordered map's consumer needs; a record that is not a plain
+   result always wakes.
+8. The parent (`wait`) reads H_RESULTS_SEQ, drains every ring, and returns
+   if its job has news. Else it stores what it waits for in H_PARENT_WANT
+   (only while it is the one waiting thread; 0 with more), spins, then counts
+   itself in H_PARENT_SLEEPING and sleeps while the sequence holds the value
+   it read, for POLL_S at most (then it checks the workers).
+"""
+import time
+
+from .._errors import PoolClosedError
+from .._options import CORES
+from .._shm import (
+    H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_PARENT_WANT,
+    H_RESULTS_SEQ, HOT_CLAIMED,
+)
+from .processes import POLL_S
+
+# The parent spins this long for a result before it sleeps (round trips).
+# On fewer than 4 cores spinning only takes time from the workers.
+SPIN_NS = 50_000 if CORES >= 4 else 0
+# The parent waiting for one task (Pool.apply) spins this long first: a tiny
+# call answers within it, and a waiting parent has nothing else to run.
+TASK_SPIN_NS = 50_000 if CORES >= 2 else 0
+# A worker spins this long before it sleeps on a futex (for work, or for ring
+# space). Long enough to catch the next job of a tight submit loop without a
+# system call, short enough not to take a core from the user's work when
+# nothing comes.
+WORKER_SPIN_NS = 50_000 if CORES >= 4 else 0
+# A worker that has just finished work, if no other worker holds the hot
+# spinner word, spins this long for the next job before it sleeps, on every
+# machine: a loop of calls then finds it awake and posts without a wake call,
+# which costs tens of microseconds each way on a small VM. One hot spinner
+# at most keeps small machines from losing a core to spins.
+HOT_SPIN_NS = 100_000
+# A sleeping worker wakes this often to check that its parent is alive.
+IDLE_TIMEOUT_S = 1.0
+
+
+def _enter_wait(res, want):
+    """Count a thread into a futex wait on the control segment (which must
+    not be unmapped under it), and publish what it waits for."""
+    with res.waiters_lock:
+        res.waiters += 1
+        ctl = res.ctl
+        if ctl is not None:
+            # One waiter may name the record it waits for; with more than
+            # one, any record may be someone's.
+            ctl.region.store64(H_PARENT_WANT, want if res.waiters == 1 else 0)
+
+
+def _leave_wait(res):
+    with res.waiters_lock:
+        res.waiters -= 1
+
+
+class ParentWake:
+    """The parent's side (a runtime mixin): waking workers, waiting for results."""
+
+    def wake_workers(self, count=1 << 30, task=False):
+        r = self._r
+        if task:
+            # Step 4. Claimed before the sequence moves: the spinner, which
+            # gives the word back as soon as it sees the sequence move, cannot
+            # slip in between.
+            h = r.load64(H_HOT_SPINNER)
+            if h and not h & HOT_CLAIMED and r.cas64(H_HOT_SPINNER, h, h | HOT_CLAIMED):
+                r.add32(H_BOARD_SEQ, 1)
+                return
+        r.add32(H_BOARD_SEQ, 1)
+        if r.load32(H_BOARD_SLEEPERS):
+            r.wake32(H_BOARD_SEQ, count)
+
+    def _release_dead_hot_spinner(self, w):
+        """Step 6: worker w died; if it held the hot spinner word, a task
+        posted since then woke no one: the others look now. Lock held."""
+        r = self._r
+        h = r.load64(H_HOT_SPINNER)
+        if h & ~HOT_CLAIMED == w + 1 and r.cas64(H_HOT_SPINNER, h, 0):
+            self.wake_workers()
+
+    def wait(self, job, spin_ns=None):
+        """Wait until something arrives for any job (or POLL_S passes)."""
+        r = self._r
+        if r is None or self._res.ctl is None:
+            raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
+        seq = r.load32(H_RESULTS_SEQ)
+        with self._lock:
+            got = self._drain()
+            if time.monotonic() - self._last_check > POLL_S:
+                self._check_workers()
+            else:
+                self._flush_all()
+        if got or job.has_news():
+            return
+        res = self._res
+        _enter_wait(res, job.wait_key())
+        try:
+            if res.ctl is None:
+                raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
+            # H_PARENT_SLEEPING counts the parent only while it sleeps in the
+            # kernel: a worker that finds it spinning skips the wake call.
+            changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S,
+                               SPIN_NS if spin_ns is None else spin_ns, H_PARENT_SLEEPING)
+        finally:
+            _leave_wait(res)
+        with self._lock:
+            if self._r is None or self._res.ctl is None:
+                return      # terminated meanwhile: the caller's next wait says so
+            # What woke this wait is handed over now, not on the next call.
+            self._drain()
+            if not changed:
+                self._check_workers()
+
+
+class WorkerWake:
+    """The worker's side (a worker mixin): its sleep and the hot spinner.
+    State: hot_held (this worker holds H_HOT_SPINNER), owe_wake (a task's
+    post skipped its wake call on this worker's word)."""
+
+    def _init_wake(self):
+        self.hot_held = False
+        self.owe_wake = False
+
+    def hot_spin(self, seq):
+        """Steps 3 and 5, after work: spin for the next job holding the hot
+        spinner word, then give it back. True if the board should be looked
+        at again now (it moved, or a post relied on this spin)."""
+        r = self.r
+        if not (self.hot_held or r.cas64(H_HOT_SPINNER, 0, self.rank + 1)):
+            return False
+        self.hot_held = True
+        # Spin only (timeout 0). A post that marked the word claimed bumped
+        # the sequence after it, so its task is on the board.
+        changed = r.wait32(H_BOARD_SEQ, seq, 0, HOT_SPIN_NS)
+        return self._release_hot() or changed
+
+    def sleep(self, seq):
+        """Step 2: sleep until the board moves past `seq` (False: timed out).
+        Counted in H_BOARD_SLEEPERS only once asleep in the kernel: while this
+        worker spins, a post needs no wake call."""
+        return self.r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S, WORKER_SPIN_NS, H_BOARD_SLEEPERS)
+
+    def _release_hot(self):
+        """Give H_HOT_SPINNER back; True (and owe_wake set) if a task's post
+        relied on it (skipped its wake call)."""
+        r = self.r
+        self.hot_held = False
+        while True:
+            h = r.load64(H_HOT_SPINNER)
+            if r.cas64(H_HOT_SPINNER, h, 0):
+                break
+        if h & HOT_CLAIMED:
+            self.owe_wake = True
+            return True
+        return False
