@@ -525,11 +525,15 @@ def test_host_copy_split_over_threads_is_exact(monkeypatch, rows):
 
 
 def _bench_gpu_entry():
-    from pmaprt.bench.suite import Config, Suite
+    from pmaprt.bench import workloads
+    from pmaprt.bench.config import Config
+    from pmaprt.bench.gpu_runs import run_gpu
+    from pmaprt.bench.session import Session
 
-    suite = Suite(Config(workloads=["gpu"], progress=False, plots=False))
-    suite._extra_gpu((True, None))
-    return suite
+    session = Session(Config(workloads=["gpu"], progress=False, plots=False),
+                      workloads.Calibration(iters_per_us=1.0))
+    run_gpu(session, (True, None))
+    return session
 
 
 @pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present: the benchmark runs instead")
