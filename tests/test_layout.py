@@ -17,6 +17,9 @@ CSRC = PKG.parent / "csrc"
 MAX_MODULE_LINES = 500
 MAX_CLASS_LINES = 350
 MAX_C_LINES = 500
+# pmaprt modules that exist to wrap an optional library and import it at
+# their top: importing one late is importing that library late.
+OPTIONAL_WRAPPERS = {"pmaprt.joblib": "joblib"}
 
 
 def _modules():
@@ -145,13 +148,47 @@ def test_no_import_cycle_among_pmaprt_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The layers, bottom up: a module may import its own layer and those below.
+LAYERS = [
+    {"_options", "_errors", "_sched", "_stats", "_serialize", "_memguard", "_tuned"},
+    {"_shm"},
+    {"_arrays"},
+    {"_access"},
+    {"_collective"},
+    {"_runtime"},
+    {"_map"},
+    {"_pool", "_api"},
+    {"executor", "_executor_items", "_executor_state", "joblib", "dask", "_tune", "gpu", "bench"},
+]
+RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
+
+
+def _rank(module):
+    parts = module.split(".")
+    return len(LAYERS) if len(parts) == 1 else RANK[parts[1]]
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted({m.split(".")[1] for m in MODULES if "." in m} - set(RANK))
+    assert not unplaced, "modules with no layer in LAYERS: %s" % unplaced
+
+
+def test_imports_only_look_down():
+    up = ["%s -> %s" % (m, d) for m, deps in import_graph().items() for d in deps
+          if _rank(d) > _rank(m)]
+    assert not up, "imports of a higher layer:\n" + "\n".join(sorted(up))
+
+
 def test_no_pmaprt_import_inside_a_function():
     late = []
     for name, path in MODULES.items():
         tree = _parse(path)
         for fn, node in _function_imports(tree):
-            if _targets(name, path, [node]) or (isinstance(node, ast.Import) and any(
-                    a.name == "pmaprt" or a.name.startswith("pmaprt.") for a in node.names)):
+            own = _targets(name, path, [node]) - set(OPTIONAL_WRAPPERS)
+            if isinstance(node, ast.Import):
+                own |= {a.name for a in node.names if a.name not in OPTIONAL_WRAPPERS
+                        and (a.name == "pmaprt" or a.name.startswith("pmaprt."))}
+            if own:
                 late.append("%s:%d in %s()" % (path.relative_to(PKG.parent), node.lineno, fn))
     assert not late, "imports of pmaprt modules inside functions:\n" + "\n".join(late)
 
