@@ -26,7 +26,7 @@ import time
 import weakref
 
 from . import _task, _array, _shm
-from ._job import MapJob
+from ._map import MapJob
 from ._options import check_max_items, check_workers
 from ._options import MapOptions
 from ._errors import PoolClosedError, WorkerCrashedError, describe_exit, oom_hint

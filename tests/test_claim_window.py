@@ -252,7 +252,7 @@ def test_task_taken_unrecorded_runs_again():
 
 from hypothesis import given, strategies as st  # noqa: E402
 
-from pmaprt._job import gaps  # noqa: E402
+from pmaprt._map.job import gaps  # noqa: E402
 
 
 @given(st.integers(0, 60), st.integers(0, 60),
@@ -271,7 +271,7 @@ def test_gaps_are_exactly_what_no_interval_covers(lo, hi, spans):
 # --- the job's side of reconciliation, on a job state built by hand
 
 def _index_job(**kw):
-    from pmaprt._job import _JobState
+    from pmaprt._map.job import _JobState
     from pmaprt._stats import MapStats
     job = _JobState.__new__(_JobState)
     job.gen, job.spmd, job.feed_mode, job.ordered = 7, None, False, True
@@ -319,7 +319,7 @@ def test_feed_entries_survive_a_wrapped_table():
     # A lost feed chunk is published again from the fields kept for its
     # latest table entry, not from the table (a ring: that slot may hold
     # another chunk by then); a chunk whose record arrived is not.
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     job = _index_job(feed_mode=True, start_chunk={}, last_entry={}, entries={},
                      outstanding={})
     published = []

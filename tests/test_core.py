@@ -233,14 +233,14 @@ def busy_or_fail(n):
 def _fresh_tiny_memory():
     # Functions remembered as tiny by earlier tests would start these tests'
     # maps in the caller (see _job.PROBE_PIECE_S).
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     _job._TINY.clear()
     yield
     _job._TINY.clear()
 
 
 def test_known_tiny_function_is_learned_and_runs_inline_at_once(pool):
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     for _ in range(3):      # learn: the cost model finds it tiny (a loaded machine gets 3 tries)
         assert list(pool.map(busy_or_fail, [1] * 400_000)) == [0] * 400_000
         if _job._tiny_estimate(busy_or_fail) is not None:
@@ -262,7 +262,7 @@ def test_known_tiny_function_is_learned_and_runs_inline_at_once(pool):
 
 
 def test_tiny_function_over_a_range_is_learned(pool):
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     for _ in range(3):      # a loaded machine gets 3 tries
         assert list(pool.map(double, range(20_000))) == [2 * i for i in range(20_000)]
         if _job._tiny_estimate(double) is not None:
@@ -275,7 +275,7 @@ def test_tiny_function_over_a_range_is_learned(pool):
 
 
 def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     v = busy_or_fail(100_000)
     cases = {
         "dear from the start": [100_000] * 40,
@@ -315,7 +315,7 @@ def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
 
 
 def test_known_tiny_map_on_a_pool_closed_since_says_so():
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     p = Pool(2)
     try:
         _job._remember_tiny(busy_or_fail, 2e-7)
@@ -596,7 +596,7 @@ def test_known_tiny_dear_rest_with_every_slot_busy_runs_here_to_the_end():
     # map): the rest runs here, all of it. An item that cannot be pickled
     # (a lock) is no error here, where nothing is pickled.
     import threading
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     p = Pool(2, max_jobs=1)
     try:
         held = p.map(busy_or_fail, [1] * 100_000)
@@ -650,7 +650,7 @@ def zero_unless_int(x):
 
 def test_known_tiny_map_with_an_unpicklable_item_it_ran_hands_over_the_rest(pool):
     import threading
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     lock = threading.Lock()
     for xs in ([1] * 20 + [lock] + [1] * 3000 + [100_000] * 40,
                [1] * 20 + [lock] + [100_000] * 40):
@@ -665,7 +665,7 @@ def test_a_function_tiny_for_short_maps_runs_long_maps_on_the_workers(pool):
     # A short map that lost to map on its fixed costs (posting, waking) marks
     # its function tiny only up to the length where the workers' steady gain
     # pays those costs back: a longer map of it starts on the workers.
-    from pmaprt import _job
+    from pmaprt._map import job as _job
     _job._remember_tiny(busy_or_fail, 1e-6, upto=1000)
     assert _job._tiny_estimate(busy_or_fail, 1000) == 1e-6
     assert _job._tiny_estimate(busy_or_fail, 1001) is None

@@ -29,17 +29,17 @@ import sys
 import time
 import weakref
 
-from . import _array, _collective, _memguard, _serialize, _shm, _sched
-from ._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
-from ._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
+from .. import _array, _collective, _memguard, _serialize, _shm, _sched
+from .._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
+from .._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
                       item_timeout_error, oom_hint)
-from ._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
+from .._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
                    FLAG_FEED_DONE, FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, RETRY_RANGES)
 
 REC_RESULT_ERRORS = 6  # as in _pool: results among which are returned exceptions
-from ._stats import MapStats, WorkerStats
-from ._options import CORES, check_chunksize
-from ._tune import cached_chunksize
+from .._stats import MapStats, WorkerStats
+from .._options import CORES, check_chunksize
+from .._tune import cached_chunksize
 
 # Index mode: how far past the consumer workers may run, in chunks per worker
 # (at least WINDOW_MIN_ITEMS items). A lazy consumer that stops leaves at most
@@ -549,7 +549,7 @@ class _JobState:
             return
         if self.pool._r.range_get(self.off + _shm.S_RANGES + 8 * w)[1]:
             return  # its shard was never started: the replacement worker runs it
-        from ._errors import WorkerCrashedError, oom_hint
+        from .._errors import WorkerCrashedError, oom_hint
         self.fail_at(w, WorkerCrashedError(
             "pmaprt: %s while running rank %d of an SPMD map%s" % (what, w, oom_hint(rc)),
             pid, rc, (w, w + 1)))
@@ -1256,7 +1256,7 @@ class _JobState:
             self.gen = None
             self.segs = []
             pool.terminate()
-            from . import _api
+            from .. import _api
             _api._forget_default(pool)
             return
         if self.spmd is not None and not self.spmd.complete():
