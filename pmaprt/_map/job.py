@@ -27,9 +27,8 @@ import os
 import pickle
 import sys
 import time
-import weakref
 
-from .. import _array, _collective, _memguard, _serialize, _shm, _sched
+from .. import _array, _collective, _memguard, _serialize, _shm
 from .._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
 from .._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
                       item_timeout_error, oom_hint)
@@ -38,8 +37,11 @@ from .._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_F
 
 REC_RESULT_ERRORS = 6  # as in _pool: results among which are returned exceptions
 from .._stats import MapStats, WorkerStats
-from .._options import CORES, check_chunksize
+from .._options import check_chunksize
 from .._tune import cached_chunksize
+from .inline import (INLINE_MIN_CHUNKS, PROBE_FACTOR, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES,
+                     TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny,
+                     rest_worth_inline, tiny_estimate)
 
 # Index mode: how far past the consumer workers may run, in chunks per worker
 # (at least WINDOW_MIN_ITEMS items). A lazy consumer that stops leaves at most
@@ -56,108 +58,9 @@ FEED_MAX_OUTSTANDING = FEED_TABLE // 2
 FEED_RING = 8 * 1024 * 1024
 # A fed chunk bigger than this gets a segment of its own.
 FEED_BIG = FEED_RING // 4
-# Inline: decide after this many chunks have been measured, only when the rest
-# is worth at least INLINE_MIN_WORK_S of serial work, and only when the model
-# predicts the parallel path slower than map by this margin or less.
-INLINE_MIN_CHUNKS = 4
-INLINE_MIN_WORK_S = 0.005
-INLINE_MARGIN = 1.25
+# While the map may still go inline, workers run at most about this much of
+# map's time ahead (see _window).
 INLINE_WINDOW_S = 0.01
-INLINE_OBS_MAX_T = 2e-6
-# The caller's cost of taking one item from a result list (C-level iteration).
-CONSUME_ITEM_S = 1e-8
-# Decoding a chunk's results has a fixed part besides its per-item cost (about
-# 2-4 us here). The model trusts the decode cost per item only once two chunks
-# were decoded (see _PerItem) and the largest is big enough for that part to be
-# under a tenth of an item's cost even in one an eighth its size: from
-# the first, small chunks (1, 4, 16 items), 5 us items looked not worth the
-# workers, and the model ran the rest of such a map here, serially.
-DEC_FIXED_S = 4e-6
-DEC_MAX_ERROR = 0.1
-# See _finish: items that cost less than this many times their moving.
-TINY_OVERHEAD_FACTOR = 4
-# Known-tiny functions: a function the cost model last found tiny (from
-# measured costs) starts its next map over a list, tuple or range in the
-# caller at once, with no job posted, in timed pieces: _core.Results stops a
-# piece once it has run PROBE_PIECE_S (it reads the clock after the first
-# item, then after every item while items take over 2 us, else every 16th).
-# PROBE_STRIKES pieces in a row that cost more than PROBE_FACTOR x the
-# remembered cost per item (plus PROBE_SLACK_S) make the function forgotten
-# and hand the rest to the workers, from that index. A dear input thus costs
-# about two pieces' budget run here (at least two items); otherwise the whole
-# map runs as map would, with a clock read per 16 items and a generator
-# resume per 2 ms. A short map of tiny items then costs what map costs. The
-# rest of a map that went inline midway runs in the same timed pieces.
-PROBE_PIECE_S = 0.002
-PROBE_FACTOR = 4
-# Two dear pieces in a row: one can be a pause of this process (preempted for
-# most of a 2 ms piece on a busy machine), which must not post the job.
-PROBE_STRIKES = 2
-PROBE_SLACK_S = 5e-5
-_TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
-_TINY_UPTO = weakref.WeakKeyDictionary()  # fn -> tiny only for maps up to this length
-# Inputs whose rest _core.Results runs itself (fn(seq[i]), timed or not).
-_TAIL_TYPES = (list, tuple, range)
-
-
-class _PerItem:
-    """A cost per item from the largest chunks seen: a chunk's fixed cost,
-    charged to the items of the first, small chunks, would inflate it. The
-    least among them: one slow chunk (a pause, one result slow to load) must
-    not make the parallel path look dear; one too cheap errs toward the
-    workers, never toward running dear items serially here. `samples`: the
-    chunks it rests on (of at least 1/SPAN of the largest count)."""
-    SPAN = 8
-    __slots__ = ("est", "largest", "samples")
-
-    def __init__(self):
-        self.est, self.largest, self.samples = None, 0, 0
-
-    def add(self, seconds, count):
-        d = seconds / count
-        if self.est is None or count > self.SPAN * self.largest:
-            self.est, self.samples = d, 1
-        elif self.SPAN * count >= self.largest:
-            self.est = min(self.est, d)
-            self.samples += 1
-        self.largest = max(self.largest, count)
-
-
-def _tiny_estimate(fn, n=None):
-    """The remembered cost per item of a known-tiny function, or None; with
-    n, None also for a map longer than the function is tiny for."""
-    try:
-        t = _TINY.get(fn)
-        if t is not None and n is not None and n > _TINY_UPTO.get(fn, n):
-            return None
-        return t
-    except TypeError:       # not weak-referenceable (a builtin function)
-        return None
-
-
-def _remember_tiny(fn, t, upto=None):
-    """upto: the longest map the function is tiny for (None: any)."""
-    try:
-        _TINY[fn] = t
-        if upto is None:
-            _TINY_UPTO.pop(fn, None)
-        else:
-            _TINY_UPTO[fn] = upto
-    except TypeError:
-        pass
-
-
-def _forget_tiny(fn):
-    try:
-        _TINY.pop(fn, None)
-        _TINY_UPTO.pop(fn, None)
-    except TypeError:
-        pass
-
-class _InlineTail(tuple):
-    """(fn, seq, start, end): a piece of a map's results that _core.Results
-    computes itself, fn(seq[i]) for i in start..end-1 (seq a list or tuple)."""
-    __slots__ = ()
 
 
 class MapJob:
@@ -171,7 +74,7 @@ class MapJob:
 
     def __init__(self, pool, fn, iterables, star, opts):
         self._state = st = _JobState(pool, fn, iterables, star, opts)
-        self._it = _shm._core.Results(st._chunks(), _InlineTail)
+        self._it = _shm._core.Results(st._chunks(), InlineTail)
 
     def __iter__(self):
         return self._it
@@ -278,17 +181,7 @@ class _JobState:
         self.segs = []
         self.lazy = []             # _access.LazyBlocks of a long list input
         self.gen = None
-        self.t_item = _sched.ChunkSizer(self.fixed, grow=False)   # feed chunks; cost estimates
-        self.cpu_item = None       # workers' CPU seconds per item (EWMA)
-        self.dec = _PerItem()      # the parent's decode seconds per item
-        self.wenc = _PerItem()     # the workers' seconds per item reading items, encoding results
-        self.enc_item = 0.0        # the parent's lazy encode seconds per item (list inputs)
-        # Observed throughput, from the first chunk that ran its full target on
-        # (a mature chunk): the consumer's seconds waiting for results then.
-        self.obs_consumed = None
-        self.obs_records = 0
-        self.wait_s = 0.0
-        self.avg_chunk = 1.0
+        self.costs = MapCosts(self.fixed, self.nwork)
         self.n = None
         self.n_input = None        # a sized input's length (n stops at an unpicklable item)
         self._progress = None
@@ -304,8 +197,8 @@ class _JobState:
         self.probe = False
         if self.inline_ok and not self.fixed and not star and not progress and out is None \
                 and chunks is None and axis_name is None and len(iterables) == 1 \
-                and type(iterables[0]) in _TAIL_TYPES:
-            est = _tiny_estimate(fn, len(iterables[0]))
+                and type(iterables[0]) in TAIL_TYPES:
+            est = tiny_estimate(fn, len(iterables[0]))
             if est is not None:
                 # A known-tiny function: no job until a piece proves dear.
                 self.probe, self.probe_est = True, est
@@ -433,15 +326,16 @@ class _JobState:
             self.flags, self.max_items)
 
     def _window(self):
-        w = max(WINDOW_MIN_ITEMS, int(WINDOW_CHUNKS_PER_WORKER * self.nwork * self.avg_chunk))
-        if self.inline_ok and not self.fixed and self.cpu_item:
+        c = self.costs
+        w = max(WINDOW_MIN_ITEMS, int(WINDOW_CHUNKS_PER_WORKER * self.nwork * c.avg_chunk))
+        if self.inline_ok and not self.fixed and c.cpu_item:
             # While the map may still go inline, workers run at most about
             # INLINE_WINDOW_S of map's time ahead: what they hold when the
             # parent takes over is run at the parallel path's (slower) pace
             # before the inline part can start. Never below 4 chunks per
             # worker, or workers would wait for the window.
-            w = min(w, max(WINDOW_MIN_ITEMS, int(4 * self.nwork * self.avg_chunk),
-                           int(INLINE_WINDOW_S / self.cpu_item)))
+            w = min(w, max(WINDOW_MIN_ITEMS, int(4 * self.nwork * c.avg_chunk),
+                           int(INLINE_WINDOW_S / c.cpu_item)))
         return w
 
     # --- records from the pool (lock held)
@@ -460,17 +354,7 @@ class _JobState:
             self.arrived.append(start)
         if kind != REC_ERROR:
             self.stats.record(w, start, count, t0, t1, stolen)
-            self.avg_chunk = 0.8 * self.avg_chunk + 0.2 * count
-            if count:
-                self.t_item.observe(count, t1 - t0)
-                c = cpu / count
-                self.cpu_item = c if self.cpu_item is None else 0.5 * c + 0.5 * self.cpu_item
-                self.wenc.add(enc, count)
-                if self.obs_consumed is not None:
-                    self.obs_records += 1
-                elif t1 - t0 >= _sched.TARGET_CHUNK_S / 2:
-                    self.obs_consumed = self.consumed
-                    self.wait_s = 0.0
+            self.costs.on_chunk(count, t0, t1, cpu, enc, self.consumed)
         if kind == REC_ERROR and (self.err_rec is None or start + count < self.err_rec):
             self.err_rec = start + count   # where the chunk's function raised
         if self.feed_mode:
@@ -778,7 +662,7 @@ class _JobState:
                     return
                 if inflight and self.guard.low():
                     return
-                c = self.t_item.size()
+                c = self.costs.sizer.size()
                 if self.quota:
                     c = min(c, self.quota)
                 if self.fed - self.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
@@ -870,73 +754,22 @@ class _JobState:
     # --- inline
 
     def _want_inline(self):
-        """The cost model: map's time per item (the workers' CPU per item)
-        against the parallel path's, which is bounded by the parent's decode,
-        by all the CPU shared over the cores, and by the workers. A function
-        the model finds tiny is remembered (see PROBE_PIECE_S), even where the rest
-        of this map is too short to be worth the switch."""
+        """The cost model (inline.py) finds map itself as fast as the
+        parallel path. A function it finds tiny is remembered (see
+        PROBE_PIECE_S), even where the rest of this map is too short to be
+        worth the switch."""
         if not self.inline_ok or self.fixed or self.records < INLINE_MIN_CHUNKS:
             return False
-        t, p = self.cpu_item, self.dec.est
-        if not self._dec_known():
+        c = self.costs
+        if not c.decode_known() or not c.tiny(self.consumed):
             return False
-        if not self._tiny_by_model(t, p):
-            return False
-        self._remember_if_computing(t)
+        if c.computing():
+            remember_tiny(self.fn, c.cpu_item)
         if not self.feed_mode:
             nxt = self.pool._r.load64(self.off + S_NEXT)
-            if (self.n - nxt) * t < INLINE_MIN_WORK_S:
+            if not rest_worth_inline(self.n - nxt, c.cpu_item):
                 return False
         return True
-
-    def _dec_known(self):
-        t = self.cpu_item
-        d = self.dec
-        return t is not None and d.samples >= 2 \
-            and d.largest / d.SPAN * t * DEC_MAX_ERROR >= DEC_FIXED_S
-
-    def _remember_if_computing(self, t, upto=None):
-        # Only items that compute: one whose wall time is far above its CPU
-        # time blocks (I/O, sleep) and would run serially in the caller.
-        wall = self.t_item.t_item
-        if wall is not None and wall <= 2 * t:
-            _remember_tiny(self.fn, t, upto)
-
-    def _overhead_item(self):
-        """CPU seconds per item of the parallel path beyond the call itself:
-        the workers' reading of items and encoding of results, the caller's
-        encoding, decoding and taking."""
-        return (self.wenc.est or 0.0) + self.dec.est + self.enc_item + CONSUME_ITEM_S
-
-    def _par_item(self, t, p):
-        """The model's seconds per item of the parallel path, steady state."""
-        p += CONSUME_ITEM_S
-        p += self.enc_item
-        w = t + (self.wenc.est or 0.0)   # a worker's CPU per item: the call, then encoding its result
-        return max(p, (w + p) / CORES, w / self.nwork)
-
-    def _tiny_by_model(self, t, p):
-        par = self._par_item(t, p)
-        p += CONSUME_ITEM_S + self.enc_item
-        if par * INLINE_MARGIN >= t:
-            return True
-        # The model assumes the cores are shared perfectly; what the consumer
-        # actually waited per item, once chunks are mature, corrects it where
-        # they are not (a loaded or small machine: measured on 2 cores, tiny
-        # items took 2.6e-7 s each in parallel where the model said 1.1e-7).
-        # Only for tiny items (where the model's error matters): with dearer
-        # or skewed items, what the consumer waits in order says little
-        # (it waited for one long item, not for the pool's overhead).
-        # And only for items that compute: an item that blocks (I/O, a lock)
-        # has a wall time far above its CPU time, and would run serially inline.
-        wall = self.t_item.t_item
-        if t < INLINE_OBS_MAX_T and self.obs_consumed is not None \
-                and self.obs_records >= INLINE_MIN_CHUNKS and wall is not None \
-                and wall <= 2 * t:
-            items = self.consumed - self.obs_consumed
-            if items > 0 and (self.wait_s / items + p) * INLINE_MARGIN >= t:
-                return True
-        return False
 
     def _go_inline(self):
         """Claim everything not yet claimed by a worker; returns where it starts."""
@@ -969,8 +802,8 @@ class _JobState:
             return itertools.starmap(self.fn, rest) if self.star else map(self.fn, rest)
         end = self.n_input
         if len(self.iterables) == 1 and not self.star \
-                and type(self.iterables[0]) in _TAIL_TYPES:
-            return _InlineTail((self.fn, self.iterables[0], a, end))
+                and type(self.iterables[0]) in TAIL_TYPES:
+            return InlineTail((self.fn, self.iterables[0], a, end))
         parts = [_tail(x, a, end) for x in self.iterables]
         if len(parts) > 1:
             return map(self.fn, *parts)
@@ -1021,8 +854,7 @@ class _JobState:
         t_enc = time.perf_counter() - t_enc
         items = sum(len(bl) for _, bl in batches) * self.lazy[0].bsize
         if items:
-            e = t_enc / items
-            self.enc_item = e if not self.enc_item else 0.5 * e + 0.5 * self.enc_item
+            self.costs.on_encoded(t_enc, items)
         size = sum((len(d) + 63) // 64 * 64 for _, bl in batches for _, d in bl)
         with self.pool._lock:
             if self.pool._res.ctl is None:
@@ -1076,7 +908,7 @@ class _JobState:
             # 16 items) would charge to each item, making items of a few us
             # look not worth the workers (the model then ran a cost-shift
             # workload's dear half serially here).
-            self.dec.add(time.perf_counter() - t, count)
+            self.costs.dec.add(time.perf_counter() - t, count)
         return results, None
 
     def _wait(self):
@@ -1084,12 +916,12 @@ class _JobState:
             raise self.here_error
         if self.feed_mode and self.inline_from is None:
             self._refeed()
-        if self.obs_consumed is None:
+        if self.costs.obs_consumed is None:
             self.pool.wait(self)
         else:
             t = time.perf_counter()
             self.pool.wait(self)
-            self.wait_s += time.perf_counter() - t
+            self.costs.wait_s += time.perf_counter() - t
 
     def _refeed(self):
         held = self._held
@@ -1111,7 +943,7 @@ class _JobState:
                 done = yield from self._timed_inline(0, self.probe_est)
                 if done >= self.n_input or not self._start_after_probe(done, "inline+index"):
                     if done < self.n_input:
-                        yield _InlineTail((self.fn, self.iterables[0], done, self.n_input))
+                        yield InlineTail((self.fn, self.iterables[0], done, self.n_input))
                     return
                 pos = done
             if self.feed_mode:
@@ -1158,11 +990,11 @@ class _JobState:
                     rest = self._inline_rest()
                     if self._progress is not None:
                         rest = self._progress_wrap(_tail_iter(rest))
-                    elif type(rest) is _InlineTail:
+                    elif type(rest) is InlineTail:
                         # Timed pieces, as a known-tiny map's: items that turn
                         # dear (a cost shift) go back to the workers, in a job
                         # posted for the rest, rather than run serially here.
-                        done = yield from self._timed_inline(self.inline_from, self.cpu_item)
+                        done = yield from self._timed_inline(self.inline_from, self.costs.cpu_item)
                         if done < self.n_input:
                             self.inline_from = None
                             try:
@@ -1176,7 +1008,7 @@ class _JobState:
                             if posted:
                                 pos = done
                                 continue
-                            yield _InlineTail((self.fn, self.iterables[0], done, self.n_input))
+                            yield InlineTail((self.fn, self.iterables[0], done, self.n_input))
                         return
                     yield rest
                 return
@@ -1194,7 +1026,7 @@ class _JobState:
         while done < n:
             box = [PROBE_PIECE_S, done]
             t = time.perf_counter()
-            yield _InlineTail((fn, seq, done, n, box))
+            yield InlineTail((fn, seq, done, n, box))
             dt = time.perf_counter() - t
             stop = box[1]
             if stop is None or stop <= done:
@@ -1204,7 +1036,7 @@ class _JobState:
             if strikes >= PROBE_STRIKES:
                 # Dearer than remembered (other inputs, a slow consumer): the
                 # workers take the rest, and the function is measured afresh.
-                _forget_tiny(fn)
+                forget_tiny(fn)
                 break
         return done
 
@@ -1219,29 +1051,20 @@ class _JobState:
 
     def _finish(self):
         if self.inline_ok and not self.fixed and self.inline_from is None \
-                and self.gen is not None and self._dec_known() and self.records:
+                and self.gen is not None and self.costs.decode_known() and self.records:
             # A map that ran on the workers to its end: too short, or in too
             # few chunks, to go inline, its measured costs still say whether
-            # the function is tiny for its next map (see PROBE_PIECE_S).
-            # A map of items that cost less than TINY_OVERHEAD_FACTOR x their
-            # moving, that took longer than map would have, marks it tiny
-            # too, but only for maps up to the length where the parallel
-            # path's steady gain would pay this map's fixed costs (posting,
-            # waking, the first chunk's latency: wall - n * par), which the
-            # model leaves out and which decide short maps of such items.
-            # (A job posted for the rest of a map is judged from its posting,
-            # over the items it had: those before ran in the caller.)
-            t = self.cpu_item
+            # the function is tiny for its next map (see PROBE_PIECE_S). A
+            # job posted for the rest of a map is judged from its posting,
+            # over the items it had: those before ran in the caller.
             wall = time.perf_counter() - (self.posted_at or self.stats.t0)
             n = None if self.n is None else self.n - self.posted_from
-            lost = n is not None and self.consumed >= self.n and n > 0 and wall >= n * t
-            par = self._par_item(t, self.dec.est)
-            if self._tiny_by_model(t, self.dec.est):
-                self._remember_if_computing(t)
-            elif lost and t < TINY_OVERHEAD_FACTOR * self._overhead_item():
-                self._remember_if_computing(t, int(max(0.0, wall - n * par) / (t - par)))
-            else:
-                _forget_tiny(self.fn)
+            tiny, upto = self.costs.judge_finished(self.consumed, wall, n,
+                                                   self.n is not None and self.consumed >= self.n)
+            if not tiny:
+                forget_tiny(self.fn)
+            elif self.costs.computing():
+                remember_tiny(self.fn, self.costs.cpu_item, upto)
         if self.gen is None and not self.segs:
             if self.probe and not self.stats.wall_s:
                 self.stats.finish(time.perf_counter() - self.stats.t0)
@@ -1274,7 +1097,7 @@ class _JobState:
 
 
 def _tail_iter(rest):
-    if type(rest) is _InlineTail:
+    if type(rest) is InlineTail:
         fn, seq, a, end = rest
         return map(fn, itertools.islice(seq, a, end))
     return rest
