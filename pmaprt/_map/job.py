@@ -22,23 +22,20 @@ step per item, as builtin map's own); otherwise it yields ``map(fn, rest)``.
 """
 import collections
 import itertools
-import operator
-import os
 import pickle
 import sys
 import time
 
 from .. import _array, _collective, _memguard, _serialize, _shm
 from .._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
-from .._errors import (RemoteTraceback, ReturnedError, WorkerCrashedError, add_note,
-                      item_timeout_error, oom_hint)
-from .._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, REC_LOCAL, S_FLAGS, S_LIMIT, S_N, S_NEXT,
-                   FLAG_FEED_DONE, FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, RETRY_RANGES)
-
-REC_RESULT_ERRORS = 6  # as in _pool: results among which are returned exceptions
+from .._errors import WorkerCrashedError, oom_hint
+from .._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, S_NEXT,
+                   FLAG_FEED_DONE, FLAG_ON_ERROR_RETURN, FLAG_PROGRESS)
 from .._stats import MapStats, WorkerStats
 from .._options import check_chunksize
 from .._tune import cached_chunksize
+from .collect import ResultBook, decode_record
+from .recovery import Recovery
 from .inline import (INLINE_MIN_CHUNKS, PROBE_FACTOR, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES,
                      TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny,
                      rest_worth_inline, tiny_estimate)
@@ -92,24 +89,6 @@ class MapJob:
 
     def __repr__(self):
         return "<pmaprt map %s items=%s>" % (self._state.stats.mode, self._state.n)
-
-
-def gaps(lo, hi, held):
-    """The parts of [lo, hi) that no interval [a, b) of `held` covers, as
-    (start, count) in increasing order."""
-    out = []
-    pos = lo
-    for a, b in sorted(held):
-        if pos >= hi:
-            break
-        if b <= a:
-            continue
-        if a > pos:
-            out.append((pos, min(a, hi) - pos))
-        pos = max(pos, b)
-    if pos < hi:
-        out.append((pos, hi - pos))
-    return out
 
 
 class _JobState:
@@ -166,18 +145,11 @@ class _JobState:
                                  "timeout=, on_error='return' or max_items_per_worker=: its ranks "
                                  "run together and cannot be re-run alone" % (axis_name,))
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
-        self.pending = {}          # start index -> (kind, count, payload)
-        self.arrived = collections.deque()  # unordered: start indices in arrival order
-        self.errors = {}           # index -> exception raised there (parent side)
-        self.error_at = None
-        self.here_error = None     # fails wherever the consumer is
-        self.consumed = 0
-        self.records = 0
-        self.recorded = {}         # start -> count of the chunks whose record arrived
-        self.err_rec = None        # lowest index where a chunk that arrived raised
-        self.attempts = {}         # item index -> crashes or timeouts on it
-        self.backlog = []          # lost ranges waiting for a free retry word (index mode)
-        self.load_crashes = 0      # workers that died loading this job, in a row
+        self.book = ResultBook(self.ordered)
+        self.recovery = Recovery(self.book, self.stats, self._requeue, retries=self.retries,
+                                 timeout=self.timeout, return_errors=self.ret,
+                                 tracked=self.tracked, nwork=self.nwork)
+        self.backlog = self.recovery.backlog   # the runtime reads it (see flush_backlog)
         self.segs = []
         self.lazy = []             # _access.LazyBlocks of a long list input
         self.gen = None
@@ -214,6 +186,7 @@ class _JobState:
         if axis_name is not None:
             with pool._lock:
                 self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
+                self.book.on_fail = self._spmd_failed
                 self.segs.append(self.spmd.seg)
         self.feed_mode = isinstance(plan, FeedPlan)
         self.stats.mode = "feed" if self.feed_mode else "index"
@@ -249,7 +222,7 @@ class _JobState:
         if plan.n > _shm.RANGE_LO_MAX:
             raise OverflowError("pmaprt: a map of more than %d items is not supported" % _shm.RANGE_LO_MAX)
         if plan.error is not None:
-            self.fail_at(*plan.error)
+            self.book.fail_at(*plan.error)
         desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed)
                                     + self.arrays.desc_extra())
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
@@ -276,8 +249,8 @@ class _JobState:
         # Items of a list before k are not pickled (start=k: placeholders).
         plan = plan_input(self.iterables, self.star, self.arrays.encoder,
                           upfront=k + self._window(), start=k)
-        saved = self.n, self.consumed, self.error_at, dict(self.errors)
-        self.consumed = k
+        saved = self.n, self.book.consumed, self.book.error_at, dict(self.book.errors)
+        self.book.consumed = k
         try:
             with self.pool._lock:
                 self.pool._check_open()
@@ -289,7 +262,7 @@ class _JobState:
                 for seg in self.segs:   # every job slot busy: the rest runs here
                     self.pool.unshare(seg)
             self.segs = []
-            self.n, self.consumed, self.error_at, self.errors = saved
+            self.n, self.book.consumed, self.book.error_at, self.book.errors = saved
             return False
         self.stats.mode = mode
         self.arrays.started = True
@@ -343,20 +316,13 @@ class _JobState:
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen, enc=0.0):
         if self.spmd is not None and self._spmd_record(kind, start, count, payload):
             return
-        if start in self.recorded:
-            return  # cannot happen: a chunk is run again only when its record is missing
-        self.recorded[start] = count
-        self.pending[start] = (kind, count, payload)
-        self.records += 1
-        self.load_crashes = 0
+        if not self.book.add(start, kind, count, payload):
+            return
+        self.recovery.load_crashes = 0
         self.arrays.done(start)
-        if not self.ordered:
-            self.arrived.append(start)
         if kind != REC_ERROR:
             self.stats.record(w, start, count, t0, t1, stolen)
-            self.costs.on_chunk(count, t0, t1, cpu, enc, self.consumed)
-        if kind == REC_ERROR and (self.err_rec is None or start + count < self.err_rec):
-            self.err_rec = start + count   # where the chunk's function raised
+            self.costs.on_chunk(count, t0, t1, cpu, enc, self.book.consumed)
         if self.feed_mode:
             self._drop_entry(start)
             k = self.start_chunk.pop(start, None)
@@ -372,29 +338,11 @@ class _JobState:
         refill, a progress bar, retries and timeouts, an SPMD map)."""
         if self.ordered and not self.feed_mode and self.gen is not None \
                 and self._progress is None and self.spmd is None and not self.tracked:
-            return ((self.slot + 1) << WANT_SHIFT) | self.consumed
+            return ((self.slot + 1) << WANT_SHIFT) | self.book.consumed
         return 0
 
     def has_news(self):
-        """Whether the consumer can go on without waiting. Ordered: only the
-        record at its position counts (records further on do not let it
-        move; returning for them made the parent spin, taking a core from the
-        workers, whenever results arrived out of order)."""
-        if self.here_error is not None:
-            return True
-        if self.ordered:
-            return self.consumed in self.pending or (
-                self.error_at is not None and self.error_at <= self.consumed)
-        return bool(self.arrived) or self.error_at is not None
-
-    def fail_at(self, index, exc):
-        """The map raises exc when the consumer reaches item `index`."""
-        if index not in self.errors:
-            self.errors[index] = exc
-        if self.error_at is None or index < self.error_at:
-            self.error_at = index
-        if self.spmd is not None:
-            self._spmd_failed(index, exc)
+        return self.book.has_news()
 
     # --- SPMD maps (lock held)
 
@@ -406,7 +354,7 @@ class _JobState:
             sp.root = exc
             sp.abort(rank)
             for r in sp.secondary:
-                self.fail_at(r, exc)
+                self.book.fail_at(r, exc)
             self.fail_here(exc)
 
     def _spmd_record(self, kind, start, count, payload):
@@ -415,7 +363,7 @@ class _JobState:
         if kind != REC_ERROR:
             sp.delivered.add(start)
             return False
-        self.records += 1
+        self.book.records += 1
         _ok, exc = self._take((kind, count, payload), start)
         if isinstance(exc, _collective.CollectiveAbortedError):
             # Failed only because another rank did: the map raises that one.
@@ -423,7 +371,7 @@ class _JobState:
                 sp.secondary.append(start)
                 return True
             exc = sp.root
-        self.fail_at(start, exc)
+        self.book.fail_at(start, exc)
         return True
 
     def on_worker_death(self, w, pid, rc, what):
@@ -434,91 +382,36 @@ class _JobState:
         if self.pool._r.range_get(self.off + _shm.S_RANGES + 8 * w)[1]:
             return  # its shard was never started: the replacement worker runs it
         from .._errors import WorkerCrashedError, oom_hint
-        self.fail_at(w, WorkerCrashedError(
+        self.book.fail_at(w, WorkerCrashedError(
             "pmaprt: %s while running rank %d of an SPMD map%s" % (what, w, oom_hint(rc)),
             pid, rc, (w, w + 1)))
 
     def fail_here(self, exc):
         """The map raises exc at the consumer's position."""
-        if self.here_error is None:
-            self.here_error = exc
+        self.book.fail_here(exc)
 
-    # --- lost work (pool lock held)
+    # --- lost work (pool lock held): recovery.py
 
     def on_lost(self, what, pid, rc, lo, cn, done, timed_out):
-        """A worker died (or was killed for a timeout) running items lo..lo+cn-1.
-        timed_out: None, True, or "spurious" (killed, but its item had finished)."""
-        if lo in self.recorded:
-            return
-        self.load_crashes = 0
-        if not self.tracked:
-            self.fail_at(lo, WorkerCrashedError(
-                "%s while running items %d..%d of this map%s" % (what, lo, lo + cn - 1, oom_hint(rc)),
-                pid, rc, (lo, lo + cn)))
-            return
-        self.stats.lost_chunks += 1
-        after = (" after %d retr%s" % (self.retries, "y" if self.retries == 1 else "ies")
-                 if self.retries else "")
-        if timed_out == "spurious":
-            self._requeue(lo, cn, [(lo, cn)])
-            return
-        if done >= cn:
-            # Every item ran; it died encoding or sending the results (a result
-            # that kills its pickler, or memory). Split the chunk in halves, free
-            # of charge, until the item at fault is alone: then charge it.
-            if cn > 1:
-                h = cn // 2
-                self._requeue(lo, cn, [(lo, h), (lo + h, cn - h)])
-                return
-            done = 0
-            what += " while encoding or sending its result"
-        done = max(0, done)
-        idx = lo + done  # the item it was running; those before it finished, unreported
-        tries = self.attempts.get(idx, 0) + 1
-        self.attempts[idx] = tries
-        pieces = [(lo, done)] if done else []
-        if tries <= self.retries:
-            self.stats.retried += 1
-            pieces.append((idx, 1))
-            failed = False
-        else:
-            if timed_out:
-                err = item_timeout_error(idx, self.timeout, what.split(" was killed")[0])
-                if after:
-                    add_note(err, "pmaprt: it timed out%s" % after)
-            else:
-                err = WorkerCrashedError("%s (item %d of this map)%s%s"
-                                         % (what, idx, after, oom_hint(rc)), pid, rc, (idx, idx + 1))
-                if " while " not in what:
-                    err = WorkerCrashedError("%s while running item %d of this map%s%s"
-                                             % (what, idx, after, oom_hint(rc)), pid, rc, (idx, idx + 1))
-            failed = True
-            if self.ret:
-                self._put_local(idx, [err])
-            else:
-                self.fail_at(idx, err)
-        if lo + cn > idx + 1 and (self.ret or not failed):
-            pieces.append((idx + 1, lo + cn - idx - 1))
-        self._requeue(lo, cn, pieces)
+        self.recovery.on_lost(what, pid, rc, lo, cn, done, timed_out)
+
+    def on_load_crash(self, err):
+        self.recovery.on_load_crash(err)
 
     def _requeue(self, lo, cn, pieces):
         """Run the pieces of lost chunk [lo, lo+cn) again."""
         if self.feed_mode:
             self._refeed_pieces(lo, cn, pieces)
         else:
-            for a, k in pieces:
-                self.backlog.append((a, k))
+            self.backlog.extend(pieces)
             self.flush_backlog()
 
-    def on_load_crash(self, err):
-        """A worker died while loading this job (no item was taken)."""
-        # Nothing was lost, but a function that kills every process that loads
-        # it must not be retried forever: with retries, give up after
-        # (retries + 1) deaths per worker slot, in a row without any result.
-        self.load_crashes += 1
-        limit = (self.retries + 1) * (self.nwork + 2) if self.retries else 0
-        if self.load_crashes > limit:
-            self.fail_here(err)
+    def flush_backlog(self):
+        """Hand lost ranges to the workers through the job's retry words."""
+        r = self.pool._r
+        if r is None or self.gen is None:
+            return
+        self.recovery.flush(r, self.off + self.pool._layout.retry_off, self.pool.wake_workers)
 
     def _note_entry(self, k, ent):
         old = self.last_entry.get(ent[0])
@@ -536,7 +429,7 @@ class _JobState:
         """A worker died between claiming feed chunk k and reading it: publish it
         again (unless its record arrived, or it was published again since)."""
         ent = self.entries.get(k)
-        if ent is None or ent[0] in self.recorded or self.start_chunk.get(ent[0]) is None:
+        if ent is None or ent[0] in self.book.recorded or self.start_chunk.get(ent[0]) is None:
             return
         self._table_entry(*ent)
 
@@ -544,69 +437,28 @@ class _JobState:
         """Pool._reconcile: a worker died moving items between shared words,
         and may have taken some it had recorded nowhere (between a claim's
         compare-and-swap and the store that records it). Given a consistent
-        view of the job (curs: every worker's (gen, lo, n, k) current-chunk
-        words; words: the slot's non-empty range words as (lo, n); nxt: the
-        shared counter), the items (index mode) or chunks (feed mode) found
-        nowhere never ran: they run again, free of charge. Lock held."""
+        view of the job, the items (index mode) or chunks (feed mode) found
+        nowhere run again. Lock held."""
         if self.gen is None or self.spmd is not None:
             return
         if self.feed_mode:
             self._reconcile_feed(curs, nxt)
             return
-        if (self.error_at is not None or self.err_rec is not None) and not self.ordered:
-            return      # the map raises at its next step: nothing is waited for
-        lo = max(self.first, self.consumed) if self.ordered else self.first
-        hi = min(nxt, self.n)
-        if self.inline_from is not None:
-            hi = min(hi, self.inline_from)
-        for e in (self.error_at, self.err_rec):
-            if e is not None:
-                hi = min(hi, e)   # items from an error on are not waited for (an
-                                  # error record names only the items before it)
-        if lo >= hi:
-            return
-        held = [(a, a + k) for a, k in self.recorded.items() if a + k > lo and a < hi]
-        held += [(a, a + k) for g, a, k, _ in curs if g == self.gen and k > 0]
-        held += [(a, a + k) for a, k in words]
-        held += [(a, a + k) for a, k in self.backlog]
-        for a, k in gaps(lo, hi, held):
-            self.stats.reclaimed += k
-            self._requeue(a, k, [(a, k)])
+        end = self.n if self.inline_from is None else min(self.n, self.inline_from)
+        self.recovery.reconcile(curs, words, nxt, self.gen, self.first, end)
 
     def _reconcile_feed(self, curs, nxt):
         live_k = {k for g, _, n, k in curs if g == self.gen and k >= 0}
         live_lo = {a for g, a, n, _ in curs if g == self.gen and n > 0}
         for k, entry in list(self.outstanding.items()):
             s = entry[0]
-            if entry[3] or s in self.recorded or s in live_lo:
+            if entry[3] or s in self.book.recorded or s in live_lo:
                 continue
             e = self.last_entry.get(s)
             if e is None or e >= nxt or e in live_k:
                 continue    # not claimed yet, or claimed by a live worker
             self.stats.reclaimed += 1
             self.on_lost_feed_chunk(e)
-
-    def _put_local(self, idx, results):
-        self.pending[idx] = (REC_LOCAL, len(results), results)
-        self.recorded[idx] = len(results)
-        if not self.ordered:
-            self.arrived.append(idx)
-
-    def flush_backlog(self):
-        """Hand lost ranges to the workers through the job's retry words."""
-        r = self.pool._r
-        if r is None or self.gen is None:
-            return
-        base = self.off + self.pool._layout.retry_off
-        while self.backlog:
-            a, k = self.backlog[0]
-            for j in range(RETRY_RANGES):
-                if r.range_put(base + 8 * j, a, k):
-                    break
-            else:
-                return
-            self.backlog.pop(0)
-            self.pool.wake_workers()
 
     def _refeed_pieces(self, lo, cn, pieces):
         """Feed mode: publish the pieces of lost chunk [lo, lo+cn) as chunks of their own."""
@@ -622,7 +474,7 @@ class _JobState:
             items = _serialize.loads_list(buf[doff: doff + nbytes])
         except Exception as e:
             # Cannot rebuild the items here (arrays out of band): fail the lost range.
-            self.fail_at(lo, WorkerCrashedError(
+            self.book.fail_at(lo, WorkerCrashedError(
                 "pmaprt: items %d..%d of this map were lost with their worker and cannot be "
                 "re-sent (%s)" % (lo, lo + cn - 1, e), None, None, (lo, lo + cn)))
             return
@@ -665,7 +517,7 @@ class _JobState:
                 c = self.costs.sizer.size()
                 if self.quota:
                     c = min(c, self.quota)
-                if self.fed - self.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
+                if self.fed - self.book.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
                     return
                 items = []
                 app = items.append
@@ -677,7 +529,7 @@ class _JobState:
                     self.feed_done = True
                 except Exception as e:
                     self.feed_done = True
-                    self.fail_at(self.fed + len(items), e)
+                    self.book.fail_at(self.fed + len(items), e)
                 if items:
                     try:
                         data = _serialize.dumps_list(items, self.arrays.encoder)
@@ -685,7 +537,7 @@ class _JobState:
                         bad = _serialize.find_unpicklable(items)
                         j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
                         self.feed_done = True
-                        self.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
+                        self.book.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
                         items = items[:j]
                         data = _serialize.dumps_list(items, self.arrays.encoder) if items else None
                     self.arrays.hold(self.fed)  # shared arrays in this chunk: kept until its record
@@ -758,10 +610,10 @@ class _JobState:
         parallel path. A function it finds tiny is remembered (see
         PROBE_PIECE_S), even where the rest of this map is too short to be
         worth the switch."""
-        if not self.inline_ok or self.fixed or self.records < INLINE_MIN_CHUNKS:
+        if not self.inline_ok or self.fixed or self.book.records < INLINE_MIN_CHUNKS:
             return False
         c = self.costs
-        if not c.decode_known() or not c.tiny(self.consumed):
+        if not c.decode_known() or not c.tiny(self.book.consumed):
             return False
         if c.computing():
             remember_tiny(self.fn, c.cpu_item)
@@ -786,10 +638,7 @@ class _JobState:
                 self.inline_from = min(nxt, self.n)
                 # Items from here on run here and need no pickling: an item
                 # found unpicklable there is no error of this map any more.
-                errs = {i: e for i, e in self.errors.items() if i < self.inline_from}
-                if len(errs) < len(self.errors):
-                    self.errors = errs
-                    self.error_at = min(errs) if errs else None
+                self.book.keep_errors_before(self.inline_from)
         self.stats.mode += "+inline"
 
     def _inline_rest(self):
@@ -814,10 +663,10 @@ class _JobState:
     def _raise_limit(self):
         if self.feed_mode or self.limit >= self.n:
             return
-        if self.limit - self.consumed < self._window() // 2:
-            if self.limit > self.consumed and self.guard.low():
+        if self.limit - self.book.consumed < self._window() // 2:
+            if self.limit > self.book.consumed and self.guard.low():
                 return
-            limit = min(self.n, self.consumed + self._window())
+            limit = min(self.n, self.book.consumed + self._window())
             if self.lazy:
                 limit = self._encode_lazy(limit)
             self.limit = limit
@@ -845,7 +694,7 @@ class _JobState:
             if blocks:
                 batches.append((lz, blocks))
             if err is not None:
-                self.fail_at(*err)
+                self.book.fail_at(*err)
                 self.inline_ok = False
                 self.n = min(self.n, err[0])
                 upto = min(upto, err[0])
@@ -879,41 +728,13 @@ class _JobState:
         return self.n
 
     def _take(self, rec, start):
-        kind, count, payload = rec
         if self.arrays.on_take is not None:
-            self.arrays.on_take(start, count)  # a plain out=: copy this chunk's rows back
-        if kind == REC_LOCAL:
-            return payload, None
-        if kind == REC_RESULT_ERRORS:
-            results = _serialize.loads_list(payload)
-            for i, v in enumerate(results):
-                if type(v) is ReturnedError:
-                    results[i] = v.rebuild()
-            return results, None
-        if kind == REC_ERROR:
-            ok_payload, exc_bytes, tb_text, pid = pickle.loads(payload)
-            ok = _serialize.loads_list(ok_payload)
-            exc = pickle.loads(exc_bytes)
-            index = start + len(ok)
-            if tb_text:
-                exc.__cause__ = RemoteTraceback(tb_text)
-            add_note(exc, "pmaprt: raised by the function on item %d of the map (worker pid %d)"
-                     % (index, pid))
-            return ok, exc
-        t = time.perf_counter()
-        results = _serialize.loads_list(payload)
-        if count:
-            # Per item, from the largest chunks only: a chunk's decode has a
-            # fixed part (about 2-4 us) that the first, small chunks (1, 4,
-            # 16 items) would charge to each item, making items of a few us
-            # look not worth the workers (the model then ran a cost-shift
-            # workload's dear half serially here).
-            self.costs.dec.add(time.perf_counter() - t, count)
-        return results, None
+            self.arrays.on_take(start, rec[1])  # a plain out=: copy this chunk's rows back
+        return decode_record(rec, start, self.costs.dec)
 
     def _wait(self):
-        if self.here_error is not None:
-            raise self.here_error
+        if self.book.here_error is not None:
+            raise self.book.here_error
         if self.feed_mode and self.inline_from is None:
             self._refeed()
         if self.costs.obs_consumed is None:
@@ -937,7 +758,7 @@ class _JobState:
         """Yields result lists; the caller's iterator chains them."""
         try:
             pos = 0
-            pending, arrived = self.pending, self.arrived
+            pending, arrived = self.book.pending, self.book.arrived
             if self.probe:
                 # A known-tiny function (see PROBE_PIECE_S): timed pieces here.
                 done = yield from self._timed_inline(0, self.probe_est)
@@ -963,13 +784,13 @@ class _JobState:
                         # Ordered: an error is raised where map would raise it.
                         # Unordered: as soon as it is known (once the results that
                         # arrived before it are yielded), like a result in finishing order.
-                        if self.error_at is not None and (self.error_at <= pos or not self.ordered):
-                            raise self.errors[self.error_at]
+                        if self.book.error_at is not None and (self.book.error_at <= pos or not self.ordered):
+                            raise self.book.errors[self.book.error_at]
                         self._wait()
                         continue
                     results, exc = self._take(rec, start)
                     pos += len(results)
-                    self.consumed = pos
+                    self.book.consumed = pos
                     if self._progress is not None:
                         self._progress.update(len(results))
                     yield results
@@ -983,8 +804,8 @@ class _JobState:
                         self._raise_limit()
                     elif not self.feed_done:
                         self._refeed()
-                if self.error_at is not None and (self.inline_from is None or self.error_at <= pos):
-                    raise self.errors[self.error_at]
+                if self.book.error_at is not None and (self.inline_from is None or self.book.error_at <= pos):
+                    raise self.book.errors[self.book.error_at]
                 if self.inline_from is not None:
                     self._finish()
                     rest = self._inline_rest()
@@ -1051,7 +872,7 @@ class _JobState:
 
     def _finish(self):
         if self.inline_ok and not self.fixed and self.inline_from is None \
-                and self.gen is not None and self.costs.decode_known() and self.records:
+                and self.gen is not None and self.costs.decode_known() and self.book.records:
             # A map that ran on the workers to its end: too short, or in too
             # few chunks, to go inline, its measured costs still say whether
             # the function is tiny for its next map (see PROBE_PIECE_S). A
@@ -1059,8 +880,8 @@ class _JobState:
             # over the items it had: those before ran in the caller.
             wall = time.perf_counter() - (self.posted_at or self.stats.t0)
             n = None if self.n is None else self.n - self.posted_from
-            tiny, upto = self.costs.judge_finished(self.consumed, wall, n,
-                                                   self.n is not None and self.consumed >= self.n)
+            tiny, upto = self.costs.judge_finished(self.book.consumed, wall, n,
+                                                   self.n is not None and self.book.consumed >= self.n)
             if not tiny:
                 forget_tiny(self.fn)
             elif self.costs.computing():
