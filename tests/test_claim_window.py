@@ -316,43 +316,31 @@ def test_reconcile_respects_hand_over_start_consumed_and_inline():
     assert rec.requeued == []      # unordered: the error is raised next, nothing waits
 
 
-def _index_job(**kw):
-    from pmaprt._map.job import _JobState
-    job = _JobState.__new__(_JobState)
-    job.gen, job.spmd, job.feed_mode, job.ordered = 7, None, False, True
-    job.book = ResultBook(True)
-    job.stats = MapStats()
-    for k, v in kw.items():
-        setattr(job, k, v)
-    return job
-
-
 def test_feed_entries_survive_a_wrapped_table():
     # A lost feed chunk is published again from the fields kept for its
     # latest table entry, not from the table (a ring: that slot may hold
     # another chunk by then); a chunk whose record arrived is not.
-    from pmaprt._map import job as _job
-    job = _index_job(feed_mode=True, start_chunk={}, last_entry={}, entries={},
-                     outstanding={})
+    from pmaprt._map.feed import FEED_TABLE, Feeder
+    feeder = Feeder(iter(()), ResultBook(True), MapStats(), None)
     published = []
-    job._table_entry = lambda *ent: published.append(ent)
-    job._note_entry(5, (40, 8, 100, 0, 0))
-    job.start_chunk[40] = 5
-    job.outstanding[5] = [40, None, None, False]
-    job._note_entry(5 + _job.FEED_TABLE, (9000, 8, 100, 0, 0))   # the slot's next chunk
-    job.on_lost_feed_chunk(5)
+    feeder._table_entry = lambda *ent: published.append(ent)
+    feeder._note_entry(5, (40, 8, 100, 0, 0))
+    feeder.start_chunk[40] = 5
+    feeder.outstanding[5] = [40, None, None, False]
+    feeder._note_entry(5 + FEED_TABLE, (9000, 8, 100, 0, 0))   # the slot's next chunk
+    feeder.on_lost_chunk(5)
     assert published == [(40, 8, 100, 0, 0)]
     # reconcile: chunk 40 claimed (entry 5 < nxt), held by nobody: published again
     published.clear()
-    job._reconcile_feed([(7, 0, 0, -1)], 6)
-    assert published == [(40, 8, 100, 0, 0)] and job.stats.reclaimed == 1
+    feeder.reconcile([(7, 0, 0, -1)], 6, gen=7)
+    assert published == [(40, 8, 100, 0, 0)] and feeder.stats.reclaimed == 1
     # held by a live worker (claimed, or read): left alone
     published.clear()
-    job._reconcile_feed([(7, 0, 0, 5)], 6)
-    job._reconcile_feed([(7, 40, 8, -1)], 6)
+    feeder.reconcile([(7, 0, 0, 5)], 6, gen=7)
+    feeder.reconcile([(7, 40, 8, -1)], 6, gen=7)
     assert published == []
     # its record arrived: nothing to publish, and its entry is dropped
-    job.book.recorded[40] = 8
-    job._drop_entry(40)
-    job.on_lost_feed_chunk(5)
-    assert published == [] and 5 not in job.entries
+    feeder.book.recorded[40] = 8
+    feeder._drop_entry(40)
+    feeder.on_lost_chunk(5)
+    assert published == [] and 5 not in feeder.entries

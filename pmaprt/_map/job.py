@@ -20,21 +20,21 @@ as computing it), the parent claims the rest of the input and runs it as map
 would: for a list or tuple, _core.Results calls fn(seq[i]) itself (one C
 step per item, as builtin map's own); otherwise it yields ``map(fn, rest)``.
 """
-import collections
 import itertools
 import pickle
 import sys
 import time
 
 from .. import _array, _collective, _memguard, _serialize, _shm
-from .._access import BLOCK_ENTRY, FEED_ENTRY, FeedPlan, plan_input, _unpicklable_item
+from .._access import BLOCK_ENTRY, FeedPlan, plan_input
 from .._errors import WorkerCrashedError, oom_hint
-from .._shm import (WANT_SHIFT, MODE_FEED, MODE_INDEX, REC_ERROR, S_FLAGS, S_LIMIT, S_N, S_NEXT,
-                   FLAG_FEED_DONE, FLAG_ON_ERROR_RETURN, FLAG_PROGRESS)
+from .._shm import (FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR,
+                    S_LIMIT, S_NEXT, WANT_SHIFT)
 from .._stats import MapStats, WorkerStats
 from .._options import check_chunksize
 from .._tune import cached_chunksize
 from .collect import ResultBook, decode_record
+from .feed import Feeder
 from .recovery import Recovery
 from .inline import (INLINE_MIN_CHUNKS, PROBE_FACTOR, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES,
                      TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny,
@@ -45,16 +45,6 @@ from .inline import (INLINE_MIN_CHUNKS, PROBE_FACTOR, PROBE_PIECE_S, PROBE_SLACK
 # this much work done ahead of it.
 WINDOW_CHUNKS_PER_WORKER = 16
 WINDOW_MIN_ITEMS = 16384
-# Feed mode: chunks in flight per worker, and the byte ring for their items.
-FEED_CHUNKS_PER_WORKER = 4
-FEED_MIN_ITEMS = 64
-FEED_TABLE = 1024
-# Chunks in flight stay under this, so that chunks published again after a
-# crash always find a free table entry.
-FEED_MAX_OUTSTANDING = FEED_TABLE // 2
-FEED_RING = 8 * 1024 * 1024
-# A fed chunk bigger than this gets a segment of its own.
-FEED_BIG = FEED_RING // 4
 # While the map may still go inline, workers run at most about this much of
 # map's time ahead (see _window).
 INLINE_WINDOW_S = 0.01
@@ -145,6 +135,7 @@ class _JobState:
                                  "timeout=, on_error='return' or max_items_per_worker=: its ranks "
                                  "run together and cannot be re-run alone" % (axis_name,))
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
+        self.feeder = None          # feed mode: feed.Feeder
         self.book = ResultBook(self.ordered)
         self.recovery = Recovery(self.book, self.stats, self._requeue, retries=self.retries,
                                  timeout=self.timeout, return_errors=self.ret,
@@ -270,33 +261,24 @@ class _JobState:
         return True
 
     def _start_feed(self, plan, fn_bytes, star):
-        self.it = plan.iterator
-        self.fed = 0                  # items published
-        self.chunks = 0               # table entries published
-        self.chunks_published = 0     # chunks (with an entry in outstanding) and
-        self.chunks_done = 0          # those of them whose record arrived
-        self.quota = self.max_items or self.pool.max_items_per_worker
-        self.feed_done = False
-        self._held = None
-        # chunk -> [first item, first byte in the ring (None: own segment), end byte or segment, done]
-        self.outstanding = collections.OrderedDict()
-        self.start_chunk = {}
-        # chunk start -> its latest table entry k, and k -> that entry's fields
-        # (the table is a ring: an old k's slot may hold another chunk since)
-        self.last_entry = {}
-        self.entries = {}
-        self.ring_tail = 0
-        self.table_off = 0
-        self.ring_off = FEED_TABLE * FEED_ENTRY.size
-        spec = ("feed", self.table_off, FEED_TABLE, self.ring_off, FEED_RING)
-        desc = pickle.dumps((fn_bytes, star, spec, self.pool.seed) + self.arrays.desc_extra(), 5)
-        desc_off = self.ring_off + FEED_RING
-        self.seg = self.pool.share(desc_off + len(desc), reserve=False)
-        self.segs.append(self.seg)
-        self.seg.buf[desc_off: desc_off + len(desc)] = desc
+        self.feeder = feeder = Feeder(
+            plan.iterator, self.book, self.stats, self.costs.sizer, nwork=self.nwork,
+            quota=self.max_items or self.pool.max_items_per_worker, guard=self.guard,
+            pool=self.pool, arrays=self.arrays, segs=self.segs, on_done=self._fed_all)
+        desc = pickle.dumps((fn_bytes, star, feeder.spec(), self.pool.seed)
+                            + self.arrays.desc_extra(), 5)
+        seg, desc_off = feeder.share_segment(desc)
         self.gen, self.slot, self.off = self.pool._post(
-            self, desc, MODE_FEED, -1, 0, self.fixed, self.nwork, self.seg, desc_off,
+            self, desc, MODE_FEED, -1, 0, self.fixed, self.nwork, seg, desc_off,
             self.flags, self.max_items)
+        feeder.posted(self.off, self.flags)
+
+    def _fed_all(self, n):
+        """The fed input ended: it had n items."""
+        self.n = n
+        if self._progress is not None:
+            self._progress.total = n
+            self._progress.refresh()
 
     def _window(self):
         c = self.costs
@@ -324,12 +306,7 @@ class _JobState:
             self.stats.record(w, start, count, t0, t1, stolen)
             self.costs.on_chunk(count, t0, t1, cpu, enc, self.book.consumed)
         if self.feed_mode:
-            self._drop_entry(start)
-            k = self.start_chunk.pop(start, None)
-            if k is not None and k in self.outstanding:
-                self.outstanding[k][3] = True
-                self.chunks_done += 1
-                self._free_fed()
+            self.feeder.on_record(start)
 
     def wait_key(self):
         """What a parent asleep for this map waits for (see H_PARENT_WANT):
@@ -401,7 +378,7 @@ class _JobState:
     def _requeue(self, lo, cn, pieces):
         """Run the pieces of lost chunk [lo, lo+cn) again."""
         if self.feed_mode:
-            self._refeed_pieces(lo, cn, pieces)
+            self.feeder.refeed_pieces(lo, cn, pieces)
         else:
             self.backlog.extend(pieces)
             self.flush_backlog()
@@ -413,25 +390,8 @@ class _JobState:
             return
         self.recovery.flush(r, self.off + self.pool._layout.retry_off, self.pool.wake_workers)
 
-    def _note_entry(self, k, ent):
-        old = self.last_entry.get(ent[0])
-        if old is not None:
-            self.entries.pop(old, None)
-        self.last_entry[ent[0]] = k
-        self.entries[k] = ent
-
-    def _drop_entry(self, start):
-        k = self.last_entry.pop(start, None)
-        if k is not None:
-            self.entries.pop(k, None)
-
     def on_lost_feed_chunk(self, k):
-        """A worker died between claiming feed chunk k and reading it: publish it
-        again (unless its record arrived, or it was published again since)."""
-        ent = self.entries.get(k)
-        if ent is None or ent[0] in self.book.recorded or self.start_chunk.get(ent[0]) is None:
-            return
-        self._table_entry(*ent)
+        self.feeder.on_lost_chunk(k)
 
     def reconcile(self, curs, words, nxt):
         """Pool._reconcile: a worker died moving items between shared words,
@@ -442,166 +402,10 @@ class _JobState:
         if self.gen is None or self.spmd is not None:
             return
         if self.feed_mode:
-            self._reconcile_feed(curs, nxt)
+            self.feeder.reconcile(curs, nxt, self.gen)
             return
         end = self.n if self.inline_from is None else min(self.n, self.inline_from)
         self.recovery.reconcile(curs, words, nxt, self.gen, self.first, end)
-
-    def _reconcile_feed(self, curs, nxt):
-        live_k = {k for g, _, n, k in curs if g == self.gen and k >= 0}
-        live_lo = {a for g, a, n, _ in curs if g == self.gen and n > 0}
-        for k, entry in list(self.outstanding.items()):
-            s = entry[0]
-            if entry[3] or s in self.book.recorded or s in live_lo:
-                continue
-            e = self.last_entry.get(s)
-            if e is None or e >= nxt or e in live_k:
-                continue    # not claimed yet, or claimed by a live worker
-            self.stats.reclaimed += 1
-            self.on_lost_feed_chunk(e)
-
-    def _refeed_pieces(self, lo, cn, pieces):
-        """Feed mode: publish the pieces of lost chunk [lo, lo+cn) as chunks of their own."""
-        k = self.start_chunk.pop(lo, None)
-        entry = self.outstanding.get(k) if k is not None else None
-        ent = self.entries.get(self.last_entry.get(lo))
-        if entry is None or ent is None:
-            return
-        self._drop_entry(lo)
-        start, count, nbytes, doff, seg_id = ent
-        buf = self.pool._res.segs[seg_id].buf if seg_id else self.seg.buf
-        try:
-            items = _serialize.loads_list(buf[doff: doff + nbytes])
-        except Exception as e:
-            # Cannot rebuild the items here (arrays out of band): fail the lost range.
-            self.book.fail_at(lo, WorkerCrashedError(
-                "pmaprt: items %d..%d of this map were lost with their worker and cannot be "
-                "re-sent (%s)" % (lo, lo + cn - 1, e), None, None, (lo, lo + cn)))
-            return
-        for a, m in pieces:
-            sub = items[a - lo: a - lo + m]
-            data = _serialize.dumps_list(sub)
-            seg = self.pool.share(len(data))
-            seg.buf[:len(data)] = data
-            self.segs.append(seg)
-            self.outstanding[self.chunks] = [a, None, seg, False]
-            self.chunks_published += 1
-            self.start_chunk[a] = self.chunks
-            self._table_entry(a, m, len(data), 0, seg.id)
-        if not entry[3]:
-            entry[3] = True
-            self.chunks_done += 1
-        self._free_fed()
-
-    def _table_entry(self, start, count, nbytes, doff, seg_id):
-        k = self.chunks
-        FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
-                             start, count, nbytes, doff, seg_id)
-        self._note_entry(k, (start, count, nbytes, doff, seg_id))
-        self.chunks = k + 1
-        self.pool._r.store64(self.off + S_LIMIT, self.chunks)
-        self.pool.wake_workers()
-
-    # --- feeding (consumer's thread)
-
-    def _feed(self):
-        pool = self.pool
-        with pool._lock:
-            while not self.feed_done:
-                # Chunks not yet done (a done chunk behind a slow one only holds ring bytes).
-                inflight = self.chunks_published - self.chunks_done
-                if inflight >= min(FEED_MAX_OUTSTANDING, FEED_CHUNKS_PER_WORKER * self.nwork):
-                    return
-                if inflight and self.guard.low():
-                    return
-                c = self.costs.sizer.size()
-                if self.quota:
-                    c = min(c, self.quota)
-                if self.fed - self.book.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
-                    return
-                items = []
-                app = items.append
-                it = self.it
-                try:
-                    for _ in range(c):
-                        app(next(it))
-                except StopIteration:
-                    self.feed_done = True
-                except Exception as e:
-                    self.feed_done = True
-                    self.book.fail_at(self.fed + len(items), e)
-                if items:
-                    try:
-                        data = _serialize.dumps_list(items, self.arrays.encoder)
-                    except _serialize.PICKLE_ERRORS:
-                        bad = _serialize.find_unpicklable(items)
-                        j, exc = bad if bad is not None else (0, TypeError("cannot be pickled"))
-                        self.feed_done = True
-                        self.book.fail_at(self.fed + j, _unpicklable_item(self.fed + j, items[j], exc))
-                        items = items[:j]
-                        data = _serialize.dumps_list(items, self.arrays.encoder) if items else None
-                    self.arrays.hold(self.fed)  # shared arrays in this chunk: kept until its record
-                    if items and not self._publish(items, data):
-                        # no room in the ring: keep the items for the next round
-                        self._held = (items, data)
-                        return
-                if self.feed_done:
-                    r = pool._r
-                    r.store64(self.off + S_N, self.fed)
-                    r.store32(self.off + S_FLAGS, self.flags | FLAG_FEED_DONE)
-                    self.n = self.fed
-                    if self._progress is not None:
-                        self._progress.total = self.n
-                        self._progress.refresh()
-
-    def _publish(self, items, data):
-        """Write one chunk and publish it; False when the ring has no room yet."""
-        nbytes = len(data)
-        k = self.chunks
-        seg_id = 0
-        if nbytes > FEED_BIG or _array.has_inline_buffers(data):
-            # (arrays decoded in a worker view their chunk's memory: never the ring, which is reused)
-            seg = self.pool.share(nbytes)
-            _array.write_blobs(seg.buf, [(0, data)])
-            self.segs.append(seg)
-            seg_id, doff, bstart, bend = seg.id, 0, None, seg
-        else:
-            pos = self.ring_tail % FEED_RING
-            skip = FEED_RING - pos if pos + nbytes > FEED_RING else 0
-            if self.ring_tail + skip + nbytes - self._ring_head() > FEED_RING:
-                return False
-            bstart = self.ring_tail + skip
-            doff = self.ring_off + bstart % FEED_RING
-            self.seg.buf[doff: doff + nbytes] = data
-            self.ring_tail = bend = bstart + nbytes
-        FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
-                             self.fed, len(items), nbytes, doff, seg_id)
-        self.outstanding[k] = [self.fed, bstart, bend, False]
-        self.chunks_published += 1
-        self.start_chunk[self.fed] = k
-        self._note_entry(k, (self.fed, len(items), nbytes, doff, seg_id))
-        self.fed += len(items)
-        self.chunks = k + 1
-        self.pool._r.store64(self.off + S_LIMIT, self.chunks)
-        self.pool.wake_workers()
-        return True
-
-    def _ring_head(self):
-        """The first ring byte still in use: the start of the oldest chunk in the ring."""
-        for entry in self.outstanding.values():
-            if entry[1] is not None:
-                return entry[1]
-        return self.ring_tail
-
-    def _free_fed(self):
-        while self.outstanding:
-            k, entry = next(iter(self.outstanding.items()))
-            if not entry[3]:
-                break
-            del self.outstanding[k]
-            if entry[1] is None:
-                self.segs.remove(entry[2])
-                self.pool.unshare(entry[2])
 
     # --- inline
 
@@ -629,7 +433,7 @@ class _JobState:
         r = self.pool._r
         with self.pool._lock:
             if self.feed_mode:
-                self.inline_from = self.fed
+                self.inline_from = self.feeder.fed
             else:
                 while True:
                     nxt = r.load64(self.off + S_NEXT)
@@ -645,9 +449,7 @@ class _JobState:
         """map(fn, items from inline_from on), as a C-level map object."""
         a = self.inline_from
         if self.feed_mode:
-            held = self._held[0] if self._held is not None else []
-            self._held = None
-            rest = itertools.chain(held, self.it) if held else self.it
+            rest = self.feeder.rest()
             return itertools.starmap(self.fn, rest) if self.star else map(self.fn, rest)
         end = self.n_input
         if len(self.iterables) == 1 and not self.star \
@@ -724,7 +526,7 @@ class _JobState:
         if self.inline_from is not None:
             return self.inline_from
         if self.feed_mode:
-            return self.fed if self.feed_done and self._held is None else None
+            return self.feeder.end()
         return self.n
 
     def _take(self, rec, start):
@@ -736,23 +538,13 @@ class _JobState:
         if self.book.here_error is not None:
             raise self.book.here_error
         if self.feed_mode and self.inline_from is None:
-            self._refeed()
+            self.feeder.refill()
         if self.costs.obs_consumed is None:
             self.pool.wait(self)
         else:
             t = time.perf_counter()
             self.pool.wait(self)
             self.costs.wait_s += time.perf_counter() - t
-
-    def _refeed(self):
-        held = self._held
-        if held is not None:
-            with self.pool._lock:
-                if self._publish(*held):
-                    self._held = None
-                else:
-                    return
-        self._feed()
 
     def _chunks(self):
         """Yields result lists; the caller's iterator chains them."""
@@ -768,7 +560,7 @@ class _JobState:
                     return
                 pos = done
             if self.feed_mode:
-                self._feed()
+                self.feeder.feed()
             while True:     # again when an inline rest hands dear items back
                 while True:
                     end = self._end()
@@ -802,8 +594,8 @@ class _JobState:
                         self._go_inline()
                     elif not self.feed_mode:
                         self._raise_limit()
-                    elif not self.feed_done:
-                        self._refeed()
+                    elif not self.feeder.feed_done:
+                        self.feeder.refill()
                 if self.book.error_at is not None and (self.inline_from is None or self.book.error_at <= pos):
                     raise self.book.errors[self.book.error_at]
                 if self.inline_from is not None:
