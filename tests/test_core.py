@@ -530,7 +530,8 @@ def test_fixed_chunks_are_not_held_back_by_the_window(pool):
     it = pool.map(about_a_microsecond, range(200_000), chunksize=20_000)
     assert list(it) == list(range(200_000))
     st = it._state
-    assert st._window() >= 4 * st.nwork * 20_000, (st._window(), st.avg_chunk, st.cpu_item)
+    w = st.window.size(st._may_inline())
+    assert w >= 4 * st.nwork * 20_000, (w, st.costs.avg_chunk, st.costs.cpu_item)
 
 
 

@@ -26,28 +26,21 @@ import sys
 import time
 
 from .. import _array, _collective, _memguard, _serialize, _shm
-from .._access import BLOCK_ENTRY, FeedPlan, plan_input
+from .._access import FeedPlan, plan_input
 from .._errors import WorkerCrashedError, oom_hint
 from .._shm import (FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR,
-                    S_LIMIT, S_NEXT, WANT_SHIFT)
+                    S_NEXT, WANT_SHIFT)
 from .._stats import MapStats, WorkerStats
 from .._options import check_chunksize
 from .._tune import cached_chunksize
 from .collect import ResultBook, decode_record
 from .feed import Feeder
+from .window import Window
 from .recovery import Recovery
 from .inline import (INLINE_MIN_CHUNKS, PROBE_FACTOR, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES,
                      TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny,
                      rest_worth_inline, tiny_estimate)
 
-# Index mode: how far past the consumer workers may run, in chunks per worker
-# (at least WINDOW_MIN_ITEMS items). A lazy consumer that stops leaves at most
-# this much work done ahead of it.
-WINDOW_CHUNKS_PER_WORKER = 16
-WINDOW_MIN_ITEMS = 16384
-# While the map may still go inline, workers run at most about this much of
-# map's time ahead (see _window).
-INLINE_WINDOW_S = 0.01
 
 
 class MapJob:
@@ -141,8 +134,7 @@ class _JobState:
                                  timeout=self.timeout, return_errors=self.ret,
                                  tracked=self.tracked, nwork=self.nwork)
         self.backlog = self.recovery.backlog   # the runtime reads it (see flush_backlog)
-        self.segs = []
-        self.lazy = []             # _access.LazyBlocks of a long list input
+        self.segs = []              # segments to free when the map ends (shared with the pieces)
         self.gen = None
         self.costs = MapCosts(self.fixed, self.nwork)
         self.n = None
@@ -152,6 +144,8 @@ class _JobState:
         # arrays (_array.py): chunks= blocks, out=, shared arrays and out-of-band buffers
         self.arrays = _array.JobArrays(pool, self.segs, iterables, out, chunks, star)
         self.iterables = iterables = self.arrays.iterables
+        self.window = Window(self.book, self.costs, self.guard, nwork=self.nwork, pool=pool,
+                             arrays=self.arrays, segs=self.segs)
         if out is not None:
             self.inline_ok = False  # the workers write out=; results here would not
             if self.ret:
@@ -167,13 +161,13 @@ class _JobState:
                 self.probe, self.probe_est = True, est
                 self.n = self.n_input = len(iterables[0])
                 self.feed_mode = False
-                self.limit, self.slot, self.off, self.lazy_seg = 0, None, None, None
+                self.slot, self.off = None, None
                 self.stats.mode = "inline"
                 self.stats.t0 = time.perf_counter()
                 return
         fn_bytes = _serialize.dumps_fn(fn)
         plan = plan_input(iterables, star, self.arrays.encoder,
-                          upfront=None if axis_name is not None else self._window())
+                          upfront=None if axis_name is not None else self.window.size(self._may_inline()))
         if axis_name is not None:
             with pool._lock:
                 self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
@@ -217,13 +211,13 @@ class _JobState:
         desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed)
                                     + self.arrays.desc_extra())
         seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
-        self.lazy, self.lazy_seg = plan.lazy, seg
         self.first = start
-        self.limit = min(self.n, start + self._window())
+        limit = self.window.open(self.n, start, plan.lazy, seg, self._may_inline())
         self.gen, self.slot, self.off = self.pool._post(
-            self, desc, MODE_INDEX, self.n, self.limit, self.fixed, self.nwork, seg, desc_off,
+            self, desc, MODE_INDEX, self.n, limit, self.fixed, self.nwork, seg, desc_off,
             self.flags, self.max_items,
             spmd_seg=self.spmd.seg if self.spmd is not None else None, start=start)
+        self.window.off = self.off
 
     def _start_after_probe(self, k, mode):
         """The probe of a known-tiny function cost more than remembered: post
@@ -239,7 +233,7 @@ class _JobState:
             return False
         # Items of a list before k are not pickled (start=k: placeholders).
         plan = plan_input(self.iterables, self.star, self.arrays.encoder,
-                          upfront=k + self._window(), start=k)
+                          upfront=k + self.window.size(self._may_inline()), start=k)
         saved = self.n, self.book.consumed, self.book.error_at, dict(self.book.errors)
         self.book.consumed = k
         try:
@@ -252,7 +246,7 @@ class _JobState:
             with self.pool._lock:
                 for seg in self.segs:   # every job slot busy: the rest runs here
                     self.pool.unshare(seg)
-            self.segs = []
+            self.segs.clear()
             self.n, self.book.consumed, self.book.error_at, self.book.errors = saved
             return False
         self.stats.mode = mode
@@ -280,18 +274,9 @@ class _JobState:
             self._progress.total = n
             self._progress.refresh()
 
-    def _window(self):
-        c = self.costs
-        w = max(WINDOW_MIN_ITEMS, int(WINDOW_CHUNKS_PER_WORKER * self.nwork * c.avg_chunk))
-        if self.inline_ok and not self.fixed and c.cpu_item:
-            # While the map may still go inline, workers run at most about
-            # INLINE_WINDOW_S of map's time ahead: what they hold when the
-            # parent takes over is run at the parallel path's (slower) pace
-            # before the inline part can start. Never below 4 chunks per
-            # worker, or workers would wait for the window.
-            w = min(w, max(WINDOW_MIN_ITEMS, int(4 * self.nwork * c.avg_chunk),
-                           int(INLINE_WINDOW_S / c.cpu_item)))
-        return w
+    def _may_inline(self):
+        """Whether the map may still go inline (the window is kept short then)."""
+        return self.inline_ok and not self.fixed
 
     # --- records from the pool (lock held)
 
@@ -463,63 +448,13 @@ class _JobState:
     # --- consuming
 
     def _raise_limit(self):
-        if self.feed_mode or self.limit >= self.n:
+        if self.feed_mode:
             return
-        if self.limit - self.book.consumed < self._window() // 2:
-            if self.limit > self.book.consumed and self.guard.low():
-                return
-            limit = min(self.n, self.book.consumed + self._window())
-            if self.lazy:
-                limit = self._encode_lazy(limit)
-            self.limit = limit
-            with self.pool._lock:
-                if self.pool._r is not None:
-                    self.pool._r.store64(self.off + S_LIMIT, self.limit)
-                    self.pool.wake_workers()
-
-    def _encode_lazy(self, upto):
-        """Encode the list blocks that items below `upto` need (see
-        _access.LazyBlocks) into a new segment and name them in the block
-        table, before the limit is raised. Returns the limit the workers may
-        go to: less than `upto` when an item cannot be pickled (the map then
-        ends there, raising its TypeError)."""
-        batches = []
-        t_enc = time.perf_counter()
-        # Encode ahead geometrically (at least twice what is encoded so far,
-        # counted from the first block: a job for the rest of a map starts there):
-        # a long map then makes O(log n) segments, not one per window move.
-        # (A map that then goes inline has encoded at most twice what it needed.)
-        lz0 = self.lazy[0]
-        ahead = max(upto, (2 * lz0.k - lz0.k0) * lz0.bsize)
-        for lz in self.lazy:
-            blocks, err = lz.encode(ahead, self.arrays.encoder)
-            if blocks:
-                batches.append((lz, blocks))
-            if err is not None:
-                self.book.fail_at(*err)
-                self.inline_ok = False
-                self.n = min(self.n, err[0])
-                upto = min(upto, err[0])
-        if not batches:
-            return upto
-        t_enc = time.perf_counter() - t_enc
-        items = sum(len(bl) for _, bl in batches) * self.lazy[0].bsize
-        if items:
-            self.costs.on_encoded(t_enc, items)
-        size = sum((len(d) + 63) // 64 * 64 for _, bl in batches for _, d in bl)
-        with self.pool._lock:
-            if self.pool._res.ctl is None:
-                return upto
-            seg = self.pool.share(size)
-        self.segs.append(seg)
-        table, pos, blobs = self.lazy_seg.buf, 0, []
-        for lz, bl in batches:
-            for k, d in bl:
-                blobs.append((pos, d))
-                BLOCK_ENTRY.pack_into(table, lz.table_off + k * BLOCK_ENTRY.size, seg.id, pos, len(d))
-                pos += (len(d) + 63) // 64 * 64
-        _array.write_blobs(seg.buf, blobs)
-        return upto
+        stop = self.window.advance(self.n, self._may_inline())
+        if stop is not None:
+            # An item that cannot be pickled: the map ends there, and not inline.
+            self.inline_ok = False
+            self.n = min(self.n, stop)
 
     def _end(self):
         """Items the workers deliver: all of them, or those before the inline part."""
@@ -690,7 +625,7 @@ class _JobState:
         if isinstance(exc, KeyboardInterrupt):
             # The workers may be deep in long items: end them now, leave nothing behind.
             self.gen = None
-            self.segs = []
+            self.segs.clear()
             pool.terminate()
             from .. import _api
             _api._forget_default(pool)
@@ -705,7 +640,7 @@ class _JobState:
             with pool._lock:
                 for seg in self.segs:
                     pool.unshare(seg)
-        self.segs = []
+        self.segs.clear()
         self.arrays.release()
 
 
