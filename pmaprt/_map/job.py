@@ -27,7 +27,6 @@ import time
 
 from .. import _array, _collective, _memguard, _serialize, _shm
 from .._access import FeedPlan, plan_input
-from .._errors import WorkerCrashedError, oom_hint
 from .._shm import (FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR,
                     S_NEXT, WANT_SHIFT)
 from .._stats import MapStats, WorkerStats
@@ -37,6 +36,7 @@ from .collect import ResultBook, decode_record
 from .feed import Feeder
 from .window import Window
 from .recovery import Recovery
+from .spmd import SpmdMap, spmd_shards
 from .inline import (INLINE_MIN_CHUNKS, PROBE_FACTOR, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES,
                      TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny,
                      rest_worth_inline, tiny_estimate)
@@ -114,19 +114,15 @@ class _JobState:
             chunksize = cached_chunksize(fn)
         self.fixed = check_chunksize(chunksize, _shm.RANGE_N_MAX)
         self.nwork = pool.workers if opts.workers is None else min(pool.workers, opts.workers)
-        # SPMD map (axis_name): one shard per worker, all at once, never inline and
-        # never retried; self.spmd is the collective segment's parent side.
-        self.spmd = None
+        # SPMD map (axis_name, spmd.py): one shard per worker, all at once, never
+        # inline and never retried; self.spmd is the collective segment's parent side.
+        self.spmd = self.spmd_map = None
         if axis_name is not None:
-            iterables, spmd_n = _collective.spmd_inputs(iterables, axis_name, self.nwork)
+            iterables, spmd_n = spmd_shards(iterables, axis_name, self.nwork, opts)
             self.iterables = iterables
             self.inline_ok = False
             self.fixed = 1
             self.nwork = max(1, spmd_n)
-            if self.tracked or self.max_items:
-                raise ValueError("pmaprt: an SPMD map (axis_name=%r) takes none of retries=, "
-                                 "timeout=, on_error='return' or max_items_per_worker=: its ranks "
-                                 "run together and cannot be re-run alone" % (axis_name,))
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
         self.feeder = None          # feed mode: feed.Feeder
         self.book = ResultBook(self.ordered)
@@ -171,7 +167,8 @@ class _JobState:
         if axis_name is not None:
             with pool._lock:
                 self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
-                self.book.on_fail = self._spmd_failed
+                self.spmd_map = SpmdMap(self.spmd, self.book, self._take)
+                self.book.on_fail = self.spmd_map.failed
                 self.segs.append(self.spmd.seg)
         self.feed_mode = isinstance(plan, FeedPlan)
         self.stats.mode = "feed" if self.feed_mode else "index"
@@ -281,7 +278,7 @@ class _JobState:
     # --- records from the pool (lock held)
 
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen, enc=0.0):
-        if self.spmd is not None and self._spmd_record(kind, start, count, payload):
+        if self.spmd is not None and self.spmd_map.on_record(kind, start, count, payload):
             return
         if not self.book.add(start, kind, count, payload):
             return
@@ -306,47 +303,9 @@ class _JobState:
     def has_news(self):
         return self.book.has_news()
 
-    # --- SPMD maps (lock held)
-
-    def _spmd_failed(self, rank, exc):
-        """The first failure of a rank is what the map raises, at once; every
-        other rank's collective is aborted."""
-        sp = self.spmd
-        if sp.root is None:
-            sp.root = exc
-            sp.abort(rank)
-            for r in sp.secondary:
-                self.book.fail_at(r, exc)
-            self.fail_here(exc)
-
-    def _spmd_record(self, kind, start, count, payload):
-        """True when the record was handled here: a rank's error."""
-        sp = self.spmd
-        if kind != REC_ERROR:
-            sp.delivered.add(start)
-            return False
-        self.book.records += 1
-        _ok, exc = self._take((kind, count, payload), start)
-        if isinstance(exc, _collective.CollectiveAbortedError):
-            # Failed only because another rank did: the map raises that one.
-            if sp.root is None:
-                sp.secondary.append(start)
-                return True
-            exc = sp.root
-        self.book.fail_at(start, exc)
-        return True
-
     def on_worker_death(self, w, pid, rc, what):
-        """Pool._on_death: worker w died. If it had taken its shard and not
-        delivered it, the map fails (an SPMD rank is never re-run)."""
-        if self.n is None or w >= self.n or w in self.spmd.delivered:
-            return
-        if self.pool._r.range_get(self.off + _shm.S_RANGES + 8 * w)[1]:
-            return  # its shard was never started: the replacement worker runs it
-        from .._errors import WorkerCrashedError, oom_hint
-        self.book.fail_at(w, WorkerCrashedError(
-            "pmaprt: %s while running rank %d of an SPMD map%s" % (what, w, oom_hint(rc)),
-            pid, rc, (w, w + 1)))
+        """Pool._on_death, for an SPMD map: worker w died."""
+        self.spmd_map.on_worker_death(w, pid, rc, what, self.n, self.pool._r, self.off)
 
     def fail_here(self, exc):
         """The map raises exc at the consumer's position."""
