@@ -273,16 +273,13 @@ def test_gaps_are_exactly_what_no_interval_covers(lo, hi, spans):
 # --- the job's side of reconciliation, on a Recovery built from plain values
 
 def _recovery(ordered=True, consumed=0, recorded=(), error_at=None, err_rec=None, backlog=()):
-    """A Recovery over a ResultBook in the given state; what it runs again
-    is in .requeued."""
+    """A Recovery over a ResultBook in the given state."""
     book = ResultBook(ordered)
     book.consumed = consumed
     book.recorded.update(recorded)
     book.error_at, book.err_rec = error_at, err_rec
-    requeued = []
-    rec = Recovery(book, MapStats(), lambda lo, cn, pieces: requeued.extend(pieces))
+    rec = Recovery(book, MapStats())
     rec.backlog.extend(backlog)
-    rec.requeued = requeued
     return rec
 
 
@@ -292,8 +289,7 @@ def test_reconcile_requeues_exactly_what_is_nowhere():
     # counter is at 300 (nothing past it was claimed).
     rec = _recovery(recorded={0: 50, 50: 50}, backlog=[(200, 60)])
     curs = [(7, 100, 20, -1), (3, 0, 99, -1)]      # another job's chunk is not this one's
-    rec.reconcile(curs, [(120, 80)], 300, gen=7, first=0, end=1000)
-    assert rec.requeued == [(260, 40)]
+    assert rec.reconcile(curs, [(120, 80)], 300, gen=7, first=0, end=1000) == [(260, 40)]
     assert rec.stats.reclaimed == 40
 
 
@@ -302,18 +298,17 @@ def test_reconcile_stops_at_an_error_record():
     # item that raised and the rest of its chunk are not waited for (the map
     # raises there): they must not run again.
     rec = _recovery(recorded={0: 100, 300: 10}, err_rec=310)
-    rec.reconcile([], [(200, 100)], 1000, gen=7, first=0, end=1000)
-    assert rec.requeued == [(100, 100)]
+    assert rec.reconcile([], [(200, 100)], 1000, gen=7, first=0, end=1000) == [(100, 100)]
 
 
 def test_reconcile_respects_hand_over_start_consumed_and_inline():
     # the job's items start at 400 (a hand-over) and end at 700 (inline from there)
     rec = _recovery(consumed=450)
-    rec.reconcile([], [], 900, gen=7, first=400, end=700)
-    assert rec.requeued == [(450, 250)]
+    assert rec.reconcile([], [], 900, gen=7, first=400, end=700) == [(450, 250)]
     rec = _recovery(ordered=False, err_rec=20)
-    rec.reconcile([], [], 900, gen=7, first=0, end=1000)
-    assert rec.requeued == []      # unordered: the error is raised next, nothing waits
+    # unordered: the error is raised next, nothing waits
+    assert rec.reconcile([], [], 900, gen=7, first=0, end=1000) == []
+    assert rec.stats.reclaimed == 0
 
 
 def test_feed_entries_survive_a_wrapped_table():

@@ -760,3 +760,28 @@ def test_a_custom_sequence_is_indexed_not_iterated(pool):
     assert list(it) == [2 * i * i for i in range(5000)]
     assert it.stats.mode == "index"             # split into index ranges, not fed
     assert sum(w.items for w in it.stats.workers) == 5000
+
+
+def test_a_dropped_map_is_freed_at_once(pool):
+    # A map's state holds no reference cycle: dropping its iterator frees it,
+    # and whatever its records hold (results in shared memory), at once, not
+    # at the garbage collector's next pass. Index, feed, retries, SPMD.
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        cases = [(range(10_000), {}), ((x for x in range(10_000)), {}),
+                 (list(range(10_000)), {"retries": 1, "ordered": False})]
+        for xs, options in cases:
+            it = pool.map(double, xs, inline=False, chunksize=10, **options)
+            next(it)
+            state = weakref.ref(it._state)
+            del it
+            assert state() is None, options
+        it = pool.map(double, range(2), axis_name="i")
+        assert list(it) == [0, 2]
+        state = weakref.ref(it._state)
+        del it
+        assert state() is None
+    finally:
+        gc.enable()

@@ -43,12 +43,13 @@ class Feeder:
     """The parent's side of one fed map. `book` (collect.ResultBook) gives
     the consumer's position and takes failures; `sizer` (a _sched.ChunkSizer)
     sizes chunks; `quota` caps a chunk at a worker's remaining items (0: no
-    cap); `on_done(n)` is called once the input is exhausted, with its
-    length. `pool`, `arrays` (the job's _array.JobArrays) and `segs` (the
-    job's list of segments to free) are needed only to publish."""
+    cap). `total` is the input's length once the workers were told it
+    ended. `pool`, `arrays` (the job's _array.JobArrays) and `segs` (the
+    job's list of segments to free) are needed only to publish. It refers
+    to no job: the job reads it."""
 
     def __init__(self, iterator, book, stats, sizer, *, nwork=1, quota=0, guard=None,
-                 pool=None, arrays=None, segs=None, on_done=None):
+                 pool=None, arrays=None, segs=None):
         self.it = iterator
         self.book = book
         self.stats = stats
@@ -59,12 +60,12 @@ class Feeder:
         self.pool = pool
         self.arrays = arrays
         self.segs = segs if segs is not None else []
-        self.on_done = on_done
         self.fed = 0                  # items published
         self.chunks = 0               # table entries published
         self.chunks_published = 0     # chunks (with an entry in outstanding) and
         self.chunks_done = 0          # those of them whose record arrived
         self.feed_done = False
+        self.total = None
         self.held = None              # (items, data) that found no room in the ring
         # chunk -> [first item, first byte in the ring (None: own segment), end byte or segment, done]
         self.outstanding = collections.OrderedDict()
@@ -146,7 +147,7 @@ class Feeder:
                     r = pool._r
                     r.store64(self.off + S_N, self.fed)
                     r.store32(self.off + S_FLAGS, self.flags | FLAG_FEED_DONE)
-                    self.on_done(self.fed)
+                    self.total = self.fed
 
     def refill(self):
         """Publish the chunk held back for lack of ring space, then feed on."""

@@ -1,46 +1,49 @@
-"""One map, on the parent's side: planner, feeder and collector.
+"""One map on the parent's side: the iterator the caller gets, and the state
+that posts the map and that the runtime reports to.
 
     caller --iterable--> plan_input: index ranges (sized) or feed (unsized)
                            |
-       index: post the job with a window `limit`; raise it as the caller
-              consumes, so a lazy consumer bounds what runs ahead.
+       index: post the job with a window limit; raise it as the caller
+              consumes, so a lazy consumer bounds what runs ahead (window.py).
        feed:  pull items, encode chunks into the job segment's table and
-              byte ring, publish them; in-flight items are bounded.
+              byte ring, publish them; in-flight items are bounded (feed.py).
                            |
-    Pool.wait drains the rings -> on_record: chunk results by start index
+    Pool.wait drains the rings -> MapState.on_record: records by start index
+    (collect.ResultBook); a dead worker's items -> recovery.py
                            |
-    _chunks yields each chunk's result list in order (or as they come); the
-    iterator the caller sees is _core.Results over them, which takes each
-    list by index, so each item costs a C-level step, not a generator
-    resume. A failure is raised at the position map would raise it.
+    collect.Collector yields each chunk's result list in order (or as they
+    come); the iterator the caller sees is _core.Results over them, which
+    takes each list by index, so each item costs a C-level step, not a
+    generator resume. A failure is raised at the position map would raise it.
 
 Inline: when the workers' measured CPU per item shows that dispatching cannot
-beat map itself (the parent's own cost of decoding a result is about as large
-as computing it), the parent claims the rest of the input and runs it as map
-would: for a list or tuple, _core.Results calls fn(seq[i]) itself (one C
-step per item, as builtin map's own); otherwise it yields ``map(fn, rest)``.
+beat map itself (inline.py, the cost model), the parent claims the rest of
+the input and runs it as map would: for a list or tuple, _core.Results calls
+fn(seq[i]) itself (one C step per item, as builtin map's own); otherwise it
+yields ``map(fn, rest)``. An SPMD map (axis_name=) runs one shard per worker,
+all at once (spmd.py).
+
+`MapState` is the object the runtime holds: it keeps the map's identity and
+its slot (gen, slot, off), starts it (plan, descriptor, post), answers the
+runtime's calls by handing them to the piece that owns the concern, and
+frees everything when the map ends.
 """
-import itertools
 import pickle
 import sys
 import time
 
 from .. import _array, _collective, _memguard, _serialize, _shm
 from .._access import FeedPlan, plan_input
-from .._shm import (FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR,
-                    S_NEXT, WANT_SHIFT)
-from .._stats import MapStats, WorkerStats
 from .._options import check_chunksize
+from .._shm import FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR, WANT_SHIFT
+from .._stats import MapStats, WorkerStats
 from .._tune import cached_chunksize
-from .collect import ResultBook, decode_record
+from .collect import Collector, ResultBook, decode_record
 from .feed import Feeder
-from .window import Window
+from .inline import TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny, tiny_estimate
 from .recovery import Recovery
 from .spmd import SpmdMap, spmd_shards
-from .inline import (INLINE_MIN_CHUNKS, PROBE_FACTOR, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES,
-                     TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny,
-                     rest_worth_inline, tiny_estimate)
-
+from .window import Window
 
 
 class MapJob:
@@ -53,8 +56,8 @@ class MapJob:
     __slots__ = ("_state", "_it", "__weakref__")
 
     def __init__(self, pool, fn, iterables, star, opts):
-        self._state = st = _JobState(pool, fn, iterables, star, opts)
-        self._it = _shm._core.Results(st._chunks(), InlineTail)
+        self._state = st = MapState(pool, fn, iterables, star, opts)
+        self._it = _shm._core.Results(Collector(st).chunks(), InlineTail)
 
     def __iter__(self):
         return self._it
@@ -64,7 +67,7 @@ class MapJob:
 
     def close(self):
         """Stop the map early; workers drop what they were doing for it."""
-        self._state.abandon()
+        self._state.finish()
 
     @property
     def stats(self):
@@ -74,8 +77,27 @@ class MapJob:
         return "<pmaprt map %s items=%s>" % (self._state.stats.mode, self._state.n)
 
 
-class _JobState:
-    # a job posted for the rest of a map (_start_after_probe): when, from which item
+def check_call(fn, iterables):
+    """The TypeErrors map itself raises for what it is given."""
+    if not callable(fn):
+        raise TypeError("pmaprt: %r is not callable" % (fn,))
+    if not iterables:
+        raise TypeError("pmap() must have at least two arguments.")
+    for i, x in enumerate(iterables):
+        try:
+            iter(x)
+        except TypeError:
+            raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
+                            % (i + 2, type(x).__name__)) from None
+
+
+class MapState:
+    """One map's state, and the job the runtime reports to (the attributes
+    and methods the runtime uses: gen, off, timeout, backlog, suspect, spmd,
+    on_record, wait_key, has_news, fail_here, on_lost, on_lost_feed_chunk,
+    on_load_crash, reconcile, flush_backlog, on_worker_death)."""
+
+    # a job posted for the rest of a map (start_after_probe): when, from which item
     posted_at = None
     posted_from = 0
     # A worker died moving items between shared words: the pool reconciles
@@ -84,16 +106,7 @@ class _JobState:
     first = 0                      # index mode: items before this ran elsewhere
 
     def __init__(self, pool, fn, iterables, star, opts):
-        if not callable(fn):
-            raise TypeError("pmaprt: %r is not callable" % (fn,))
-        if not iterables:
-            raise TypeError("pmap() must have at least two arguments.")
-        for i, x in enumerate(iterables):
-            try:
-                iter(x)
-            except TypeError:
-                raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
-                                % (i + 2, type(x).__name__)) from None
+        check_call(fn, iterables)
         self.opts = opts
         self.retries, self.timeout, self.ret = opts.retries, opts.timeout, opts.return_errors
         self.max_items = opts.max_items_per_worker
@@ -108,7 +121,7 @@ class _JobState:
         self.ordered = opts.ordered
         # Items that must run in workers (retries, timeouts) never run inline.
         self.inline_ok = opts.inline in ("auto", True) and not self.tracked
-        self.inline_from = None
+        self.inline_from = None    # the caller runs the items from here on
         chunksize = opts.chunksize
         if chunksize is None:
             chunksize = cached_chunksize(fn)
@@ -126,7 +139,7 @@ class _JobState:
         self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
         self.feeder = None          # feed mode: feed.Feeder
         self.book = ResultBook(self.ordered)
-        self.recovery = Recovery(self.book, self.stats, self._requeue, retries=self.retries,
+        self.recovery = Recovery(self.book, self.stats, retries=self.retries,
                                  timeout=self.timeout, return_errors=self.ret,
                                  tracked=self.tracked, nwork=self.nwork)
         self.backlog = self.recovery.backlog   # the runtime reads it (see flush_backlog)
@@ -135,7 +148,7 @@ class _JobState:
         self.costs = MapCosts(self.fixed, self.nwork)
         self.n = None
         self.n_input = None        # a sized input's length (n stops at an unpicklable item)
-        self._progress = None
+        self.progress = None       # a tqdm bar (progress=True)
         self.star = star = star or len(iterables) > 1
         # arrays (_array.py): chunks= blocks, out=, shared arrays and out-of-band buffers
         self.arrays = _array.JobArrays(pool, self.segs, iterables, out, chunks, star)
@@ -167,7 +180,7 @@ class _JobState:
         if axis_name is not None:
             with pool._lock:
                 self.spmd = _collective.SpmdParent(pool, spmd_n, axis_name)
-                self.spmd_map = SpmdMap(self.spmd, self.book, self._take)
+                self.spmd_map = SpmdMap(self.spmd)
                 self.book.on_fail = self.spmd_map.failed
                 self.segs.append(self.spmd.seg)
         self.feed_mode = isinstance(plan, FeedPlan)
@@ -181,7 +194,7 @@ class _JobState:
         self.arrays.started = True
         if progress:
             from tqdm.auto import tqdm
-            self._progress = tqdm(total=self.n, unit="it")
+            self.progress = tqdm(total=self.n, unit="it")
 
     # --- starting
 
@@ -216,7 +229,7 @@ class _JobState:
             spmd_seg=self.spmd.seg if self.spmd is not None else None, start=start)
         self.window.off = self.off
 
-    def _start_after_probe(self, k, mode):
+    def start_after_probe(self, k, mode):
         """The probe of a known-tiny function cost more than remembered: post
         the job for items k.. (items before k ran here). False if it cannot
         be posted (the function cannot be pickled, every job slot is busy):
@@ -231,8 +244,9 @@ class _JobState:
         # Items of a list before k are not pickled (start=k: placeholders).
         plan = plan_input(self.iterables, self.star, self.arrays.encoder,
                           upfront=k + self.window.size(self._may_inline()), start=k)
-        saved = self.n, self.book.consumed, self.book.error_at, dict(self.book.errors)
-        self.book.consumed = k
+        book = self.book
+        saved = self.n, book.consumed, book.error_at, dict(book.errors)
+        book.consumed = k
         try:
             with self.pool._lock:
                 self.pool._check_open()
@@ -244,7 +258,7 @@ class _JobState:
                 for seg in self.segs:   # every job slot busy: the rest runs here
                     self.pool.unshare(seg)
             self.segs.clear()
-            self.n, self.book.consumed, self.book.error_at, self.book.errors = saved
+            self.n, book.consumed, book.error_at, book.errors = saved
             return False
         self.stats.mode = mode
         self.arrays.started = True
@@ -255,7 +269,7 @@ class _JobState:
         self.feeder = feeder = Feeder(
             plan.iterator, self.book, self.stats, self.costs.sizer, nwork=self.nwork,
             quota=self.max_items or self.pool.max_items_per_worker, guard=self.guard,
-            pool=self.pool, arrays=self.arrays, segs=self.segs, on_done=self._fed_all)
+            pool=self.pool, arrays=self.arrays, segs=self.segs)
         desc = pickle.dumps((fn_bytes, star, feeder.spec(), self.pool.seed)
                             + self.arrays.desc_extra(), 5)
         seg, desc_off = feeder.share_segment(desc)
@@ -264,21 +278,45 @@ class _JobState:
             self.flags, self.max_items)
         feeder.posted(self.off, self.flags)
 
-    def _fed_all(self, n):
-        """The fed input ended: it had n items."""
-        self.n = n
-        if self._progress is not None:
-            self._progress.total = n
-            self._progress.refresh()
+    def feed(self, refill=False):
+        """Feed mode: publish more chunks (refill: the one held back first)."""
+        feeder = self.feeder
+        if refill:
+            feeder.refill()
+        else:
+            feeder.feed()
+        if self.n is None and feeder.total is not None:
+            # The input ended: it had this many items.
+            self.n = n = feeder.total
+            if self.progress is not None:
+                self.progress.total = n
+                self.progress.refresh()
 
     def _may_inline(self):
         """Whether the map may still go inline (the window is kept short then)."""
         return self.inline_ok and not self.fixed
 
+    # --- the consumer's side (collect.Collector)
+
+    def take(self, rec, start):
+        """(results, exc) of a record taken by the consumer."""
+        if self.arrays.on_take is not None:
+            self.arrays.on_take(start, rec[1])  # a plain out=: copy this chunk's rows back
+        return decode_record(rec, start, self.costs.dec)
+
+    def raise_limit(self):
+        """The consumer moved: move the window (index mode)."""
+        stop = self.window.advance(self.n, self._may_inline())
+        if stop is not None:
+            # An item that cannot be pickled: the map ends there, and not inline.
+            self.inline_ok = False
+            self.n = min(self.n, stop)
+
     # --- records from the pool (lock held)
 
     def on_record(self, w, kind, start, count, payload, t0, t1, cpu, stolen, enc=0.0):
-        if self.spmd is not None and self.spmd_map.on_record(kind, start, count, payload):
+        if self.spmd is not None and self.spmd_map.on_record(self.book, self.take, kind, start,
+                                                             count, payload):
             return
         if not self.book.add(start, kind, count, payload):
             return
@@ -296,28 +334,33 @@ class _JobState:
         index ranges; 0 (any record) where others matter too (a feed to
         refill, a progress bar, retries and timeouts, an SPMD map)."""
         if self.ordered and not self.feed_mode and self.gen is not None \
-                and self._progress is None and self.spmd is None and not self.tracked:
+                and self.progress is None and self.spmd is None and not self.tracked:
             return ((self.slot + 1) << WANT_SHIFT) | self.book.consumed
         return 0
 
     def has_news(self):
         return self.book.has_news()
 
-    def on_worker_death(self, w, pid, rc, what):
-        """Pool._on_death, for an SPMD map: worker w died."""
-        self.spmd_map.on_worker_death(w, pid, rc, what, self.n, self.pool._r, self.off)
-
     def fail_here(self, exc):
         """The map raises exc at the consumer's position."""
         self.book.fail_here(exc)
 
-    # --- lost work (pool lock held): recovery.py
+    def on_worker_death(self, w, pid, rc, what):
+        """Pool._on_death, for an SPMD map: worker w died."""
+        self.spmd_map.on_worker_death(self.book, w, pid, rc, what, self.n, self.pool._r, self.off)
+
+    # --- lost work (pool lock held): recovery.py, feed.py
 
     def on_lost(self, what, pid, rc, lo, cn, done, timed_out):
-        self.recovery.on_lost(what, pid, rc, lo, cn, done, timed_out)
+        pieces = self.recovery.on_lost(what, pid, rc, lo, cn, done, timed_out)
+        if pieces is not None:
+            self._requeue(lo, cn, pieces)
 
     def on_load_crash(self, err):
         self.recovery.on_load_crash(err)
+
+    def on_lost_feed_chunk(self, k):
+        self.feeder.on_lost_chunk(k)
 
     def _requeue(self, lo, cn, pieces):
         """Run the pieces of lost chunk [lo, lo+cn) again."""
@@ -334,258 +377,46 @@ class _JobState:
             return
         self.recovery.flush(r, self.off + self.pool._layout.retry_off, self.pool.wake_workers)
 
-    def on_lost_feed_chunk(self, k):
-        self.feeder.on_lost_chunk(k)
-
     def reconcile(self, curs, words, nxt):
         """Pool._reconcile: a worker died moving items between shared words,
         and may have taken some it had recorded nowhere (between a claim's
         compare-and-swap and the store that records it). Given a consistent
         view of the job, the items (index mode) or chunks (feed mode) found
-        nowhere run again. Lock held."""
+        nowhere run again."""
         if self.gen is None or self.spmd is not None:
             return
         if self.feed_mode:
             self.feeder.reconcile(curs, nxt, self.gen)
             return
         end = self.n if self.inline_from is None else min(self.n, self.inline_from)
-        self.recovery.reconcile(curs, words, nxt, self.gen, self.first, end)
+        for a, k in self.recovery.reconcile(curs, words, nxt, self.gen, self.first, end):
+            self._requeue(a, k, [(a, k)])
 
-    # --- inline
+    # --- the end
 
-    def _want_inline(self):
-        """The cost model (inline.py) finds map itself as fast as the
-        parallel path. A function it finds tiny is remembered (see
-        PROBE_PIECE_S), even where the rest of this map is too short to be
-        worth the switch."""
-        if not self.inline_ok or self.fixed or self.book.records < INLINE_MIN_CHUNKS:
-            return False
-        c = self.costs
-        if not c.decode_known() or not c.tiny(self.book.consumed):
-            return False
-        if c.computing():
-            remember_tiny(self.fn, c.cpu_item)
-        if not self.feed_mode:
-            nxt = self.pool._r.load64(self.off + S_NEXT)
-            if not rest_worth_inline(self.n - nxt, c.cpu_item):
-                return False
-        return True
-
-    def _go_inline(self):
-        """Claim everything not yet claimed by a worker; returns where it starts."""
-        self.inline_ok = False
-        r = self.pool._r
-        with self.pool._lock:
-            if self.feed_mode:
-                self.inline_from = self.feeder.fed
-            else:
-                while True:
-                    nxt = r.load64(self.off + S_NEXT)
-                    if nxt >= self.n or r.cas64(self.off + S_NEXT, nxt, self.n):
-                        break
-                self.inline_from = min(nxt, self.n)
-                # Items from here on run here and need no pickling: an item
-                # found unpicklable there is no error of this map any more.
-                self.book.keep_errors_before(self.inline_from)
-        self.stats.mode += "+inline"
-
-    def _inline_rest(self):
-        """map(fn, items from inline_from on), as a C-level map object."""
-        a = self.inline_from
-        if self.feed_mode:
-            rest = self.feeder.rest()
-            return itertools.starmap(self.fn, rest) if self.star else map(self.fn, rest)
-        end = self.n_input
-        if len(self.iterables) == 1 and not self.star \
-                and type(self.iterables[0]) in TAIL_TYPES:
-            return InlineTail((self.fn, self.iterables[0], a, end))
-        parts = [_tail(x, a, end) for x in self.iterables]
-        if len(parts) > 1:
-            return map(self.fn, *parts)
-        return itertools.starmap(self.fn, parts[0]) if self.star else map(self.fn, parts[0])
-
-    # --- consuming
-
-    def _raise_limit(self):
-        if self.feed_mode:
-            return
-        stop = self.window.advance(self.n, self._may_inline())
-        if stop is not None:
-            # An item that cannot be pickled: the map ends there, and not inline.
-            self.inline_ok = False
-            self.n = min(self.n, stop)
-
-    def _end(self):
-        """Items the workers deliver: all of them, or those before the inline part."""
-        if self.inline_from is not None:
-            return self.inline_from
-        if self.feed_mode:
-            return self.feeder.end()
-        return self.n
-
-    def _take(self, rec, start):
-        if self.arrays.on_take is not None:
-            self.arrays.on_take(start, rec[1])  # a plain out=: copy this chunk's rows back
-        return decode_record(rec, start, self.costs.dec)
-
-    def _wait(self):
-        if self.book.here_error is not None:
-            raise self.book.here_error
-        if self.feed_mode and self.inline_from is None:
-            self.feeder.refill()
-        if self.costs.obs_consumed is None:
-            self.pool.wait(self)
-        else:
-            t = time.perf_counter()
-            self.pool.wait(self)
-            self.costs.wait_s += time.perf_counter() - t
-
-    def _chunks(self):
-        """Yields result lists; the caller's iterator chains them."""
-        try:
-            pos = 0
-            pending, arrived = self.book.pending, self.book.arrived
-            if self.probe:
-                # A known-tiny function (see PROBE_PIECE_S): timed pieces here.
-                done = yield from self._timed_inline(0, self.probe_est)
-                if done >= self.n_input or not self._start_after_probe(done, "inline+index"):
-                    if done < self.n_input:
-                        yield InlineTail((self.fn, self.iterables[0], done, self.n_input))
-                    return
-                pos = done
-            if self.feed_mode:
-                self.feeder.feed()
-            while True:     # again when an inline rest hands dear items back
-                while True:
-                    end = self._end()
-                    if end is not None and pos >= end:
-                        break
-                    if self.ordered:
-                        rec = pending.pop(pos, None)
-                        start = pos
-                    else:
-                        start = arrived.popleft() if arrived else None
-                        rec = pending.pop(start) if start is not None else None
-                    if rec is None:
-                        # Ordered: an error is raised where map would raise it.
-                        # Unordered: as soon as it is known (once the results that
-                        # arrived before it are yielded), like a result in finishing order.
-                        if self.book.error_at is not None and (self.book.error_at <= pos or not self.ordered):
-                            raise self.book.errors[self.book.error_at]
-                        self._wait()
-                        continue
-                    results, exc = self._take(rec, start)
-                    pos += len(results)
-                    self.book.consumed = pos
-                    if self._progress is not None:
-                        self._progress.update(len(results))
-                    yield results
-                    if exc is not None:
-                        raise exc
-                    if self.inline_from is not None:
-                        continue
-                    if self._want_inline():
-                        self._go_inline()
-                    elif not self.feed_mode:
-                        self._raise_limit()
-                    elif not self.feeder.feed_done:
-                        self.feeder.refill()
-                if self.book.error_at is not None and (self.inline_from is None or self.book.error_at <= pos):
-                    raise self.book.errors[self.book.error_at]
-                if self.inline_from is not None:
-                    self._finish()
-                    rest = self._inline_rest()
-                    if self._progress is not None:
-                        rest = self._progress_wrap(_tail_iter(rest))
-                    elif type(rest) is InlineTail:
-                        # Timed pieces, as a known-tiny map's: items that turn
-                        # dear (a cost shift) go back to the workers, in a job
-                        # posted for the rest, rather than run serially here.
-                        done = yield from self._timed_inline(self.inline_from, self.costs.cpu_item)
-                        if done < self.n_input:
-                            self.inline_from = None
-                            try:
-                                posted = self._start_after_probe(done, self.stats.mode + "+index")
-                            except Exception:
-                                # Closed or broken since: this map needs no
-                                # worker any more; it ends here, as before.
-                                if not (self.pool._closed or self.pool._broken is not None):
-                                    raise
-                                posted = False
-                            if posted:
-                                pos = done
-                                continue
-                            yield InlineTail((self.fn, self.iterables[0], done, self.n_input))
-                        return
-                    yield rest
-                return
-        finally:
-            self._finish()
-
-    def _timed_inline(self, done, est):
-        """Yields timed pieces of the rest (from item `done`) run here; ends
-        at the end of the input, or after PROBE_STRIKES pieces in a row that
-        cost more than PROBE_FACTOR x est per item (the function is then
-        forgotten as tiny). Returns the index reached."""
-        seq, n, fn = self.iterables[0], self.n_input, self.fn
-        per_item = max(PROBE_FACTOR * est, est)
-        strikes = 0
-        while done < n:
-            box = [PROBE_PIECE_S, done]
-            t = time.perf_counter()
-            yield InlineTail((fn, seq, done, n, box))
-            dt = time.perf_counter() - t
-            stop = box[1]
-            if stop is None or stop <= done:
-                break       # cannot happen: a piece runs one item at least
-            strikes = strikes + 1 if dt > (stop - done) * per_item + PROBE_SLACK_S else 0
-            done = stop
-            if strikes >= PROBE_STRIKES:
-                # Dearer than remembered (other inputs, a slow consumer): the
-                # workers take the rest, and the function is measured afresh.
-                forget_tiny(fn)
-                break
-        return done
-
-    def _progress_wrap(self, it):
-        bar = self._progress
-        for x in it:
-            bar.update(1)
-            yield x
-
-    def abandon(self):
-        self._finish()
-
-    def _finish(self):
+    def finish(self):
+        """The map ended (or was abandoned, or the caller runs the rest):
+        judge the function's costs for its next map, retire the job, free
+        its segments."""
         if self.inline_ok and not self.fixed and self.inline_from is None \
                 and self.gen is not None and self.costs.decode_known() and self.book.records:
-            # A map that ran on the workers to its end: too short, or in too
-            # few chunks, to go inline, its measured costs still say whether
-            # the function is tiny for its next map (see PROBE_PIECE_S). A
-            # job posted for the rest of a map is judged from its posting,
-            # over the items it had: those before ran in the caller.
-            wall = time.perf_counter() - (self.posted_at or self.stats.t0)
-            n = None if self.n is None else self.n - self.posted_from
-            tiny, upto = self.costs.judge_finished(self.book.consumed, wall, n,
-                                                   self.n is not None and self.book.consumed >= self.n)
-            if not tiny:
-                forget_tiny(self.fn)
-            elif self.costs.computing():
-                remember_tiny(self.fn, self.costs.cpu_item, upto)
+            self._judge_costs()
         if self.gen is None and not self.segs:
             if self.probe and not self.stats.wall_s:
                 self.stats.finish(time.perf_counter() - self.stats.t0)
             return
         exc = sys.exc_info()[1]
         self.stats.finish(time.perf_counter() - self.stats.t0)
-        if self._progress is not None:
-            self._progress.close()
+        if self.progress is not None:
+            self.progress.close()
         pool = self.pool
         if isinstance(exc, KeyboardInterrupt):
             # The workers may be deep in long items: end them now, leave nothing behind.
             self.gen = None
             self.segs.clear()
             pool.terminate()
+            # Drop the default pool if this was it. A reach up into the API
+            # layer: the runtime should forget a terminated default pool itself.
             from .. import _api
             _api._forget_default(pool)
             return
@@ -602,22 +433,18 @@ class _JobState:
         self.segs.clear()
         self.arrays.release()
 
-
-def _tail_iter(rest):
-    if type(rest) is InlineTail:
-        fn, seq, a, end = rest
-        return map(fn, itertools.islice(seq, a, end))
-    return rest
-
-
-def _tail(x, a, end):
-    """Items a..end-1 of a sized input, as an iterable."""
-    if isinstance(x, (list, tuple)):
-        # no copy of the rest (a long list's tail would be copied whole)
-        return itertools.islice(x, a, end) if a or end < len(x) else x
-    if isinstance(x, (range, str, bytes)):
-        return x[a:end] if a else x
-    if type(x).__module__ == "numpy" and type(x).__name__ == "ndarray":
-        return x[a:end]
-    return (x[i] for i in range(a, end))
-
+    def _judge_costs(self):
+        """A map that ran on the workers to its end: too short, or in too few
+        chunks, to go inline, its measured costs still say whether the
+        function is tiny for its next map (see inline.PROBE_PIECE_S). A job
+        posted for the rest of a map is judged from its posting, over the
+        items it had: those before ran in the caller."""
+        wall = time.perf_counter() - (self.posted_at or self.stats.t0)
+        n = None if self.n is None else self.n - self.posted_from
+        consumed = self.book.consumed
+        tiny, upto = self.costs.judge_finished(consumed, wall, n,
+                                               self.n is not None and consumed >= self.n)
+        if not tiny:
+            forget_tiny(self.fn)
+        elif self.costs.computing():
+            remember_tiny(self.fn, self.costs.cpu_item, upto)

@@ -40,15 +40,14 @@ def gaps(lo, hi, held):
 
 class Recovery:
     """Lost work of one map. `book` is its collect.ResultBook, `stats` its
-    MapStats; `requeue(lo, cn, pieces)` runs the pieces (start, count) of
-    lost range [lo, lo+cn) again (the job sends them to the backlog or the
-    feed)."""
+    MapStats. It decides what runs again and returns it, as pieces (start,
+    count); the job sends them to the backlog (`backlog`, then `flush`) or
+    to the feed."""
 
-    def __init__(self, book, stats, requeue, *, retries=0, timeout=None,
+    def __init__(self, book, stats, *, retries=0, timeout=None,
                  return_errors=False, tracked=False, nwork=1):
         self.book = book
         self.stats = stats
-        self.requeue = requeue
         self.retries = retries
         self.timeout = timeout
         self.ret = return_errors
@@ -60,30 +59,30 @@ class Recovery:
 
     def on_lost(self, what, pid, rc, lo, cn, done, timed_out):
         """A worker died (or was killed for a timeout) running items lo..lo+cn-1.
-        timed_out: None, True, or "spurious" (killed, but its item had finished)."""
+        timed_out: None, True, or "spurious" (killed, but its item had finished).
+        Returns the pieces of [lo, lo+cn) to run again (perhaps none: the
+        lost chunk is then settled), or None when nothing is to be done."""
         book = self.book
         if lo in book.recorded:
-            return
+            return None
         self.load_crashes = 0
         if not self.tracked:
             book.fail_at(lo, WorkerCrashedError(
                 "%s while running items %d..%d of this map%s" % (what, lo, lo + cn - 1, oom_hint(rc)),
                 pid, rc, (lo, lo + cn)))
-            return
+            return None
         self.stats.lost_chunks += 1
         after = (" after %d retr%s" % (self.retries, "y" if self.retries == 1 else "ies")
                  if self.retries else "")
         if timed_out == "spurious":
-            self.requeue(lo, cn, [(lo, cn)])
-            return
+            return [(lo, cn)]
         if done >= cn:
             # Every item ran; it died encoding or sending the results (a result
             # that kills its pickler, or memory). Split the chunk in halves, free
             # of charge, until the item at fault is alone: then charge it.
             if cn > 1:
                 h = cn // 2
-                self.requeue(lo, cn, [(lo, h), (lo + h, cn - h)])
-                return
+                return [(lo, h), (lo + h, cn - h)]
             done = 0
             what += " while encoding or sending its result"
         done = max(0, done)
@@ -113,7 +112,7 @@ class Recovery:
                 book.fail_at(idx, err)
         if lo + cn > idx + 1 and (self.ret or not failed):
             pieces.append((idx + 1, lo + cn - idx - 1))
-        self.requeue(lo, cn, pieces)
+        return pieces
 
     def on_load_crash(self, err):
         """A worker died while loading this job (no item was taken)."""
@@ -130,12 +129,13 @@ class Recovery:
         may have taken some it had recorded nowhere. Given a consistent view
         of job `gen` (curs: every worker's (gen, lo, n, k) current-chunk
         words; words: the slot's non-empty range words as (lo, n); nxt: the
-        shared counter), the items found nowhere never ran: they run again,
-        free of charge. The job's items are [first, end): those before ran
-        elsewhere, those from end on run in the caller or do not exist."""
+        shared counter), the items found nowhere never ran: returns them, as
+        (start, count), to run again free of charge. The job's items are
+        [first, end): those before ran elsewhere, those from end on run in
+        the caller or do not exist."""
         book = self.book
         if (book.error_at is not None or book.err_rec is not None) and not book.ordered:
-            return      # the map raises at its next step: nothing is waited for
+            return []   # the map raises at its next step: nothing is waited for
         lo = max(first, book.consumed) if book.ordered else first
         hi = min(nxt, end)
         for e in (book.error_at, book.err_rec):
@@ -143,14 +143,14 @@ class Recovery:
                 hi = min(hi, e)   # items from an error on are not waited for (an
                                   # error record names only the items before it)
         if lo >= hi:
-            return
+            return []
         held = [(a, a + k) for a, k in book.recorded.items() if a + k > lo and a < hi]
         held += [(a, a + k) for g, a, k, _ in curs if g == gen and k > 0]
         held += [(a, a + k) for a, k in words]
         held += [(a, a + k) for a, k in self.backlog]
-        for a, k in gaps(lo, hi, held):
-            self.stats.reclaimed += k
-            self.requeue(a, k, [(a, k)])
+        lost = gaps(lo, hi, held)
+        self.stats.reclaimed += sum(k for _, k in lost)
+        return lost
 
     def flush(self, r, base, wake):
         """Hand backlog ranges to the workers through the retry words at

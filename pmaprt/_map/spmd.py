@@ -25,16 +25,14 @@ def spmd_shards(iterables, axis_name, nwork, opts):
 
 
 class SpmdMap:
-    """Failures of one SPMD map. `parent` is its _collective.SpmdParent,
-    `book` its collect.ResultBook; take(rec, start) decodes a record into
-    (results, exc). Lock held in every method."""
+    """Failures of one SPMD map, whose _collective.SpmdParent is `parent`;
+    `book` is the map's collect.ResultBook. It refers to neither the book nor
+    the job (the book calls `failed` back). Lock held in every method."""
 
-    def __init__(self, parent, book, take):
+    def __init__(self, parent):
         self.parent = parent
-        self.book = book
-        self.take = take
 
-    def failed(self, rank, exc):
+    def failed(self, book, rank, exc):
         """ResultBook.on_fail: a rank failed. The first failure is what the
         map raises, at once; every other rank's collective is aborted."""
         sp = self.parent
@@ -42,27 +40,28 @@ class SpmdMap:
             sp.root = exc
             sp.abort(rank)
             for r in sp.secondary:
-                self.book.fail_at(r, exc)
-            self.book.fail_here(exc)
+                book.fail_at(r, exc)
+            book.fail_here(exc)
 
-    def on_record(self, kind, start, count, payload):
-        """True when the record was handled here: a rank's error."""
+    def on_record(self, book, take, kind, start, count, payload):
+        """True when the record was handled here: a rank's error (take(rec,
+        start) decodes it into (results, exc))."""
         sp = self.parent
         if kind != REC_ERROR:
             sp.delivered.add(start)
             return False
-        self.book.records += 1
-        _ok, exc = self.take((kind, count, payload), start)
+        book.records += 1
+        _ok, exc = take((kind, count, payload), start)
         if isinstance(exc, _collective.CollectiveAbortedError):
             # Failed only because another rank did: the map raises that one.
             if sp.root is None:
                 sp.secondary.append(start)
                 return True
             exc = sp.root
-        self.book.fail_at(start, exc)
+        book.fail_at(start, exc)
         return True
 
-    def on_worker_death(self, w, pid, rc, what, n, r, off):
+    def on_worker_death(self, book, w, pid, rc, what, n, r, off):
         """Worker w died (n: the map's shards; r, off: the control region and
         the job's slot). If it had taken its shard and not delivered it, the
         map fails (a rank is never re-run)."""
@@ -70,6 +69,6 @@ class SpmdMap:
             return
         if r.range_get(off + S_RANGES + 8 * w)[1]:
             return  # its shard was never started: the replacement worker runs it
-        self.book.fail_at(w, WorkerCrashedError(
+        book.fail_at(w, WorkerCrashedError(
             "pmaprt: %s while running rank %d of an SPMD map%s" % (what, w, oom_hint(rc)),
             pid, rc, (w, w + 1)))
