@@ -77,6 +77,11 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     each result against its row (shape, and a same_kind dtype cast) before
     it is written: a mismatch raises ValueError naming both.
     """
+    # device= and backend= hand the map to integration layers above this one
+    # (gpu, dask): they need optional packages (NumPy and CuPy or Numba;
+    # dask.distributed) and call pmap themselves, so they are imported only
+    # when a call asks for them. A plain pmap then needs none of those
+    # packages, and this module imports no layer above its own.
     if device not in (None, "cpu"):
         if backend not in (None, "local") or ordered is not True or progress:
             raise ValueError("pmaprt: device=%r maps one array on GPUs; backend=, ordered= and "
@@ -132,7 +137,7 @@ def _other_backend(fn, iterables, backend, options, chunksize, ordered, workers,
         if workers is not None or progress:
             raise ValueError("pmaprt: workers= and progress= apply to the local pool; on Dask "
                              "the cluster sets the workers (n_workers= for a LocalCluster)")
-        from .dask import dask_map
+        from .dask import dask_map      # optional, above this layer: see pmap
         return dask_map(fn, *iterables, chunksize=chunksize, ordered=ordered, **options)
     raise ValueError("pmaprt: unknown backend %r; choose None (the local pool) or 'dask'"
                      % (backend,))

@@ -118,7 +118,7 @@ W_CUR_DONE = 56  # items of the current chunk finished (when the job asks for pr
 W_CUR_K = 64     # feed mode: the chunk number claimed, until its items are read (-1: none)
 # Odd while the worker moves items between shared words (a claim, a steal, an
 # untake): a worker that dies with it odd may have taken items it had not yet
-# recorded anywhere, and the parent reconciles its job (see _job.reconcile).
+# recorded anywhere, and the parent reconciles its job (see _map/recovery.py).
 W_CLAIM = 72
 # The job slot (+1) whose S_REFS this worker holds (0: none): a worker killed
 # inside a job cannot drop its reference; the parent drops it for it, or the

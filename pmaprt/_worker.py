@@ -549,7 +549,7 @@ class Worker:
             ctx.sink.pos = lo
         # cpu: the items' calls alone (what map would spend on them); the
         # chunk's overhead here (reading the items, encoding the results)
-        # goes in the record apart (see _map.job).
+        # goes in the record apart (see _map.inline.tiny_by_model).
         t_got = time.perf_counter()
         c0 = time.thread_time()
         fn = ctx.fn

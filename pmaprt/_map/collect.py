@@ -83,8 +83,8 @@ class ResultBook:
     def has_news(self):
         """Whether the consumer can go on without waiting. Ordered: only the
         record at its position counts (records further on do not let it
-        move; returning for them made the parent spin, taking a core from the
-        workers, whenever results arrived out of order)."""
+        move; returning for them would make the parent spin, taking a core from
+        the workers, whenever results arrive out of order)."""
         if self.here_error is not None:
             return True
         if self.ordered:

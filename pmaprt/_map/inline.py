@@ -232,10 +232,16 @@ class MapCosts:
     def computing(self):
         return computing(self.cpu_item, self.sizer.t_item)
 
-    def judge_finished(self, consumed, map_wall_s, n, complete):
-        return judge_finished(self.cpu_item, self.dec.est, self.wenc.est or 0.0, self.enc_item,
-                              self.nwork, self.sizer.t_item, self._waited(consumed),
-                              map_wall_s, n, complete)
+    def settle(self, fn, consumed, map_wall_s, n, complete):
+        """The map of fn ended on the workers (see judge_finished): remember
+        fn as tiny (if its items compute) or forget it."""
+        tiny, upto = judge_finished(self.cpu_item, self.dec.est, self.wenc.est or 0.0,
+                                    self.enc_item, self.nwork, self.sizer.t_item,
+                                    self._waited(consumed), map_wall_s, n, complete)
+        if not tiny:
+            forget_tiny(fn)
+        elif self.computing():
+            remember_tiny(fn, self.cpu_item, upto)
 
 
 # --- the memory of known-tiny functions

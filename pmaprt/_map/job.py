@@ -40,7 +40,7 @@ from .._stats import MapStats, WorkerStats
 from .._tune import cached_chunksize
 from .collect import Collector, ResultBook, decode_record
 from .feed import Feeder
-from .inline import TAIL_TYPES, InlineTail, MapCosts, forget_tiny, remember_tiny, tiny_estimate
+from .inline import TAIL_TYPES, InlineTail, MapCosts, tiny_estimate
 from .recovery import Recovery
 from .spmd import SpmdMap, spmd_shards
 from .window import Window
@@ -75,6 +75,20 @@ class MapJob:
 
     def __repr__(self):
         return "<pmaprt map %s items=%s>" % (self._state.stats.mode, self._state.n)
+
+
+def job_segment(pool, segs, desc, data_size, blobs=()):
+    """An index-mode job's segment, [data area][descriptor] (added to segs),
+    or None when the descriptor fits inline and there is no data. Returns
+    (seg, desc_off)."""
+    if len(desc) <= _shm.INLINE_DESC and not data_size:
+        return None, 0
+    desc_off = (data_size + 63) // 64 * 64
+    seg = pool.share(desc_off + len(desc), reserve=bool(data_size))
+    segs.append(seg)
+    _array.write_blobs(seg.buf, blobs)  # the one copy of the data, in threads when large
+    seg.buf[desc_off: desc_off + len(desc)] = desc
+    return seg, desc_off
 
 
 def check_call(fn, iterables):
@@ -198,18 +212,6 @@ class MapState:
 
     # --- starting
 
-    def _segment_for(self, desc, data_size, blobs=()):
-        """A job segment holding [data area][descriptor], or None when the
-        descriptor fits inline and there is no data. Returns (seg, desc_off)."""
-        if len(desc) <= _shm.INLINE_DESC and not data_size:
-            return None, 0
-        desc_off = (data_size + 63) // 64 * 64
-        seg = self.pool.share(desc_off + len(desc), reserve=bool(data_size))
-        self.segs.append(seg)
-        _array.write_blobs(seg.buf, blobs)  # the one copy of the data, in threads when large
-        seg.buf[desc_off: desc_off + len(desc)] = desc
-        return seg, desc_off
-
     def _start_index(self, plan, fn_bytes, star, start=0):
         if self.n_input is None:
             self.n_input = min(len(x) for x in self.iterables)
@@ -220,7 +222,7 @@ class MapState:
             self.book.fail_at(*plan.error)
         desc = _serialize.dumps_obj((fn_bytes, star, plan.spec, self.pool.seed)
                                     + self.arrays.desc_extra())
-        seg, desc_off = self._segment_for(desc, plan.data_size, plan.blobs)
+        seg, desc_off = job_segment(self.pool, self.segs, desc, plan.data_size, plan.blobs)
         self.first = start
         limit = self.window.open(self.n, start, plan.lazy, seg, self._may_inline())
         self.gen, self.slot, self.off = self.pool._post(
@@ -442,9 +444,4 @@ class MapState:
         wall = time.perf_counter() - (self.posted_at or self.stats.t0)
         n = None if self.n is None else self.n - self.posted_from
         consumed = self.book.consumed
-        tiny, upto = self.costs.judge_finished(consumed, wall, n,
-                                               self.n is not None and consumed >= self.n)
-        if not tiny:
-            forget_tiny(self.fn)
-        elif self.costs.computing():
-            remember_tiny(self.fn, self.costs.cpu_item, upto)
+        self.costs.settle(self.fn, consumed, wall, n, self.n is not None and consumed >= self.n)
