@@ -11,7 +11,9 @@ _default_lock = threading.Lock()
 
 
 def default_pool(workers=None):
-    """The shared pool, created on first use; grown if more workers are asked for."""
+    """The shared pool, created on first use; grown if more workers are asked
+    for; replaced if it was closed or terminated (a map interrupted by Ctrl-C
+    terminates its pool) or is broken."""
     global _default
     with _default_lock:
         p = _default

@@ -416,11 +416,7 @@ class MapState:
             # The workers may be deep in long items: end them now, leave nothing behind.
             self.gen = None
             self.segs.clear()
-            pool.terminate()
-            # Drop the default pool if this was it. A reach up into the API
-            # layer: the runtime should forget a terminated default pool itself.
-            from .. import _api
-            _api._forget_default(pool)
+            pool.terminate()    # (a terminated default pool is replaced on its next use)
             return
         if self.spmd is not None and not self.spmd.complete():
             with pool._lock:
