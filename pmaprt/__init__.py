@@ -33,6 +33,7 @@ from ._stats import MapStats, WorkerStats
 from ._tune import TuneResult, tune
 from .gpu.discovery import devices
 from .executor import Executor
+from . import dask as _dask  # registers backend="dask" (distributed is imported on use)
 
 __version__ = "0.1.0"
 

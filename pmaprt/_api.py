@@ -10,9 +10,29 @@ from ._pool import Pool
 _default = None
 _default_lock = threading.Lock()
 
+# Maps that run elsewhere than this machine's CPU pool (device="gpu" or
+# "auto": pmaprt.gpu; backend="dask": pmaprt.dask) live in layers above this
+# one and call pmap themselves. They register here as they are imported
+# (pmaprt's __init__ imports both; neither imports its optional libraries
+# until a call needs them), so this module never imports a layer above it.
+_device_maps = []           # at most one: the GPU layer's device_map
+_backends = {}              # name -> map function
+
+
+def register_device_map(fn):
+    """Called by the GPU layer: fn(fn, iterables, device=, ...) runs device maps."""
+    _device_maps[:] = [fn]
+
+
+def register_backend(name, fn):
+    """Called by a cluster layer: fn(fn, *iterables, chunksize=, ordered=, ...)."""
+    _backends[name] = fn
+
 
 def default_pool(workers=None):
-    """The shared pool, created on first use; grown if more workers are asked for."""
+    """The shared pool, created on first use; grown if more workers are asked
+    for; replaced if it was closed or terminated (a map interrupted by Ctrl-C
+    terminates its pool) or is broken."""
     global _default
     with _default_lock:
         p = _default
@@ -82,11 +102,10 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
         if backend not in (None, "local") or ordered is not True or progress:
             raise ValueError("pmaprt: device=%r maps one array on GPUs; backend=, ordered= and "
                              "progress= do not apply" % (device,))
-        from .gpu import device_map
         if chunks is not None:
             raise ValueError("pmaprt: chunks= does not apply to a device map (device=%r); "
                              "chunksize= sets its rows per chunk" % (device,))
-        return device_map(fn, iterables, device=device, chunksize=chunksize, workers=workers,
+        return _device_maps[0](fn, iterables, device=device, chunksize=chunksize, workers=workers,
                           out=out, **options)
     if backend not in (None, "local"):
         if out is not None or chunks is not None:
@@ -129,11 +148,10 @@ def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progres
 
 
 def _other_backend(fn, iterables, backend, options, chunksize, ordered, workers, progress):
-    if backend == "dask":
-        if workers is not None or progress:
-            raise ValueError("pmaprt: workers= and progress= apply to the local pool; on Dask "
-                             "the cluster sets the workers (n_workers= for a LocalCluster)")
-        from .dask import dask_map
-        return dask_map(fn, *iterables, chunksize=chunksize, ordered=ordered, **options)
-    raise ValueError("pmaprt: unknown backend %r; choose None (the local pool) or 'dask'"
-                     % (backend,))
+    if backend == "dask" and (workers is not None or progress):
+        raise ValueError("pmaprt: workers= and progress= apply to the local pool; on Dask "
+                         "the cluster sets the workers (n_workers= for a LocalCluster)")
+    if backend not in _backends:
+        raise ValueError("pmaprt: unknown backend %r; choose None (the local pool) or one of %s"
+                         % (backend, ", ".join(repr(b) for b in sorted(_backends))))
+    return _backends[backend](fn, *iterables, chunksize=chunksize, ordered=ordered, **options)

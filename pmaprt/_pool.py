@@ -4,7 +4,7 @@ Everything about workers, shared memory and tasks is the runtime's
 (`_runtime/`); a Pool adds the map API on top and is the runtime its maps
 are given.
 """
-from ._job import MapJob
+from ._map import MapJob
 from ._options import MapOptions
 from ._runtime import Runtime
 

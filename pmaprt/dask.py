@@ -40,6 +40,7 @@ import time
 import weakref
 
 from . import _serialize
+from ._api import register_backend
 from ._errors import WorkerCrashedError, pack_exception, rebuild_exception
 from ._options import default_workers
 from ._sched import GROWTH, MAX_CHUNK, ChunkSizer
@@ -478,3 +479,6 @@ def _close_all(it, backend):
         it.close()
     finally:
         backend.close()
+
+
+register_backend("dask", dask_map)   # pmap(backend="dask") reaches it through _api

@@ -252,7 +252,9 @@ def test_task_taken_unrecorded_runs_again():
 
 from hypothesis import given, strategies as st  # noqa: E402
 
-from pmaprt._job import gaps  # noqa: E402
+from pmaprt._map.collect import ResultBook  # noqa: E402
+from pmaprt._map.recovery import Recovery, gaps  # noqa: E402
+from pmaprt._stats import MapStats  # noqa: E402
 
 
 @given(st.integers(0, 60), st.integers(0, 60),
@@ -268,79 +270,72 @@ def test_gaps_are_exactly_what_no_interval_covers(lo, hi, spans):
     assert all(a1 + k1 < a2 for (a1, k1), (a2, _) in zip(out, out[1:]))
 
 
-# --- the job's side of reconciliation, on a job state built by hand
+# --- the job's side of reconciliation, on a Recovery built from plain values
 
-def _index_job(**kw):
-    from pmaprt._job import _JobState
-    from pmaprt._stats import MapStats
-    job = _JobState.__new__(_JobState)
-    job.gen, job.spmd, job.feed_mode, job.ordered = 7, None, False, True
-    job.first, job.consumed, job.n, job.inline_from = 0, 0, 1000, None
-    job.error_at, job.err_rec = None, None
-    job.recorded, job.backlog = {}, []
-    job.stats = MapStats()
-    job.requeued = []
-    job._requeue = lambda lo, cn, pieces: job.requeued.extend(pieces)
-    for k, v in kw.items():
-        setattr(job, k, v)
-    return job
+def _recovery(ordered=True, consumed=0, recorded=(), error_at=None, err_rec=None, backlog=()):
+    """A Recovery over a ResultBook in the given state."""
+    book = ResultBook(ordered)
+    book.consumed = consumed
+    book.recorded.update(recorded)
+    book.error_at, book.err_rec = error_at, err_rec
+    rec = Recovery(book, MapStats())
+    rec.backlog.extend(backlog)
+    return rec
 
 
 def test_reconcile_requeues_exactly_what_is_nowhere():
     # [0, 100) arrived; [100, 120) is a live worker's chunk; [120, 200) in a
     # range word; [200, 260) in the backlog; [260, 300) nowhere; the shared
     # counter is at 300 (nothing past it was claimed).
-    job = _index_job(recorded={0: 50, 50: 50}, backlog=[(200, 60)])
+    rec = _recovery(recorded={0: 50, 50: 50}, backlog=[(200, 60)])
     curs = [(7, 100, 20, -1), (3, 0, 99, -1)]      # another job's chunk is not this one's
-    job.reconcile(curs, [(120, 80)], 300)
-    assert job.requeued == [(260, 40)]
-    assert job.stats.reclaimed == 40
+    assert rec.reconcile(curs, [(120, 80)], 300, gen=7, first=0, end=1000) == [(260, 40)]
+    assert rec.stats.reclaimed == 40
 
 
 def test_reconcile_stops_at_an_error_record():
     # A chunk [300, 350) raised at 310: its record names only [300, 310). The
     # item that raised and the rest of its chunk are not waited for (the map
     # raises there): they must not run again.
-    job = _index_job(recorded={0: 100, 300: 10}, err_rec=310)
-    job.reconcile([], [(200, 100)], 1000)
-    assert job.requeued == [(100, 100)]
+    rec = _recovery(recorded={0: 100, 300: 10}, err_rec=310)
+    assert rec.reconcile([], [(200, 100)], 1000, gen=7, first=0, end=1000) == [(100, 100)]
 
 
 def test_reconcile_respects_hand_over_start_consumed_and_inline():
-    job = _index_job(first=400, consumed=450, inline_from=700)
-    job.reconcile([], [], 900)
-    assert job.requeued == [(450, 250)]
-    job = _index_job(ordered=False, err_rec=20)
-    job.reconcile([], [], 900)
-    assert job.requeued == []      # unordered: the error is raised next, nothing waits
+    # the job's items start at 400 (a hand-over) and end at 700 (inline from there)
+    rec = _recovery(consumed=450)
+    assert rec.reconcile([], [], 900, gen=7, first=400, end=700) == [(450, 250)]
+    rec = _recovery(ordered=False, err_rec=20)
+    # unordered: the error is raised next, nothing waits
+    assert rec.reconcile([], [], 900, gen=7, first=0, end=1000) == []
+    assert rec.stats.reclaimed == 0
 
 
 def test_feed_entries_survive_a_wrapped_table():
     # A lost feed chunk is published again from the fields kept for its
     # latest table entry, not from the table (a ring: that slot may hold
     # another chunk by then); a chunk whose record arrived is not.
-    from pmaprt import _job
-    job = _index_job(feed_mode=True, start_chunk={}, last_entry={}, entries={},
-                     outstanding={})
+    from pmaprt._map.feed import FEED_TABLE, Feeder
+    feeder = Feeder(iter(()), ResultBook(True), MapStats(), None)
     published = []
-    job._table_entry = lambda *ent: published.append(ent)
-    job._note_entry(5, (40, 8, 100, 0, 0))
-    job.start_chunk[40] = 5
-    job.outstanding[5] = [40, None, None, False]
-    job._note_entry(5 + _job.FEED_TABLE, (9000, 8, 100, 0, 0))   # the slot's next chunk
-    job.on_lost_feed_chunk(5)
+    feeder._table_entry = lambda *ent: published.append(ent)
+    feeder._note_entry(5, (40, 8, 100, 0, 0))
+    feeder.start_chunk[40] = 5
+    feeder.outstanding[5] = [40, None, None, False]
+    feeder._note_entry(5 + FEED_TABLE, (9000, 8, 100, 0, 0))   # the slot's next chunk
+    feeder.on_lost_chunk(5)
     assert published == [(40, 8, 100, 0, 0)]
     # reconcile: chunk 40 claimed (entry 5 < nxt), held by nobody: published again
     published.clear()
-    job._reconcile_feed([(7, 0, 0, -1)], 6)
-    assert published == [(40, 8, 100, 0, 0)] and job.stats.reclaimed == 1
+    feeder.reconcile([(7, 0, 0, -1)], 6, gen=7)
+    assert published == [(40, 8, 100, 0, 0)] and feeder.stats.reclaimed == 1
     # held by a live worker (claimed, or read): left alone
     published.clear()
-    job._reconcile_feed([(7, 0, 0, 5)], 6)
-    job._reconcile_feed([(7, 40, 8, -1)], 6)
+    feeder.reconcile([(7, 0, 0, 5)], 6, gen=7)
+    feeder.reconcile([(7, 40, 8, -1)], 6, gen=7)
     assert published == []
     # its record arrived: nothing to publish, and its entry is dropped
-    job.recorded[40] = 8
-    job._drop_entry(40)
-    job.on_lost_feed_chunk(5)
-    assert published == [] and 5 not in job.entries
+    feeder.book.recorded[40] = 8
+    feeder._drop_entry(40)
+    feeder.on_lost_chunk(5)
+    assert published == [] and 5 not in feeder.entries

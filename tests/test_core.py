@@ -232,23 +232,23 @@ def busy_or_fail(n):
 @pytest.fixture(autouse=True)
 def _fresh_tiny_memory():
     # Functions remembered as tiny by earlier tests would start these tests'
-    # maps in the caller (see _job.PROBE_PIECE_S).
-    from pmaprt import _job
-    _job._TINY.clear()
+    # maps in the caller (see _map.inline.PROBE_PIECE_S).
+    from pmaprt._map import inline as _inline
+    _inline._TINY.clear()
     yield
-    _job._TINY.clear()
+    _inline._TINY.clear()
 
 
 def test_known_tiny_function_is_learned_and_runs_inline_at_once(pool):
-    from pmaprt import _job
+    from pmaprt._map import inline as _inline
     for _ in range(3):      # learn: the cost model finds it tiny (a loaded machine gets 3 tries)
         assert list(pool.map(busy_or_fail, [1] * 400_000)) == [0] * 400_000
-        if _job._tiny_estimate(busy_or_fail) is not None:
+        if _inline.tiny_estimate(busy_or_fail) is not None:
             break
-    assert _job._tiny_estimate(busy_or_fail) is not None
+    assert _inline.tiny_estimate(busy_or_fail) is not None
     # A generous estimate: the pieces' timing must not mistake a loaded
     # machine's pause for a dear input here.
-    _job._remember_tiny(busy_or_fail, 1e-6)
+    _inline.remember_tiny(busy_or_fail, 1e-6)
     # A short map of it now runs here at once, as map would: no job, no worker.
     it = pool.map(busy_or_fail, [3] * 5000)
     assert list(it) == [3] * 5000
@@ -262,20 +262,20 @@ def test_known_tiny_function_is_learned_and_runs_inline_at_once(pool):
 
 
 def test_tiny_function_over_a_range_is_learned(pool):
-    from pmaprt import _job
+    from pmaprt._map import inline as _inline
     for _ in range(3):      # a loaded machine gets 3 tries
         assert list(pool.map(double, range(20_000))) == [2 * i for i in range(20_000)]
-        if _job._tiny_estimate(double) is not None:
+        if _inline.tiny_estimate(double) is not None:
             break
-    assert _job._tiny_estimate(double) is not None
-    _job._remember_tiny(double, 1e-6)
+    assert _inline.tiny_estimate(double) is not None
+    _inline.remember_tiny(double, 1e-6)
     it = pool.map(double, range(20_000))
     assert list(it) == [2 * i for i in range(20_000)]
     assert it.stats.mode == "inline"
 
 
 def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
-    from pmaprt import _job
+    from pmaprt._map import inline as _inline
     v = busy_or_fail(100_000)
     cases = {
         "dear from the start": [100_000] * 40,
@@ -283,25 +283,25 @@ def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
         "a cheap head, a dear tail": [1] * 3000 + [100_000] * 40,
     }
     for name, xs in cases.items():
-        _job._remember_tiny(busy_or_fail, 2e-7)
+        _inline.remember_tiny(busy_or_fail, 2e-7)
         it = pool.map(busy_or_fail, xs)
         assert list(it) == [busy_or_fail(x) if x == 1 else v for x in xs], name
         assert it.stats.mode == "inline+index", name
         assert sum(w.items for w in it.stats.workers) > 0, name
-        assert _job._tiny_estimate(busy_or_fail) is None, name
+        assert _inline.tiny_estimate(busy_or_fail) is None, name
     # A range: the dear rest goes to the workers from where the piece stopped.
-    _job._remember_tiny(busy_or_fail, 2e-7)
+    _inline.remember_tiny(busy_or_fail, 2e-7)
     xs = range(100_000, 100_040)
     it = pool.map(busy_or_fail, xs)
     assert list(it) == [busy_or_fail(x) for x in xs]
     assert it.stats.mode == "inline+index"
     assert sum(w.items for w in it.stats.workers) > 0
     # Unordered: every result once.
-    _job._remember_tiny(busy_or_fail, 2e-7)
+    _inline.remember_tiny(busy_or_fail, 2e-7)
     xs = [100_000] * 30 + [5] * 30
     assert sorted(pool.imap_unordered(busy_or_fail, xs)) == sorted(busy_or_fail(x) for x in xs)
     # Errors on the workers are named at their item's index in the map.
-    _job._remember_tiny(busy_or_fail, 2e-7)
+    _inline.remember_tiny(busy_or_fail, 2e-7)
     xs = [100_000] * 40
     xs[30] = -1
     it = pool.map(busy_or_fail, xs)
@@ -315,10 +315,10 @@ def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
 
 
 def test_known_tiny_map_on_a_pool_closed_since_says_so():
-    from pmaprt import _job
+    from pmaprt._map import inline as _inline
     p = Pool(2)
     try:
-        _job._remember_tiny(busy_or_fail, 2e-7)
+        _inline.remember_tiny(busy_or_fail, 2e-7)
         it = p.map(busy_or_fail, [100_000] * 40)
     finally:
         p.close()
@@ -531,7 +531,8 @@ def test_fixed_chunks_are_not_held_back_by_the_window(pool):
     it = pool.map(about_a_microsecond, range(200_000), chunksize=20_000)
     assert list(it) == list(range(200_000))
     st = it._state
-    assert st._window() >= 4 * st.nwork * 20_000, (st._window(), st.avg_chunk, st.cpu_item)
+    w = st.window.size(st._may_inline())
+    assert w >= 4 * st.nwork * 20_000, (w, st.costs.avg_chunk, st.costs.cpu_item)
 
 
 
@@ -597,12 +598,12 @@ def test_known_tiny_dear_rest_with_every_slot_busy_runs_here_to_the_end():
     # map): the rest runs here, all of it. An item that cannot be pickled
     # (a lock) is no error here, where nothing is pickled.
     import threading
-    from pmaprt import _job
+    from pmaprt._map import inline as _inline
     p = Pool(2, max_jobs=1)
     try:
         held = p.map(busy_or_fail, [1] * 100_000)
         next(held)                          # the only slot, held
-        _job._remember_tiny(busy_or_zero, 2e-7)
+        _inline.remember_tiny(busy_or_zero, 2e-7)
         v = busy_or_fail(100_000)
         xs = [100_000] * 40 + [threading.Lock()] + [1] * 9
         it = p.map(busy_or_zero, xs)
@@ -651,11 +652,11 @@ def zero_unless_int(x):
 
 def test_known_tiny_map_with_an_unpicklable_item_it_ran_hands_over_the_rest(pool):
     import threading
-    from pmaprt import _job
+    from pmaprt._map import inline as _inline
     lock = threading.Lock()
     for xs in ([1] * 20 + [lock] + [1] * 3000 + [100_000] * 40,
                [1] * 20 + [lock] + [100_000] * 40):
-        _job._remember_tiny(zero_unless_int, 2e-7)
+        _inline.remember_tiny(zero_unless_int, 2e-7)
         it = pool.map(zero_unless_int, xs)
         assert list(it) == [zero_unless_int(x) for x in xs]
         assert it.stats.mode == "inline+index"
@@ -666,10 +667,10 @@ def test_a_function_tiny_for_short_maps_runs_long_maps_on_the_workers(pool):
     # A short map that lost to map on its fixed costs (posting, waking) marks
     # its function tiny only up to the length where the workers' steady gain
     # pays those costs back: a longer map of it starts on the workers.
-    from pmaprt import _job
-    _job._remember_tiny(busy_or_fail, 1e-6, upto=1000)
-    assert _job._tiny_estimate(busy_or_fail, 1000) == 1e-6
-    assert _job._tiny_estimate(busy_or_fail, 1001) is None
+    from pmaprt._map import inline as _inline
+    _inline.remember_tiny(busy_or_fail, 1e-6, upto=1000)
+    assert _inline.tiny_estimate(busy_or_fail, 1000) == 1e-6
+    assert _inline.tiny_estimate(busy_or_fail, 1001) is None
     it = pool.map(busy_or_fail, [1] * 500)
     assert list(it) == [0] * 500
     assert it.stats.mode == "inline"
@@ -678,8 +679,8 @@ def test_a_function_tiny_for_short_maps_runs_long_maps_on_the_workers(pool):
     assert not it.stats.mode.startswith("inline")
     assert sum(w.items for w in it.stats.workers) > 2500
     # Remembered as tiny for any length, it would have started here.
-    _job._remember_tiny(busy_or_fail, 1e-5)
-    assert _job._tiny_estimate(busy_or_fail, 10 ** 9) == 1e-5
+    _inline.remember_tiny(busy_or_fail, 1e-5)
+    assert _inline.tiny_estimate(busy_or_fail, 10 ** 9) == 1e-5
 
 
 def test_map_that_went_inline_finishes_when_the_pool_is_closed_meanwhile():
@@ -760,3 +761,28 @@ def test_a_custom_sequence_is_indexed_not_iterated(pool):
     assert list(it) == [2 * i * i for i in range(5000)]
     assert it.stats.mode == "index"             # split into index ranges, not fed
     assert sum(w.items for w in it.stats.workers) == 5000
+
+
+def test_a_dropped_map_is_freed_at_once(pool):
+    # A map's state holds no reference cycle: dropping its iterator frees it,
+    # and whatever its records hold (results in shared memory), at once, not
+    # at the garbage collector's next pass. Index, feed, retries, SPMD.
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        cases = [(range(10_000), {}), ((x for x in range(10_000)), {}),
+                 (list(range(10_000)), {"retries": 1, "ordered": False})]
+        for xs, options in cases:
+            it = pool.map(double, xs, inline=False, chunksize=10, **options)
+            next(it)
+            state = weakref.ref(it._state)
+            del it
+            assert state() is None, options
+        it = pool.map(double, range(2), axis_name="i")
+        assert list(it) == [0, 2]
+        state = weakref.ref(it._state)
+        del it
+        assert state() is None
+    finally:
+        gc.enable()

@@ -52,5 +52,8 @@ from .collective import allreduce
 from .discovery import devices
 from .dispatch import GPUMemoryError, device_map
 from .engines import kernel_kind
+from .._api import register_device_map
+
+register_device_map(device_map)   # pmap(device=...) reaches it through _api
 
 __all__ = ["device_map", "allreduce", "GPUMemoryError", "kernel_kind", "devices"]

@@ -1,0 +1,289 @@
+"""The inline cost model and the memory of tiny functions.
+
+"Inline": when the workers' measured costs show that dispatching cannot beat
+map itself (the parent's own cost of decoding a result is about as large as
+computing it), the parent claims the rest of the input and runs it as map
+would. This module holds only the decision, as pure functions over plain
+numbers (seconds per item, counts), and `MapCosts`, the numbers one map
+measures for it. Taking a map over and handing it back is the collector's
+(collect.py).
+
+Known-tiny functions: a function the model last found tiny starts its next
+map over a list, tuple or range in the caller at once, with no job posted,
+in timed pieces (see PROBE_PIECE_S).
+"""
+import weakref
+
+from .. import _sched
+from .._options import CORES
+
+# Decide after this many chunks have been measured, only when the rest is
+# worth at least INLINE_MIN_WORK_S of serial work, and only when the model
+# predicts the parallel path slower than map by this margin or less.
+INLINE_MIN_CHUNKS = 4
+INLINE_MIN_WORK_S = 0.005
+INLINE_MARGIN = 1.25
+# The consumer's measured wait corrects the model only for items cheaper
+# than this (where the model's error matters; see tiny_by_model).
+INLINE_OBS_MAX_T = 2e-6
+# The caller's cost of taking one item from a result list (C-level iteration).
+CONSUME_ITEM_S = 1e-8
+# Decoding a chunk's results has a fixed part besides its per-item cost. The
+# model trusts the decode cost per item only once two chunks were decoded
+# (see PerItem) and the largest is big enough for that part to be under a
+# tenth of an item's cost even in one an eighth its size: from the first,
+# small chunks (1, 4, 16 items), items of a few microseconds would look not
+# worth the workers, and the model would run the rest of such a map here,
+# serially.
+DEC_FIXED_S = 4e-6
+DEC_MAX_ERROR = 0.1
+# A map that ran to its end on the workers marks its function tiny (for maps
+# up to some length) when its items cost less than this many times their
+# moving; see judge_finished.
+TINY_OVERHEAD_FACTOR = 4
+# Known-tiny functions run in timed pieces: _core.Results stops a piece once
+# it has run PROBE_PIECE_S (it reads the clock after the first item, then
+# as PROBE_DEAR_ITEM_S and PROBE_CLOCK_STRIDE say).
+# PROBE_STRIKES pieces in a row that cost more than PROBE_FACTOR x the
+# remembered cost per item (plus PROBE_SLACK_S) make the function forgotten
+# and hand the rest to the workers, from that index. A dear input thus costs
+# about two pieces' budget run here (at least two items); otherwise the whole
+# map runs as map would, with a clock read per PROBE_CLOCK_STRIDE items and
+# a generator resume per piece. A short map of tiny items then costs what map costs. The
+# rest of a map that went inline midway runs in the same timed pieces.
+PROBE_PIECE_S = 0.002
+PROBE_FACTOR = 4
+# Two dear pieces in a row: one can be a pause of this process (preempted for
+# most of a piece on a busy machine), which must not post the job.
+PROBE_STRIKES = 2
+PROBE_SLACK_S = 5e-5
+# A timed piece reads the clock after every item while items cost more than
+# PROBE_DEAR_ITEM_S, else after every PROBE_CLOCK_STRIDE-th: a longer stride
+# spreads the cost of a read over more tiny items, but lets a piece whose
+# items turn dear overrun its budget by up to a stride of them.
+PROBE_DEAR_ITEM_S = 2e-6
+PROBE_CLOCK_STRIDE = 16
+
+# Inputs whose rest _core.Results runs itself (fn(seq[i]), timed or not).
+TAIL_TYPES = (list, tuple, range)
+
+
+class InlineTail(tuple):
+    """(fn, seq, start, end[, budget]): a piece of a map's results that
+    _core.Results computes itself, fn(seq[i]) for i in start..end-1 (seq a
+    list, tuple or range); with a _core.PieceBudget, a timed piece that
+    stops once it has run the budget (see PROBE_PIECE_S)."""
+    __slots__ = ()
+
+
+class PerItem:
+    """A cost per item from the largest chunks seen: a chunk's fixed cost,
+    charged to the items of the first, small chunks, would inflate it. The
+    least among them: one slow chunk (a pause, one result slow to load) must
+    not make the parallel path look dear; one too cheap errs toward the
+    workers, never toward running dear items serially here. `samples`: the
+    chunks it rests on (of at least 1/SPAN of the largest count)."""
+    SPAN = 8
+    __slots__ = ("est", "largest", "samples")
+
+    def __init__(self):
+        self.est, self.largest, self.samples = None, 0, 0
+
+    def add(self, seconds, count):
+        d = seconds / count
+        if self.est is None or count > self.SPAN * self.largest:
+            self.est, self.samples = d, 1
+        elif self.SPAN * count >= self.largest:
+            self.est = min(self.est, d)
+            self.samples += 1
+        self.largest = max(self.largest, count)
+
+
+# --- the model, over plain numbers: t is the workers' CPU seconds per item
+# (map's own cost), dec the parent's decode seconds per item, wenc the
+# workers' seconds per item reading items and encoding results, enc the
+# parent's lazy encode seconds per item.
+
+def decode_known(t, samples, largest, span=PerItem.SPAN):
+    """Whether the decode cost per item rests on chunks large enough to trust."""
+    return t is not None and samples >= 2 and largest / span * t * DEC_MAX_ERROR >= DEC_FIXED_S
+
+
+def parallel_item_s(t, dec, wenc, enc, nwork, cores=CORES):
+    """Seconds per item of the parallel path, steady state: bounded by the
+    parent's decode and taking, by all the CPU shared over the cores, and by
+    the workers (the call, then encoding its result)."""
+    p = dec + CONSUME_ITEM_S + enc
+    w = t + wenc
+    return max(p, (w + p) / cores, w / nwork)
+
+
+def overhead_item_s(dec, wenc, enc):
+    """CPU seconds per item of the parallel path beyond the call itself: the
+    workers' reading of items and encoding of results, the caller's encoding,
+    decoding and taking."""
+    return wenc + dec + enc + CONSUME_ITEM_S
+
+
+def tiny_by_model(t, dec, wenc, enc, nwork, wall=None, waited=None, cores=CORES):
+    """Whether map itself is about as fast as the parallel path for items of
+    t seconds. wall: the wall seconds per item of a chunk (None: unknown);
+    waited: (items consumed, seconds the consumer waited for them, records)
+    since chunks ran their full target, or None."""
+    if parallel_item_s(t, dec, wenc, enc, nwork, cores) * INLINE_MARGIN >= t:
+        return True
+    # The model assumes the cores are shared perfectly; what the consumer
+    # actually waited per item, once chunks are mature, corrects it where
+    # they are not (a loaded or small machine). Only for tiny items (where
+    # the model's error matters): with dearer or skewed items, what the
+    # consumer waits in order says little (it waited for one long item, not
+    # for the pool's overhead). And only for items that compute: an item
+    # that blocks (I/O, a lock) has a wall time far above its CPU time, and
+    # would run serially inline.
+    if t < INLINE_OBS_MAX_T and waited is not None and computing(t, wall):
+        items, wait_s, records = waited
+        if records >= INLINE_MIN_CHUNKS and items > 0 \
+                and (wait_s / items + dec + (CONSUME_ITEM_S + enc)) * INLINE_MARGIN >= t:
+            return True
+    return False
+
+
+def computing(t, wall):
+    """Items that compute: one whose wall time is far above its CPU time
+    blocks (I/O, sleep), and would run serially in the caller."""
+    return wall is not None and wall <= 2 * t
+
+
+def rest_worth_inline(items_left, t):
+    """Whether the unclaimed rest is worth the switch to inline."""
+    return items_left * t >= INLINE_MIN_WORK_S
+
+
+def judge_finished(t, dec, wenc, enc, nwork, wall, waited, map_wall_s, n, complete, cores=CORES):
+    """For a map that ran on the workers to its end (too short, or in too
+    few chunks, to go inline): whether its function is tiny for its next
+    map. Returns (tiny, upto): upto is the longest map it is tiny for (None:
+    any). n: the items the job had; complete: the consumer took them all.
+
+    A map of items that cost less than TINY_OVERHEAD_FACTOR x their moving,
+    that took longer than map would have, marks it tiny too, but only for
+    maps up to the length where the parallel path's steady gain would pay
+    this map's fixed costs (posting, waking, the first chunk's latency:
+    map_wall_s - n * par), which the model leaves out and which decide short
+    maps of such items."""
+    if tiny_by_model(t, dec, wenc, enc, nwork, wall, waited, cores):
+        return True, None
+    lost = n is not None and complete and n > 0 and map_wall_s >= n * t
+    if lost and t < TINY_OVERHEAD_FACTOR * overhead_item_s(dec, wenc, enc):
+        par = parallel_item_s(t, dec, wenc, enc, nwork, cores)
+        return True, int(max(0.0, map_wall_s - n * par) / (t - par))
+    return False, None
+
+
+class MapCosts:
+    """What one map measures of its costs: the model's inputs, the window's
+    average chunk, and the feed's chunk sizer (`sizer`, whose `t_item` is the
+    workers' wall seconds per item)."""
+
+    __slots__ = ("sizer", "cpu_item", "dec", "wenc", "enc_item", "avg_chunk",
+                 "obs_consumed", "obs_records", "wait_s", "nwork")
+
+    def __init__(self, fixed, nwork):
+        self.sizer = _sched.ChunkSizer(fixed, grow=False)
+        self.cpu_item = None       # workers' CPU seconds per item (EWMA)
+        self.dec = PerItem()       # the parent's decode seconds per item
+        self.wenc = PerItem()      # the workers' seconds per item reading items, encoding results
+        self.enc_item = 0.0        # the parent's lazy encode seconds per item (list inputs)
+        self.avg_chunk = 1.0
+        # Observed throughput, from the first chunk that ran its full target
+        # (a mature chunk): the consumer's seconds waiting for results then.
+        self.obs_consumed = None
+        self.obs_records = 0
+        self.wait_s = 0.0
+        self.nwork = nwork
+
+    def on_chunk(self, count, t0, t1, cpu, enc, consumed):
+        """A chunk of `count` items ran in t1 - t0 seconds (cpu of them on the
+        CPU; enc reading items and encoding results)."""
+        self.avg_chunk = 0.8 * self.avg_chunk + 0.2 * count
+        if not count:
+            return
+        self.sizer.observe(count, t1 - t0)
+        c = cpu / count
+        self.cpu_item = c if self.cpu_item is None else 0.5 * c + 0.5 * self.cpu_item
+        self.wenc.add(enc, count)
+        if self.obs_consumed is not None:
+            self.obs_records += 1
+        elif t1 - t0 >= _sched.TARGET_CHUNK_S / 2:
+            self.obs_consumed = consumed
+            self.wait_s = 0.0
+
+    def on_encoded(self, seconds, items):
+        """The parent encoded `items` list items lazily in `seconds`."""
+        e = seconds / items
+        self.enc_item = e if not self.enc_item else 0.5 * e + 0.5 * self.enc_item
+
+    def decode_known(self):
+        return decode_known(self.cpu_item, self.dec.samples, self.dec.largest)
+
+    def _waited(self, consumed):
+        if self.obs_consumed is None:
+            return None
+        return consumed - self.obs_consumed, self.wait_s, self.obs_records
+
+    def tiny(self, consumed):
+        """The model's verdict now (decode_known() must hold)."""
+        return tiny_by_model(self.cpu_item, self.dec.est, self.wenc.est or 0.0, self.enc_item,
+                             self.nwork, self.sizer.t_item, self._waited(consumed))
+
+    def computing(self):
+        return computing(self.cpu_item, self.sizer.t_item)
+
+    def settle(self, fn, consumed, map_wall_s, n, complete):
+        """The map of fn ended on the workers (see judge_finished): remember
+        fn as tiny (if its items compute) or forget it."""
+        tiny, upto = judge_finished(self.cpu_item, self.dec.est, self.wenc.est or 0.0,
+                                    self.enc_item, self.nwork, self.sizer.t_item,
+                                    self._waited(consumed), map_wall_s, n, complete)
+        if not tiny:
+            forget_tiny(fn)
+        elif self.computing():
+            remember_tiny(fn, self.cpu_item, upto)
+
+
+# --- the memory of known-tiny functions
+
+_TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
+_TINY_UPTO = weakref.WeakKeyDictionary()  # fn -> tiny only for maps up to this length
+
+
+def tiny_estimate(fn, n=None):
+    """The remembered cost per item of a known-tiny function, or None; with
+    n, None also for a map longer than the function is tiny for."""
+    try:
+        t = _TINY.get(fn)
+        if t is not None and n is not None and n > _TINY_UPTO.get(fn, n):
+            return None
+        return t
+    except TypeError:       # not weak-referenceable (a builtin function)
+        return None
+
+
+def remember_tiny(fn, t, upto=None):
+    """upto: the longest map the function is tiny for (None: any)."""
+    try:
+        _TINY[fn] = t
+        if upto is None:
+            _TINY_UPTO.pop(fn, None)
+        else:
+            _TINY_UPTO[fn] = upto
+    except TypeError:
+        pass
+
+
+def forget_tiny(fn):
+    try:
+        _TINY.pop(fn, None)
+        _TINY_UPTO.pop(fn, None)
+    except TypeError:
+        pass
