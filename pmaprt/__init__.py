@@ -26,7 +26,8 @@ from ._api import default_pool, imap_unordered, pmap, shutdown, starmap
 from ._collective import allreduce, axis_index, axis_size, pmax, pmean, pmin, psum
 from ._arrays import asarray, empty, empty_like, is_shared, zeros, zeros_like
 from ._errors import (
-    CollectiveAbortedError, CollectiveError, PoolClosedError, RemoteTraceback, WorkerCrashedError,
+    CollectiveAbortedError, CollectiveError, PoolClosedError, RemoteTraceback, TooManyMapsError,
+    WorkerCrashedError,
 )
 from ._pool import Pool
 from ._stats import MapStats, WorkerStats
@@ -49,6 +50,7 @@ __all__ = [
     "WorkerCrashedError",
     "RemoteTraceback",
     "PoolClosedError",
+    "TooManyMapsError",
     "tune",
     "TuneResult",
     "Executor",

@@ -47,6 +47,11 @@ class PoolClosedError(RuntimeError):
     """The pool was closed or terminated; create a new one."""
 
 
+class TooManyMapsError(RuntimeError):
+    """Every job slot of the pool holds a live map (or task): consume or
+    close some iterators, or create the Pool with a larger max_jobs."""
+
+
 def oom_hint(exitcode):
     """A sentence to add when the exit looks like the out-of-memory killer."""
     if exitcode is not None and exitcode == -signal.SIGKILL:

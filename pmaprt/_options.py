@@ -51,6 +51,20 @@ def check_chunksize(chunksize, most):
     return min(_positive_int("chunksize", chunksize, "for adaptive"), most)
 
 
+def check_call(fn, iterables):
+    """The TypeErrors map itself raises for what it is given (also on Dask)."""
+    if not callable(fn):
+        raise TypeError("pmaprt: %r is not callable" % (fn,))
+    if not iterables:
+        raise TypeError("pmap() must have at least two arguments.")
+    for i, x in enumerate(iterables):
+        try:
+            iter(x)
+        except TypeError:
+            raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
+                            % (i + 2, type(x).__name__)) from None
+
+
 def _check_retries(retries):
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError("pmaprt: retries must be an int >= 0, got %r" % (retries,))

@@ -15,8 +15,8 @@ TARGET_CHUNK_S = 0.002
 # estimate), a worker doubles its target per chunk up to MAX_TARGET_S; any
 # other chunk sets it back to TARGET_CHUNK_S. Each chunk costs more than its
 # dispatch: the caller wakes, decodes and yields it, and on a machine with no
-# spare core that wake takes a worker's core (on 2 cores, 2 ms chunks of 50 us
-# items ran 4-9 % slower than the same map in 2,500-item chunks). Near the end
+# spare core that wake takes a worker's core, so longer chunks pay where the
+# cost per item is steady. Near the end
 # a chunk is held to TAIL_SHARE of an even share of what is left unclaimed
 # (remaining / workers), never below TARGET_CHUNK_S: the last chunks stay short.
 MAX_TARGET_S = 0.016

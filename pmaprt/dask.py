@@ -42,7 +42,7 @@ import weakref
 from . import _serialize
 from ._api import register_backend
 from ._errors import WorkerCrashedError, pack_exception, rebuild_exception
-from ._options import default_workers
+from ._options import check_call, default_workers
 from ._sched import GROWTH, MAX_CHUNK, ChunkSizer
 
 __all__ = ["DaskBackend", "dask_map", "in_dask_task", "COLLECTIVES_ERROR"]
@@ -188,20 +188,11 @@ class DaskBackend:
         """Lazy map(fn, *iterables) on the cluster, in order unless ordered=False."""
         if axis_name is not None:
             raise NotImplementedError(COLLECTIVES_ERROR)
-        if not callable(fn):
-            raise TypeError("pmaprt: %r is not callable" % (fn,))
-        if not iterables:
-            raise TypeError("pmap() must have at least two arguments.")
+        check_call(fn, iterables)
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
                                       or chunksize < 1):
             raise ValueError("pmaprt: chunksize must be a positive int or None, got %r"
                              % (chunksize,))
-        for i, x in enumerate(iterables):
-            try:
-                iter(x)
-            except TypeError:
-                raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
-                                % (i + 2, type(x).__name__)) from None
         return _DaskMap(self, fn, iterables, chunksize or 0, ordered, star)
 
     def starmap(self, fn, iterable, *, chunksize=None, ordered=True):

@@ -161,6 +161,16 @@ def test_abandoned_iterators_free_their_slot():
         assert list(p.map(double, range(3))) == [0, 2, 4]
 
 
+def test_a_map_past_max_jobs_is_a_named_error():
+    import pmaprt
+    with Pool(1, max_jobs=1) as p:
+        held = p.map(double, range(100_000), inline=False)
+        next(iter(held))                    # the only slot, held
+        with pytest.raises(pmaprt.TooManyMapsError, match="max_jobs"):
+            p.map(double, range(10), inline=False)
+        assert list(held) == [2 * i for i in range(1, 100_000)]
+
+
 def test_stats_describe_the_map(pool):
     it = pool.map(double, range(20_000), inline=False)
     assert list(it) == [2 * i for i in range(20_000)]

@@ -34,7 +34,8 @@ import time
 
 from .. import _arrays, _collective, _memguard, _serialize, _shm
 from .._access import FeedPlan, plan_input
-from .._options import check_chunksize
+from .._errors import TooManyMapsError
+from .._options import check_call, check_chunksize
 from .._shm import FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR, WANT_SHIFT
 from .._stats import MapStats, WorkerStats
 from .._tuned import cached_chunksize
@@ -89,20 +90,6 @@ def job_segment(pool, segs, desc, data_size, blobs=()):
     _arrays.write_blobs(seg.buf, blobs)  # the one copy of the data, in threads when large
     seg.buf[desc_off: desc_off + len(desc)] = desc
     return seg, desc_off
-
-
-def check_call(fn, iterables):
-    """The TypeErrors map itself raises for what it is given."""
-    if not callable(fn):
-        raise TypeError("pmaprt: %r is not callable" % (fn,))
-    if not iterables:
-        raise TypeError("pmap() must have at least two arguments.")
-    for i, x in enumerate(iterables):
-        try:
-            iter(x)
-        except TypeError:
-            raise TypeError("pmaprt: argument %d of the map (%s) is not iterable"
-                            % (i + 2, type(x).__name__)) from None
 
 
 class MapState:
@@ -253,9 +240,7 @@ class MapState:
             with self.pool._lock:
                 self.pool._check_open()
                 self._start_index(plan, fn_bytes, self.star, start=k)
-        except RuntimeError as e:
-            if "already live" not in str(e):
-                raise
+        except TooManyMapsError:
             with self.pool._lock:
                 for seg in self.segs:   # every job slot busy: the rest runs here
                     self.pool.unshare(seg)

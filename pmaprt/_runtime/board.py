@@ -27,6 +27,7 @@ Protocol, step by step:
 6. A worker killed inside a job (W_SLOT non-zero): the parent stores
    W_SLOT = 0 and drops its reference for it (`_drop_dead_ref`).
 """
+from .._errors import TooManyMapsError
 from .._shm import (
     FLAG_SPMD, H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, MODE_INDEX, MODE_TASK, RETRY_RANGES,
     S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_OFF, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MAX_ITEMS,
@@ -50,7 +51,7 @@ class BoardPoster:
             st = r.load32(off + S_STATE)
             if st == SLOT_FREE or (st == SLOT_CLOSED and r.load32(off + S_REFS) == 0):
                 return s, off
-        raise RuntimeError(
+        raise TooManyMapsError(
             "pmaprt: %d maps are already live on this pool; consume or close some of the "
             "iterators (or create the Pool with a larger max_jobs)" % lay.nslots)
 
