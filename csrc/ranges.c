@@ -102,6 +102,27 @@ Region_range_steal(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
 }
 
+/* The (off, lo, n) arguments that open range_untake, range_put and range_set:
+ * the word's address and a range that must fit the packed word, with at least
+ * min_n items. 0 on success; -1 with an exception set. */
+static int
+range_args(RegionObject *self, PyObject *const *args, const char *name, uint64_t min_n,
+           uint64_t **p, unsigned long long *lo, unsigned long long *n)
+{
+    *p = region_at(self, args[0], 8);
+    if (!*p) return -1;
+    *lo = PyLong_AsUnsignedLongLong(args[1]);
+    if (*lo == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *n = PyLong_AsUnsignedLongLong(args[2]);
+    if (*n == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (*lo > RANGE_LO_MAX || *n > RANGE_N_MASK || *n < min_n) {
+        PyErr_Format(PyExc_OverflowError, "%s: (lo=%llu, n=%llu) does not fit the packed word",
+                     name, *lo, *n);
+        return -1;
+    }
+    return 0;
+}
+
 /* range_untake(off, lo, c, mark, kept) -> bool: the owner gives back
  * [lo, lo + c), the unstarted tail of its current chunk, to the front of its
  * own range word (which starts at lo + c, thieves having taken only from its
@@ -112,21 +133,13 @@ PyObject *
 Region_range_untake(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_NARGS("range_untake", 5);
-    uint64_t *p = region_at(self, args[0], 8);
-    if (!p) return NULL;
-    unsigned long long lo = PyLong_AsUnsignedLongLong(args[1]);
-    if (lo == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    unsigned long long c = PyLong_AsUnsignedLongLong(args[2]);
-    if (c == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    uint64_t *p;
+    unsigned long long lo, c;
+    if (range_args(self, args, "range_untake", 1, &p, &lo, &c) < 0) return NULL;
     int64_t *mark = region_at(self, args[3], 8);
     if (!mark) return NULL;
     long long kept = PyLong_AsLongLong(args[4]);
     if (kept == -1 && PyErr_Occurred()) return NULL;
-    if (c == 0 || lo > RANGE_LO_MAX || c > RANGE_N_MASK) {
-        PyErr_Format(PyExc_OverflowError, "range_untake: (lo=%llu, c=%llu) does not fit the packed word",
-                     lo, c);
-        return NULL;
-    }
     uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
     for (;;) {
         uint64_t n = range_n(v), nv;
@@ -151,17 +164,9 @@ PyObject *
 Region_range_put(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_NARGS("range_put", 3);
-    uint64_t *p = region_at(self, args[0], 8);
-    if (!p) return NULL;
-    unsigned long long lo = PyLong_AsUnsignedLongLong(args[1]);
-    if (lo == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[2]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    if (lo > RANGE_LO_MAX || n > RANGE_N_MASK || n == 0) {
-        PyErr_Format(PyExc_OverflowError, "range_put: (lo=%llu, n=%llu) does not fit the packed word",
-                     lo, n);
-        return NULL;
-    }
+    uint64_t *p;
+    unsigned long long lo, n;
+    if (range_args(self, args, "range_put", 1, &p, &lo, &n) < 0) return NULL;
     uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
     while (range_n(v) == 0) {
         if (CAS64(p, &v, range_pack(lo, n)))
@@ -176,17 +181,9 @@ PyObject *
 Region_range_set(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_NARGS("range_set", 3);
-    uint64_t *p = region_at(self, args[0], 8);
-    if (!p) return NULL;
-    unsigned long long lo = PyLong_AsUnsignedLongLong(args[1]);
-    if (lo == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[2]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    if (lo > RANGE_LO_MAX || n > RANGE_N_MASK) {
-        PyErr_Format(PyExc_OverflowError, "range_set: (lo=%llu, n=%llu) does not fit the packed word",
-                     lo, n);
-        return NULL;
-    }
+    uint64_t *p;
+    unsigned long long lo, n;
+    if (range_args(self, args, "range_set", 0, &p, &lo, &n) < 0) return NULL;
     __atomic_store_n(p, range_pack(lo, n), __ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
 }

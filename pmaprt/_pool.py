@@ -46,7 +46,7 @@ class Pool(Runtime):
           larger of 256 MiB and 5 % of RAM; 0 turns the guard off).
 
         axis_name: an SPMD map: shard i runs on worker i, all at once, and fn may
-        call pmaprt.psum/pmean/allreduce over that axis (see _collective.py).
+        call pmaprt.psum/pmean/allreduce over that axis (see pmaprt/_collective/).
         SPMD maps take none of the reliability options.
 
         chunks=k (ndarray, list, tuple or range inputs): fn gets blocks of k rows,
