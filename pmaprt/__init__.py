@@ -7,7 +7,8 @@ The layering rule: a module imports only modules of its own layer or below,
 never above, and never from inside a function (optional third-party
 libraries excepted); tests/test_layout.py checks it. Read from the bottom up:
 
-    ground floor  _options, _errors, _sched, _stats, _serialize, _memguard, _tuned
+    ground floor  _options, _errors, _sched, _stats, _serialize, _memguard, _tuned,
+                  _threads
     _shm/         the control segment's layout, memfd segments, socket framing,
                   the C extension's loader (csrc/ builds pmaprt._core)
     _arrays/      shared arrays, how one buffer travels, chunks= blocks, out=

@@ -4,12 +4,11 @@ A copy is first cut into tasks (callables, each copying one piece), then
 `run_tasks` runs them: in this thread when the total is small, else on a few
 threads that take tasks from a shared iterator until none is left.
 """
-import threading
-
 import numpy as np
 
 from .. import _shm
 from .._options import CORES
+from .._threads import run_pieces
 
 memcpy = _shm.core().memcpy
 
@@ -26,33 +25,7 @@ MAX_COPY_THREADS = 8
 def run_tasks(tasks, total):
     """Run copy callables; in threads when there are many bytes."""
     nthreads = min(MAX_COPY_THREADS, CORES, len(tasks), max(1, total // COPY_PIECE))
-    if total < PARALLEL_COPY_MIN or nthreads <= 1:
-        for t in tasks:
-            t()
-        return
-    lock = threading.Lock()
-    it = iter(tasks)
-    errors = []
-
-    def run():
-        while True:
-            with lock:
-                t = next(it, None)
-            if t is None:
-                return
-            try:
-                t()
-            except BaseException as e:  # re-raised in the calling thread
-                errors.append(e)
-                return
-
-    threads = [threading.Thread(target=run, daemon=True) for _ in range(nthreads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    run_pieces(tasks, nthreads if total >= PARALLEL_COPY_MIN else 1)
 
 
 def byte_tasks(dst, off, src, tasks):

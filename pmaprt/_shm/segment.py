@@ -11,9 +11,10 @@ at a later write.
 import errno
 import mmap
 import os
-import threading
+import functools
 
 from .._options import default_workers
+from .._threads import run_pieces
 from .loader import core
 
 _core = core()
@@ -179,33 +180,10 @@ def populate(buf, size, fd=None):
         _core.populate(buf, a, n)
 
     try:
-        cores = default_workers()
-        nth = min(8, cores, size // POPULATE_PIECE) if size >= POPULATE_PARALLEL else 1
-        if nth <= 1:
-            one(0, size)
-        else:
-            pieces = [(a, min(POPULATE_PIECE, size - a)) for a in range(0, size, POPULATE_PIECE)]
-            errs = []
-            lock = threading.Lock()
-
-            def run():
-                while True:
-                    with lock:
-                        if not pieces:
-                            return
-                        a, n = pieces.pop()
-                    try:
-                        one(a, n)
-                    except OSError as e:
-                        errs.append(e)
-                        return
-            ths = [threading.Thread(target=run, daemon=True) for _ in range(nth)]
-            for t in ths:
-                t.start()
-            for t in ths:
-                t.join()
-            if errs:
-                raise errs[0]
+        nth = min(8, default_workers(), size // POPULATE_PIECE) if size >= POPULATE_PARALLEL else 1
+        pieces = [(a, min(POPULATE_PIECE, size - a)) for a in range(0, size, POPULATE_PIECE)] \
+            if nth > 1 else [(0, size)]
+        run_pieces([functools.partial(one, a, n) for a, n in pieces], nth)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOSYS) and fd is not None:
             try:
