@@ -80,18 +80,20 @@ def _range(xs) -> Optional[List[float]]:
     return [min(xs), max(xs)] if xs else None
 
 
-def _verdict_row(against: Dict[str, Any], iv, trusted: bool, **extra) -> Dict[str, Any]:
+def _verdict_row(against: Dict[str, Any], iv, margin: float, **extra) -> Dict[str, Any]:
     row = {"against": against["runner"], "label": against["label"], "ratio": iv["ratio"],
-           "lo": iv["lo"], "hi": iv["hi"], "pairs": iv["pairs"],
-           "pairs_say": V.verdict(iv), "verdict": V.verdict(iv, trusted)}
+           "lo": iv["lo"], "hi": iv["hi"], "pairs": iv["pairs"], "margin": margin,
+           "verdict": V.verdict(iv, margin)}
     row.update(extra)
     return row
 
 
 def derive(results: List[Dict[str, Any]], entries: Dict[str, Dict[str, Any]], workers: int,
-           trusted: bool = True) -> None:
+           margin: float = 1.0) -> None:
     """Fill the derived figures of every record and workload entry in place;
-    trusted=False (the noise check failed) turns every winner into V.NOISY."""
+    margin: the factor a winner must clear (1, or more after a failed noise
+    check: V.noise_trusted); a workload whose serial runs spread more than
+    V.SERIAL_SPREAD_MAX raises it to that spread."""
     wk = workers
     by_wl: Dict[str, List[Dict[str, Any]]] = {}
     for rec in results:
@@ -110,7 +112,9 @@ def derive(results: List[Dict[str, Any]], entries: Dict[str, Dict[str, Any]], wo
         longest = entry.get("longest_item_s") if entry is not None else None
         ideal = V.ideal_bound(runs, longest, wk) if longest is not None else None
         spread = V.serial_spread(runs)
-        wl_trusted = trusted and (spread is None or spread <= V.SERIAL_SPREAD_MAX)
+        wl_margin = margin
+        if spread is not None and spread > V.SERIAL_SPREAD_MAX:
+            wl_margin = max(margin, spread)
         for r in ok:
             if r["metric"] == "busbw":
                 continue
@@ -160,13 +164,14 @@ def derive(results: List[Dict[str, Any]], entries: Dict[str, Dict[str, Any]], wo
         entry["best_peer"] = best["runner"] if best else None
         entry["best_peer_s"] = best["median_s"] if best else None
         entry["noise_note"] = None
-        if trusted and not wl_trusted:
+        if wl_margin > margin:
             entry["noise_note"] = (f"builtin map's runs in this workload differed by "
                                    f"{spread:.2f}x (> {V.SERIAL_SPREAD_MAX:g}x): the machine was "
-                                   f"unsteady here; no winner is declared")
-        entry["verdicts"] = workload_verdicts(ok, wl_trusted)
+                                   f"unsteady here; a winner must win every pair by more "
+                                   f"than {wl_margin:.2f}x")
+        entry["verdicts"] = workload_verdicts(ok, wl_margin)
         if name in W.SWEPT:
-            entry["sweep"] = sweep_entry(ok, entry, wl_trusted)
+            entry["sweep"] = sweep_entry(ok, entry, wl_margin)
 
 
 def _is_bound(r: Dict[str, Any]) -> bool:
@@ -174,7 +179,7 @@ def _is_bound(r: Dict[str, Any]) -> bool:
     return r["runner"].startswith("memcpy") or "memcpy" in (r.get("label") or "")
 
 
-def workload_verdicts(ok: List[Dict[str, Any]], trusted: bool) -> List[Dict[str, Any]]:
+def workload_verdicts(ok: List[Dict[str, Any]], margin: float = 1.0) -> List[Dict[str, Any]]:
     """pmaprt (its first record: adaptive chunks) against builtin map and each
     peer of the workload; for the all-reduce, per message size."""
     me = next((r for r in ok if r["kind"] == "pmaprt"), None)
@@ -189,7 +194,7 @@ def workload_verdicts(ok: List[Dict[str, Any]], trusted: bool) -> List[Dict[str,
             m = mine.get(r["params"].get("bytes"))
             iv = compare(m, r) if m is not None else None
             if iv:
-                out.append(_verdict_row(r, iv, trusted, bytes=r["params"].get("bytes")))
+                out.append(_verdict_row(r, iv, margin, bytes=r["params"].get("bytes")))
         return out
     for r in ok:
         if r is me or r["kind"] == "sweep" or r["kind"] == "pmaprt":
@@ -204,11 +209,11 @@ def workload_verdicts(ok: List[Dict[str, Any]], trusted: bool) -> List[Dict[str,
         else:
             iv = compare(me, r)
         if iv:
-            out.append(_verdict_row(r, iv, trusted))
+            out.append(_verdict_row(r, iv, margin))
     return out
 
 
-def sweep_entry(ok: List[Dict[str, Any]], entry: Dict[str, Any], trusted: bool):
+def sweep_entry(ok: List[Dict[str, Any]], entry: Dict[str, Any], margin: float = 1.0):
     """The sweep object of a workload entry (see verdict.sweep_summary)."""
     sw = [r for r in ok if r["kind"] == "sweep"]
     ad = next((r for r in ok if r["kind"] == "pmaprt"), None)
@@ -225,7 +230,7 @@ def sweep_entry(ok: List[Dict[str, Any]], entry: Dict[str, Any], trusted: bool):
         pts.append(p)
         r["stats"] = r.get("stats") or {}
         r["stats"]["vs_adaptive"] = vs_adaptive(r, ad)
-    summ = V.sweep_summary(pts, trusted)
+    summ = V.sweep_summary(pts, margin)
     if summ is None:
         return None
     rows = {row["chunksize"]: row for row in summ["points"]}

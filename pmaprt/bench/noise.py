@@ -5,8 +5,8 @@ W copies at once on W worker processes (``multiprocessing.Pool``, no pmaprt:
 the check must not depend on what it judges); speed-up = W x one copy's time
 / the W copies' time, W on an idle machine. Pairs alternate, so each ratio
 compares moments a fraction of a second apart. The suite runs it at the start
-and the end; ``verdict.noise_trusted`` decides whether the run may declare
-winners.
+and the end; ``verdict.noise_trusted`` decides whether the machine gave its
+cores, and if not, by how much a winner must win (the noise margin).
 """
 from __future__ import annotations
 

@@ -118,7 +118,8 @@ LEGEND = [
     "a '!' marks a run below 1: a measurement error).",
     "verdicts: pmaprt's speed over each other runner, median (min-max) over the pairs: "
     "'faster' when every pair reads above 1, 'slower' when every pair reads below 1, else "
-    "'not distinguishable' at this run's noise.",
+    "'not distinguishable' at this run's noise; on a noisy machine a winner must clear the "
+    "noise margin in every pair, else 'no verdict: within the noise'.",
 ]
 
 
@@ -157,7 +158,7 @@ def _verdict_lines(e) -> List[str]:
         what = v["label"] + (f" at {fmt_bytes(v['bytes'])}" if v.get("bytes") is not None else "")
         say = v["verdict"]
         if say == V.NOISY:
-            say += f" (the pairs alone say {v['pairs_say']})"
+            say += f" (every pair, but not by {v['margin']:.2f}x)"
         out.append(f"    vs {what.ljust(width + (11 if v.get('bytes') is not None else 0))}  "
                    f"{fmt_iv(v):>22}  {say}")
     if e.get("noise_note"):

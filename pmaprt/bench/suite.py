@@ -151,7 +151,7 @@ class Suite:
 
         checks.append(noise_check(cfg.workers, session.cal, "end"))
         noise = dict(noise_trusted(checks, cfg.workers), checks=checks)
-        derive(session.results, session.entries, cfg.workers, trusted=noise["trusted"])
+        derive(session.results, session.entries, cfg.workers, margin=noise["margin"])
         entries = {n: session.entries[n] for n in W.ALL if n in session.entries}
         return {
             "schema_version": SCHEMA_VERSION,

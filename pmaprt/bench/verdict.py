@@ -5,7 +5,8 @@
 - ``verdict``: faster, slower, or not distinguishable at this noise, from
   that spread;
 - ``ideal_bound``: the lower bound that "/ideal" divides by;
-- ``noise_trusted``: whether the noise check lets the run declare winners;
+- ``noise_trusted``: whether the noise check found the machine giving its
+  cores, and if not, the margin a winner must clear (``noise_margin``);
 - ``sweep_summary``: the chunk-size sweep's ranking and best point.
 
 Kept free of I/O so each rule is tested on constructed data
@@ -19,8 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence
 FASTER = "faster"
 SLOWER = "slower"
 SAME = "not distinguishable"
-#: printed instead of a winner when the noise check failed
-NOISY = "no verdict: noisy machine"
+#: printed instead of a winner whose every pair wins, but by less than the
+#: machine's noise (a failed noise check, or an unsteady workload)
+NOISY = "no verdict: within the noise"
 
 # The noise check's bar, on the parallel speed-up of pure CPU work on W
 # cores. Its median must reach TRUST_MEDIAN * W and every pair TRUST_MIN * W.
@@ -31,8 +33,10 @@ TRUST_MEDIAN = 0.85
 TRUST_MIN = 0.70
 
 # A workload whose builtin-map runs (the baseline's and every pair's) differ
-# by more than this factor ran on an unsteady machine: its winners are
-# flagged even when the checks at the start and end passed.
+# by more than this factor ran on an unsteady machine: its winners must clear
+# that spread even when the checks at the start and end passed. Quiet runs
+# of the quick suite stay well under it; a busy neighbour starting or
+# stopping mid-workload goes over.
 SERIAL_SPREAD_MAX = 1.5
 
 
@@ -57,21 +61,32 @@ def cross_interval(a: Sequence[float], b: Sequence[float]) -> Optional[Dict[str,
             "hi": max(a) / min(b), "pairs": min(len(a), len(b))}
 
 
-def verdict(iv: Optional[Dict[str, float]], trusted: bool = True) -> Optional[str]:
-    """``faster`` when every pair reads above 1, ``slower`` when every pair
-    reads below 1, else ``not distinguishable``; NOISY in place of a winner
-    when the machine was not trusted (the pairs' reading stays beside it)."""
+def verdict(iv: Optional[Dict[str, float]], margin: float = 1.0) -> Optional[str]:
+    """``faster`` when every pair reads above ``margin``, ``slower`` when
+    every pair reads below 1/margin, NOISY when every pair agrees on a winner
+    but not by the margin, else ``not distinguishable``. margin is 1 on a
+    machine that passed the noise check; else how far short of its cores it
+    fell (``noise_margin``): a run given S of W cores' worth can slow one side
+    of a pair by W/S, so only a win by more than that holds from run to run."""
     if iv is None:
         return None
-    if iv["lo"] > 1.0:
-        v = FASTER
-    elif iv["hi"] < 1.0:
-        v = SLOWER
-    else:
-        v = SAME
-    if v != SAME and not trusted:
+    m = max(1.0, float(margin))
+    if iv["lo"] > m:
+        return FASTER
+    if iv["hi"] < 1.0 / m:
+        return SLOWER
+    if iv["lo"] > 1.0 or iv["hi"] < 1.0:
         return NOISY
-    return v
+    return SAME
+
+
+def noise_margin(checks: List[Dict[str, Any]], workers: int) -> float:
+    """W / the lowest speed-up any noise check read (at least 1): how much
+    the machine could have slowed one side of a pair."""
+    sp = [x for c in checks for x in (c.get("speedups") or []) if x and x > 0]
+    if workers < 2 or not sp:
+        return 1.0
+    return max(1.0, workers / min(sp))
 
 
 def ideal_bound(serial_runs: Sequence[float], longest_item_s: Optional[float],
@@ -92,11 +107,13 @@ def ideal_bound(serial_runs: Sequence[float], longest_item_s: Optional[float],
 
 
 def noise_trusted(checks: List[Dict[str, Any]], workers: int) -> Dict[str, Any]:
-    """Whether the run may declare winners: every noise check's median
+    """Whether the machine gave its cores: every noise check's median
     parallel speed-up is at least TRUST_MEDIAN * W and none of its pairs is
-    below TRUST_MIN * W. Returns ``{"trusted", "note"}``."""
+    below TRUST_MIN * W. Returns ``{"trusted", "margin", "note"}``: margin 1
+    when trusted, else ``noise_margin``, the factor a winner must clear."""
     if workers < 2:
-        return {"trusted": True, "note": "one worker: no parallel speed-up to check"}
+        return {"trusted": True, "margin": 1.0,
+                "note": "one worker: no parallel speed-up to check"}
     bad = []
     for c in checks:
         sp = c.get("speedups") or []
@@ -107,12 +124,13 @@ def noise_trusted(checks: List[Dict[str, Any]], workers: int) -> Dict[str, Any]:
         if med < TRUST_MEDIAN * workers or lo < TRUST_MIN * workers:
             bad.append(f"{c.get('when')}: {med:.2f}x median, {lo:.2f}x lowest")
     if bad:
-        return {"trusted": False,
+        m = noise_margin(checks, workers)
+        return {"trusted": False, "margin": m,
                 "note": (f"pure CPU work ran below {TRUST_MEDIAN * workers:.2f}x (median) or "
                          f"{TRUST_MIN * workers:.2f}x (any pair) on {workers} cores ("
-                         + "; ".join(bad) + "): the machine was not giving "
-                         f"{workers} cores' worth; no winner is declared")}
-    return {"trusted": True, "note": None}
+                         + "; ".join(bad) + f"): the machine was not giving {workers} cores' "
+                         f"worth; a winner must win every pair by more than {m:.2f}x")}
+    return {"trusted": True, "margin": 1.0, "note": None}
 
 
 def serial_spread(serial_runs: Sequence[float]) -> Optional[float]:
@@ -121,7 +139,7 @@ def serial_spread(serial_runs: Sequence[float]) -> Optional[float]:
     return max(runs) / min(runs) if len(runs) >= 2 else None
 
 
-def sweep_summary(points: List[Dict[str, Any]], trusted: bool = True) -> Optional[Dict[str, Any]]:
+def sweep_summary(points: List[Dict[str, Any]], margin: float = 1.0) -> Optional[Dict[str, Any]]:
     """The chunk-size sweep judged on one figure per point: ``vs_adaptive``,
     adaptive's time over the fixed size's (> 1: the fixed size was faster),
     from each fixed run's pair with the adaptive run just before it (or the
@@ -150,7 +168,7 @@ def sweep_summary(points: List[Dict[str, Any]], trusted: bool = True) -> Optiona
         return None
     # ties go to the larger chunk size (less scheduling traffic)
     best = max(rows, key=lambda r: (r["vs_adaptive"], r["chunksize"]))
-    v = verdict(best, trusted) if best["pairs"] else SAME
+    v = verdict(best, margin) if best["pairs"] else SAME
     cs = f"{best['chunksize']:,}"
     spread = (f"{best['lo']:.2f}-{best['hi']:.2f}x over {best['pairs']} pairs"
               if best["pairs"] else "unpaired medians")
