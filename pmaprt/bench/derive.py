@@ -143,9 +143,11 @@ def derive(results: List[Dict[str, Any]], entries: Dict[str, Dict[str, Any]], wo
                 split = split_efficiency(st["busy_s_runs"], ts, ser, wk)
                 if split:
                     st.update(split)
-        # the best peer: fastest by its own (paired) speeds
+        # the best peer: the fastest by paired speed-ups where every peer has them
+        # (else by 1 / time: the two are not comparable with each other)
         peers = [r for r in ok if r["kind"] == "peer" and r["metric"] != "busbw"]
-        best = max(peers, key=lambda r: statistics.median(speeds(r, _paired(r))),
+        all_paired = all(_paired(r) for r in peers)
+        best = max(peers, key=lambda r: statistics.median(speeds(r, all_paired)),
                    default=None)
         if best is not None:
             for r in ok:
