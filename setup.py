@@ -22,12 +22,13 @@ setup(
             extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-fvisibility=hidden"],
         )
     ],
-    install_requires=["numpy", "cloudpickle", "psutil"],
+    # tqdm: progress=True's bar (small, pure Python: a dependency, not an extra)
+    install_requires=["numpy", "cloudpickle", "psutil", "tqdm"],
     extras_require={
         # numba: tests/test_numpy.py counts its compilations per worker (skipped without it)
         "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]",
                  "numba; python_version < '3.14'"],
-        "bench": ["joblib", "mpire", "matplotlib", "tqdm"],
+        "bench": ["joblib", "mpire", "matplotlib"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
         "dask": ["dask[distributed]"],
         "joblib": ["joblib"],

@@ -1,8 +1,33 @@
-"""Statistics of one map, per worker, for users and the benchmark harness."""
+"""Statistics of one map, per worker, for users and the benchmark harness.
+
+``it.stats`` of a map is a :class:`MapStats`. Its ``repr`` is short (one line,
+then one per worker); ``print(it.stats.summary())`` or ``str(it.stats)`` gives
+the same figures with the mode in words. The full record of every chunk is
+behind attributes: ``chunk_log`` (all workers, in start order) and each
+worker's ``WorkerStats.chunk_log``; ``chunksizes`` lists every chunk's size.
+"""
 from dataclasses import dataclass, field
 
+#: what each part of ``MapStats.mode`` means; parts are joined by "+" in the
+#: order the map went through them (``index+inline``: began on the workers,
+#: the calling process took the rest)
+MODE_PARTS = {
+    "index": "on the workers, items read by index from shared memory",
+    "feed": "on the workers, items streamed to them in chunks",
+    "inline": "in the calling process (items cheaper to run than to ship)",
+}
 
-@dataclass
+
+def describe_mode(mode):
+    """``MapStats.mode`` in words: ``"index+inline"`` -> "on the workers, ...;
+    then in the calling process (...)"."""
+    parts = [p for p in (mode or "").split("+") if p]
+    if not parts:
+        return "not started"
+    return "; then ".join(MODE_PARTS.get(p, p) for p in parts)
+
+
+@dataclass(repr=False)
 class WorkerStats:
     rank: int
     items: int = 0
@@ -13,10 +38,21 @@ class WorkerStats:
     # (t_start, t_end, start_index, count), times in seconds from the map's start
     chunk_log: list = field(default_factory=list)
 
+    def __repr__(self):
+        return ("WorkerStats(rank=%d, items=%d, chunks=%d, steals=%d, busy=%.4fs, idle=%.4fs, "
+                "chunk_log=<%d entries>)" % (self.rank, self.items, self.chunks, self.steals,
+                                            self.busy_s, self.idle_s, len(self.chunk_log)))
 
-@dataclass
+
+@dataclass(repr=False)
 class MapStats:
-    """Filled in while the map runs; complete once it is exhausted."""
+    """How one map ran; filled in while it runs, complete once it is exhausted.
+
+    ``mode`` (see :func:`describe_mode`), ``items``, ``wall_s``, ``workers``
+    (a :class:`WorkerStats` per worker: items, chunks, steals, busy and idle
+    seconds, its chunk log), ``chunks``, ``steals``, ``chunksizes`` (every
+    chunk's size), ``chunk_log`` (every chunk), ``lost_chunks``, ``retried``,
+    ``reclaimed``. ``summary()`` is the readable form."""
 
     mode: str = ""
     workers: list = field(default_factory=list)
@@ -39,6 +75,14 @@ class MapStats:
     def chunks(self):
         return sum(w.chunks for w in self.workers)
 
+    @property
+    def chunk_log(self):
+        """Every chunk of every worker, ``(rank, t_start, t_end, start_index,
+        count)``, in the order they started (times from the map's start)."""
+        rows = [(w.rank,) + tuple(e) for w in self.workers for e in w.chunk_log]
+        rows.sort(key=lambda r: (r[1], r[0]))
+        return rows
+
     def record(self, rank, start, count, t0, t1, stolen):
         w = self.workers[rank]
         w.items += count
@@ -54,9 +98,27 @@ class MapStats:
         for w in self.workers:
             w.idle_s = max(0.0, wall_s - w.busy_s)
 
+    def _recovery(self):
+        if not (self.lost_chunks or self.retried or self.reclaimed):
+            return ""
+        return " lost_chunks=%d retried=%d reclaimed=%d" % (
+            self.lost_chunks, self.retried, self.reclaimed)
+
+    def __repr__(self):
+        head = "MapStats(mode=%r, items=%d, wall=%.4fs, chunks=%d, steals=%d%s)" % (
+            self.mode, self.items, self.wall_s, self.chunks, self.steals, self._recovery())
+        return "\n".join([head] + ["  " + repr(w) for w in self.workers])
+
+    def __str__(self):
+        return self.summary()
+
     def summary(self):
-        lines = ["mode=%s items=%d wall=%.4fs chunks=%d steals=%d"
-                 % (self.mode, self.items, self.wall_s, self.chunks, self.steals)]
+        """A few lines for people: the mode in words, totals, then one line
+        per worker (items, chunks, steals, busy and idle seconds)."""
+        lines = ["mode=%s items=%d wall=%.4fs chunks=%d steals=%d%s"
+                 % (self.mode, self.items, self.wall_s, self.chunks, self.steals,
+                    self._recovery()),
+                 "  ran " + describe_mode(self.mode)]
         for w in self.workers:
             lines.append("  worker %d: items=%d chunks=%d steals=%d busy=%.4fs idle=%.4fs"
                          % (w.rank, w.items, w.chunks, w.steals, w.busy_s, w.idle_s))

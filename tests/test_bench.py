@@ -26,6 +26,7 @@ RESULT_TYPES = {
     "workload": (str,), "runner": (str,), "label": (str,), "kind": (str,), "status": (str,),
     "note": (str, OPT), "metric": (str,), "params": (dict, OPT), "items": (int, OPT),
     "times_s": (list, OPT), "paired_serial_s": (list, OPT), "runs": (int, OPT), "median_s": (float, OPT), "min_s": (float, OPT),
+    "max_s": (float, OPT), "ranges": (dict, OPT),
     "items_per_s": (float, OPT), "latency_us": (float, OPT), "busbw_gbps": (float, OPT),
     "speedup_vs_map": (float, OPT), "speedup_vs_best_peer": (float, OPT),
     "makespan_over_ideal": (float, OPT), "efficiency": (float, OPT), "startup_s": (float, OPT),
@@ -34,6 +35,7 @@ RESULT_TYPES = {
 WORKLOAD_TYPES = {
     "name": (str,), "description": (str,), "status": (str,), "note": (str, OPT),
     "params": (dict, OPT), "items": (int, OPT), "serial_s": (float, OPT),
+    "serial_spread": (float, OPT), "verdicts": (list, OPT), "noise_note": (str, OPT),
     "longest_item_s": (float, OPT), "ideal_s": (float, OPT), "best_peer": (str, OPT),
     "best_peer_s": (float, OPT), "adaptive_chunksize": (int, OPT), "sweep": (dict, OPT),
     "timeline": (dict, OPT),
@@ -101,6 +103,15 @@ def test_json_top_level(quick):
     assert isinstance(m["gpus"], list)
     for k in ("python", "numpy", "pmaprt", "joblib", "mpire"):
         assert k in m["versions"]
+    noise = doc["noise"]
+    assert [c["when"] for c in noise["checks"]] == ["start", "end"]
+    for c in noise["checks"]:
+        if (os.cpu_count() or 1) > 1:
+            assert len(c["speedups"]) == 5 and c["min"] <= c["median"] <= c["max"]
+    assert isinstance(noise["trusted"], bool) and noise["margin"] >= 1.0
+    assert (noise["note"] is None) == noise["trusted"]
+    assert isinstance(doc["summary"], list) and doc["summary"]
+    assert doc["summary"][0].startswith("noise check")
     assert isinstance(doc["calibration"]["spin_iters_per_us"], NUM)
     assert doc["calibration"]["spin_iters_per_us"] > 0
     assert doc["files"]["json"] == "results.json"
@@ -133,6 +144,9 @@ def test_json_workloads_and_results(quick):
         assert r["metric"] in ("wall", "latency", "busbw")
         if r["status"] == "ok":
             assert r["times_s"] and r["runs"] == len(r["times_s"])
+            assert r["min_s"] <= r["median_s"] <= r["max_s"]
+            for k, (lo, hi) in (r["ranges"] or {}).items():
+                assert lo <= hi, (k, r)
             assert all(isinstance(t, NUM) and t >= 0 for t in r["times_s"])
             assert r["median_s"] >= 0
         else:
@@ -163,7 +177,20 @@ def test_json_workloads_and_results(quick):
             sw = [r for r in results if r["workload"] == name and r["kind"] == "sweep"]
             assert len(sw) >= 2
             assert all(isinstance(r["params"]["chunksize"], int) for r in sw)
-            assert doc["workloads"][name]["sweep"] is not None
+            swe = doc["workloads"][name]["sweep"]
+            assert swe is not None
+            # the summary's best is the table's best: the highest vs_adaptive
+            best = max(swe["points"], key=lambda p: (p["vs_adaptive"], p["chunksize"]))
+            assert swe["best"] == best["chunksize"]
+            assert f"{best['chunksize']:,}" in swe["text"]
+    # verdicts: pmaprt against builtin map and each peer that ran, per map workload
+    for name in ("medium", "heavy_tailed", "cost_shift"):
+        vs = doc["workloads"][name]["verdicts"]
+        assert {v["against"] for v in vs} >= {"builtin_map", "mp_pool_map"}, name
+        for v in vs:
+            assert v["verdict"] in ("faster", "slower", "not distinguishable",
+                                    "no verdict: within the noise")
+            assert v["lo"] <= v["ratio"] <= v["hi"]
 
 
 def test_pngs_valid(quick):
@@ -204,6 +231,13 @@ def test_table_names_every_workload(quick):
             assert e["note"] in table
     for label in ("builtin map", "pmaprt", "mp.Pool.map", "joblib", "mpire"):
         assert label in table
+    # the closing summary is the document's, printed last
+    assert "== summary" in table
+    tail = table[table.index("== summary"):]
+    for line in doc["summary"]:
+        assert line in tail
+    for c in doc["noise"]["checks"]:
+        assert f"noise check ({c['when']})" in table
 
 
 def test_list_and_bad_workload(tmp_path):
@@ -353,14 +387,16 @@ def test_paired_ratios_are_medians_of_per_run_ratios():
     derive([base, pm, mp, old], entries, 2)
     assert pm["speedup_vs_map"] == pytest.approx(0.1 / 0.06)
     assert pm["efficiency"] == pytest.approx(0.1 / (2 * 0.06))
-    assert pm["makespan_over_ideal"] == pytest.approx(0.06 / 0.05)
     assert mp["efficiency"] == pytest.approx(1.0)
-    assert mp["makespan_over_ideal"] == pytest.approx(1.0)
+    # /ideal divides by a lower bound: the fastest serial run (0.1, beside
+    # pmaprt) / W, not each pair's serial run
+    assert pm["makespan_over_ideal"] == pytest.approx(0.06 / 0.05)
+    assert mp["makespan_over_ideal"] == pytest.approx(0.1 / 0.05)
     # unpaired: against the baseline's median, as before
     assert old["speedup_vs_map"] == pytest.approx(2.0)
-    assert old["makespan_over_ideal"] == pytest.approx(1.0)
-    # vs best still compares medians
-    assert pm["speedup_vs_best_peer"] == pytest.approx(0.1 / 0.06)
+    # vs best compares the paired speed-ups too: pmaprt's 1.67x against mp's 2x
+    assert entries["heavy_tailed"]["best_peer"] == "mp_pool_map"
+    assert pm["speedup_vs_best_peer"] == pytest.approx((0.1 / 0.06) / 2.0)
 
 
 def test_efficiency_splits_into_busy_fraction_and_work_inflation():

@@ -47,6 +47,25 @@ from .spmd import SpmdMap, spmd_shards
 from .window import Window
 
 
+def open_progress(fn, iterables):
+    """The tqdm bar of ``progress=True``: labelled with the function's name, with
+    a total when every input has a length (else a count, given a total when
+    the input ends). tqdm is a dependency; an install without it gets an
+    ImportError that says how to add it rather than a bare ModuleNotFoundError."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:
+        raise ImportError("pmaprt: progress=True needs tqdm, which is not installed "
+                          "(pip install tqdm, or pip install 'pmaprt[bench]')") from e
+    fn = getattr(fn, "func", fn)   # functools.partial: the wrapped function
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    try:
+        total = min(len(x) for x in iterables)
+    except TypeError:
+        total = None
+    return tqdm(total=total, desc=name, unit="item")
+
+
 class MapJob:
     """The iterator returned by pmap and Pool.map; ``.stats`` has its MapStats.
 
@@ -175,6 +194,8 @@ class MapState:
                 self.stats.mode = "inline"
                 self.stats.t0 = time.perf_counter()
                 return
+        if progress:
+            self.progress = open_progress(fn, iterables)  # before any job: tqdm may be missing
         fn_bytes = _serialize.dumps_fn(fn)
         plan = plan_input(iterables, star, self.arrays.encoder,
                           upfront=None if axis_name is not None else self.window.size(self._may_inline()))
@@ -193,9 +214,9 @@ class MapState:
             else:
                 self._start_index(plan, fn_bytes, star)
         self.arrays.started = True
-        if progress:
-            from tqdm.auto import tqdm
-            self.progress = tqdm(total=self.n, unit="it")
+        if self.progress is not None and self.n is not None and self.progress.total != self.n:
+            self.progress.total = self.n   # a sized input that stops early (unpicklable item)
+            self.progress.refresh()
 
     # --- starting
 

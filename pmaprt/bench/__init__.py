@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m pmaprt.bench                      # quick suite (~2 min on 2 cores)
+    python -m pmaprt.bench                      # quick suite (~3 min on 2 cores)
     python -m pmaprt.bench --full               # the whole suite, full sizes
     python -m pmaprt.bench --workload medium --workload heavy-tailed
     python -m pmaprt.bench --out DIR --repeat K --size-scale F --workers W
@@ -13,7 +13,14 @@ with chunksize ceil(n/4W), ``joblib.Parallel`` with automatic batching, and
 ``mpire.WorkerPool.map``) gets the same worker count, has its pool created and
 warmed before anything is timed, and is timed over the same inputs; each figure
 is the median of ``repeat`` runs (fewer when one runner has used up
-``max_runner_s`` on one workload).  A peer that is not installed or cannot
+``max_runner_s`` on one workload), printed with its min-max.  Each timed run
+of a parallel runner follows a builtin map run over the same input (a pair);
+pmaprt's verdict against each other runner (faster, slower, not
+distinguishable) comes from the pairs' spread (``pmaprt.bench.verdict``), and
+a noise check at the start and the end (the parallel speed-up of pure CPU
+work on W processes) decides whether the machine gave its cores: if not, a
+winner must win every pair by the noise margin.  The report ends with a
+summary of every workload's verdicts.  A peer that is not installed or cannot
 start is reported as skipped/error with a note, never fatal.  The ``gpu``
 workload is skipped with a note on a machine without a GPU or without CuPy.
 The ``allreduce`` workload times ``pmaprt.allreduce`` inside an SPMD map against
@@ -34,7 +41,7 @@ also printed to stdout), ``results.json`` and PNG plots
 (``chunksize_<workload>.png``, ``timeline_<workload>.png``,
 ``allreduce_busbw.png``).
 
-results.json (schema_version 1)
+results.json (schema_version 2)
 -------------------------------
 Top-level keys (all always present):
 
@@ -55,11 +62,21 @@ Top-level keys (all always present):
                     psutil -> str or null), ``date`` (str), ``workers`` (int).
 ``calibration``     object: ``spin_iters_per_us`` (float: busy-loop iterations
                     per microsecond, measured once per run), ``samples``.
+``noise``           object: ``checks`` (list, the start's then the end's:
+                    ``{when, workers, item_s, speedups: [W x one copy's time /
+                    W copies' time at once, per pair], median, min, max,
+                    note}``), ``trusted`` (bool: every check's median >=
+                    0.85 W and every pair >= 0.7 W), ``margin`` (float >= 1:
+                    1 when trusted, else W / the lowest speed-up: the factor
+                    a winner must clear in every pair), ``note`` (str or
+                    null: why not trusted).
 ``workloads``       object, workload name -> entry (keys below), for every
                     workload selected, including skipped ones.
 ``results``         list of result records (keys below), one per (workload,
                     runner) and one per chunk-size sweep point or all-reduce
                     size.
+``summary``         list of str: the closing summary (the noise first, then
+                    each workload's verdicts and sweep), as printed.
 ``files``           object: ``json``, ``table`` (file names) and ``plots``
                     (list of PNG file names written).
 ``duration_s``      float, wall time of the whole run.
@@ -68,16 +85,28 @@ Workload entry keys (all always present, null where not applicable):
 ``name``, ``description`` (str); ``status`` ("ok"|"skipped"|"error");
 ``note`` (str or null: why skipped); ``params`` (object: sizes, per-item
 costs, seed); ``items`` (int); ``serial_s`` (median builtin-map time);
-``longest_item_s`` (heavy_tailed, cost_shift: the dearest item alone);
-``ideal_s`` (max(serial_s/W, longest_item_s)); ``best_peer`` (runner id of the
-fastest parallel peer) and ``best_peer_s``; ``adaptive_chunksize`` (int:
-median of pmaprt's ``MapStats.chunksizes`` in its last adaptive run);
-``sweep`` (swept workloads: ``chunksizes``, ``items_per_s``,
-``best_fixed_chunksize``, ``best_fixed_items_per_s``, ``adaptive_chunksize``,
-``adaptive_items_per_s``, ``adaptive_over_best_fixed`` (best fixed time /
-adaptive time: with ``paired``, each fixed run followed an adaptive run and
-this is the median of those per-pair ratios for the fixed size fastest
-against them)); ``timeline``
+``serial_spread`` (max / min of every builtin map run of the workload: the
+baseline's and each pair's; over 1.5 the workload's margin rises to it);
+``longest_item_s`` (heavy_tailed, cost_shift, numpy_shared: the dearest item
+alone, fastest of 3); ``ideal_s`` (a lower bound on any schedule's time:
+max(fastest builtin map run / W, longest_item_s)); ``best_peer`` (runner id of
+the fastest parallel peer, by paired speed-up) and ``best_peer_s``;
+``adaptive_chunksize`` (int: median of pmaprt's ``MapStats.chunksizes`` in its
+last adaptive run); ``verdicts`` (list: pmaprt's first record against builtin
+map and each other runner, ``{against, label, ratio, lo, hi, pairs, margin,
+verdict}``, ratio = pmaprt's speed / the other's, median and min/max over the
+pairs; verdict "faster" (lo > margin), "slower" (hi < 1/margin), "no verdict:
+within the noise" (every pair agrees, not by the margin) or "not
+distinguishable"; allreduce rows add ``bytes``); ``noise_note`` (str or null:
+this workload's serial runs spread past 1.5x); ``sweep`` (swept workloads:
+``points`` (``[{chunksize, vs_adaptive, lo, hi, pairs}]``, vs_adaptive =
+adaptive's time / the fixed size's, > 1: the fixed size was faster, median
+and min/max over its pairs with the adaptive run just before each), ``best``
+= ``best_fixed_chunksize`` (the point of highest vs_adaptive: the table's
+and plot's best), ``best_vs_adaptive``, ``best_lo``, ``best_hi``,
+``verdict``, ``text`` (the printed summary), ``paired``,
+``adaptive_chunksize``, ``adaptive_mode``, ``adaptive_items_per_s``,
+``adaptive_over_best_fixed`` (1 / best_vs_adaptive)); ``timeline``
 (``{wall_s, mode, truncated, workers: [[[t_start, t_end, start_index,
 count], ...] per worker]}`` from the last adaptive run's chunk logs).
 
@@ -97,6 +126,8 @@ Result record keys (all always present, null where not applicable):
 ``metric``    "wall" (time to map every item, results consumed),
               "latency" (roundtrip: seconds per one-task call) or "busbw".
 ``params``    object: ``workers`` and the runner's chunking (``chunksize``,
+              ``interleaved``: roundtrip samples taken in turn, so sample k
+              of two runners is a pair,
               ``adaptive_chunksize_median``, ``bytes``, ...); numpy workloads:
               ``peak_pss_bytes``, ``peak_uss_bytes`` (how much the PSS / USS
               sum over this process and its children grew during one extra
@@ -109,7 +140,11 @@ Result record keys (all always present, null where not applicable):
               over the same input taken just before each timed run (parallel
               runners of map workloads, unless --no-pair).
 ``runs``      int, len(times_s).
-``median_s``, ``min_s``  float.
+``median_s``, ``min_s``, ``max_s``  float.
+``ranges``    object or null: the spread of each derived figure over the
+              runs (or pairs), ``name -> [min, max]`` for
+              ``speedup_vs_map``, ``efficiency``, ``makespan_over_ideal``,
+              ``speedup_vs_best_peer`` and (sweep records) ``vs_adaptive``.
 ``items_per_s``          float, items / median_s.
 ``latency_us``           float, roundtrip only.
 ``busbw_gbps``           float, allreduce only: 2(W-1)/W * bytes / t / 1e9
@@ -118,10 +153,14 @@ Result record keys (all always present, null where not applicable):
                          with paired_serial_s, the median of the per-run
                          ratios paired_serial_s[k] / times_s[k] (as are
                          efficiency and makespan_over_ideal).
-``speedup_vs_best_peer`` float, best_peer_s / median_s (>1: faster than the
-                         fastest parallel peer).
-``makespan_over_ideal``  float, median_s / ideal_s (1 is perfect).
-``efficiency``           float, serial_s / (W * median_s).
+``speedup_vs_best_peer`` float, this runner's speed over the fastest
+                         parallel peer's (>1: faster): the ratio of their
+                         median paired speed-ups (roundtrip: median of the
+                         per-sample ratios).
+``makespan_over_ideal``  float, median over runs of t / ideal_s (1 is
+                         perfect; below 1 only by a measurement error,
+                         marked '!' in the table).
+``efficiency``           float, speedup_vs_map / W.
 ``startup_s``            float, pool creation + warm-up (not in times_s).
 ``stats``                object or null, pmaprt's MapStats of the last run:
                          ``mode``, ``wall_s``, ``items``, ``n_chunks``,

@@ -22,17 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pmaprt.bench",
         description="Benchmark pmaprt against builtin map, multiprocessing, "
                     "concurrent.futures, joblib and mpire.  Without options: the quick "
-                    "suite (every workload at reduced size, median of 3).",
+                    "suite (every workload at reduced size, 5 paired runs each).",
     )
     p.add_argument("--full", action="store_true",
-                   help="the whole suite at full size (median of 5; takes a long while)")
+                   help="the whole suite at full size (takes a long while)")
     p.add_argument("--workload", action="append", metavar="NAME",
                    help="run only this workload (repeatable): " + ", ".join(W.ALL))
     p.add_argument("--out", default=os.path.join("bench", "results"), metavar="DIR",
                    help="where results.json, table.txt and the PNG plots go "
                         "(default: %(default)s)")
     p.add_argument("--repeat", type=int, default=None, metavar="K",
-                   help="median of K runs (default 3 quick, 5 full)")
+                   help="K timed runs per runner and workload (default 5)")
     p.add_argument("--size-scale", type=float, default=1.0, metavar="F",
                    help="multiply every workload's size by F (default 1)")
     p.add_argument("--workers", type=int, default=None, metavar="W",

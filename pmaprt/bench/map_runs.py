@@ -1,5 +1,5 @@
-"""The map workloads (tiny, medium, heavy-tailed, cost-shift, numpy) and the
-round trip, run by one runner after another.
+"""The map workloads (tiny, medium, heavy-tailed, cost-shift, numpy), run by one
+runner after another (the round trip, every runner in turn: ``roundtrip_runs``).
 
 For each runner: start and warm its pool (``startup_s``), then per workload
 probe a prefix when the input is large (``Session.probe``), take one untimed
@@ -23,20 +23,16 @@ from .sweep_runs import run_sweep
 MEMORY_WORKLOADS = ("numpy",)
 
 
-def skip_runner(session: Session, r, map_wl, rt, why):
-    """Records that runner r did not run (``why``) for every selected workload."""
+def skip_runner(session: Session, r, map_wl, why):
+    """Records that runner r did not run (``why``) for every selected map workload."""
     for name in map_wl:
         session.results.append(new_record(name, r, status="skipped", note=why,
                                           items=session.built[name].n))
-    if rt and r.has_call:
-        session.results.append(new_record("roundtrip", r, status="skipped", note=why,
-                                          metric="latency"))
 
 
-def run_runner(session: Session, r: Runner, map_wl, rt, n_rt, sweep_pts, prog):
-    """Start and warm runner r, time it over every map workload (and the
-    round trip when rt), then close it; a runner that cannot start gets an
-    error record per workload."""
+def run_runner(session: Session, r: Runner, map_wl, sweep_pts, prog):
+    """Start and warm runner r, time it over every map workload, then close
+    it; a runner that cannot start gets an error record per workload."""
     cfg = session.cfg
     startup = None
     try:
@@ -53,10 +49,7 @@ def run_runner(session: Session, r: Runner, map_wl, rt, n_rt, sweep_pts, prog):
         for name in map_wl:
             session.results.append(new_record(name, r, status="error", note=note,
                                               items=session.built[name].n))
-        if rt and r.has_call:
-            session.results.append(new_record("roundtrip", r, status="error", note=note,
-                                              metric="latency"))
-        prog.step(r.label, len(map_wl) + (1 if rt and r.has_call else 0))
+        prog.step(r.label, len(map_wl))
         return
     try:
         for name in map_wl:
@@ -118,9 +111,6 @@ def run_runner(session: Session, r: Runner, map_wl, rt, n_rt, sweep_pts, prog):
             prog.step(f"{r.label} {name}")
             if isinstance(r, Pmaprt) and name in sweep_pts:
                 run_sweep(session, r, w, sweep_pts[name], prog)
-        if rt and r.has_call:
-            roundtrip(session, r, n_rt, startup)
-            prog.step(f"{r.label} roundtrip")
     finally:
         try:
             r.close()
@@ -129,39 +119,8 @@ def run_runner(session: Session, r: Runner, map_wl, rt, n_rt, sweep_pts, prog):
 
 
 def baseline_extras(session: Session, w: W.Workload):
-    """What builtin map's run adds to a workload entry: the dearest item's time."""
+    """What builtin map's run adds to a workload entry: the dearest item's
+    time, its fastest of three (it enters a lower bound)."""
     e = session.entries[w.name]
     if w.ideal and w.longest_arg is not None:
-        e["longest_item_s"] = W.time_call(w.fn, w.longest_arg, repeat=3)
-
-
-def roundtrip(session: Session, r: Runner, calls: int, startup):
-    """Seconds per one-task call on r's warm pool, per sample of ``calls`` calls."""
-    rec = new_record("roundtrip", r, metric="latency", startup_s=startup,
-                     params={"workers": r.workers if r.kind != "baseline" else 1,
-                             "calls_per_sample": calls})
-    try:
-        for i in range(min(5, calls)):  # untimed warm-up
-            r.call(W.noop, i)
-        samples = []
-        spent = 0.0
-        for k in range(session.cfg.repeat):
-            t0 = time.perf_counter()
-            for i in range(calls):
-                r.call(W.noop, i)
-            dt = time.perf_counter() - t0
-            samples.append(dt / calls)
-            spent += dt
-            if spent >= session.cfg.max_runner_s and k + 1 < session.cfg.repeat:
-                rec["note"] = (f"{k + 1} of {session.cfg.repeat} samples "
-                               f"(time cap {session.cfg.max_runner_s:g} s)")
-                break
-        if r.call(W.noop, 12345) != 12345:
-            rec["status"], rec["note"] = "error", "wrong result"
-        fill_times(rec, samples, None)
-        rec["items"] = calls
-        rec["items_per_s"] = None
-        rec["latency_us"] = rec["median_s"] * 1e6
-    except Exception as e:
-        rec["status"], rec["note"] = "error", f"{type(e).__name__}: {e}"
-    session.results.append(rec)
+        e["longest_item_s"] = min(W.time_call(w.fn, w.longest_arg, repeat=1) for _ in range(3))

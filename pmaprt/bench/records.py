@@ -1,8 +1,9 @@
 """The data model of results.json: its key lists and the records' builders.
 
 The document's layout is described (and kept stable) in the docstring of
-:mod:`pmaprt.bench`. Format history: schema_version 1 is the only version;
-a change that renames or removes a key bumps it.
+:mod:`pmaprt.bench`. Format history: 1, the first; 2 added the spread
+(``max_s``, ``ranges``), the verdicts, ``noise`` and ``summary``, and made
+``ideal_s`` a lower bound. A change that renames or removes a key bumps it.
 
 - ``new_record`` / ``new_workload_entry``: a result record or a workload
   entry with every documented key present (None where not applicable).
@@ -21,12 +22,13 @@ import numpy as np
 
 from . import workloads as W
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: every per-result record has exactly these keys (None where not applicable)
 RESULT_KEYS = (
     "workload", "runner", "label", "kind", "status", "note", "metric", "params",
-    "items", "times_s", "paired_serial_s", "runs", "median_s", "min_s", "items_per_s", "latency_us",
+    "items", "times_s", "paired_serial_s", "runs", "median_s", "min_s", "max_s", "items_per_s",
+    "latency_us", "ranges",
     "busbw_gbps", "speedup_vs_map", "speedup_vs_best_peer", "makespan_over_ideal",
     "efficiency", "startup_s", "stats",
 )
@@ -34,13 +36,13 @@ RESULT_KEYS = (
 #: every entry of the "workloads" object has exactly these keys
 WORKLOAD_KEYS = (
     "name", "description", "status", "note", "params", "items", "serial_s",
-    "longest_item_s", "ideal_s", "best_peer", "best_peer_s", "adaptive_chunksize",
-    "sweep", "timeline",
+    "serial_spread", "longest_item_s", "ideal_s", "best_peer", "best_peer_s",
+    "adaptive_chunksize", "verdicts", "noise_note", "sweep", "timeline",
 )
 
 TOP_KEYS = (
-    "schema_version", "created", "argv", "config", "machine", "calibration",
-    "workloads", "results", "files", "duration_s",
+    "schema_version", "created", "argv", "config", "machine", "calibration", "noise",
+    "workloads", "results", "summary", "files", "duration_s",
 )
 
 # Chunks kept per worker in a timeline: enough to draw any quick run whole,
@@ -72,6 +74,7 @@ def fill_times(rec: Dict[str, Any], times: List[float], n_items: Optional[int]) 
     rec["runs"] = len(times)
     rec["median_s"] = float(statistics.median(times))
     rec["min_s"] = float(min(times))
+    rec["max_s"] = float(max(times))
     rec["items"] = n_items
     if rec["median_s"] > 0 and n_items:
         rec["items_per_s"] = n_items / rec["median_s"]

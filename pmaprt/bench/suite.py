@@ -4,16 +4,20 @@ The suite is split as a harness is (runner, per-workload runs, data model,
 compare, formatter):
 
 - ``suite`` (this module): the order of things: describe the machine,
-  calibrate, build the inputs, run every runner over the map workloads, run
-  the workloads that have a module of their own, derive the ratios, assemble
-  the document;
+  calibrate, check the noise, build the inputs, run every runner over the
+  map workloads, the round trip with every runner in turn, the workloads
+  that have a module of their own, check the noise again, derive the ratios
+  and verdicts, assemble the document;
 - ``config``: what to run; ``session``: the state the runs share and how a
   runner is timed;
-- ``map_runs`` (every runner over the map workloads and the round trip),
+- ``noise`` (the parallel speed-up of pure CPU work, at the start and end),
+  ``map_runs`` (every runner over the map workloads), ``roundtrip_runs``,
   ``sweep_runs`` (pmaprt at fixed chunk sizes), ``array_runs`` (shared arrays
   and ``out=``), ``allreduce_runs``, ``gpu_runs``;
-- ``records``: the document's data model; ``derive``: the ratios between
-  records; ``report`` and ``plots``: the table and the PNG files.
+- ``records``: the document's data model; ``verdict``: the rules (spread,
+  verdict, lower bound, noise, sweep summary); ``derive``: applies them to
+  the records; ``report`` (with ``summary``, the closing verdicts) and
+  ``plots``: the table and the PNG files.
 
 The document's layout is described (and kept stable) in the docstring of
 :mod:`pmaprt.bench`.
@@ -34,9 +38,13 @@ from .derive import derive
 from .gpu_runs import run_gpu
 from .machine import describe
 from .map_runs import run_runner, skip_runner
+from .noise import noise_check
 from .records import SCHEMA_VERSION, new_workload_entry
+from .roundtrip_runs import run_roundtrip
 from .runners import all_runners
 from .session import Session
+from .summary import closing_summary
+from .verdict import noise_trusted
 
 MAP_WORKLOADS = ("tiny", "medium", "heavy_tailed", "cost_shift", "numpy")
 #: workloads with a module of their own, run after the runners, in this order;
@@ -92,6 +100,7 @@ class Suite:
         cfg = self.cfg
         machine = describe(cfg.workers)
         session = Session(cfg, W.calibrate())
+        checks = [noise_check(cfg.workers, session.cal, "start")]
 
         runners = [r for r in all_runners(optional=cfg.runners is not None)
                    if r.kind == "baseline" or cfg.runners is None or r.id in cfg.runners]
@@ -113,22 +122,22 @@ class Suite:
         # plan the progress bar
         sweep_pts = {n: W.sweep_chunksizes(session.built[n].n, cfg.workers, cfg.full)
                      for n in swept}
-        total = 0
-        for r in runners:
-            total += len(map_wl) + (1 if (rt and r.has_call) else 0)
+        total = len(runners) * len(map_wl) + (1 if rt else 0)
         total += sum(len(v) for v in sweep_pts.values())
         total += sum(1 for n in EXTRA_WORKLOADS if n in wl)
         prog = _Progress(total, cfg.progress)
         try:
             for r in runners:
-                if not map_wl and not (rt and r.has_call):
+                if not map_wl:
                     continue  # nothing for this runner: do not even start its pool
                 ok, why = avail[r.id]
                 if not ok:
-                    skip_runner(session, r, map_wl, rt, why or "not available")
-                    prog.step(r.label, len(map_wl) + (1 if (rt and r.has_call) else 0))
+                    skip_runner(session, r, map_wl, why or "not available")
+                    prog.step(r.label, len(map_wl))
                     continue
-                run_runner(session, r, map_wl, rt, n_rt, sweep_pts, prog)
+                run_runner(session, r, map_wl, sweep_pts, prog)
+            if rt:
+                run_roundtrip(session, runners, avail, n_rt, prog)
             for name, run_extra in EXTRA_WORKLOADS.items():
                 if name in wl:
                     run_extra(session, avail.get("pmaprt", (False, None)))
@@ -140,7 +149,9 @@ class Suite:
                 if w.cleanup:
                     w.cleanup()
 
-        derive(session.results, session.entries, cfg.workers)
+        checks.append(noise_check(cfg.workers, session.cal, "end"))
+        noise = dict(noise_trusted(checks, cfg.workers), checks=checks)
+        derive(session.results, session.entries, cfg.workers, margin=noise["margin"])
         entries = {n: session.entries[n] for n in W.ALL if n in session.entries}
         return {
             "schema_version": SCHEMA_VERSION,
@@ -150,8 +161,10 @@ class Suite:
             "machine": machine,
             "calibration": {"spin_iters_per_us": session.cal.iters_per_us,
                             "samples": list(session.cal.samples)},
+            "noise": noise,
             "workloads": entries,
             "results": session.results,
+            "summary": closing_summary(entries, noise),
             "files": {"json": "results.json", "table": "table.txt", "plots": []},
             "duration_s": time.perf_counter() - t_start,
         }
