@@ -9,7 +9,6 @@ Three layers:
 - real-GPU tests (CuPy kernels, pinned streams, all-reduce on logical ranks),
   skipped with the reason when no GPU is present.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -44,7 +43,7 @@ def _gpu_reason():
 
 
 GPU_REASON = _gpu_reason()
-CUPY_INSTALLED = importlib.util.find_spec("cupy") is not None
+CUPY_INSTALLED = not GPU_REASON or "CuPy is not installed" not in GPU_REASON
 
 
 def needs_gpu(what):
@@ -432,7 +431,8 @@ SIM_SCRIPT = textwrap.dedent(r'''
 
 @pytest.fixture(scope="module")
 def sim():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=ROOT)
+    path = [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(path))
     r = subprocess.run([sys.executable, "-c", SIM_SCRIPT], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -524,8 +524,10 @@ def test_nccl_setup_against_the_installed_cupy_api():
     # Without a GPU NCCL itself fails (a CUDA error); with one it returns a
     # communicator. What must never happen is a call CuPy's API does not have
     # (before: TypeError: initAll() takes exactly 1 positional argument).
+    path = [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
     r = subprocess.run([sys.executable, "-c", NCCL_SETUP], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+                       text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)))
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
     res = json.loads(line[0][7:])
