@@ -25,9 +25,13 @@ setup(
     # tqdm: progress=True's bar (small, pure Python: a dependency, not an extra)
     install_requires=["numpy", "cloudpickle", "psutil", "tqdm"],
     extras_require={
-        # numba: tests/test_numpy.py counts its compilations per worker (skipped without it)
+        # numba: tests/test_numpy.py counts its compilations per worker, and its CUDA
+        # simulator runs the GPU path (skipped without it). CuPy and NCCL import without a
+        # GPU: the GPU tests check pmaprt's calls against their real API (skipped without).
         "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]",
-                 "numba; python_version < '3.14'"],
+                 "numba; python_version < '3.14'",
+                 "cupy-cuda12x; platform_system == 'Linux' and python_version < '3.14'",
+                 "nvidia-nccl-cu12>=2.18.1,<3; platform_system == 'Linux'"],
         "bench": ["joblib", "mpire", "matplotlib"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
         "dask": ["dask[distributed]"],

@@ -30,14 +30,24 @@ def fake_nvml(gpus, init_error=None, calls=None):
     def rec(name):
         calls.append(name)
 
+    def dev(h):                 # an int: a GPU; (i, k): MIG instance k of GPU i
+        return gpus[h] if isinstance(h, int) else gpus[h[0]]["migs"][h[1]]
+
     def dev_fn(fname, make):
         def f(h):
             rec(fname)
-            code = gpus[h].get("fail", {}).get(fname)
+            code = dev(h).get("fail", {}).get(fname)
             if code is not None:
                 raise NVMLError(code)
-            return make(gpus[h])
+            return make(dev(h))
         return f
+
+    def mig_handle(h, k):
+        rec("nvmlDeviceGetMigDeviceHandleByIndex")
+        migs = gpus[h].get("migs", [])
+        if k >= len(migs) or migs[k] is None:
+            raise NVMLError(6)          # NVML_ERROR_NOT_FOUND: an empty slot
+        return (h, k)
 
     def init():
         rec("nvmlInit")
@@ -54,6 +64,14 @@ def fake_nvml(gpus, init_error=None, calls=None):
         total=g["total"], free=g["free"], used=g["total"] - g["free"]))
     nv.nvmlDeviceGetUtilizationRates = dev_fn("nvmlDeviceGetUtilizationRates",
                                               lambda g: types.SimpleNamespace(gpu=g["util"][0], memory=g["util"][1]))
+    if all("bus" in g for g in gpus):
+        nv.nvmlDeviceGetPciInfo = dev_fn("nvmlDeviceGetPciInfo",
+                                         lambda g: types.SimpleNamespace(busId=g["bus"].encode()))
+    nv.nvmlDeviceGetMaxMigDeviceCount = dev_fn("nvmlDeviceGetMaxMigDeviceCount",
+                                               lambda g: 7 if "migs" in g else 0)
+    nv.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
+    nv.nvmlDeviceGetGpuInstanceId = dev_fn("nvmlDeviceGetGpuInstanceId", lambda g: g["gi"])
+    nv.nvmlDeviceGetComputeInstanceId = dev_fn("nvmlDeviceGetComputeInstanceId", lambda g: g["ci"])
     return nv
 
 
@@ -64,6 +82,7 @@ A100 = dict(name="NVIDIA A100-SXM4-40GB", uuid="GPU-bbbb", total=42949672960, fr
 @pytest.fixture
 def nvml(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
     def install(*gpus, **kw):
         calls = []
@@ -145,7 +164,7 @@ def test_cuda_visible_devices_renumbers(nvml, monkeypatch):
 
 @pytest.mark.parametrize("env,want", [
     (None, [0, 1, 2]), ("2,0", [2, 0]), ("0,7,1", [0]), ("-1", []), ("GPU-b", [1]),
-    ("GPU-", []), ("1,1", [1]),
+    ("GPU-", []), ("1,1", [1]), ("MIG-x", []),
 ])
 def test_visible_order_follows_cuda_rules(env, want):
     assert devmod.visible_order(env, 3, ["GPU-a0", "GPU-b1", "GPU-c2"]) == want
@@ -156,3 +175,55 @@ def test_a_broken_pynvml_never_raises(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", broken)
     d = pmaprt.devices()
     assert d.gpus == () and "NVML query failed" in d.reason
+
+
+MIG = dict(name="NVIDIA A100-SXM4-40GB MIG 1g.5gb", uuid="MIG-1111-2222", total=5 << 30,
+           free=4 << 30, gi=7, ci=0, fail={"nvmlDeviceGetUtilizationRates": 3})
+
+
+def test_a_mig_uuid_lists_that_instance(nvml, monkeypatch):
+    # CUDA sees the MIG instance named by its UUID; before, no GPU matched it
+    nvml(H100, dict(A100, migs=[None, MIG]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1111-2222")
+    d = pmaprt.devices()
+    assert d.reason is None and d.gpu_count == 1
+    (g,) = d.gpus
+    assert (g.kind, g.index, g.nvml_index, g.uuid) == ("mig", 0, 1, "MIG-1111-2222")
+    assert g.name == MIG["name"] and g.memory_total == 5 << 30 and g.memory_free == 4 << 30
+    assert g.utilization_gpu is None        # NVML does not report it for MIG instances
+    # the older form, MIG-GPU-<parent uuid>/<GPU instance>/<compute instance>
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-GPU-bbbb/7/0")
+    assert [g.uuid for g in pmaprt.devices().gpus] == ["MIG-1111-2222"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-9999")
+    d = pmaprt.devices()
+    assert d.gpus == () and "CUDA_VISIBLE_DEVICES='MIG-9999'" in d.reason
+
+
+def test_cuda_device_order_pci_bus_id(nvml, monkeypatch):
+    # NVML lists the A100 first, but its PCI bus comes after the H100's
+    nvml(dict(A100, bus="00000000:81:00.0"), dict(H100, bus="00000000:3B:00.0"))
+    d = pmaprt.devices()
+    assert [(g.index, g.nvml_index, g.name) for g in d.gpus] == [
+        (0, 1, H100["name"]), (1, 0, A100["name"])]
+    assert d.reason is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")         # CUDA ordinal 1: the A100
+    assert [g.name for g in pmaprt.devices().gpus] == [A100["name"]]
+
+
+def test_fastest_first_over_different_models_says_indices_may_differ(nvml, monkeypatch):
+    nvml(dict(A100, bus="00000000:81:00.0"), dict(H100, bus="00000000:3B:00.0"))
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")                 # CUDA's default, FASTEST_FIRST
+    d = pmaprt.devices()
+    assert d.gpu_count == 2 and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in d.reason
+    # one model: FASTEST_FIRST is PCI order, nothing to say
+    nvml(dict(H100, bus="00000000:81:00.0", uuid="GPU-z"), dict(H100, bus="00000000:3B:00.0"))
+    d = pmaprt.devices()
+    assert d.reason is None and [g.uuid for g in d.gpus] == ["GPU-aaaa", "GPU-z"]
+
+
+@pytest.mark.parametrize("order_env", ["PCI_BUS_ID", "FASTEST_FIRST"])
+def test_cuda_order_sorts_by_bus(order_env):
+    order, note = devmod.cuda_order(order_env, ["0000:81:00.0", "0000:3b:00.0", "0000:02:00.0"],
+                                    ["A", "A", "A"])
+    assert order == [2, 1, 0] and note is None
+    assert devmod.cuda_order(order_env, None, ["A", "A"]) == ([0, 1], None)

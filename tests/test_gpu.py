@@ -43,7 +43,13 @@ def _gpu_reason():
 
 
 GPU_REASON = _gpu_reason()
-needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
+CUPY_INSTALLED = not GPU_REASON or "CuPy is not installed" not in GPU_REASON
+
+
+def needs_gpu(what):
+    """Skip unless CuPy sees a GPU; the reason names what the test runs on the device."""
+    return pytest.mark.skipif(GPU_REASON is not None,
+                              reason="needs a CUDA GPU for %s (%s)" % (what, GPU_REASON))
 
 
 @pytest.fixture
@@ -138,7 +144,7 @@ def test_auto_without_gpu_and_a_kernel_is_a_clear_error(monkeypatch, fresh_warni
     def k(x, out):
         pass
 
-    monkeypatch.setattr(dispatch, "_gpu_available", lambda: (False, "no GPU found by NVML"))
+    monkeypatch.setattr(dispatch, "gpu_presence", lambda eng: (False, "no GPU found by NVML"))
     with pytest.raises(RuntimeError, match="no GPU found by NVML.*cannot run on the CPU"):
         pmaprt.pmap(k, np.zeros(4), device="auto")
 
@@ -207,7 +213,7 @@ def test_allreduce_api_on_host_arrays(op):
 
 # -- numba.cuda kernels under the CUDA simulator (child process) ------------------------
 SIM_SCRIPT = textwrap.dedent(r'''
-    import json, math, sys
+    import json, math, sys, types
     import numpy as np
     from numba import cuda
     import pmaprt
@@ -254,6 +260,18 @@ SIM_SCRIPT = textwrap.dedent(r'''
                        and np.allclose(y, 2 * x + 1))
         return out
     check("odd_sizes", odd_sizes)
+
+    def numba_sizes_host_and_device():     # the real-GPU test's small sizes, default chunks
+        out = []
+        for n in (1, 3, 1001):
+            x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+            y = pmaprt.pmap(affine, x, device="gpu", chunksize=max(1, n // 5))
+            yd = pmaprt.pmap(affine, cuda.to_device(x), device="gpu")
+            out.append([type(y).__name__, bool(np.allclose(y, 2 * x + 1, rtol=1e-6)),
+                        type(yd).__name__, bool(np.allclose(yd.copy_to_host(), 2 * x + 1,
+                                                            rtol=1e-6))])
+        return out
+    check("numba_sizes", numba_sizes_host_and_device)
 
     def fewer_rows_than_workers():
         x = np.arange(3, dtype=np.int64)
@@ -332,12 +350,80 @@ SIM_SCRIPT = textwrap.dedent(r'''
             return str(e)
     check("bad_devices", bad_devices)
 
-    def register_needs_cupy():
+    def register_needs_cupy():          # register=True picks CuPy (cudaHostRegister)
         try:
             pmaprt.pmap(affine, np.zeros(4), device="gpu", register=True)
-        except ValueError as e:
+        except RuntimeError as e:
             return str(e)
     check("register_needs_cupy", register_needs_cupy)
+
+    def strided_device_input():         # a numba kernel indexes by strides
+        d = cuda.to_device(np.arange(40, dtype=np.float32))
+        y = pmaprt.pmap(affine, d[::2], device="gpu", launch=8)
+        return bool(np.array_equal(y.copy_to_host(), 2 * np.arange(0, 40, 2) + 1))
+    check("strided_device_input", strided_device_input)
+
+    def device_out():
+        d = cuda.to_device(np.arange(30, dtype=np.float32))
+        o = cuda.device_array(30, np.float32)
+        r = pmaprt.pmap(affine, d, device="gpu", out=o, chunksize=7, launch=8)
+        return [r is o, bool(np.array_equal(o.copy_to_host(), 2 * np.arange(30) + 1))]
+    check("device_out", device_out)
+
+    def host_out_for_device_input():
+        try:
+            pmaprt.pmap(affine, cuda.to_device(np.zeros(4)), device="gpu", out=np.zeros(4))
+        except TypeError as e:
+            return str(e)
+    check("host_out_for_device_input", host_out_for_device_input)
+
+    def scalar():
+        try:
+            pmaprt.pmap(affine, np.float32(3), device="gpu")
+        except TypeError as e:
+            return str(e)
+    check("scalar", scalar)
+
+    def engine_errors():
+        out = []
+        for fn, arr, engine in ((affine, cuda.to_device(np.zeros(4)), "cupy"),
+                                (np.sqrt, np.zeros(4), "numba")):
+            try:
+                pmaprt.pmap(fn, arr, device="gpu", engine=engine)
+            except ValueError as e:
+                out.append(str(e))
+        return out
+    check("engine_errors", engine_errors)
+
+    def auto_where_nvml_fails():        # NVML installed but failing: CUDA is asked
+        nv = types.ModuleType("pynvml")
+        class NVMLError(Exception):
+            pass
+        def init():
+            raise NVMLError("Driver Not Loaded")
+        nv.NVMLError, nv.nvmlInit = NVMLError, init
+        sys.modules["pynvml"] = nv
+        x = np.arange(9, dtype=np.float32)
+        y = pmaprt.pmap(affine, x, device="auto", launch=8)
+        del sys.modules["pynvml"]
+        return [pmaprt.devices().gpu_count, bool(np.array_equal(y, 2 * x + 1))]
+    check("auto_where_nvml_fails", auto_where_nvml_fails)
+
+    def after_import_cupy():            # last: the engine must not follow what is imported
+        try:
+            import cupy
+            which = "cupy"
+        except ImportError:
+            sys.modules["cupy"] = types.ModuleType("cupy")
+            which = "stand-in"
+        d = cuda.to_device(np.arange(10, dtype=np.float32))
+        y = pmaprt.pmap(affine, d, device="gpu", launch=8)
+        x = np.arange(10.0)
+        h = pmaprt.pmap(affine, x, device="gpu", launch=8, chunksize=3)
+        return [which, type(y).__name__,
+                bool(np.array_equal(y.copy_to_host(), 2 * np.arange(10) + 1)),
+                bool(np.array_equal(h, 2 * x + 1))]
+    check("after_import_cupy", after_import_cupy)
 
     print("RESULT " + json.dumps(res))
 ''')
@@ -345,7 +431,8 @@ SIM_SCRIPT = textwrap.dedent(r'''
 
 @pytest.fixture(scope="module")
 def sim():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=ROOT)
+    path = [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(path))
     r = subprocess.run([sys.executable, "-c", SIM_SCRIPT], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -355,6 +442,10 @@ def sim():
 
 def test_sim_odd_sizes_match_numpy(sim):
     assert sim["odd_sizes"] == [True] * 5
+
+
+def test_sim_numba_sizes(sim):
+    assert sim["numba_sizes"] == [["ndarray", True, "FakeCUDAArray", True]] * 3
 
 
 def test_sim_fewer_rows_than_device_workers(sim):
@@ -388,9 +479,41 @@ def test_sim_chunk_over_free_memory(sim):
 
 
 def test_sim_errors(sim):
-    assert "CuPy is not installed" in sim["plain_function_needs_cupy"]
+    if CUPY_INSTALLED:      # a plain function runs on CuPy, which finds no device
+        assert "no CUDA device is visible" in sim["plain_function_needs_cupy"]
+    else:
+        assert "CuPy is not installed" in sim["plain_function_needs_cupy"]
     assert "devices= must list CUDA ordinals in 0..0" in sim["bad_devices"]
-    assert "register=True needs CuPy" in sim["register_needs_cupy"]
+    if CUPY_INSTALLED:
+        assert "no CUDA device is visible" in sim["register_needs_cupy"]
+    else:
+        assert "CuPy is not installed" in sim["register_needs_cupy"]
+        assert "register=True" in sim["register_needs_cupy"]
+
+
+def test_sim_device_strides_and_out(sim):
+    assert sim["strided_device_input"] is True
+    assert sim["device_out"] == [True, True]
+    assert "out= must be a device array" in sim["host_out_for_device_input"]
+
+
+def test_sim_scalar_and_engine_errors(sim):
+    assert "at least one dimension" in sim["scalar"]
+    assert len(sim["engine_errors"]) == 2
+    assert "engine='cupy' cannot take a Numba device array" in sim["engine_errors"][0]
+    assert "engine='numba' runs numba.cuda kernels only" in sim["engine_errors"][1]
+
+
+def test_sim_auto_finds_the_gpu_through_cuda_when_nvml_fails(sim):
+    assert sim["auto_where_nvml_fails"] == [0, True]
+
+
+def test_sim_engine_does_not_follow_what_is_imported(sim):
+    # after `import cupy` a Numba device array stays a Numba device array, and a
+    # host array still runs on Numba (before, CuPy was picked and failed)
+    which, kind, device_ok, host_ok = sim["after_import_cupy"]
+    assert which == ("cupy" if CUPY_INSTALLED else "stand-in")
+    assert (kind, device_ok, host_ok) == ("FakeCUDAArray", True, True)
 
 
 # -- real GPU ----------------------------------------------------------------------
@@ -411,9 +534,10 @@ def _kernels(cp):
     return {"elementwise": ew, "raw": raw, "function": lambda x: 2 * x + 1}
 
 
-@needs_gpu
-@pytest.mark.parametrize("kind", ["elementwise", "raw", "function", "numba"])
-@pytest.mark.parametrize("n", [1, 3, 1001, (1 << 20) + 7])
+@needs_gpu("CuPy ElementwiseKernel, RawKernel and functions, and numba.cuda kernels over CuPy arrays, launched on a device")
+@pytest.mark.parametrize("kind,n", [(k, n) for k in ("elementwise", "raw", "function")
+                                    for n in (1, 3, 1001, (1 << 20) + 7)]
+                         + [("numba", (1 << 20) + 7)])      # smaller: test_sim_numba_sizes
 def test_gpu_kernels_match_numpy_host_and_device(cp, kind, n):
     if kind == "numba":
         from numba import cuda
@@ -435,7 +559,7 @@ def test_gpu_kernels_match_numpy_host_and_device(cp, kind, n):
     np.testing.assert_allclose(yd.get(), 2 * x + 1, rtol=1e-6)
 
 
-@needs_gpu
+@needs_gpu("a CuPy ElementwiseKernel writing out= on each device")
 def test_gpu_out_and_sizes_below_device_count(cp):
     ew = _kernels(cp)["elementwise"]
     ndev = cp.cuda.runtime.getDeviceCount()
@@ -447,7 +571,7 @@ def test_gpu_out_and_sizes_below_device_count(cp):
     assert pmaprt.pmap(ew, cp.arange(5, dtype=cp.float32), device="gpu", out=dout) is dout
 
 
-@needs_gpu
+@needs_gpu("cudaHostRegister of the caller's arrays (register=True)")
 @pytest.mark.parametrize("kind", ["elementwise", "function"])
 def test_gpu_registered_host_memory(cp, kind):
     fn = _kernels(cp)[kind]
@@ -463,7 +587,7 @@ def test_gpu_registered_host_memory(cp, kind):
             pmaprt.pmap(fn, x, device="gpu", register=True)
 
 
-@needs_gpu
+@needs_gpu("the device's own free memory (cudaMemGetInfo)")
 def test_gpu_chunk_larger_than_free_memory(cp):
     ew = _kernels(cp)["elementwise"]
     free, _ = cp.cuda.runtime.memGetInfo()
@@ -472,7 +596,7 @@ def test_gpu_chunk_larger_than_free_memory(cp):
         pmaprt.pmap(ew, np.zeros(8, np.float32), device="gpu", chunksize=rows)
 
 
-@needs_gpu
+@needs_gpu("device='auto' finding a real GPU for a CuPy kernel")
 def test_gpu_auto_runs_a_kernel_on_the_gpu(cp, fresh_warnings):
     ew = _kernels(cp)["elementwise"]
     x = np.arange(100, dtype=np.float32)
@@ -481,7 +605,7 @@ def test_gpu_auto_runs_a_kernel_on_the_gpu(cp, fresh_warnings):
         np.testing.assert_array_equal(pmaprt.pmap(ew, x, device="auto"), 2 * x + 1)
 
 
-@needs_gpu
+@needs_gpu("the ring over cudaMemcpyPeerAsync and CUDA events on one device")
 @pytest.mark.parametrize("op", ["sum", "mean", "min", "max"])
 @pytest.mark.parametrize("ranks,size", [(4, 1001), (3, 2), (4, (1 << 20) + 3), (2, 1)])
 def test_gpu_ring_logical_ranks_on_one_device(cp, op, ranks, size):
@@ -490,9 +614,13 @@ def test_gpu_ring_logical_ranks_on_one_device(cp, op, ranks, size):
     bufs = [cp.asarray(h) for h in host]
     links = CupyLinks([0] * ranks)
     got = gpu.allreduce(bufs, op=op, method="ring")
-    want = {"sum": np.sum, "mean": np.mean, "min": np.min, "max": np.max}[op](np.stack(host), 0)
+    # bit for bit against the same ring on the host: its summation order is the
+    # ring's (rotated per segment), not np.sum's, and IEEE adds and divides round
+    # the same on both
+    want = [h.copy() for h in host]
+    ring_allreduce(want, op, links=HostLinks(np))
     for g in got:
-        np.testing.assert_allclose(g.get(), want, rtol=1e-12)
+        np.testing.assert_array_equal(g.get(), want[0])
     # the same schedule moves the same bytes as the host reference
     hl = HostLinks(np)
     ring_allreduce([h.copy() for h in host], op, links=hl)
@@ -501,11 +629,12 @@ def test_gpu_ring_logical_ranks_on_one_device(cp, op, ranks, size):
     assert links.sent == hl.sent
 
 
-@needs_gpu
+@needs_gpu("NCCL across two or more GPUs")
 def test_gpu_nccl_across_devices(cp):
     n = cp.cuda.runtime.getDeviceCount()
     if n < 2 or collective.nccl_module() is None:
-        pytest.skip("needs 2 GPUs and cupy.cuda.nccl (have %d GPU(s))" % n)
+        pytest.skip("needs 2 or more CUDA GPUs and cupy.cuda.nccl for NCCL across devices "
+                    "(have %d GPU(s))" % n)
     xs = []
     for d in range(n):
         with cp.cuda.Device(d):
@@ -645,7 +774,8 @@ class FakeEngine:
 @pytest.fixture
 def fake(monkeypatch):
     eng = FakeEngine()
-    monkeypatch.setattr(dispatch, "engine_for", lambda kind, arr: eng)
+    monkeypatch.setattr(dispatch, "engine_name", lambda kind, arr, engine, register: "cupy")
+    monkeypatch.setattr(dispatch, "engine_for", lambda name: eng)
     monkeypatch.setattr(dispatch, "kernel_kind", lambda fn: "function" if fn is not KERNEL else "raw")
     return eng
 

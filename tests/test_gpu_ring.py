@@ -102,3 +102,28 @@ def test_bad_input_errors_name_the_problem():
         ring_allreduce([np.zeros(3, np.int64)] * 2, "mean")
     with pytest.raises(ValueError, match="C-contiguous"):
         ring_allreduce([np.zeros((4, 4))[:, 1], np.zeros((4, 4))[:, 2]])
+
+
+def ring_order_sum(xs):
+    """The ring's summation order, written out: segment g is summed from rank g
+    onwards around the ring, (x[g] + x[g+1]) + x[g+2] ..., a rotation per segment."""
+    n = len(xs)
+    out = np.empty_like(xs[0])
+    for g, (lo, hi) in enumerate(segment_bounds(xs[0].size, n)):
+        acc = xs[g][lo:hi].copy()
+        for k in range(1, n):
+            acc = acc + xs[(g + k) % n][lo:hi]
+        out[lo:hi] = acc
+    return out
+
+
+@pytest.mark.parametrize("n,size", [(4, (1 << 20) + 3), (3, 2), (2, 1), (7, 1001)])
+def test_ring_sum_is_the_rotated_order_bit_for_bit(n, size):
+    # what a GPU run of the ring must equal exactly (np.sum's order differs)
+    xs = ranks(n, (size,), np.float64, seed=size)
+    want = ring_order_sum(xs)
+    got = ring_allreduce([x.copy() for x in xs], "sum")
+    for g in got:
+        np.testing.assert_array_equal(g, want)
+    if size > 1000:     # the premise of comparing bit for bit: np.sum rounds differently
+        assert (want != np.stack(xs).sum(0)).any()

@@ -44,9 +44,15 @@ A device map:
   spawned interpreters, never forks, so CUDA is never initialized in a forked
   child. A process forked after this package initialized CUDA refuses to use
   it (CUDA's state does not survive fork) and says so.
-- Libraries: CuPy when installed (``pip install 'pmaprt[gpu]'``); a numba.cuda
-  kernel over host or Numba device arrays also runs without CuPy, on Numba's
-  own streams and pinned arrays (and so under Numba's CUDA simulator).
+- Libraries (``pip install 'pmaprt[gpu]'``): chosen by fn and the input, never
+  by what is imported: a numba.cuda kernel over host or Numba device arrays
+  runs on Numba's own streams and pinned arrays (and so under Numba's CUDA
+  simulator); CuPy kernels and functions, CuPy inputs and ``register=True``
+  run on CuPy. ``engine="cupy" | "numba"`` chooses.
+- Checks before any work: a scalar is refused; a device ``out=`` must be on
+  the input's GPU; a RawKernel's input and ``out=`` must be C-contiguous (it
+  sees bare pointers); a function's result must have one row per input row
+  in every chunk.
 """
 from .collective import allreduce
 from .discovery import devices

@@ -9,8 +9,11 @@
   ``CupyEngine`` (every kernel kind; page-locking the caller's arrays) and
   ``NumbaEngine`` (numba.cuda kernels only, on Numba's own streams and pinned
   arrays, and so also under Numba's CUDA simulator).
-- ``engine_for(kind, arr)``: CuPy when it is installed or already imported,
-  else Numba for a numba kernel.
+- ``engine_for(kind, arr, engine)``: chosen by the caller (``engine=``) or by
+  the kinds of fn and of the input (``array_kind``), never by which library
+  happens to be imported: a numba.cuda kernel over a NumPy or Numba device
+  array runs on Numba; a CuPy kernel or function, a CuPy input, or
+  ``register=True`` needs CuPy.
 
 CuPy and Numba are imported inside the engines' constructors: importing this
 module imports neither.
@@ -68,6 +71,22 @@ def launch_config(n, launch=None):
 def is_device_array(a):
     """A device array of any CUDA library (it exports __cuda_array_interface__)."""
     return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+def array_kind(a):
+    """'host' (NumPy or anything NumPy converts), 'cupy', 'numba' (a Numba device
+    array, also the simulator's), or 'device' (another library's device array),
+    from the array's type, not from what is imported."""
+    if isinstance(a, np.ndarray):
+        return "host"
+    top = (type(a).__module__ or "").split(".")[0]
+    if top.startswith("numba") and hasattr(a, "copy_to_host"):
+        return "numba"          # the simulator's arrays export no __cuda_array_interface__
+    if not is_device_array(a):
+        return "host"
+    if top == "cupy":
+        return "cupy"
+    return "numba" if top.startswith("numba") else "device"
 
 
 # -- array libraries -------------------------------------------------------------
@@ -148,6 +167,9 @@ class CupyEngine:
 
     def is_device_array(self, a):
         return isinstance(a, self.cp.ndarray)
+
+    def is_c_contiguous(self, a):
+        return a.flags.c_contiguous
 
     def device_of(self, a):
         return a.device.id
@@ -236,7 +258,10 @@ class NumbaEngine:
         event.synchronize()
 
     def is_device_array(self, a):
-        return is_device_array(a) or type(a).__name__ in ("DeviceNDArray", "FakeCUDAArray")
+        return array_kind(a) == "numba"
+
+    def is_c_contiguous(self, a):
+        return a.is_c_contiguous()
 
     def device_of(self, a):
         try:
@@ -266,19 +291,43 @@ class NumbaEngine:
         return out
 
 
-def engine_for(kind, arr):
-    """The engine that runs a kind of kernel: CuPy when installed (or imported), Numba
-    for a numba kernel without CuPy; RuntimeError naming what to install."""
-    cp_loaded = "cupy" in sys.modules
-    if kind != "numba" or cp_loaded:
-        try:
-            return CupyEngine()
-        except ImportError:
-            if kind != "numba":
-                raise RuntimeError("pmaprt: CuPy is not installed; device maps of CuPy kernels "
-                                   "and functions need it: pip install 'pmaprt[gpu]'") from None
+ENGINES = ("cupy", "numba")
+
+
+def engine_name(kind, arr, engine=None, register=False):
+    """'cupy' or 'numba': engine= as given, else from fn's kind and the input's
+    (see the module docstring). ValueError for a combination no engine runs."""
+    akind = array_kind(arr)
+    if akind == "device":
+        raise TypeError("pmaprt: a device map takes NumPy, CuPy or Numba arrays; %s is another "
+                        "library's device array (cupy.asarray(x) wraps it without a copy)"
+                        % type(arr).__name__)
+    if engine is None:
+        engine = "numba" if kind == "numba" and akind != "cupy" and not register else "cupy"
+    elif engine not in ENGINES:
+        raise ValueError("pmaprt: engine must be 'cupy' or 'numba', not %r" % (engine,))
+    if engine == "numba":
+        if kind != "numba":
+            raise ValueError("pmaprt: engine='numba' runs numba.cuda kernels only; fn is a %s "
+                             "(use engine='cupy')" % ("function" if kind == "function"
+                                                      else "CuPy %s kernel" % kind))
+        if akind == "cupy":
+            raise ValueError("pmaprt: engine='numba' cannot take a CuPy array (use engine='cupy')")
+        if register:
+            raise ValueError("pmaprt: register=True needs CuPy (cudaHostRegister): use "
+                             "engine='cupy' or leave engine= unset")
+    elif akind == "numba":
+        raise ValueError("pmaprt: engine='cupy' cannot take a Numba device array (use "
+                         "engine='numba', or cupy.asarray(x) to wrap it)")
+    return engine
+
+
+def engine_for(name):
+    """The engine called name ('cupy' or 'numba'); RuntimeError naming what to install."""
     try:
-        return NumbaEngine()
+        return CupyEngine() if name == "cupy" else NumbaEngine()
     except ImportError:
-        raise RuntimeError("pmaprt: neither CuPy nor numba.cuda can be imported; "
-                           "pip install 'pmaprt[gpu]'") from None
+        what = ("CuPy is not installed; device maps of CuPy kernels and functions, of CuPy "
+                "arrays and with register=True need it" if name == "cupy" else
+                "numba.cuda cannot be imported; numba.cuda kernels need it")
+        raise RuntimeError("pmaprt: %s: pip install 'pmaprt[gpu]'" % what) from None

@@ -14,6 +14,9 @@
   the copies DMA from and to the caller's rows, and the staging copies are
   skipped.
 - ``host_copy``: the pageable <-> pinned copies, split over threads when large.
+- ``HostMap.cancel``: the caller was interrupted; workers claim nothing more,
+  wait for what they have in flight, and end (the dispatch waits for them
+  before it unregisters memory or returns).
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +70,13 @@ class HostMap:
         self.lock = threading.Lock()
         self.error = None
         self.chunks_by_device = {}
+
+    def cancel(self, exc):
+        """Stop the map with exc (the caller was interrupted): no more chunks are
+        claimed; each worker waits for its chunks in flight and ends."""
+        with self.lock:
+            if self.error is None:
+                self.error = exc
 
     def claim(self):
         with self.lock:
@@ -164,6 +174,6 @@ class HostMap:
         lo, hi, ev = s.pending
         s.pending = None
         self.eng.synchronize(ev)
-        if not self.direct:
+        if not self.direct and self.error is None:      # a failed map's rows are not wanted
             host_copy(self.out[lo:hi], s.pin_out[:hi - lo])
 

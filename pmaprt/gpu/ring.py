@@ -23,6 +23,11 @@ The schedule is array-module agnostic: ``xp`` is numpy or cupy, and a
   segment is final) and of the rank it sends to (that rank has finished
   reading this rank's memory in the previous step), so no host sync is needed
   between steps.
+
+Which events an operation waits on is decided in one place, ``step_waits``
+and ``scale_waits``, called by ``ring_allreduce`` for every links object:
+the CuPy links and the tests' race checker and asynchronous stand-in see the
+same waits.
 """
 import numpy as np
 
@@ -66,6 +71,24 @@ def check_buffers(bufs):
                              "%s %s, rank %d has %s %s" % (b0.shape, b0.dtype, i, b.shape, b.dtype))
 
 
+def step_waits(src, dst, n):
+    """Ranks whose last recorded event rank dst waits on before its move of a step.
+
+    The sender src: the segment dst reads from it is final (src combined or
+    received it in an earlier step). dst's successor: it has finished reading
+    dst's own buffer, which this step may overwrite (a write after a read).
+    Every stream runs in order and events are recorded after every step, so
+    waiting on the latest event covers all earlier steps of that rank.
+    """
+    return (src, (dst + 1) % n)
+
+
+def scale_waits(rank, n):
+    """Ranks rank waits on before it divides its own buffer (op "mean"): its
+    successor, whose last all-gather copy reads this rank's buffer."""
+    return ((rank + 1) % n,)
+
+
 class HostLinks:
     """N ranks as arrays of one array module, copies standing in for peer links."""
 
@@ -88,8 +111,11 @@ class HostLinks:
         self.sent[src_rank] += src.nbytes
         self.copies += 1
 
-    def run(self, rank, fn):
-        fn()
+    def combine(self, rank, ufunc, d, t):
+        ufunc(d, t, out=d)
+
+    def scale(self, rank, f, n):
+        self.xp.divide(f, n, out=f)
 
     def step_done(self):
         pass
@@ -104,19 +130,24 @@ _COMBINE = {"sum": "add", "mean": "add", "min": "minimum", "max": "maximum"}
 def ring_allreduce(bufs, op="sum", xp=np, links=None):
     """Reduce bufs (one C-contiguous array per rank) in place; every rank ends with
     the reduction of all. op "mean" divides the sum by N (floating dtypes only:
-    the buffers are reduced in place)."""
+    the buffers are reduced in place).
+
+    The links object runs each operation on the stream of the rank named
+    first; ``links.wait(rank, ranks)`` orders it after the events the ranks
+    recorded at the last ``step_done`` (``step_waits``, ``scale_waits``).
+    """
     check_op(op)
     check_buffers(bufs)
     n = len(bufs)
     dtype = bufs[0].dtype
     if op == "mean" and dtype.kind not in "fc":
         raise TypeError("pmaprt: an in-place mean needs a floating dtype, not %s" % (dtype,))
+    for r, b in enumerate(bufs):
+        if not b.flags.c_contiguous:
+            raise ValueError("pmaprt: all-reduce buffers must be C-contiguous (rank %d is not)" % r)
     links = links if links is not None else HostLinks(xp)
     links.setup(n)
     flat = [b.reshape(-1) for b in bufs]
-    for r, (f, b) in enumerate(zip(flat, bufs)):
-        if not b.flags.c_contiguous:
-            raise ValueError("pmaprt: all-reduce buffers must be C-contiguous (rank %d is not)" % r)
     bounds = segment_bounds(flat[0].size, n)
     maxseg = max(hi - lo for lo, hi in bounds) if n else 0
     combine = getattr(xp, _COMBINE[op])
@@ -126,18 +157,18 @@ def ring_allreduce(bufs, op="sum", xp=np, links=None):
             lo, hi = bounds[seg]
             if hi == lo:
                 continue
-            links.wait(dst, (src, (dst + 1) % n))
+            links.wait(dst, step_waits(src, dst, n))
             if phase == "reduce":
                 t = tmp[dst][:hi - lo]
                 links.copy(dst, t, src, flat[src][lo:hi])
-                d = flat[dst][lo:hi]
-                links.run(dst, lambda d=d, t=t: combine(d, t, out=d))
+                links.combine(dst, combine, flat[dst][lo:hi], t)
             else:
                 links.copy(dst, flat[dst][lo:hi], src, flat[src][lo:hi])
         links.step_done()
     if op == "mean" and n > 1:
         for r in range(n):
-            links.run(r, lambda f=flat[r]: xp.divide(f, n, out=f))
+            links.wait(r, scale_waits(r, n))
+            links.scale(r, flat[r], n)
     links.finish()
     return bufs
 
@@ -159,6 +190,7 @@ class CupyLinks:
 
     def setup(self, n):
         self.sent = [0] * n
+        self.events = [None] * n
         # The buffers were written on the callers' streams: start after them.
         for r, d in enumerate(self.devices):
             with self.cp.cuda.Device(d):
@@ -183,9 +215,13 @@ class CupyLinks:
                                self.devices[src_rank], src.nbytes, self.streams[dst_rank].ptr)
         self.sent[src_rank] += src.nbytes
 
-    def run(self, rank, fn):
+    def combine(self, rank, ufunc, d, t):
         with self.cp.cuda.Device(self.devices[rank]), self.streams[rank]:
-            fn()
+            ufunc(d, t, out=d)
+
+    def scale(self, rank, f, n):
+        with self.cp.cuda.Device(self.devices[rank]), self.streams[rank]:
+            self.cp.divide(f, n, out=f)
 
     def step_done(self):
         for r, d in enumerate(self.devices):
