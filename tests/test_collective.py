@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pmaprt
 from pmaprt import CollectiveError, Pool, WorkerCrashedError
-from pmaprt._collective.segment import SLOT_BYTES
+from pmaprt._collective.segment import MAX_SLOT_BYTES as SLOT_BYTES
 
 POOL_WORKERS = 3
 TIMEOUT_S = 60.0
