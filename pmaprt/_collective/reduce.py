@@ -51,9 +51,11 @@ memcpy = _core.memcpy
 # many bytes, each reduced in one pass (Horovod's default threshold).
 FUSION_BYTES = 64 * 1024 * 1024
 # Calls of at most this many bytes per rank, times the ranks, use `direct`
-# (one synchronisation per round) at any N; with two ranks `direct` reads no
-# more than `split`, so it is used at every size.
+# (one synchronisation per round) at any N; up to DIRECT_RANKS ranks use it at
+# every size (with two, each rank reads 2 rounds' worth in `direct` as in
+# `split`, and writes less).
 DIRECT_BYTES = 256 * 1024
+DIRECT_RANKS = 2
 
 OPS = ("sum", "mean", "min", "max")
 OP_CODE = {"sum": _core.REDUCE_SUM, "mean": _core.REDUCE_SUM, "min": _core.REDUCE_MIN,
@@ -105,7 +107,7 @@ class ReduceRank(RankEndpoint):
         isz = src.itemsize
         n = src.size
         per = self.slot_bytes // isz
-        if self.world == 2 or n * isz * self.world <= DIRECT_BYTES:
+        if self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES:
             lo = 0
             while True:
                 hi = min(n, lo + per)

@@ -111,15 +111,15 @@ def allreduce_plot(doc: Dict[str, Any], path: str) -> bool:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    for label in dict.fromkeys(r["label"] for r in recs):
-        mine = [r for r in recs if r["label"] == label]
+    for label, wk in dict.fromkeys((r["label"], r["params"].get("workers")) for r in recs):
+        mine = [r for r in recs if r["label"] == label and r["params"].get("workers") == wk]
         ax.plot([r["params"]["bytes"] for r in mine], [r["busbw_gbps"] for r in mine], "o-",
-                label=label)
+                label=f"{label}, W={wk}")
     ax.legend(fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("bus bandwidth (GB/s; memcpy: bandwidth)")
-    ax.set_title(f"pmaprt.allreduce busbw vs size (W={doc['config'].get('workers')})")
+    ax.set_title("pmaprt.allreduce busbw vs size")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -121,11 +121,11 @@ def render(doc: Dict[str, Any]) -> str:
             out += _table(["runner", "latency us", "vs best", "runs", "status", "note"], rows, "lrrrll")
             continue
         if name == "allreduce":
-            rows = [[r["label"], fmt_bytes(r["params"].get("bytes")), fmt_time(r["median_s"]),
-                     fmt_f(r["busbw_gbps"], 3), r["status"] if r["status"] != "ok" else "",
-                     r["note"] or ""] for r in recs]
-            out += _table(["runner", "size", "median", "busbw GB/s", "status", "note"], rows,
-                          "llrrll")
+            rows = [[r["label"], str(r["params"].get("workers")), fmt_bytes(r["params"].get("bytes")),
+                     fmt_time(r["median_s"]), fmt_f(r["busbw_gbps"], 3),
+                     r["status"] if r["status"] != "ok" else "", r["note"] or ""] for r in recs]
+            out += _table(["runner", "W", "size", "median", "busbw GB/s", "status", "note"], rows,
+                          "lrlrrll")
             continue
         extra = []
         if e.get("serial_s") is not None:
