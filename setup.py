@@ -25,9 +25,11 @@ setup(
     install_requires=["numpy", "cloudpickle", "psutil"],
     extras_require={
         # numba: tests/test_numpy.py counts its compilations per worker (skipped without it)
+        # scikit-learn: the data-parallel example trains on its bundled digits;
+        # ml_dtypes: bfloat16 arrays for the all-reduce's half precisions
         "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]",
-                 "numba; python_version < '3.14'"],
-        "bench": ["joblib", "mpire", "matplotlib", "tqdm"],
+                 "numba; python_version < '3.14'", "scikit-learn", "ml_dtypes"],
+        "bench": ["joblib", "mpire", "matplotlib", "tqdm", "scikit-learn", "ml_dtypes"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
         "dask": ["dask[distributed]"],
         "joblib": ["joblib"],
