@@ -18,11 +18,12 @@ its slice of round m, so that a slow rank delays the others by less than a
 round.
 
 Where the input is a shared array every rank maps (`pmaprt.empty` and
-friends, lent to the pool's workers), `split` reads it in place: the stage
-slot's head names its segment and offset, and nothing is copied in. The rank
-that owns it writes its result only after every rank published its slice of
-that round (its RED), so `out=x` (in place) is safe, and it returns only
-after every rank has read its input.
+friends, lent to the pool's workers), the others read it in place: the stage
+slot's head names its segment and offset, and nothing is copied in. Its rank
+returns only after every rank has read it. In `split` it writes its result
+only after every rank published its slice of that round (its RED), so
+`out=x` (in place) is safe; in `direct` an `out` that overlaps the input is
+staged as usual. (An `out` must not overlap another rank's input.)
 
 Every element is reduced once, by one rank, in the fixed order
 x_0 op x_1 op ... op x_{N-1} (pmaprt._core.reduce_into): every rank gets the
@@ -108,13 +109,19 @@ class ReduceRank(RankEndpoint):
         n = src.size
         per = self.slot_bytes // isz
         if self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES:
+            # in place only where this rank's result does not overwrite its
+            # input: the others read it while this rank writes its result
+            place = None if np.may_share_memory(src, res) else self._shared_place(src)
             lo = 0
             while True:
                 hi = min(n, lo + per)
-                self._direct(src, res, lo, hi, isz, stamp, kind, op, divisor)
+                self._direct(src, res, lo, hi, isz, stamp, kind, op, divisor, place)
                 lo = hi
                 if lo >= n:
-                    return
+                    break
+            if place is not None:   # the caller may change src once this returns
+                self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
+            return
         place = self._shared_place(src)
         prev = None
         lo = 0
@@ -158,9 +165,10 @@ class ReduceRank(RankEndpoint):
                 raise self._fail(self._mismatch(got, stamp, q))
         return m, j
 
-    def _direct(self, src, res, lo, hi, isz, stamp, kind, op, divisor):
-        m, j = self._stage(src, lo, hi, isz, stamp, None)
-        reduce_into(res, lo * isz, self.mms, self.stage_data[j], hi - lo, kind, op, divisor)
+    def _direct(self, src, res, lo, hi, isz, stamp, kind, op, divisor, place):
+        m, j = self._stage(src, lo, hi, isz, stamp, place)
+        srcs, offs = self._sources(j, 0)
+        reduce_into(res, lo * isz, srcs, offs, hi - lo, kind, op, divisor)
         self.publish(L_FREE, m + 1)
 
     def _scatter(self, src, lo, hi, isz, stamp, kind, op, divisor, place):
@@ -170,21 +178,26 @@ class ReduceRank(RankEndpoint):
         rank = self.rank
         a = lo + ((hi - lo) * rank) // w
         b = lo + ((hi - lo) * (rank + 1)) // w
-        skip = (a - lo) * isz
-        srcs, offs = self.mms, tuple(o + skip for o in self.stage_data[j])
-        r = self.r
-        heads = self.stage[j]
-        if any(r.load64(heads[q] + HD_SRC_SEG) for q in range(w)):
-            srcs, offs = list(srcs), list(offs)
-            for q in range(w):
-                seg = r.load64(heads[q] + HD_SRC_SEG)
-                if seg:
-                    srcs[q] = self._peer_buf(seg)
-                    offs[q] = r.load64(heads[q] + HD_SRC_OFF) + skip
-            srcs, offs = tuple(srcs), tuple(offs)
+        srcs, offs = self._sources(j, (a - lo) * isz)
         reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
         self.publish(L_RED, m + 1)
         return m, j, lo, hi
+
+    def _sources(self, j, skip):
+        """(buffers, byte offsets) of every rank's input of the round in stage
+        slot j, `skip` bytes in: the slots, or shared arrays read in place."""
+        offs = self.stage_data[j]
+        r = self.r
+        heads = self.stage[j]
+        if not any(r.load64(h + HD_SRC_SEG) for h in heads):
+            return self.mms, (tuple(o + skip for o in offs) if skip else offs)
+        srcs, offs = list(self.mms), [o + skip for o in offs]
+        for q, h in enumerate(heads):
+            seg = r.load64(h + HD_SRC_SEG)
+            if seg:
+                srcs[q] = self._peer_buf(seg)
+                offs[q] = r.load64(h + HD_SRC_OFF) + skip
+        return tuple(srcs), tuple(offs)
 
     def _gather(self, res, isz, m, j, lo, hi):
         """Copy every rank's reduced slice of round m into res; publish FREE."""
