@@ -54,9 +54,10 @@ Waiting for counters (any step):
  4. If ABORT is set, raise CollectiveAbortedError.
  5. If a rank waited for has set DONE (it returned from its step), check its
     counter once more, else fail: the ranks made different calls.
- 6. Wait on BELL while it equals b: spin SPIN_NS (the first time round, and
-    only when every rank can have a core of its own), then sleep (at most
-    WAIT_SLICE_S), counted in SLEEPERS while in the kernel; go to 2.
+ 6. Wait on BELL while it equals b: spin (the first time round, and only when
+    every rank can have a core of its own; how long adapts to the waits that
+    slept, SPIN_NS at most), then sleep (at most WAIT_SLICE_S), counted in
+    SLEEPERS while in the kernel; go to 2.
 
 Ringing: add 1 to BELL; issue FUTEX_WAKE (every waiter) only if SLEEPERS is
 non-zero. No wake-up is lost: a waiter reads BELL (2) before it checks (3) and
@@ -78,6 +79,8 @@ Aborting (nothing hangs):
  - Every waiting rank wakes, sees ABORT at its step 4, and raises; a sleeping
    rank also looks at ABORT every WAIT_SLICE_S.
 """
+import time
+
 from .._errors import CollectiveAbortedError, CollectiveError
 from .._options import CORES
 
@@ -93,7 +96,10 @@ STAGE_BUDGET = 16 << 20
 # and a red slot of every rank.
 SLOTS = 4
 # Spin before a futex sleep, only when every rank can have a core of its own:
-# a rank that answers within this costs no system call.
+# a rank that answers within this costs no system call. The spin adapts: a
+# wait that ended in a sleep longer than SPIN_NS halves it (the other ranks
+# are off their cores, so spinning takes a core they need); one shorter sets
+# it to twice that wait.
 SPIN_NS = 100_000
 # A sleeping rank wakes this often to look at its parent (the rest wakes it).
 WAIT_SLICE_S = 1.0
@@ -202,7 +208,7 @@ class RankEndpoint:
 
     __slots__ = ("seg", "r", "mm", "rank", "world", "axis", "slots", "slot_bytes",
                  "red_bytes", "sent", "calls", "line", "lines", "stage", "red", "spin",
-                 "broken")
+                 "max_spin", "broken")
 
     def __init__(self, seg, rank):
         r = seg.region
@@ -228,7 +234,7 @@ class RankEndpoint:
                     for j in range(k)]
         self.lines = tuple(LINES + q * LINE for q in range(w))
         self.line = self.lines[rank]
-        self.spin = SPIN_NS if w <= CORES else 0
+        self.spin = self.max_spin = SPIN_NS if w <= CORES else 0
         self.broken = None
 
     def publish(self, field, value):
@@ -252,9 +258,12 @@ class RankEndpoint:
         r = self.r
         off = line + field
         spun = False
+        slept = 0
         while True:
             b = r.load32(H_BELL)
             if ((r.load32(off) - target) & MASK) < HALF:
+                if slept:
+                    self._adapt_spin(time.perf_counter_ns() - slept)
                 return
             a = r.load32(H_ABORT)
             if a:
@@ -272,7 +281,17 @@ class RankEndpoint:
                 spun = True
                 r.wait32(H_BELL, b, 0.0, self.spin)
                 continue
+            if not slept:
+                slept = time.perf_counter_ns()
             r.wait32(H_BELL, b, WAIT_SLICE_S, 0, H_SLEEPERS)
+
+    def _adapt_spin(self, waited_ns):
+        """A wait went to sleep and took waited_ns: spin about that long next
+        time if it was short, else half as long as now."""
+        if waited_ns < self.max_spin:
+            self.spin = min(self.max_spin, 2 * waited_ns)
+        else:
+            self.spin //= 2
 
     def _aborted(self, a):
         if a == self.world + 1:
