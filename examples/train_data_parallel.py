@@ -103,9 +103,10 @@ def train_serial(X, y, hidden=64, batch=240, steps=60, lr=0.5, grads="float32"):
     return curve, (time.perf_counter() - t0) / steps
 
 
-def rank_train(X, y, hidden, batch, steps, lr, grads):
+def rank_train(job):
     """One rank: its slice of every global batch; loss and gradients summed
     over the ranks with one fused psum. -> (loss curve, seconds per step)."""
+    X, y, hidden, batch, steps, lr, grads = job
     r, n = pmaprt.axis_index("batch"), pmaprt.axis_size("batch")
     lo, hi = batch * r // n, batch * (r + 1) // n
     p = init_params(hidden)
@@ -125,10 +126,10 @@ def train_parallel(X, y, n, hidden=64, batch=240, steps=60, lr=0.5, grads="float
                    pool=None):
     """The same training on n ranks: [(loss curve, seconds per step)] per rank."""
     X, y = pmaprt.asarray(X), pmaprt.asarray(y)   # shared: the ranks read them in place
-    args = [(X, y, hidden, batch, steps, lr, grads)] * n
+    jobs = [(X, y, hidden, batch, steps, lr, grads)] * n     # one per rank
     if pool is None:
-        return list(pmaprt.starmap(rank_train, args, workers=n, axis_name="batch"))
-    return list(pool.starmap(rank_train, args, axis_name="batch"))
+        return list(pmaprt.pmap(rank_train, jobs, workers=n, axis_name="batch"))
+    return list(pool.map(rank_train, jobs, axis_name="batch"))
 
 
 # --- torch DistributedDataParallel on gloo, where torch is installed
