@@ -13,9 +13,9 @@ each byte 2(N-1) times in as many synchronised steps. `direct` has one
 synchronisation per round and each rank reads N stage slots; `split` has two,
 and each rank reads 2 rounds' worth. `direct` is used for two ranks and for
 small calls, `split` for the rest (DIRECT_BYTES); bench/RESULTS.md has the
-measurements. In `split`, a rank gathers round m - 1 after it has published
-its slice of round m, so that a slow rank delays the others by less than a
-round.
+measurements. Both run one round deep: a rank stages round m + 1 before it
+reduces round m, and (split) gathers round m - 1 after it has published its
+slice of round m, so that a rank a little behind delays the others less.
 
 Where the input is a shared array every rank maps (`pmaprt.empty` and
 friends, lent to the pool's workers), the others read it in place: the stage
@@ -108,39 +108,43 @@ class ReduceRank(RankEndpoint):
         isz = src.itemsize
         n = src.size
         per = self.slot_bytes // isz
-        if self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES:
-            # in place only where this rank's result does not overwrite its
-            # input: the others read it while this rank writes its result
-            place = None if np.may_share_memory(src, res) else self._shared_place(src)
-            lo = 0
-            while True:
-                hi = min(n, lo + per)
-                self._direct(src, res, lo, hi, isz, stamp, kind, op, divisor, place)
-                lo = hi
-                if lo >= n:
-                    break
-            if place is not None:   # the caller may change src once this returns
-                self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
-            return
-        place = self._shared_place(src)
-        prev = None
-        lo = 0
-        while True:
-            hi = min(n, lo + per)
-            cur = self._scatter(src, lo, hi, isz, stamp, kind, op, divisor, place)
-            if prev is not None:
-                self._gather(res, isz, *prev)
-            prev = cur
-            lo = hi
-            if lo >= n:
-                break
-        self._gather(res, isz, *prev)
+        bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
+        direct = self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES
+        # in place only where this rank's result does not overwrite its input
+        # while others may read it (direct writes a round as soon as it is reduced)
+        place = None if direct and np.may_share_memory(src, res) else self._shared_place(src)
+        # A pipeline one round deep: round i + 1 is staged before round i is
+        # reduced, and (split) round i - 1 gathered after round i's slice is
+        # published, so a rank a little behind the others holds nobody up.
+        rounds = [self._put(src, *bounds[0], isz, stamp, place)]
+        for i, (lo, hi) in enumerate(bounds):
+            if i + 1 < len(bounds):
+                rounds.append(self._put(src, *bounds[i + 1], isz, stamp, place))
+            m, j = rounds[i]
+            self._take(m, j, stamp)
+            if direct:
+                srcs, offs = self._sources(j, 0)
+                reduce_into(res, lo * isz, srcs, offs, hi - lo, kind, op, divisor)
+                self.publish(L_FREE, m + 1)
+                continue
+            w, rank = self.world, self.rank
+            a = lo + ((hi - lo) * rank) // w
+            b = lo + ((hi - lo) * (rank + 1)) // w
+            srcs, offs = self._sources(j, (a - lo) * isz)
+            reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
+            self.publish(L_RED, m + 1)
+            if i:
+                self._gather(res, isz, *rounds[i - 1], *bounds[i - 1])
+        if not direct:
+            self._gather(res, isz, *rounds[-1], *bounds[-1])
+        elif place is not None:   # the caller may change src once this returns
+            self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
 
     # -- the steps of a round
 
-    def _stage(self, src, lo, hi, isz, stamp, place):
-        """Step 1: this rank's part of the round goes into its stage slot (or
-        its place in a shared array into the head); publish. -> (m, slot)."""
+    def _put(self, src, lo, hi, isz, stamp, place):
+        """This rank's part of its next round goes into its stage slot (or its
+        place in a shared array into the head); publish. -> (round, slot)."""
         m = self.sent
         k = self.slots
         j = m % k
@@ -157,31 +161,32 @@ class ReduceRank(RankEndpoint):
         r.store64(head + HD_STAMP, stamp)
         self.sent = m + 1
         self.publish(L_PUB, m + 1)
+        return m, j
+
+    def _take(self, m, j, stamp):
+        """Wait until every rank has published round m; compare the stamps."""
         self.wait_all(L_PUB, m + 1, "publish its part")
+        r = self.r
         heads = self.stage[j]
         for q in self.others:
             got = r.load64(heads[q] + HD_STAMP)
             if got != stamp:
                 raise self._fail(self._mismatch(got, stamp, q))
-        return m, j
 
-    def _direct(self, src, res, lo, hi, isz, stamp, kind, op, divisor, place):
-        m, j = self._stage(src, lo, hi, isz, stamp, place)
-        srcs, offs = self._sources(j, 0)
-        reduce_into(res, lo * isz, srcs, offs, hi - lo, kind, op, divisor)
-        self.publish(L_FREE, m + 1)
-
-    def _scatter(self, src, lo, hi, isz, stamp, kind, op, divisor, place):
-        """Reduce this rank's slice of the round into its red slot; publish."""
-        m, j = self._stage(src, lo, hi, isz, stamp, place)
+    def _gather(self, res, isz, m, j, lo, hi):
+        """Copy every rank's reduced slice of round m into res; publish FREE."""
+        self.wait_all(L_RED, m + 1, "reduce its slice")
         w = self.world
-        rank = self.rank
-        a = lo + ((hi - lo) * rank) // w
-        b = lo + ((hi - lo) * (rank + 1)) // w
-        srcs, offs = self._sources(j, (a - lo) * isz)
-        reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
-        self.publish(L_RED, m + 1)
-        return m, j, lo, hi
+        buf = self.seg.buf
+        reds = self.red[j]
+        n = hi - lo
+        a = lo
+        for q in range(w):
+            b = lo + (n * (q + 1)) // w
+            if b > a:
+                memcpy(res, a * isz, buf[reds[q]: reds[q] + (b - a) * isz])
+            a = b
+        self.publish(L_FREE, m + 1)
 
     def _sources(self, j, skip):
         """(buffers, byte offsets) of every rank's input of the round in stage
