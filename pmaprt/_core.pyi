@@ -1,7 +1,7 @@
 """Types of pmaprt._core, the C extension (csrc/): atomics and futex waits on
 shared memory, the range-stealing protocol, memfd mappings, buffer copies, the
-all-reduce's reduction and the iterator a map's caller sees. Offsets are byte offsets into a Region's
-buffer, aligned to the word's width."""
+all-reduce's reduction and the iterator a map's caller sees. Offsets are byte
+offsets into a Region's buffer, aligned to the word's width."""
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
