@@ -116,7 +116,9 @@ def _allreduce_out(x, op, out, as_dtype):
             or not out.flags.writeable:
         raise ValueError("pmaprt.allreduce: out must be a writeable C-contiguous %s array of "
                          "shape %s, got %s %s" % (a.dtype, a.shape, out.dtype, out.shape))
-    reduce_flat(ctx, np.ascontiguousarray(a).reshape(-1), out.reshape(-1), kind, op)
+    # 1-D arrays as they are: a new view costs a buffer export of its own
+    src = a if a.ndim == 1 and a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+    reduce_flat(ctx, src, out if out.ndim == 1 else out.reshape(-1), kind, op)
     return out
 
 
@@ -128,7 +130,11 @@ def _allreduce(x, op, axis_name, who, as_dtype=None):
         # One array (the common case): what reduce_tree does for a single
         # leaf, without building a tree.
         a, kind = leaf_array(x, 0, op, as_dtype)
-        src = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+        if a.ndim == 1 and a.flags.c_contiguous:
+            res = np.empty_like(a)
+            reduce_flat(ctx, a, res, kind, op)
+            return res
+        src = np.ascontiguousarray(a).reshape(-1)
         res = np.empty(src.size, a.dtype)
         reduce_flat(ctx, src, res, kind, op)
         return res.reshape(a.shape)

@@ -12,8 +12,9 @@ passing pieces around a ring: the shared memory allows it, and a ring moves
 each byte 2(N-1) times in as many synchronised steps. `direct` has one
 synchronisation per round and each rank reads N stage slots; `split` has two,
 and each rank reads 2 rounds' worth. `direct` is used for two ranks and for
-small calls, `split` for the rest (DIRECT_BYTES); bench/RESULTS.md has the
-measurements. Both run one round deep: a rank stages round m + 1 before it
+small calls, `split` for the rest (DIRECT_BYTES); a call of at most SMALL_BYTES takes
+`direct` in one round by the shortest path (`_small`); bench/RESULTS.md has
+the measurements. Both run one round deep: a rank stages round m + 1 before it
 reduces round m, and (split) gathers round m - 1 after it has published its
 slice of round m, so that a rank a little behind delays the others less.
 
@@ -41,8 +42,8 @@ import numpy as np
 
 from .. import _arrays, _shm
 from .._errors import CollectiveError
-from .segment import (HD_SRC_OFF, HD_SRC_SEG, HD_STAMP, HEAD, L_FREE, L_PUB, L_RED, MASK,
-                      RankEndpoint)
+from .segment import (HALF, HD_SRC_OFF, HD_SRC_SEG, HD_STAMP, HEAD, L_FREE, L_PUB, L_RED,
+                      MASK, RankEndpoint)
 
 _core = _shm.core()
 reduce_into = _core.reduce_into
@@ -57,6 +58,10 @@ FUSION_BYTES = 64 * 1024 * 1024
 # `split`, and writes less).
 DIRECT_BYTES = 256 * 1024
 DIRECT_RANKS = 2
+# Calls of at most this many bytes per rank always take `direct`, staged, in
+# one round (`_small`): below it, reading a shared input in place saves less
+# than checking for one costs. At most the smallest slot.
+SMALL_BYTES = 64 * 1024
 
 OPS = ("sum", "mean", "min", "max")
 OP_CODE = {"sum": _core.REDUCE_SUM, "mean": _core.REDUCE_SUM, "min": _core.REDUCE_MIN,
@@ -97,16 +102,19 @@ class ReduceRank(RankEndpoint):
             raise CollectiveError("pmaprt: an earlier collective failed on this rank (%s); "
                                   "no further collective can run in this map" % self.broken)
         self.calls += 1
-        key = (src.dtype.str, kind, op, divisor, src.size)
+        n = src.size
+        key = (kind, op, divisor, n)
         h = self.hashes.get(key)
         if h is None:
-            h = self.hashes[key] = zlib.crc32(("%s|%d|%d|%r|%d" % key).encode()) & MASK
+            h = self.hashes[key] = zlib.crc32(("%d|%d|%r|%d" % key).encode()) & MASK
         stamp = ((self.calls & MASK) << 32) | h
         if self.world == 1:
-            reduce_into(res, 0, (src,), (0,), src.size, kind, op, divisor)
+            reduce_into(res, 0, (src,), (0,), n, kind, op, divisor)
             return
         isz = src.itemsize
-        n = src.size
+        if n * isz <= SMALL_BYTES:
+            self._small(src, res, n, stamp, kind, op, divisor)
+            return
         per = self.slot_bytes // isz
         bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
         direct = self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES
@@ -139,6 +147,34 @@ class ReduceRank(RankEndpoint):
             self._gather(res, isz, *rounds[-1], *bounds[-1])
         elif place is not None:   # the caller may change src once this returns
             self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
+
+    def _small(self, src, res, n, stamp, kind, op, divisor):
+        """One round of `direct`, staged, as few Python steps as it takes (a
+        small call's time is these steps, not its bytes)."""
+        m = self.sent
+        j = m % self.slots
+        r = self.r
+        mask = MASK
+        target = (m + 1 - self.slots) & mask
+        for line in self.other_lines:
+            if ((r.load32(line + L_FREE) - target) & mask) >= HALF:
+                self._wait(line, L_FREE, target, "finish an earlier collective round")
+        head = self.stage[j][self.rank]
+        memcpy(self.mm, head + HEAD, src)
+        r.store64(head + HD_SRC_SEG, 0)
+        r.store64(head + HD_STAMP, stamp)
+        self.sent = m = m + 1
+        self.publish(L_PUB, m)
+        for line in self.other_lines:
+            if ((r.load32(line + L_PUB) - m) & mask) >= HALF:
+                self._wait(line, L_PUB, m, "publish its part")
+        heads = self.stage[j]
+        for q in self.others:
+            got = r.load64(heads[q] + HD_STAMP)
+            if got != stamp:
+                raise self._fail(self._mismatch(got, stamp, q))
+        reduce_into(res, 0, self.mms, self.stage_data[j], n, kind, op, divisor)
+        self.publish(L_FREE, m)
 
     # -- the steps of a round
 

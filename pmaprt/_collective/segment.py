@@ -207,8 +207,8 @@ class RankEndpoint:
     lines and slots, and the waits, rings and aborts of the protocol above."""
 
     __slots__ = ("seg", "r", "mm", "rank", "world", "axis", "slots", "slot_bytes",
-                 "red_bytes", "sent", "calls", "line", "lines", "stage", "red", "spin",
-                 "max_spin", "broken")
+                 "red_bytes", "sent", "calls", "line", "lines", "other_lines", "stage", "red",
+                 "spin", "max_spin", "broken")
 
     def __init__(self, seg, rank):
         r = seg.region
@@ -234,6 +234,7 @@ class RankEndpoint:
                     for j in range(k)]
         self.lines = tuple(LINES + q * LINE for q in range(w))
         self.line = self.lines[rank]
+        self.other_lines = self.lines[:rank] + self.lines[rank + 1:]
         self.spin = self.max_spin = SPIN_NS if w <= CORES else 0
         self.broken = None
 
@@ -250,9 +251,9 @@ class RankEndpoint:
         (mod 2**32)."""
         r = self.r
         target &= MASK
-        for off in self.lines:
-            if ((r.load32(off + field) - target) & MASK) >= HALF and off != self.line:
-                self._wait(off, field, target, what)
+        for line in self.other_lines:
+            if ((r.load32(line + field) - target) & MASK) >= HALF:
+                self._wait(line, field, target, what)
 
     def _wait(self, line, field, target, what):
         r = self.r
