@@ -63,6 +63,10 @@ DIRECT_RANKS = 2
 # than checking for one costs. At most the smallest slot.
 SMALL_BYTES = 64 * 1024
 
+# Stamp hashes remembered per (kind, op, divisor, length): calls of ever new
+# lengths must not grow it without bound.
+HASHES_KEPT = 1024
+
 OPS = ("sum", "mean", "min", "max")
 OP_CODE = {"sum": _core.REDUCE_SUM, "mean": _core.REDUCE_SUM, "min": _core.REDUCE_MIN,
            "max": _core.REDUCE_MAX}
@@ -106,6 +110,8 @@ class ReduceRank(RankEndpoint):
         key = (kind, op, divisor, n)
         h = self.hashes.get(key)
         if h is None:
+            if len(self.hashes) >= HASHES_KEPT:
+                self.hashes.clear()
             h = self.hashes[key] = zlib.crc32(("%d|%d|%r|%d" % key).encode()) & MASK
         stamp = ((self.calls & MASK) << 32) | h
         if self.world == 1:
