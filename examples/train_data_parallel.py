@@ -108,6 +108,8 @@ def rank_train(job):
     over the ranks with one fused psum. -> (loss curve, seconds per step)."""
     X, y, hidden, batch, steps, lr, grads = job
     r, n = pmaprt.axis_index("batch"), pmaprt.axis_size("batch")
+    # n ranks each running BLAS on every core would oversubscribe them n-fold
+    limit_blas_threads(max(1, (os.cpu_count() or 1) // n))
     lo, hi = batch * r // n, batch * (r + 1) // n
     p = init_params(hidden)
     curve = []
@@ -120,6 +122,14 @@ def rank_train(job):
         curve.append(float(loss[0]) / batch)
         sgd(p, g, lr, batch)
     return curve, (time.perf_counter() - t0) / steps
+
+
+def limit_blas_threads(k):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:   # comes with scikit-learn; without it BLAS keeps its threads
+        return
+    threadpool_limits(k, user_api="blas")
 
 
 def train_parallel(X, y, n, hidden=64, batch=240, steps=60, lr=0.5, grads="float32",
