@@ -2,7 +2,7 @@ from setuptools import Extension, find_packages, setup
 
 # The C extension: one file per type or concern, sharing csrc/pmaprt.h.
 CORE_SOURCES = ["csrc/module.c", "csrc/region.c", "csrc/ranges.c", "csrc/mapping.c",
-                "csrc/buffers.c", "csrc/results.c"]
+                "csrc/buffers.c", "csrc/results.c", "csrc/reduce.c"]
 
 setup(
     name="pmaprt",
@@ -28,11 +28,13 @@ setup(
         # numba: tests/test_numpy.py counts its compilations per worker, and its CUDA
         # simulator runs the GPU path (skipped without it). CuPy and NCCL import without a
         # GPU: the GPU tests check pmaprt's calls against their real API (skipped without).
+        # scikit-learn: the data-parallel example trains on its bundled digits;
+        # ml_dtypes: bfloat16 arrays for the all-reduce's half precisions
         "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]",
-                 "numba; python_version < '3.14'",
+                 "numba; python_version < '3.14'", "scikit-learn", "ml_dtypes",
                  "cupy-cuda12x; platform_system == 'Linux' and python_version < '3.14'",
                  "nvidia-nccl-cu12>=2.18.1,<3; platform_system == 'Linux'"],
-        "bench": ["joblib", "mpire", "matplotlib"],
+        "bench": ["joblib", "mpire", "matplotlib", "scikit-learn", "ml_dtypes"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
         "dask": ["dask[distributed]"],
         "joblib": ["joblib"],

@@ -8,7 +8,7 @@
  *                         and the constants RANGE_N_MAX, RANGE_LO_MAX
  *   set_pdeathsig(sig)    prctl(PR_SET_PDEATHSIG): a worker dies with its parent
  *   the module functions of buffers.c: memcpy, populate, vm_read,
- *   buffer_address
+ *   buffer_address; of reduce.c: reduce_into and its REDUCE_* constants
  *
  * The types: Region (region.c, with its range methods in ranges.c), Mapping
  * (mapping.c), Results and PieceBudget (results.c). pmaprt/_core.pyi gives
@@ -43,6 +43,9 @@ static PyMethodDef core_methods[] = {
      "process into dst, GIL released"},
     {"buffer_address", core_buffer_address, METH_O,
      "buffer_address(obj) -> (address, nbytes) of a contiguous buffer"},
+    {"reduce_into", (PyCFunction)(void (*)(void))core_reduce_into, METH_FASTCALL,
+     "reduce_into(dst, dst_off, srcs, offs, n, kind, op, divisor, generic=False): "
+     "dst = the element-wise reduction of the sources, in order, GIL released"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -69,6 +72,7 @@ core_exec(PyObject *m)
             || add_type(m, &PieceBudget_spec, &state->piece_budget_type) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "RANGE_N_MAX", (long)RANGE_N_MASK) < 0) return -1;
+    if (reduce_add_constants(m) < 0) return -1;
     PyObject *lo_max = PyLong_FromUnsignedLongLong(RANGE_LO_MAX);
     if (!lo_max) return -1;
     if (PyModule_AddObject(m, "RANGE_LO_MAX", lo_max) < 0) {

@@ -119,6 +119,12 @@ PyObject *core_populate(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *core_vm_read(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *core_buffer_address(PyObject *mod, PyObject *obj);
 
+/* ---- Reductions (reduce.c) ---------------------------------------------- */
+
+PyObject *core_reduce_into(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+/* Adds the REDUCE_* kind and op constants to the module: 0, or -1. */
+int reduce_add_constants(PyObject *m);
+
 /* ---- Type specs (one per type's file) ----------------------------------- */
 
 extern PyType_Spec Region_spec;

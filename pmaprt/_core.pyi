@@ -1,7 +1,7 @@
 """Types of pmaprt._core, the C extension (csrc/): atomics and futex waits on
-shared memory, the range-stealing protocol, memfd mappings, buffer copies and
-the iterator a map's caller sees. Offsets are byte offsets into a Region's
-buffer, aligned to the word's width."""
+shared memory, the range-stealing protocol, memfd mappings, buffer copies, the
+all-reduce's reduction and the iterator a map's caller sees. Offsets are byte
+offsets into a Region's buffer, aligned to the word's width."""
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
@@ -11,6 +11,24 @@ RANGE_N_MAX: Final[int]
 """The largest count a packed range word holds (2**20 - 1)."""
 RANGE_LO_MAX: Final[int]
 """The largest low index a packed range word holds (2**44 - 1)."""
+REDUCE_F32: Final[int]
+"""reduce_into's kind: float32."""
+REDUCE_F64: Final[int]
+"""reduce_into's kind: float64."""
+REDUCE_I32: Final[int]
+"""reduce_into's kind: int32 (sums wrap)."""
+REDUCE_I64: Final[int]
+"""reduce_into's kind: int64 (sums wrap)."""
+REDUCE_F16: Final[int]
+"""reduce_into's kind: IEEE float16, accumulated in float32, rounded once to nearest even."""
+REDUCE_BF16: Final[int]
+"""reduce_into's kind: bfloat16, accumulated in float32, rounded once to nearest even."""
+REDUCE_SUM: Final[int]
+"""reduce_into's op: sum (divided by divisor when it is not 1: a mean)."""
+REDUCE_MIN: Final[int]
+"""reduce_into's op: np.minimum (a NaN propagates; of equal values the later source's)."""
+REDUCE_MAX: Final[int]
+"""reduce_into's op: np.maximum (a NaN propagates; of equal values the later source's)."""
 
 class Region:
     """Atomics and futex waits on a writable, 8-byte aligned shared buffer."""
@@ -130,3 +148,17 @@ def vm_read(pid: int, address: int, dst: WriteableBuffer, dst_off: int, nbytes: 
 
 def buffer_address(obj: ReadableBuffer, /) -> tuple[int, int]:
     """(address, nbytes) of a contiguous buffer."""
+
+def reduce_into(
+    dst: WriteableBuffer,
+    dst_off: int,
+    srcs: tuple[ReadableBuffer, ...],
+    offs: tuple[int, ...],
+    n: int,
+    kind: int,
+    op: int,
+    divisor: float,
+    generic: bool = False,
+    /,
+) -> None:
+    """dst[i] = (srcs[0][i] op srcs[1][i] op ...) / divisor for n elements, in source order, GIL released."""

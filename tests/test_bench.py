@@ -350,12 +350,18 @@ def test_array_and_allreduce_workloads(tmp_path):
     assert pre["builtin_map"]["status"] == "ok"
     ar = [r for r in doc["results"] if r["workload"] == "allreduce"]
     timed = [r for r in ar if r["runner"] != "gloo"]
-    assert {r["runner"] for r in timed} == {"pmaprt", "mp_naive_allreduce", "memcpy",
-                                            "memcpy_aggregate"}
+    assert {r["runner"] for r in timed} == {
+        "pmaprt", "pmaprt_shared_input", "pmaprt_float16", "pmaprt_bfloat16", "allreduce_bound",
+        "memcpy_aggregate", "mp_naive_allreduce", "memcpy"}
     assert all(r["status"] == "ok" and r["busbw_gbps"] > 0 for r in timed)
     sizes = doc["workloads"]["allreduce"]["params"]["sizes_bytes"]
     assert sizes[0] == 4096 and all(r["params"]["bytes"] in sizes for r in timed)
-    assert all(r["speedup_vs_best_peer"] > 0 for r in timed if r["runner"] == "pmaprt")
+    mine = [r for r in timed if r["runner"].startswith("pmaprt")]
+    assert all(r["speedup_vs_best_peer"] > 0 for r in mine)
+    # each all-reduce against the bound measured beside it, sample by sample
+    for r in mine:
+        lo, hi = r["params"]["vs_bound_range"]
+        assert 0 < lo <= r["params"]["vs_bound"] <= hi and "of bound" in r["note"]
     gloo = [r for r in ar if r["runner"] == "gloo"]
     from pmaprt.bench.collective import gloo_available
     if gloo_available()[0]:   # torch with gloo on this machine: the peer runs

@@ -21,11 +21,12 @@ Other layers import the names below from here.
 from .blocks import BlockView, rule_rows, wrap_chunks
 from .copy import copy_array
 from .jobarrays import JobArrays, local_map
-from .lent import ArraySeg, MappedSegment, PoolArrays, resolve, set_resolver
+from .lent import (ArraySeg, MappedSegment, PoolArrays, received_segment_id, resolve,
+                   set_resolver)
 from .out import OutSink, check_out, open_sink
 from .pvm import open_pvm, pvm_spec
 from .shared import (
-    Mapping, asarray, empty, empty_like, find_mapping, is_shared, new_mapping, open_shared,
+    Mapping, array_address, asarray, empty, empty_like, find_mapping, is_shared, new_mapping, open_shared,
     shared_spec, zeros, zeros_like,
 )
 from .transport import (
@@ -37,10 +38,10 @@ __all__ = [
     "BlockView", "rule_rows", "wrap_chunks",
     "copy_array",
     "JobArrays", "local_map",
-    "ArraySeg", "MappedSegment", "PoolArrays", "resolve", "set_resolver",
+    "ArraySeg", "MappedSegment", "PoolArrays", "received_segment_id", "resolve", "set_resolver",
     "OutSink", "check_out", "open_sink",
     "open_pvm", "pvm_spec",
-    "Mapping", "asarray", "empty", "empty_like", "find_mapping", "is_shared", "new_mapping",
+    "Mapping", "array_address", "asarray", "empty", "empty_like", "find_mapping", "is_shared", "new_mapping",
     "open_shared", "shared_spec", "zeros", "zeros_like",
     "OOB_MIN", "PVM_MIN", "Encoded", "ItemEncoder", "ResultEncoder", "ResultPayload",
     "attach_result", "dumps_list", "has_inline_buffers", "is_result_stub", "load_oob",

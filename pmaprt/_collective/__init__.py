@@ -7,8 +7,9 @@
 Read from the bottom up:
 - segment.py: the segment's layout and words, the parent's set-up
   (`SpmdParent`), a rank's attach, and the protocol of waits, rings and aborts;
-- reduce.py:  the ring all-reduce over that segment, fusion of small arrays,
-  dtypes and ops;
+- reduce.py:  the all-reduce over that segment (every rank reads every
+  rank's buffer directly: `direct`, or reduce-scatter + all-gather), fusion
+  of small arrays, dtypes and ops;
 - api.py:     what a pmapped function calls (allreduce, psum, pmean, pmax,
   pmin, axis_index, axis_size), the axis context, and `spmd_inputs`.
 

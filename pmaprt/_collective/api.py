@@ -13,7 +13,7 @@ the axis context and fail clearly outside an SPMD map.
 import numpy as np
 
 from .._errors import CollectiveError
-from .reduce import OPS, RingRank, finish, leaf_array, reduce_tree
+from .reduce import OPS, ReduceRank, check_as_dtype, leaf_array, reduce_flat, reduce_tree
 from .segment import AXIS_MAX
 
 # The rank this worker runs now (set around the step function).
@@ -24,7 +24,7 @@ def rank_fn(fn, seg, rank):
     """fn wrapped to run as rank `rank` of the SPMD map whose segment is seg."""
     def step(*args):
         global _CTX
-        ctx = _CTX = RingRank(seg, rank)
+        ctx = _CTX = ReduceRank(seg, rank)
         failed = True
         try:
             out = fn(*args)
@@ -80,70 +80,87 @@ def spmd_inputs(iterables, axis_name, nwork):
 # the public API
 
 
-def allreduce(x, op="sum", *, out=None):
+def allreduce(x, op="sum", *, out=None, as_dtype=None):
     """Reduce x over the ranks of the current SPMD map; every rank gets the result.
 
-    x: an ndarray (float32, float64, int32, int64), a scalar, or a list/tuple/dict
-    tree of them; the result has the same structure, shapes and dtypes (op="mean"
-    of integers gives float64). ops: sum, mean, min, max. Integer sums wrap as
-    NumPy's do. Every rank must make the same calls with the same shapes.
-    Small arrays of one dtype are fused into buffers of up to FUSION_BYTES.
+    x: an ndarray (float16, bfloat16, float32, float64, int32, int64), a scalar,
+    or a list/tuple/dict tree of them; the result has the same structure,
+    shapes and dtypes (op="mean" of integers gives float64). ops: sum, mean,
+    min, max. Every rank gets the same bits: each element is reduced once, in
+    rank order. float16 and bfloat16 (ml_dtypes) accumulate in float32 and
+    round once to their type, to nearest even; a mean divides the float32 sum
+    first. Integer sums wrap as NumPy's do. Every rank must make the same
+    calls with the same shapes. Small arrays of one dtype are fused into
+    buffers of up to FUSION_BYTES.
     out: for an ndarray x, a C-contiguous array of the result's shape and dtype to
     write into (it may be x itself: an in-place all-reduce); returned.
+    as_dtype: "float16" or "bfloat16": uint16 leaves hold the bits of that
+    type (gradients kept as raw 16-bit words); the result is uint16 words too.
+    An x that lives in a shared array every worker maps (pmaprt.empty and
+    friends, passed to the map) is read in place by the other ranks.
     """
+    check_as_dtype(as_dtype)
     if out is not None:
-        return _allreduce_out(x, op, out)
-    return _allreduce(x, op, None, "allreduce")
+        return _allreduce_out(x, op, out, as_dtype)
+    return _allreduce(x, op, None, "allreduce", as_dtype)
 
 
-def _allreduce_out(x, op, out):
+def _allreduce_out(x, op, out, as_dtype):
     if op not in OPS:
         raise ValueError("pmaprt.allreduce: op must be one of %s, got %r" % (", ".join(OPS), op))
     ctx = _current(None, "allreduce")
     if not isinstance(x, np.ndarray) or not isinstance(out, np.ndarray):
         raise TypeError("pmaprt.allreduce: out= needs x and out to be ndarrays")
-    a = leaf_array(x, 0, op)
+    a, kind = leaf_array(x, 0, op, as_dtype)
     if out.shape != a.shape or out.dtype != a.dtype or not out.flags.c_contiguous \
             or not out.flags.writeable:
         raise ValueError("pmaprt.allreduce: out must be a writeable C-contiguous %s array of "
                          "shape %s, got %s %s" % (a.dtype, a.shape, out.dtype, out.shape))
-    res = out.reshape(-1)
-    ctx.reduce(np.ascontiguousarray(a).reshape(-1), res, op)
-    finish(res, a, op, ctx.world)
+    # 1-D arrays as they are: a new view costs a buffer export of its own
+    src = a if a.ndim == 1 and a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+    reduce_flat(ctx, src, out if out.ndim == 1 else out.reshape(-1), kind, op)
     return out
 
 
-def _allreduce(x, op, axis_name, who):
+def _allreduce(x, op, axis_name, who, as_dtype=None):
     if op not in OPS:
         raise ValueError("pmaprt.%s: op must be one of %s, got %r" % (who, ", ".join(OPS), op))
     ctx = _current(axis_name, who)
     if type(x) is np.ndarray:
         # One array (the common case): what reduce_tree does for a single
-        # leaf, without building a tree (a tenth of a 4 KB call).
-        a = leaf_array(x, 0, op)
-        src = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+        # leaf, without building a tree.
+        a, kind = leaf_array(x, 0, op, as_dtype)
+        if a.ndim == 1 and a.flags.c_contiguous:
+            res = np.empty_like(a)
+            reduce_flat(ctx, a, res, kind, op)
+            return res
+        src = np.ascontiguousarray(a).reshape(-1)
         res = np.empty(src.size, a.dtype)
-        ctx.reduce(src, res, op)
-        return finish(res, a, op, ctx.world)
-    return reduce_tree(ctx, x, op)
+        reduce_flat(ctx, src, res, kind, op)
+        return res.reshape(a.shape)
+    return reduce_tree(ctx, x, op, as_dtype)
 
 
-def psum(x, axis_name):
+def psum(x, axis_name, *, as_dtype=None):
     """The sum of x over the ranks of the SPMD map with this axis name."""
-    return _allreduce(x, "sum", axis_name, "psum")
+    check_as_dtype(as_dtype)
+    return _allreduce(x, "sum", axis_name, "psum", as_dtype)
 
 
-def pmean(x, axis_name):
+def pmean(x, axis_name, *, as_dtype=None):
     """The mean of x over the ranks of the SPMD map with this axis name."""
-    return _allreduce(x, "mean", axis_name, "pmean")
+    check_as_dtype(as_dtype)
+    return _allreduce(x, "mean", axis_name, "pmean", as_dtype)
 
 
-def pmax(x, axis_name):
-    return _allreduce(x, "max", axis_name, "pmax")
+def pmax(x, axis_name, *, as_dtype=None):
+    check_as_dtype(as_dtype)
+    return _allreduce(x, "max", axis_name, "pmax", as_dtype)
 
 
-def pmin(x, axis_name):
-    return _allreduce(x, "min", axis_name, "pmin")
+def pmin(x, axis_name, *, as_dtype=None):
+    check_as_dtype(as_dtype)
+    return _allreduce(x, "min", axis_name, "pmin", as_dtype)
 
 
 def axis_index(axis_name):

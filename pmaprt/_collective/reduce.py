@@ -1,178 +1,330 @@
-"""The reduction over the collective segment: the ring all-reduce, fusion of
-small arrays into buckets, and which dtypes and ops a reduction takes.
+"""The all-reduce over the collective segment: its two algorithms, which
+dtypes and ops it takes, and fusion of small arrays into buckets.
 
-    rank r:   local x --> [reduce-scatter: N-1 steps][all-gather: N-1 steps] --> result
-              writes into its own slots, reads its left neighbour's (r-1) slots
+    rank r, round m (a slot's worth of every rank's input):
+      stage:   x_r[round] --copy--> r's stage slot      (or left where it is, below)
+      direct:  res[round] = x_0 op x_1 op ... op x_{N-1}   read from every stage slot
+      split:   r's red slot = slice r of that              read from every stage slot
+               res[round] = every rank's red slot          (reduce-scatter, all-gather)
 
-The data is cut into rounds of N blocks (a block is at most one slot); each
-round is a classic ring all-reduce. A rank's messages form one stream over all
-rounds and calls: message m goes to slot m % SLOTS of the rank's own area, so
-a rank can run SLOTS messages ahead of its right neighbour, and reading,
-reducing and writing of successive messages overlap across ranks (the
-pipeline). The reduction of block b of a round runs in the fixed order
-x[b] + x[b+1] + ... + x[b-1] (ranks mod N), once, on one rank; the all-gather
-only copies, so every rank gets the same bits, and every run with the same N
-gets the same bits. How a message is sent, received and waited for is the
-protocol in segment.py.
+Both algorithms read every rank's buffer directly (one pass) rather than
+passing pieces around a ring: the shared memory allows it, and a ring moves
+each byte 2(N-1) times in as many synchronised steps. `direct` has one
+synchronisation per round and each rank reads N stage slots; `split` has two,
+and each rank reads 2 rounds' worth. `direct` is used for two ranks and for
+small calls, `split` for the rest (DIRECT_BYTES); a call of at most SMALL_BYTES takes
+`direct` in one round by the shortest path (`_small`); bench/RESULTS.md has
+the measurements. Both run one round deep: a rank stages round m + 1 before it
+reduces round m, and (split) gathers round m - 1 after it has published its
+slice of round m, so that a rank a little behind delays the others less.
 
-Each message carries a stamp (call number and a hash of dtype, op and
-length): a rank that calls with a different array than its neighbour gets a
-clear error instead of wrong numbers.
+Where the input is a shared array every rank maps (`pmaprt.empty` and
+friends, lent to the pool's workers), the others read it in place: the stage
+slot's head names its segment and offset, and nothing is copied in. Its rank
+returns only after every rank has read it. In `split` it writes its result
+only after every rank published its slice of that round (its RED), so
+`out=x` (in place) is safe; in `direct` an `out` that overlaps the input is
+staged as usual. (An `out` must not overlap another rank's input.)
+
+Every element is reduced once, by one rank, in the fixed order
+x_0 op x_1 op ... op x_{N-1} (pmaprt._core.reduce_into): every rank gets the
+same bits, and every run with the same N does, whatever the algorithm or the
+cut into rounds. float16 and bfloat16 accumulate in float32 and round once,
+to nearest even (a mean divides the float32 sum by N first).
+
+Each stage slot carries a stamp (call number and a hash of dtype, op and
+length): a rank that calls with a different array than the others gets a
+clear error instead of wrong numbers. The waits and rings are segment.py's.
 """
 import zlib
 
 import numpy as np
 
+from .. import _arrays, _shm
 from .._errors import CollectiveError
-from .segment import L_ACK, L_PUB, MASK, STAMP, RankEndpoint
+from .segment import (HALF, HD_SRC_OFF, HD_SRC_SEG, HD_STAMP, HEAD, L_FREE, L_PUB, L_RED,
+                      MASK, RankEndpoint)
+
+_core = _shm.core()
+reduce_into = _core.reduce_into
+memcpy = _core.memcpy
 
 # Fusion: many small arrays of one dtype are packed into buffers of at most this
 # many bytes, each reduced in one pass (Horovod's default threshold).
 FUSION_BYTES = 64 * 1024 * 1024
+# Calls of at most this many bytes per rank, times the ranks, use `direct`
+# (one synchronisation per round) at any N; up to DIRECT_RANKS ranks use it at
+# every size (with two, each rank reads 2 rounds' worth in `direct` as in
+# `split`, and writes less).
+DIRECT_BYTES = 256 * 1024
+DIRECT_RANKS = 2
+# Calls of at most this many bytes per rank always take `direct`, staged, in
+# one round (`_small`): below it, reading a shared input in place saves less
+# than checking for one costs. At most the smallest slot.
+SMALL_BYTES = 64 * 1024
 
-DTYPES = ("float32", "float64", "int32", "int64")
-DTYPE_SET = frozenset(np.dtype(d) for d in DTYPES)
+# Stamp hashes remembered per (kind, op, divisor, length): calls of ever new
+# lengths must not grow it without bound.
+HASHES_KEPT = 1024
+
 OPS = ("sum", "mean", "min", "max")
-UFUNC = {"sum": np.add, "mean": np.add, "min": np.minimum, "max": np.maximum}
+OP_CODE = {"sum": _core.REDUCE_SUM, "mean": _core.REDUCE_SUM, "min": _core.REDUCE_MIN,
+           "max": _core.REDUCE_MAX}
+# dtype -> the kernel's element kind. float16 and bfloat16 travel as uint16.
+KIND = {np.dtype(np.float32): _core.REDUCE_F32, np.dtype(np.float64): _core.REDUCE_F64,
+        np.dtype(np.int32): _core.REDUCE_I32, np.dtype(np.int64): _core.REDUCE_I64,
+        np.dtype(np.float16): _core.REDUCE_F16}
+HALF_KIND = {"float16": _core.REDUCE_F16, "bfloat16": _core.REDUCE_BF16}
+FLOAT_KINDS = frozenset((_core.REDUCE_F32, _core.REDUCE_F64, _core.REDUCE_F16,
+                         _core.REDUCE_BF16))
+DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
+U16 = np.dtype(np.uint16)
 
 
-class RingRank(RankEndpoint):
-    """A rank that runs the ring all-reduce over its endpoint's slots."""
+class ReduceRank(RankEndpoint):
+    """A rank that runs the all-reduce over its endpoint's slots."""
 
-    __slots__ = ("views", "hashes")
+    __slots__ = ("hashes", "mms", "stage_data", "others", "peer_bufs")
 
     def __init__(self, seg, rank):
         super().__init__(seg, rank)
-        self.views = {}
         self.hashes = {}
+        self.mms = (self.mm,) * self.world
+        self.stage_data = [tuple(o + HEAD for o in offs) for offs in self.stage]
+        self.others = tuple(q for q in range(self.world) if q != rank)
+        self.peer_bufs = {}
 
     def leave(self, failed):
         RankEndpoint.leave(self, failed)
-        self.views.clear()
+        self.peer_bufs.clear()
 
-    def _slot_views(self, dtype):
-        v = self.views.get(dtype)
-        if v is None:
-            cap = self.slot_bytes // dtype.itemsize
-            stride = STAMP + self.slot_bytes
-            own = [np.frombuffer(self.mm, dtype, cap, self.own_off + k * stride + STAMP)
-                   for k in range(self.slots)]
-            left = [np.frombuffer(self.mm, dtype, cap, self.left_off + k * stride + STAMP)
-                    for k in range(self.slots)]
-            v = self.views[dtype] = (own, left, cap)
-        return v
-
-    def reduce(self, src, res, op):
-        """res = the reduction of every rank's src (1-D, contiguous, same dtype)."""
+    def reduce(self, src, res, kind, op, divisor=1.0):
+        """res = the reduction of every rank's src, divided by `divisor` (1-D,
+        C-contiguous, the same dtype; res may be src). kind, op: the kernel's
+        codes (KIND, OP_CODE)."""
         if self.broken is not None:
             raise CollectiveError("pmaprt: an earlier collective failed on this rank (%s); "
                                   "no further collective can run in this map" % self.broken)
         self.calls += 1
-        key = (src.dtype.str, op, src.size)
+        n = src.size
+        key = (kind, op, divisor, n)
         h = self.hashes.get(key)
         if h is None:
-            h = self.hashes[key] = zlib.crc32(("%s|%s|%d" % key).encode()) & MASK
+            if len(self.hashes) >= HASHES_KEPT:
+                self.hashes.clear()
+            h = self.hashes[key] = zlib.crc32(("%d|%d|%r|%d" % key).encode()) & MASK
         stamp = ((self.calls & MASK) << 32) | h
-        N = self.world
-        if N == 1:
-            np.copyto(res, src)
+        if self.world == 1:
+            reduce_into(res, 0, (src,), (0,), n, kind, op, divisor)
             return
-        ufunc = UFUNC[op]
+        isz = src.itemsize
+        if n * isz <= SMALL_BYTES:
+            self._small(src, res, n, stamp, kind, op, divisor)
+            return
+        per = self.slot_bytes // isz
+        bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
+        direct = self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES
+        # in place only where this rank's result does not overwrite its input
+        # while others may read it (direct writes a round as soon as it is reduced)
+        place = None if direct and np.may_share_memory(src, res) else self._shared_place(src)
+        # A pipeline one round deep: round i + 1 is staged before round i is
+        # reduced, and (split) round i - 1 gathered after round i's slice is
+        # published, so a rank a little behind the others holds nobody up.
+        rounds = [self._put(src, *bounds[0], isz, stamp, place)]
+        for i, (lo, hi) in enumerate(bounds):
+            if i + 1 < len(bounds):
+                rounds.append(self._put(src, *bounds[i + 1], isz, stamp, place))
+            m, j = rounds[i]
+            self._take(m, j, stamp)
+            if direct:
+                srcs, offs = self._sources(j, 0)
+                reduce_into(res, lo * isz, srcs, offs, hi - lo, kind, op, divisor)
+                self.publish(L_FREE, m + 1)
+                continue
+            w, rank = self.world, self.rank
+            a = lo + ((hi - lo) * rank) // w
+            b = lo + ((hi - lo) * (rank + 1)) // w
+            srcs, offs = self._sources(j, (a - lo) * isz)
+            reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
+            self.publish(L_RED, m + 1)
+            if i:
+                self._gather(res, isz, *rounds[i - 1], *bounds[i - 1])
+        if not direct:
+            self._gather(res, isz, *rounds[-1], *bounds[-1])
+        elif place is not None:   # the caller may change src once this returns
+            self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
+
+    def _small(self, src, res, n, stamp, kind, op, divisor):
+        """One round of `direct`, staged, as few Python steps as it takes (a
+        small call's time is these steps, not its bytes)."""
+        m = self.sent
+        j = m % self.slots
         r = self.r
-        own, left, cap = self._slot_views(src.dtype)
-        K = self.slots
-        stride = STAMP + self.slot_bytes
-        rank = self.rank
-        P = 2 * (N - 1)
-        L = src.size
-        ack_right = self.rline + L_ACK
-        my_pub = self.line + L_PUB
-        my_ack = self.line + L_ACK
-        if N == 2 and L <= cap:
-            # Two ranks, one slot's worth: each publishes its whole array and
-            # reduces the other's with its own, rank 0's first. One message per
-            # rank instead of the ring's two (latency is Python per message).
-            # Every rank computes rank 0's (op) rank 1's, so every rank, and
-            # every run with two ranks, gets the same bits.
-            m = self.sent
-            self._wait(ack_right, m - K + 1, self.rline, "take its part")
-            ko = m % K
-            np.copyto(own[ko][:L], src)
-            r.store64(self.own_off + ko * stride, stamp)
-            self.sent = m + 1
-            r.store32(my_pub, self.sent & MASK)
-            self._ring(self.rline)
-            inp = self._recv_view(left, L, stamp, src, op)
-            if rank == 0:
-                ufunc(src, inp, out=res)
-            else:
-                ufunc(inp, src, out=res)
-            self.recv += 1
-            r.store32(my_ack, self.recv & MASK)
-            self._ring(self.lline)
-            return
-        per_round = N * cap
-        g0 = 0
-        while g0 < L or (g0 == 0 and L == 0):
-            Lg = min(per_round, L - g0)
-            bounds = [g0 + (k * Lg) // N for k in range(N + 1)]
-            for t in range(P + 1):
-                b = (rank - t) % N
-                lo, hi = bounds[b], bounds[b + 1]
-                n = hi - lo
-                if t:
-                    inp = self._recv_view(left, n, stamp, src, op)
-                if t < P:
-                    m = self.sent
-                    self._wait(ack_right, m - K + 1, self.rline, "take its part")
-                    ko = m % K
-                    o = own[ko][:n]
-                if t == 0:
-                    np.copyto(o, src[lo:hi])
-                elif t < N - 1:
-                    ufunc(inp, src[lo:hi], out=o)
-                elif t == N - 1:
-                    ufunc(inp, src[lo:hi], out=o)
-                    np.copyto(res[lo:hi], o)
-                else:
-                    np.copyto(res[lo:hi], inp)
-                    if t < P:
-                        np.copyto(o, inp)
-                if t < P:
-                    r.store64(self.own_off + ko * stride, stamp)
-                    self.sent = m + 1
-                    r.store32(my_pub, self.sent & MASK)
-                if t:
-                    self.recv += 1
-                    r.store32(my_ack, self.recv & MASK)
-                    if N > 2 or t == P:
-                        self._ring(self.lline)
-                if t < P:
-                    self._ring(self.rline)
-            g0 += per_round
-            if L == 0:
-                break
+        mask = MASK
+        target = (m + 1 - self.slots) & mask
+        for line in self.other_lines:
+            if ((r.load32(line + L_FREE) - target) & mask) >= HALF:
+                self._wait(line, L_FREE, target, "finish an earlier collective round")
+        head = self.stage[j][self.rank]
+        memcpy(self.mm, head + HEAD, src)
+        r.store64(head + HD_SRC_SEG, 0)
+        r.store64(head + HD_STAMP, stamp)
+        self.sent = m = m + 1
+        self.publish(L_PUB, m)
+        for line in self.other_lines:
+            if ((r.load32(line + L_PUB) - m) & mask) >= HALF:
+                self._wait(line, L_PUB, m, "publish its part")
+        heads = self.stage[j]
+        for q in self.others:
+            got = r.load64(heads[q] + HD_STAMP)
+            if got != stamp:
+                raise self._fail(self._mismatch(got, stamp, q))
+        reduce_into(res, 0, self.mms, self.stage_data[j], n, kind, op, divisor)
+        self.publish(L_FREE, m)
 
-    def _recv_view(self, left, n, stamp, src, op):
-        """Wait for the left neighbour's next message; a view of its n elements."""
-        j = self.recv
-        self._wait(self.lline + L_PUB, j + 1, self.lline, "publish its part")
-        k = j % self.slots
-        got = self.r.load64(self.left_off + k * (STAMP + self.slot_bytes))
-        if got != stamp:
-            raise self._fail(self._mismatch(got, stamp, src, op))
-        return left[k][:n]
+    # -- the steps of a round
 
-    def _mismatch(self, got, want, src, op):
+    def _put(self, src, lo, hi, isz, stamp, place):
+        """This rank's part of its next round goes into its stage slot (or its
+        place in a shared array into the head); publish. -> (round, slot)."""
+        m = self.sent
+        k = self.slots
+        j = m % k
+        self.wait_all(L_FREE, m + 1 - k, "finish an earlier collective round")
+        head = self.stage[j][self.rank]
+        r = self.r
+        if place is None:
+            if hi > lo:
+                memcpy(self.mm, head + HEAD, src[lo:hi])
+            r.store64(head + HD_SRC_SEG, 0)
+        else:
+            r.store64(head + HD_SRC_SEG, place[0])
+            r.store64(head + HD_SRC_OFF, place[1] + lo * isz)
+        r.store64(head + HD_STAMP, stamp)
+        self.sent = m + 1
+        self.publish(L_PUB, m + 1)
+        return m, j
+
+    def _take(self, m, j, stamp):
+        """Wait until every rank has published round m; compare the stamps."""
+        self.wait_all(L_PUB, m + 1, "publish its part")
+        r = self.r
+        heads = self.stage[j]
+        for q in self.others:
+            got = r.load64(heads[q] + HD_STAMP)
+            if got != stamp:
+                raise self._fail(self._mismatch(got, stamp, q))
+
+    def _gather(self, res, isz, m, j, lo, hi):
+        """Copy every rank's reduced slice of round m into res; publish FREE."""
+        self.wait_all(L_RED, m + 1, "reduce its slice")
+        w = self.world
+        buf = self.seg.buf
+        reds = self.red[j]
+        n = hi - lo
+        a = lo
+        for q in range(w):
+            b = lo + (n * (q + 1)) // w
+            if b > a:
+                memcpy(res, a * isz, buf[reds[q]: reds[q] + (b - a) * isz])
+            a = b
+        self.publish(L_FREE, m + 1)
+
+    def _sources(self, j, skip):
+        """(buffers, byte offsets) of every rank's input of the round in stage
+        slot j, `skip` bytes in: the slots, or shared arrays read in place."""
+        offs = self.stage_data[j]
+        r = self.r
+        heads = self.stage[j]
+        if not any(r.load64(h + HD_SRC_SEG) for h in heads):
+            return self.mms, (tuple(o + skip for o in offs) if skip else offs)
+        srcs, offs = list(self.mms), [o + skip for o in offs]
+        for q, h in enumerate(heads):
+            seg = r.load64(h + HD_SRC_SEG)
+            if seg:
+                srcs[q] = self._peer_buf(seg)
+                offs[q] = r.load64(h + HD_SRC_OFF) + skip
+        return tuple(srcs), tuple(offs)
+
+    def _gather(self, res, isz, m, j, lo, hi):
+        """Copy every rank's reduced slice of round m into res; publish FREE."""
+        self.wait_all(L_RED, m + 1, "reduce its slice")
+        w = self.world
+        buf = self.seg.buf
+        reds = self.red[j]
+        n = hi - lo
+        a = lo
+        for q in range(w):
+            b = lo + (n * (q + 1)) // w
+            if b > a:
+                memcpy(res, a * isz, buf[reds[q]: reds[q] + (b - a) * isz])
+            a = b
+        self.publish(L_FREE, m + 1)
+
+    def _shared_place(self, src):
+        """(segment id, byte offset) of src inside a shared array lent to
+        every worker, or None (src is copied into the stage slots)."""
+        mapping = _arrays.find_mapping(src)
+        if mapping is None:
+            return None
+        seg = _arrays.received_segment_id(mapping)
+        if seg is None:
+            return None
+        return seg, _arrays.array_address(src) - mapping.address
+
+    def _peer_buf(self, seg):
+        b = self.peer_bufs.get(seg)
+        if b is None:
+            b = self.peer_bufs[seg] = _arrays.resolve(seg).buf
+        return b
+
+    def _mismatch(self, got, want, q):
         if (got >> 32) != (want >> 32):
             return CollectiveError(
-                "pmaprt: rank %d made collective call %d while its left neighbour (rank %d) "
-                "was at call %d: every rank must make the same collective calls"
-                % (self.rank, want >> 32, (self.rank - 1) % self.world, got >> 32))
+                "pmaprt: rank %d made collective call %d while rank %d was at call %d: every "
+                "rank must make the same collective calls" % (self.rank, want >> 32, q, got >> 32))
         return CollectiveError(
-            "pmaprt: collective call %d differs across ranks: rank %d reduces %d elements of "
-            "%s with op %r and rank %d does not (dtype, size or op differ)"
-            % (want >> 32, self.rank, src.size, src.dtype, op, (self.rank - 1) % self.world))
+            "pmaprt: collective call %d differs across ranks: rank %d and rank %d reduce "
+            "different arrays (dtype, size or op differ)" % (want >> 32, self.rank, q))
+
+
+# --------------------------------------------------------------------------
+# dtypes and ops
+
+
+def leaf_array(x, i, op, as_dtype=None):
+    """Leaf i of a call as (an ndarray of a supported dtype, its kind): a mean
+    of integers is a float64 mean; float16/bfloat16, and uint16 words read as
+    `as_dtype`, reduce as half kinds."""
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    dt = a.dtype
+    kind = KIND.get(dt)
+    if kind is None:
+        if dt.name == "bfloat16" and dt.itemsize == 2:
+            kind = _core.REDUCE_BF16
+        elif dt == U16 and as_dtype is not None:
+            kind = HALF_KIND[as_dtype]
+        else:
+            raise TypeError("pmaprt.allreduce: leaf %d has dtype %s; supported: %s (and uint16 "
+                            "words with as_dtype='float16' or 'bfloat16')"
+                            % (i, dt, ", ".join(DTYPES)))
+    if op == "mean" and kind not in FLOAT_KINDS:
+        a = a.astype(np.float64)
+        kind = _core.REDUCE_F64
+    return a, kind
+
+
+def check_as_dtype(as_dtype):
+    if as_dtype is not None and as_dtype not in HALF_KIND:
+        raise ValueError("pmaprt.allreduce: as_dtype must be None, 'float16' or 'bfloat16', "
+                         "got %r" % (as_dtype,))
+
+
+def reduce_flat(ctx, src, res, kind, op):
+    """res = the reduction of every rank's flat contiguous src (a mean divided)."""
+    if src.dtype.itemsize == 2 and src.dtype != U16:
+        src, res = src.view(U16), res.view(U16)   # bfloat16 may lack a buffer format
+    ctx.reduce(src, res, kind, OP_CODE[op], float(ctx.world) if op == "mean" else 1.0)
 
 
 # --------------------------------------------------------------------------
@@ -204,58 +356,41 @@ def _flatten(x, leaves):
     return next
 
 
-def leaf_array(x, i, op):
-    """Leaf i of a call as an ndarray of a supported dtype (mean of ints: float64)."""
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if a.dtype not in DTYPE_SET:
-        raise TypeError("pmaprt.allreduce: leaf %d has dtype %s; supported: %s"
-                        % (i, a.dtype, ", ".join(DTYPES)))
-    if op == "mean" and a.dtype.kind == "i":
-        a = a.astype(np.float64)
-    return a
-
-
-def finish(res, a, op, world):
-    """The reduced flat `res` in the shape of leaf `a` (divided for a mean)."""
-    if op == "mean":
-        np.divide(res, world, out=res)
-    return res.reshape(a.shape)
-
-
-def reduce_tree(ctx, x, op):
+def reduce_tree(ctx, x, op, as_dtype=None):
     """Reduce a list/tuple/dict tree of arrays and scalars on rank ctx: leaves
     of one dtype fused, in order, into buckets of up to FUSION_BYTES."""
     leaves = []
     rebuild = _flatten(x, leaves)
-    arrs = [leaf_array(v, i, op) for i, v in enumerate(leaves)]
+    arrs = [leaf_array(v, i, op, as_dtype) for i, v in enumerate(leaves)]
     outs = [None] * len(arrs)
     buckets = {}
     order = []
-    for i, a in enumerate(arrs):
+    for i, (a, kind) in enumerate(arrs):
         if a.nbytes >= FUSION_BYTES or len(arrs) == 1:
             order.append([i])
             continue
-        cur = buckets.get(a.dtype)
+        cur = buckets.get((a.dtype, kind))
         if cur is None or cur[1] + a.nbytes > FUSION_BYTES:
-            cur = buckets[a.dtype] = [[], 0]
+            cur = buckets[(a.dtype, kind)] = [[], 0]
             order.append(cur[0])
         cur[0].append(i)
         cur[1] += a.nbytes
     for idx in order:
         if len(idx) == 1:
-            a = arrs[idx[0]]
+            a, kind = arrs[idx[0]]
             src = np.ascontiguousarray(a).reshape(-1)
             res = np.empty(src.size, a.dtype)
-            ctx.reduce(src, res, op)
-            outs[idx[0]] = finish(res, a, op, ctx.world)
+            reduce_flat(ctx, src, res, kind, op)
+            outs[idx[0]] = res.reshape(a.shape)
         else:
-            src = np.concatenate([arrs[i].reshape(-1) for i in idx])
+            kind = arrs[idx[0]][1]
+            src = np.concatenate([arrs[i][0].reshape(-1) for i in idx])
             res = np.empty_like(src)
-            ctx.reduce(src, res, op)
+            reduce_flat(ctx, src, res, kind, op)
             pos = 0
             for i in idx:
-                a = arrs[i]
-                outs[i] = finish(res[pos: pos + a.size], a, op, ctx.world)
+                a = arrs[i][0]
+                outs[i] = res[pos: pos + a.size].reshape(a.shape)
                 pos += a.size
     results = []
     for v, o in zip(leaves, outs):

@@ -124,16 +124,16 @@ def allreduce_figure(doc: Dict[str, Any]):
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
-    for label in dict.fromkeys(r["label"] for r in recs):
-        mine = [r for r in recs if r["label"] == label]
+    for label, wk in dict.fromkeys((r["label"], r["params"].get("workers")) for r in recs):
+        mine = [r for r in recs if r["label"] == label and r["params"].get("workers") == wk]
         ax.plot([r["params"]["bytes"] for r in mine], [r["busbw_gbps"] for r in mine], "o-",
-                label=label)
+                label=f"{label}, W={wk}")
     ax.set_xscale("log", base=2)
     ax.set_yscale(scale_for(r["busbw_gbps"] for r in recs))
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("bus bandwidth, GB/s (memcpy: plain bandwidth)")
-    ax.set_title(f"all-reduce: bus bandwidth by message size ({doc['config'].get('workers')} "
-                 "workers; higher is better)", fontsize=10)
+    ax.set_title("all-reduce: bus bandwidth by message size and worker count W "
+                 "(higher is better)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -283,12 +283,13 @@ def render(doc: Dict[str, Any]) -> str:
             out += _verdict_lines(e)
             continue
         if name == "allreduce":
-            rows = [[r["label"], fmt_bytes(r["params"].get("bytes")), fmt_time(r["median_s"]),
+            rows = [[r["label"], str(r["params"].get("workers")), fmt_bytes(r["params"].get("bytes")),
+                     fmt_time(r["median_s"]),
                      f"{fmt_time(r['min_s'])}-{fmt_time(r.get('max_s'))}" if r["median_s"] else "-",
                      fmt_f(r["busbw_gbps"], 3), r["status"] if r["status"] != "ok" else "",
                      r["note"] or ""] for r in recs]
-            out += _table(["runner", "size", "median", "min-max", "busbw GB/s", "status", "note"],
-                          rows, "llrrrll")
+            out += _table(["runner", "W", "size", "median", "min-max", "busbw GB/s", "status",
+                           "note"], rows, "lrlrrrll")
             out += _verdict_lines(e)
             continue
         extra = []
