@@ -55,8 +55,12 @@ POLL_S = 0.05
 MAX_START_FAILURES = 3
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_WORKER_CMD = ("import sys; sys.path.insert(0, %r); from pmaprt._runtime.worker import main; main()"
-               % _PKG_PARENT)
+# `python -c` puts the working directory first on sys.path (unless safe_path):
+# a module planted there would shadow the standard library in every worker.
+# The command drops it before any import; WorkerStart then gives the
+# worker the parent's sys.path, as multiprocessing's spawn does.
+_WORKER_CMD = ("import sys; sys.path[:0 if getattr(sys.flags, 'safe_path', 0) else 1] = [%r]; "
+               "from pmaprt._runtime.worker import main; main()" % _PKG_PARENT)
 
 
 class WorkerStart(NamedTuple):
