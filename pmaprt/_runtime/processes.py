@@ -223,17 +223,27 @@ class Processes:
         self._stall[w] = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(theirs.fileno()), str(res.ctl.fd)]
-            proc = _spawner.popen(cmd, pass_fds=(theirs.fileno(), res.ctl.fd), close_fds=True,
-                                  stdin=subprocess.DEVNULL)
+            proc = self._start_process(w, theirs)
         finally:
             theirs.close()
         res.procs[w] = proc
         res.socks[w] = ours
         self._drop_outbox(w)
-        _shm.send_msg(ours, WorkerStart(os.getpid(), self.workers, self._layout.nslots,
-                                        list(sys.path), self.seed, self.max_items_per_worker))
+        try:
+            _shm.send_msg(ours, WorkerStart(os.getpid(), self.workers, self._layout.nslots,
+                                            list(sys.path), self.seed, self.max_items_per_worker))
+        except OSError:
+            # It died before its start message (a kill, the OOM killer): a
+            # death like any other, seen by the next _check_workers, which
+            # replaces it; nothing of a job was in its hands.
+            return
         self._lend_all(w)
+
+    def _start_process(self, w, sock):
+        """A new worker process for rank w, given its end of the socketpair."""
+        cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(sock.fileno()), str(self._res.ctl.fd)]
+        return _spawner.popen(cmd, pass_fds=(sock.fileno(), self._res.ctl.fd), close_fds=True,
+                              stdin=subprocess.DEVNULL)
 
     def pids(self):
         return [p.pid for p in self._res.procs if p is not None]
