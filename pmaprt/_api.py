@@ -1,5 +1,6 @@
 """pmap and friends on a default pool, created on first use and reused."""
 import itertools
+import os
 import threading
 
 from . import _arrays
@@ -41,6 +42,18 @@ def default_pool(workers=None):
                 p.terminate()
             _default = p = Pool(max(workers or 0, default_workers()))
         return p
+
+
+def _forget_default_in_child():
+    """os.fork(): the default pool is the parent's (processes.py lets go of
+    it); the child's first pmap starts its own. The lock may have been held
+    by a thread of the parent that does not exist here."""
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_default_in_child)
 
 
 def _forget_default(pool):

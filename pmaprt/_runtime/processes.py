@@ -28,6 +28,7 @@ Protocol, step by step:
    row break the pool instead of being restarted for ever.
 """
 import atexit
+import collections
 import os
 import queue
 import signal
@@ -39,7 +40,7 @@ import time
 import weakref
 from typing import NamedTuple
 
-from .. import _shm
+from .. import _arrays, _shm
 from .._errors import WorkerCrashedError, describe_exit, oom_hint
 from .._shm import (
     H_BOARD_SEQ, H_RESULTS_SEQ, H_SHUTDOWN, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO,
@@ -193,10 +194,54 @@ def _shutdown_all():
             pass
 
 
+def _after_fork_in_child():
+    """os.fork() copied this process with its pools: their workers, sockets
+    and shared words are the parent's. The child lets go of its copies
+    without a word to them (no atexit shutdown, no finalizer, no message);
+    its own maps get a fresh pool. The spawner's thread did not survive the
+    fork: a fresh spawner starts one on first use."""
+    global _spawner
+    _spawner = _Spawner()
+    owner = os.getppid()
+    for p in list(live_runtimes):
+        p._forsake(owner)
+    live_runtimes.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Processes:
     """The parent's side (a runtime mixin): spawn, check, replace workers.
     State: self._res (procs, socks), _start_failures, _stall, _timed_out,
-    _last_check, recycled."""
+    _last_check, recycled; _owner_pid once a fork's child let go of it."""
+
+    _owner_pid = None
+
+    def _forsake(self, owner_pid):
+        """In the child of os.fork(): this pool is process owner_pid's. Close
+        this process's copies of its sockets, descriptors and mappings; touch
+        no shared word and no worker. Locks held by the parent's threads at
+        the fork would never be released here: a fresh one."""
+        self._finalizer.detach()
+        self._lock = threading.RLock()
+        self._closed = True
+        self._owner_pid = owner_pid
+        res, self._res = self._res, _Resources()
+        self._outbox = self._res.outbox = [collections.deque() for _ in range(self.workers)]
+        self._r = self._ctl = None
+        for sock in res.socks:
+            if sock is not None:
+                sock.close()
+        for box in res.outbox:
+            for _, fds in box:
+                for fd in fds:
+                    os.close(fd)
+        for seg in res.segs.values():
+            if not isinstance(seg, _arrays.ArraySeg):    # a shared array stays the caller's
+                seg.close()
+        if res.ctl is not None:
+            res.ctl.close()
 
     def _init_processes(self, n):
         self._res.procs = [None] * n
