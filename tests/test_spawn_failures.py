@@ -80,3 +80,66 @@ def test_apply_after_a_replacement_died_before_its_start_message(killed_starts):
         for _ in range(20):
             assert p.apply(pid) in p.pids()
         assert not set(victims) & set(p.pids())
+
+
+def square_work(x):
+    s = 0
+    for i in range(60):
+        s += (x ^ i) & 7
+    return x * x + s
+
+
+def test_chaos_with_replacements_killed_as_they_start():
+    """Workers SIGKILLed at random, and replacements killed as soon as their
+    pid shows, some before they are ready: with retries every item arrives
+    exactly once, in order."""
+    import random
+    import threading
+    import time
+    from pmaprt._shm import W_STATE, WSTATE_READY
+
+    xs = range(60_000)
+    want = [square_work(x) for x in xs]
+    rng = random.Random(18)
+    killed = {"running": 0, "starting": 0}
+    stop = threading.Event()
+    with Pool(2) as p:
+        def killer():
+            known = set(p.pids())
+            next_kill = time.monotonic() + rng.uniform(0.02, 0.1)
+            while not stop.is_set() and killed["starting"] < 6:
+                time.sleep(0.001)
+                pids = p.pids()
+                for w, q in enumerate(pids):
+                    if q in known:
+                        continue
+                    known.add(q)
+                    r = p._r
+                    ready = r is not None and r.load32(p._layout.worker(w) + W_STATE) == WSTATE_READY
+                    if rng.random() < 0.6:
+                        try:
+                            os.kill(q, signal.SIGKILL)
+                            killed["running" if ready else "starting"] += 1
+                        except ProcessLookupError:
+                            pass
+                if time.monotonic() >= next_kill and killed["running"] < 10:
+                    next_kill = time.monotonic() + rng.uniform(0.02, 0.1)
+                    try:
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        killed["running"] += 1
+                    except (ProcessLookupError, IndexError):
+                        pass
+
+        it = p.map(square_work, xs, retries=3, chunksize=32, timeout=PER_TEST_S)
+        first = next(it)
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            got = [first] + list(it)
+        finally:
+            stop.set()
+            t.join(30)
+        assert got == want
+        assert it.stats.items == len(xs)
+        assert killed["starting"] >= 1, killed
+        assert list(p.map(square_work, range(100), inline=False)) == want[:100]

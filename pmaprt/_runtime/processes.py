@@ -8,7 +8,8 @@ Protocol, step by step:
    or a CUDA context is safe). The child inherits the control segment's memfd
    and one end of a socketpair; every child is started by one long-lived
    thread (`_Spawner`), because PR_SET_PDEATHSIG fires when the *thread* that
-   started a process ends.
+   started a process ends. Once the pool has lost a worker, replacements
+   are forks of its zygote instead, when it is ready (zygote.py).
 2. The parent sends a `WorkerStart` message, then every segment already lent
    (lent.py). The worker sets PR_SET_PDEATHSIG, maps the control segment,
    stores its pid and W_STATE = WSTATE_READY, and enters its loop (worker.py).
@@ -42,8 +43,9 @@ from typing import NamedTuple
 
 from .. import _arrays, _shm
 from .._errors import WorkerCrashedError, describe_exit, oom_hint
+from .zygote import ZygoteClient
 from .._shm import (
-    H_BOARD_SEQ, H_RESULTS_SEQ, H_SHUTDOWN, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO,
+    H_BOARD_SEQ, H_DEATHS, H_RESULTS_SEQ, H_SHUTDOWN, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO,
     W_CUR_N, W_HEAD, W_SLOT, W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
 
@@ -119,6 +121,7 @@ class _Resources:
     def __init__(self):
         self.procs = []
         self.socks = []
+        self.zygote = ZygoteClient()
         self.outbox = []
         self.ctl = None
         self.segs = {}
@@ -156,6 +159,7 @@ class _Resources:
                     p.wait(5.0)
                 except subprocess.TimeoutExpired:
                     pass
+        self.zygote.close(graceful)     # after its workers: it reports their exits
         for s in self.socks:
             if s is not None:
                 s.close()
@@ -233,6 +237,8 @@ class Processes:
         for sock in res.socks:
             if sock is not None:
                 sock.close()
+        if res.zygote.sock is not None:
+            res.zygote.sock.close()
         for box in res.outbox:
             for _, fds in box:
                 for fd in fds:
@@ -248,6 +254,7 @@ class Processes:
         self._res.socks = [None] * n
         self._start_failures = 0
         self._last_check = time.monotonic()
+        self._deaths_seen = 0          # H_DEATHS when workers were last checked
         self._stall = [None] * n       # per worker: ((gen, lo, done), first seen) for timeouts
         self._timed_out = {}           # worker -> the item index it was killed for
         self.recycled = 0              # workers replaced after max_items_per_worker
@@ -285,7 +292,14 @@ class Processes:
         self._lend_all(w)
 
     def _start_process(self, w, sock):
-        """A new worker process for rank w, given its end of the socketpair."""
+        """A new worker process for rank w, given its end of the socketpair:
+        a fork of the zygote once it is ready (zygote.py), else a fresh
+        interpreter."""
+        zygote = self._res.zygote
+        if zygote.usable():
+            proc = zygote.fork(w, sock)
+            if proc is not None:
+                return proc
         cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(sock.fileno()), str(self._res.ctl.fd)]
         return _spawner.popen(cmd, pass_fds=(sock.fileno(), self._res.ctl.fd), close_fds=True,
                               stdin=subprocess.DEVNULL)
@@ -297,6 +311,7 @@ class Processes:
         """Replace dead workers (their lost chunks go back to their jobs), kill
         workers stuck on one item past their job's timeout. Lock held."""
         now = self._last_check = time.monotonic()
+        self._deaths_seen = self._r.load32(H_DEATHS)
         self._flush_all()
         for w, p in enumerate(self._res.procs):
             rc = p.poll()
@@ -388,5 +403,9 @@ class Processes:
                 return
         else:
             self._start_failures = 0
+        if self._res.zygote.proc is None and not recycled:
+            # A pool that loses workers may lose more: replacements fork
+            # from a preloaded zygote once it is ready (zygote.py).
+            self._res.zygote.start(_spawner, self._res.ctl.fd, _PKG_PARENT)
         self._res.socks[w].close()
         self._spawn(w)
