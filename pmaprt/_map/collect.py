@@ -18,7 +18,7 @@ import time
 
 from .. import _arrays, _shm
 from .._errors import RemoteTraceback, ReturnedError, add_note
-from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_NEXT
+from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_LIMIT, S_NEXT
 from .handoff import handoff
 from .inline import (INLINE_MIN_CHUNKS, PROBE_CLOCK_STRIDE, PROBE_DEAR_ITEM_S, PROBE_FACTOR,
                      PROBE_HANDOFF_S, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES,
@@ -41,6 +41,7 @@ class ResultBook:
         self.here_error = None     # fails wherever the consumer is
         self.err_rec = None        # lowest index where a chunk that arrived raised
         self.consumed = 0          # items the consumer has taken
+        self.held_bytes = 0        # bytes of the records arrived and not yet taken
         # Called as on_fail(book, index, exc) after each fail_at (an SPMD
         # map's ranks fail together).
         self.on_fail = None
@@ -52,6 +53,7 @@ class ResultBook:
             return False
         self.recorded[start] = count
         self.pending[start] = (kind, count, payload)
+        self.held_bytes += record_bytes(kind, payload)
         self.records += 1
         if not self.ordered:
             self.arrived.append(start)
@@ -99,6 +101,17 @@ class ResultBook:
         if len(errs) < len(self.errors):
             self.errors = errs
             self.error_at = min(errs) if errs else None
+
+
+def record_bytes(kind, payload):
+    """The memory a record holds until it is taken: its payload, or the
+    mapping its arrays lie in (results made here hold none of ours)."""
+    if kind == REC_LOCAL:
+        return 0
+    m = getattr(payload, "mapping", None)
+    if m is not None:
+        return m.size
+    return len(payload)
 
 
 def decode_record(rec, start, dec=None):
@@ -182,7 +195,9 @@ class Collector:
                     else:
                         start = arrived.popleft() if arrived else None
                         rec = pending.pop(start) if start is not None else None
-                    if rec is None:
+                    if rec is not None:
+                        book.held_bytes -= record_bytes(rec[0], rec[2])
+                    else:
                         # Ordered: an error is raised where map would raise it.
                         # Unordered: as soon as it is known (once the results that
                         # arrived before it are yielded), like a result in finishing order.
@@ -277,6 +292,10 @@ class Collector:
             nxt = job.pool._r.load64(job.off + S_NEXT)
             if not rest_worth_inline(job.n - nxt, c.cpu_item):
                 return False
+            if job.window.limit < nxt:
+                # Held back for memory (window.hold_back): the items claimed
+                # past the limit would all come at once on the switch.
+                return False
         return True
 
     def _go_inline(self):
@@ -293,6 +312,12 @@ class Collector:
                     if nxt >= job.n or r.cas64(job.off + S_NEXT, nxt, job.n):
                         break
                 job.inline_from = min(nxt, job.n)
+                # Items claimed before the switch may lie past a limit lowered
+                # for memory (window.hold_back): the workers deliver them all.
+                if job.window.limit < job.n:
+                    job.window.limit = job.n
+                    r.store64(job.off + S_LIMIT, job.n)
+                    job.pool.wake_workers()
                 # Items from here on run here and need no pickling: an item
                 # found unpicklable there is no error of this map any more.
                 job.book.keep_errors_before(job.inline_from)

@@ -196,7 +196,7 @@ class MapCosts:
     workers' wall seconds per item)."""
 
     __slots__ = ("sizer", "cpu_item", "dec", "wenc", "enc_item", "avg_chunk",
-                 "obs_consumed", "obs_records", "wait_s", "nwork")
+                 "obs_consumed", "obs_records", "wait_s", "nwork", "item_bytes")
 
     def __init__(self, fixed, nwork):
         self.sizer = _sched.ChunkSizer(fixed, grow=False)
@@ -211,6 +211,14 @@ class MapCosts:
         self.obs_records = 0
         self.wait_s = 0.0
         self.nwork = nwork
+        self.item_bytes = 0.0      # bytes per result the parent holds until taken (largest-leaning)
+
+    def on_bytes(self, count, nbytes):
+        """A record of `count` results holds `nbytes`: a moving average that
+        rises at once (memory is bounded by the large ones) and falls slowly."""
+        if count:
+            b = nbytes / count
+            self.item_bytes = b if b > self.item_bytes else 0.9 * self.item_bytes + 0.1 * b
 
     def on_chunk(self, count, t0, t1, cpu, enc, consumed):
         """A chunk of `count` items ran in t1 - t0 seconds (cpu of them on the

@@ -42,7 +42,7 @@ from .._options import check_call, check_chunksize
 from .._shm import FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR, WANT_SHIFT
 from .._stats import MapStats, WorkerStats
 from .._tuned import cached_chunksize
-from .collect import Collector, ResultBook, decode_record
+from .collect import Collector, ResultBook, decode_record, record_bytes
 from .feed import Feeder
 from .inline import TAIL_TYPES, InlineTail, MapCosts, probe_item_s
 from .recovery import Recovery
@@ -255,7 +255,7 @@ class MapState:
         self.feeder = feeder = Feeder(
             plan.iterator, self.book, self.stats, self.costs.sizer, nwork=self.nwork,
             quota=self.max_items or self.pool.max_items_per_worker, guard=self.guard,
-            pool=self.pool, arrays=self.arrays, segs=self.segs)
+            pool=self.pool, arrays=self.arrays, segs=self.segs, costs=self.costs)
         desc = pickle.dumps((fn_bytes, star, feeder.spec(), self.pool.seed)
                             + self.arrays.desc_extra(), 5)
         seg, desc_off = feeder.share_segment(desc)
@@ -307,6 +307,9 @@ class MapState:
         if not self.book.add(start, kind, count, payload):
             return
         self.recovery.load_crashes = 0
+        self.costs.on_bytes(count, record_bytes(kind, payload))
+        if not self.feed_mode and self.spmd is None and self.inline_from is None:
+            self.window.hold_back(self._may_inline())
         self.arrays.done(start)
         if kind != REC_ERROR:
             self.stats.record(w, start, count, t0, t1, stolen)
