@@ -16,17 +16,14 @@ import os
 import threading
 import time
 
+_clock = time.monotonic
 
-class _Handoff:
-    """One armed handoff: `post()` at `deadline` unless disarmed first."""
-    __slots__ = ("post", "deadline", "state", "result", "error")
 
-    def __init__(self, post, deadline):
-        self.post = post
-        self.deadline = deadline
-        self.state = "armed"        # -> "disarmed" | "running" -> "ran"
-        self.result = None
-        self.error = None
+# One armed handoff is a list (cheaper to make than an object, per map):
+# [post, deadline, state, result, error]; state: ARMED -> DISARMED, or
+# ARMED -> RUNNING -> RAN.
+POST, DEADLINE, STATE, RESULT, ERROR = range(5)
+ARMED, DISARMED, RUNNING, RAN = range(4)
 
 
 class HandoffThread:
@@ -50,7 +47,7 @@ class HandoffThread:
 
     def arm(self, post, delay):
         """post() runs on the helper after `delay` seconds unless disarmed."""
-        h = _Handoff(post, time.monotonic() + delay)
+        h = [post, _clock() + delay, ARMED, None, None]
         self._armed = h
         if not self._active:
             with self._lock:
@@ -66,46 +63,46 @@ class HandoffThread:
         """(posted, result): whether post() ran, and what it returned (its
         exception is raised here)."""
         with self._lock:
-            if h.state == "armed":
-                h.state = "disarmed"
+            if h[STATE] == ARMED:
+                h[STATE] = DISARMED
                 if self._armed is h:
                     self._armed = None
                 return False, None
-            while h.state == "running":
+            while h[STATE] == RUNNING:
                 self._cond.wait()
-        if h.error is not None:
-            raise h.error
-        return True, h.result
+        if h[ERROR] is not None:
+            raise h[ERROR]
+        return True, h[RESULT]
 
     def _run(self, cond):
-        seen = time.monotonic()
+        seen = _clock()
         while True:
             with cond:
-                now = time.monotonic()
+                now = _clock()
                 h = self._armed
-                if h is None or h.state != "armed":
+                if h is None or h[STATE] != ARMED:
                     if now - seen > self.IDLE_S:
                         self._active = False
                         # an arm between the look above and this store: seen below
-                        if self._armed is None or self._armed.state != "armed":
+                        if self._armed is None or self._armed[STATE] != ARMED:
                             cond.wait()
                         self._active = True
-                        seen = time.monotonic()
+                        seen = _clock()
                     else:
                         cond.wait(self.POLL_S)
                     continue
                 seen = now
-                if h.deadline > now:
-                    cond.wait(min(self.POLL_S, h.deadline - now))
+                if h[DEADLINE] > now:
+                    cond.wait(min(self.POLL_S, h[DEADLINE] - now))
                     continue
                 self._armed = None
-                h.state = "running"
+                h[STATE] = RUNNING
             try:
-                h.result = h.post()
+                h[RESULT] = h[POST]()
             except BaseException as e:
-                h.error = e
+                h[ERROR] = e
             with cond:
-                h.state = "ran"
+                h[STATE] = RAN
                 cond.notify_all()
 
 
