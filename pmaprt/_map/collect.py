@@ -20,9 +20,9 @@ from .. import _arrays, _shm
 from .._errors import RemoteTraceback, ReturnedError, add_note
 from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_LIMIT, S_NEXT
 from .handoff import handoff
-from .inline import (INLINE_MIN_CHUNKS, PROBE_CLOCK_STRIDE, PROBE_DEAR_ITEM_S, PROBE_FACTOR,
-                     PROBE_HANDOFF_S, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES,
-                     InlineTail, rest_worth_inline)
+from .inline import (INLINE_MIN_CHUNKS, PROBE_CLEAR_FACTOR, PROBE_CLOCK_STRIDE,
+                     PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_HANDOFF_S, PROBE_PIECE_S,
+                     PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail, rest_worth_inline)
 
 
 class ResultBook:
@@ -358,8 +358,9 @@ class Collector:
     def _timed_inline(self, done, per_item):
         """Yields timed pieces of the rest (from item `done`) run here; ends
         at the end of the input, after PROBE_STRIKES pieces in a row that
-        cost more than per_item seconds per item, or after one piece of a
-        single item that ran past the whole budget. Returns the index
+        cost more than per_item seconds per item, or after one piece that
+        cost PROBE_CLEAR_FACTOR times that, or of a single item that ran past
+        the whole budget. Returns the index
         reached."""
         job = self.job
         seq, n, fn = job.iterables[0], job.n_input, job.fn
@@ -372,11 +373,14 @@ class Collector:
             stop = budget.stop
             if stop is None or stop <= done:
                 break       # cannot happen: a piece runs one item at least
-            dear = dt > (stop - done) * per_item + PROBE_SLACK_S
+            cost = (stop - done) * per_item + PROBE_SLACK_S
+            dear = dt > cost
             strikes = strikes + 1 if dear else 0
-            single = stop - done == 1 and dt > PROBE_PIECE_S
+            # Far dearer (or a single item past the budget): no pause of a
+            # piece's length explains it; one piece suffices.
+            clear = dt > PROBE_CLEAR_FACTOR * cost or (stop - done == 1 and dt > PROBE_PIECE_S)
             done = stop
-            if strikes >= PROBE_STRIKES or (dear and single):
+            if strikes >= PROBE_STRIKES or (dear and clear):
                 # Dear items (other inputs, a cost shift, a slow consumer):
                 # the workers take the rest, measured afresh.
                 break

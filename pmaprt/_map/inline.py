@@ -61,6 +61,9 @@ PROBE_FACTOR = 4
 # Two dear pieces in a row: one can be a pause of this process (preempted for
 # most of a piece on a busy machine), which must not post the job.
 PROBE_STRIKES = 2
+# One piece this many times dearer than the break-even hands over at once:
+# a pause would have to last most of the piece many times over.
+PROBE_CLEAR_FACTOR = 8
 PROBE_SLACK_S = 5e-5
 # A timed piece reads the clock after every item while items cost more than
 # PROBE_DEAR_ITEM_S, else after every PROBE_CLOCK_STRIDE-th: a longer stride
