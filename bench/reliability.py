@@ -115,7 +115,8 @@ def lazy_consumer():
             yield a
 
     with Pool(2) as p:
-        list(p.map(ident, range(100), inline=False))
+        # warm: the workers import NumPy before the base is read
+        list(p.map(same, [np.zeros(10)] * 8, chunksize=1, inline=False))
         base = tree_pss(p)
         it = p.map(same, gen())
         peak, chunk = 0, 0

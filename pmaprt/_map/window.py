@@ -37,7 +37,7 @@ INLINE_WINDOW_S = 0.01
 # workers wait for the consumer sooner. A chunk the consumer needs next is
 # never held back.
 AHEAD_CHUNKS = 2
-AHEAD_MIN_BYTES = 16 << 20
+AHEAD_MIN_BYTES = 4 << 20
 AHEAD_MAX_BYTES = 128 << 20
 
 
