@@ -1,5 +1,6 @@
 """pmap and friends on a default pool, created on first use and reused."""
 import itertools
+import os
 import threading
 
 from . import _arrays
@@ -43,6 +44,18 @@ def default_pool(workers=None):
         return p
 
 
+def _forget_default_in_child():
+    """os.fork(): the default pool is the parent's (processes.py lets go of
+    it); the child's first pmap starts its own. The lock may have been held
+    by a thread of the parent that does not exist here."""
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_default_in_child)
+
+
 def _forget_default(pool):
     global _default
     with _default_lock:
@@ -67,7 +80,14 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     chunksize: items per chunk (None: adaptive). ordered=False yields results as they
     finish. progress=True shows a tqdm bar. Inside a worker, pmap runs serially.
     Reliability options (retries=, timeout=, on_error=, max_items_per_worker=,
-    memory_floor=) are those of Pool.map.
+    memory_floor=) and inline= are those of Pool.map.
+    Crashes: with inline="auto" (the default) a map over a list, tuple or
+    range runs its first item in the calling process (and more while items
+    stay cheap), as map would: a crash of fn there (a segfault, os._exit)
+    ends the caller, the same for the same call whatever ran before it
+    (nothing is remembered from earlier maps). inline=False, retries=,
+    timeout= or on_error="return" run every item on a worker: a crash is
+    then a WorkerCrashedError at its position.
     backend="dask" runs the map on a dask.distributed cluster (options: address=,
     client=, n_workers=; see pmaprt.dask).
     device="gpu" runs a GPU kernel (numba.cuda, CuPy) or a function over CuPy

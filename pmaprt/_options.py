@@ -21,6 +21,27 @@ def default_workers():
 
 CORES = default_workers()
 
+# Workers a pool may have. Each is an interpreter (tens of MiB) plus its
+# result ring in the control segment (4 MiB): more than a few per core buys
+# nothing for CPU work and can exhaust the machine. PMAPRT_MAX_WORKERS raises
+# (or lowers) the bound for callers who mean it (I/O-bound work), up to
+# HARD_MAX_WORKERS, what the control segment is built for.
+MAX_WORKERS_PER_CORE = 8
+MIN_MAX_WORKERS = 64
+HARD_MAX_WORKERS = 4096
+
+
+def max_workers():
+    """The largest worker count a pool accepts (see MAX_WORKERS_PER_CORE)."""
+    env = os.environ.get("PMAPRT_MAX_WORKERS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError("pmaprt: PMAPRT_MAX_WORKERS must be an int, got %r" % env) from None
+        return max(1, min(n, HARD_MAX_WORKERS))
+    return max(MIN_MAX_WORKERS, MAX_WORKERS_PER_CORE * CORES)
+
 
 def _positive_int(name, value, none_means):
     if isinstance(value, bool) or not isinstance(value, int):
@@ -34,7 +55,13 @@ def check_workers(workers):
     """The worker count asked for: None means one per core."""
     if workers is None:
         return default_workers()
-    return _positive_int("workers", workers, "for one per core")
+    n = _positive_int("workers", workers, "for one per core")
+    most = max_workers()
+    if n > most:
+        raise ValueError("pmaprt: workers=%d is more than the maximum of %d (%d per core, at least "
+                         "%d; set PMAPRT_MAX_WORKERS to allow up to %d)"
+                         % (n, most, MAX_WORKERS_PER_CORE, MIN_MAX_WORKERS, HARD_MAX_WORKERS))
+    return n
 
 
 def check_max_items(n):

@@ -24,9 +24,21 @@ class Pool(Runtime):
             chunks=None):
         """Lazy map(fn, *iterables) on this pool's workers.
 
-        inline="auto": when the measured cost per item shows that dispatching to
-        workers cannot beat map itself, the rest runs here, as map would run it;
-        inline=False keeps every item on the workers (True is "auto").
+        inline="auto": items may run here, in the calling process, as map
+        would run them: a map over a list, tuple or range runs its first
+        item here, then goes on here while items stay cheaper than what
+        shipping them costs, and hands the rest to the workers once they
+        prove dear; any map whose measured cost per item shows that workers
+        cannot beat map runs its rest here. inline=False keeps every item on
+        the workers (True is "auto").
+
+        Crashes: where an item runs depends on this call alone (its input
+        and its items' measured costs), never on earlier maps. A crash of fn
+        (a segfault, os._exit) on an item run here ends the calling process,
+        as under map: under "auto" that is always so for the first item of
+        a list, tuple or range. With inline=False, retries, timeout or
+        on_error="return", every item runs on a worker and a crash is a
+        WorkerCrashedError at its position.
 
         Reliability (each turns inline off: items then always run on workers):
 

@@ -38,7 +38,7 @@ import weakref
 from . import _serialize
 from ._executor_items import process_chunk
 from ._executor_state import EXTRA_RUNNERS, ExecutorState, shutdown_all
-from ._options import default_workers
+from ._options import check_workers, default_workers
 from ._pool import Pool
 
 # Batches in flight on a pool the executor does not own: it shares the pool's
@@ -54,7 +54,7 @@ def _check_max_workers(max_workers):
                         % (max_workers,))
     if max_workers <= 0:
         raise ValueError("max_workers must be greater than 0")
-    return max_workers
+    return check_workers(max_workers)   # the pool's bound, before any pool starts
 
 
 class Executor(_cf.Executor):

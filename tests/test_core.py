@@ -239,53 +239,26 @@ def busy_or_fail(n):
     return s
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tiny_memory():
-    # Functions remembered as tiny by earlier tests would start these tests'
-    # maps in the caller (see _map.inline.PROBE_PIECE_S).
-    from pmaprt._map import inline as _inline
-    _inline._TINY.clear()
-    yield
-    _inline._TINY.clear()
-
-
-def test_known_tiny_function_is_learned_and_runs_inline_at_once(pool):
-    from pmaprt._map import inline as _inline
-    for _ in range(3):      # learn: the cost model finds it tiny (a loaded machine gets 3 tries)
-        assert list(pool.map(busy_or_fail, [1] * 400_000)) == [0] * 400_000
-        if _inline.tiny_estimate(busy_or_fail) is not None:
+def test_a_tiny_map_over_a_list_or_range_runs_in_the_caller(pool):
+    # No job, no worker: the first item here, then timed pieces while items
+    # stay cheap (a loaded machine's pause can hand a piece over: 3 tries).
+    for _ in range(3):
+        it = pool.map(busy_or_fail, [3] * 5000)
+        assert list(it) == [3] * 5000
+        if it.stats.mode == "inline":
             break
-    assert _inline.tiny_estimate(busy_or_fail) is not None
-    # A generous estimate: the pieces' timing must not mistake a loaded
-    # machine's pause for a dear input here.
-    _inline.remember_tiny(busy_or_fail, 1e-6)
-    # A short map of it now runs here at once, as map would: no job, no worker.
-    it = pool.map(busy_or_fail, [3] * 5000)
-    assert list(it) == [3] * 5000
     assert it.stats.mode == "inline"
     assert sum(w.items for w in it.stats.workers) == 0
     assert it.stats.wall_s > 0
-    # A range too.
-    it = pool.map(busy_or_fail, range(3, 0, -1))
-    assert list(it) == [3, 1, 0]
-    assert it.stats.mode == "inline"
-
-
-def test_tiny_function_over_a_range_is_learned(pool):
-    from pmaprt._map import inline as _inline
-    for _ in range(3):      # a loaded machine gets 3 tries
-        assert list(pool.map(double, range(20_000))) == [2 * i for i in range(20_000)]
-        if _inline.tiny_estimate(double) is not None:
+    for _ in range(3):
+        it = pool.map(double, range(20_000))
+        assert list(it) == [2 * i for i in range(20_000)]
+        if it.stats.mode == "inline":
             break
-    assert _inline.tiny_estimate(double) is not None
-    _inline.remember_tiny(double, 1e-6)
-    it = pool.map(double, range(20_000))
-    assert list(it) == [2 * i for i in range(20_000)]
     assert it.stats.mode == "inline"
 
 
-def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
-    from pmaprt._map import inline as _inline
+def test_a_map_over_a_list_hands_dear_inputs_to_the_workers(pool):
     v = busy_or_fail(100_000)
     cases = {
         "dear from the start": [100_000] * 40,
@@ -293,25 +266,20 @@ def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
         "a cheap head, a dear tail": [1] * 3000 + [100_000] * 40,
     }
     for name, xs in cases.items():
-        _inline.remember_tiny(busy_or_fail, 2e-7)
         it = pool.map(busy_or_fail, xs)
         assert list(it) == [busy_or_fail(x) if x == 1 else v for x in xs], name
         assert it.stats.mode == "inline+index", name
         assert sum(w.items for w in it.stats.workers) > 0, name
-        assert _inline.tiny_estimate(busy_or_fail) is None, name
     # A range: the dear rest goes to the workers from where the piece stopped.
-    _inline.remember_tiny(busy_or_fail, 2e-7)
     xs = range(100_000, 100_040)
     it = pool.map(busy_or_fail, xs)
     assert list(it) == [busy_or_fail(x) for x in xs]
     assert it.stats.mode == "inline+index"
     assert sum(w.items for w in it.stats.workers) > 0
     # Unordered: every result once.
-    _inline.remember_tiny(busy_or_fail, 2e-7)
     xs = [100_000] * 30 + [5] * 30
     assert sorted(pool.imap_unordered(busy_or_fail, xs)) == sorted(busy_or_fail(x) for x in xs)
     # Errors on the workers are named at their item's index in the map.
-    _inline.remember_tiny(busy_or_fail, 2e-7)
     xs = [100_000] * 40
     xs[30] = -1
     it = pool.map(busy_or_fail, xs)
@@ -324,11 +292,9 @@ def test_known_tiny_function_hands_dear_inputs_to_the_workers(pool):
     assert any("item 30 of the map" in n for n in getattr(ei.value, "__notes__", []))
 
 
-def test_known_tiny_map_on_a_pool_closed_since_says_so():
-    from pmaprt._map import inline as _inline
+def test_a_map_started_here_on_a_pool_closed_since_says_so():
     p = Pool(2)
     try:
-        _inline.remember_tiny(busy_or_fail, 2e-7)
         it = p.map(busy_or_fail, [100_000] * 40)
     finally:
         p.close()
@@ -568,12 +534,20 @@ def test_items_of_a_few_us_stay_on_the_workers(pool):
     # fixed part; taken from the first, 1-item chunk as the cost per item, it
     # once made the model run such maps here, serially. Here the first result
     # takes 2 ms to load, so that a model trusting it would always go inline.
-    xs = list(range(10_000))
+    # (An array starts on the workers: a list would run its first items
+    # here, where nothing is loaded.)
+    import numpy as np
+    xs = np.arange(10_000)
     v = busy_or_fail(150)
     for _ in range(8):
         it = pool.map(five_us_slow_first_load, xs)
         assert list(it) == ["first"] + [v] * (len(xs) - 1)
         assert "inline" not in it.stats.mode
+    # A list starts here, and goes to the workers after a piece or two.
+    it = pool.map(five_us_slow_first_load, list(range(10_000)))
+    assert list(it)[1:] == [v] * 9999
+    assert it.stats.mode == "inline+index"
+    assert sum(w.items for w in it.stats.workers) > 8000
 
 
 def tiny_then_dear(x):
@@ -583,18 +557,18 @@ def tiny_then_dear(x):
 
 
 def test_inline_rest_hands_items_that_turn_dear_back_to_the_workers(pool):
-    # Tiny items take the map inline; when the last thousand turn dear (about
-    # 0.5 ms each), they must go back to the workers from where they start,
-    # not run one by one here. Going inline is the model's decision: a loaded
-    # machine gets three tries.
+    # Tiny items keep the map inline; when the last thousand turn dear (about
+    # 0.5 ms each), they must go to the workers from where they start, not
+    # run one by one here. A loaded machine's pauses can hand a tiny piece
+    # over early: three tries.
     xs = list(range(400_000))
     want = [tiny_then_dear(x) for x in range(399_000)] + [busy_or_fail(20_000)] * 1000
     for _ in range(3):
         it = pool.map(tiny_then_dear, xs)
         assert list(it) == want
-        if "inline" in it.stats.mode:
+        if it.stats.mode == "inline+index":
             break
-    assert it.stats.mode == "index+inline+index"
+    assert it.stats.mode == "inline+index"
     handed = sum(c for w in it.stats.workers for (_, _, lo, c) in w.chunk_log if lo >= 399_000)
     assert handed > 500
 
@@ -603,17 +577,15 @@ def busy_or_zero(x):
     return busy_or_fail(x) if type(x) is int else 0
 
 
-def test_known_tiny_dear_rest_with_every_slot_busy_runs_here_to_the_end():
+def test_dear_rest_with_every_slot_busy_runs_here_to_the_end():
     # The hand-over cannot post (the pool's one job slot is held by another
     # map): the rest runs here, all of it. An item that cannot be pickled
     # (a lock) is no error here, where nothing is pickled.
     import threading
-    from pmaprt._map import inline as _inline
     p = Pool(2, max_jobs=1)
     try:
-        held = p.map(busy_or_fail, [1] * 100_000)
+        held = p.map(busy_or_fail, [1] * 100_000, inline=False)
         next(held)                          # the only slot, held
-        _inline.remember_tiny(busy_or_zero, 2e-7)
         v = busy_or_fail(100_000)
         xs = [100_000] * 40 + [threading.Lock()] + [1] * 9
         it = p.map(busy_or_zero, xs)
@@ -660,37 +632,15 @@ def zero_unless_int(x):
     return busy_or_fail(x) if type(x) is int else 0
 
 
-def test_known_tiny_map_with_an_unpicklable_item_it_ran_hands_over_the_rest(pool):
+def test_a_map_with_an_unpicklable_item_it_ran_hands_over_the_rest(pool):
     import threading
-    from pmaprt._map import inline as _inline
     lock = threading.Lock()
     for xs in ([1] * 20 + [lock] + [1] * 3000 + [100_000] * 40,
                [1] * 20 + [lock] + [100_000] * 40):
-        _inline.remember_tiny(zero_unless_int, 2e-7)
         it = pool.map(zero_unless_int, xs)
         assert list(it) == [zero_unless_int(x) for x in xs]
         assert it.stats.mode == "inline+index"
         assert sum(w.items for w in it.stats.workers) > 0
-
-
-def test_a_function_tiny_for_short_maps_runs_long_maps_on_the_workers(pool):
-    # A short map that lost to map on its fixed costs (posting, waking) marks
-    # its function tiny only up to the length where the workers' steady gain
-    # pays those costs back: a longer map of it starts on the workers.
-    from pmaprt._map import inline as _inline
-    _inline.remember_tiny(busy_or_fail, 1e-6, upto=1000)
-    assert _inline.tiny_estimate(busy_or_fail, 1000) == 1e-6
-    assert _inline.tiny_estimate(busy_or_fail, 1001) is None
-    it = pool.map(busy_or_fail, [1] * 500)
-    assert list(it) == [0] * 500
-    assert it.stats.mode == "inline"
-    it = pool.map(busy_or_fail, [300] * 5000)     # about 10 us each
-    assert list(it) == [busy_or_fail(300)] * 5000
-    assert not it.stats.mode.startswith("inline")
-    assert sum(w.items for w in it.stats.workers) > 2500
-    # Remembered as tiny for any length, it would have started here.
-    _inline.remember_tiny(busy_or_fail, 1e-5)
-    assert _inline.tiny_estimate(busy_or_fail, 10 ** 9) == 1e-5
 
 
 def test_map_that_went_inline_finishes_when_the_pool_is_closed_meanwhile():

@@ -74,24 +74,16 @@ def test_rest_worth_inline_and_computing():
     assert not I.computing(1e-6, None)
 
 
-def test_judge_finished_map():
-    # tiny by the model: tiny for any length
-    assert I.judge_finished(1e-7, 1e-7, 0.0, 0.0, 16, 1e-7, None, 1.0, 1000, True, cores=16) \
-        == (True, None)
-    # dear items: forgotten
-    assert I.judge_finished(1e-3, 1e-7, 0.0, 0.0, 16, 1e-3, None, 0.1, 1000, True, cores=16) \
-        == (False, None)
-    # items under TINY_OVERHEAD_FACTOR x their moving, that lost to map on
-    # fixed costs: tiny up to the length where the steady gain pays them
-    t, dec, n, wall = 2e-6, 1e-6, 1000, 0.01
-    par = I.parallel_item_s(t, dec, 0.0, 0.0, 16, cores=16)
-    assert par * I.INLINE_MARGIN < t            # not tiny by the model
-    tiny, upto = I.judge_finished(t, dec, 0.0, 0.0, 16, t, None, wall, n, True, cores=16)
-    assert tiny and upto == int((wall - n * par) / (t - par))
-    # ... not when the map was left unfinished, or ran faster than map
-    assert I.judge_finished(t, dec, 0.0, 0.0, 16, t, None, wall, n, False, cores=16) == (False, None)
-    assert I.judge_finished(t, dec, 0.0, 0.0, 16, t, None, n * t / 2, n, True, cores=16) \
-        == (False, None)
+def test_probe_break_even_is_the_models():
+    # The probe keeps a map here while items cost under the model's break-even
+    # with the parallel path's costs assumed; more cores, a lower bound.
+    assert I.probe_item_s(1, 1) == pytest.approx(I.PROBE_MAX_ITEM_S)   # one worker: the cap
+    for nwork, cores in ((2, 2), (16, 16)):
+        t = I.probe_item_s(nwork, cores)
+        assert I.tiny_by_model(t * 0.99, I.PROBE_DEC_S, I.PROBE_WENC_S, 0.0, nwork, cores=cores)
+        assert not I.tiny_by_model(t * 1.01, I.PROBE_DEC_S, I.PROBE_WENC_S, 0.0, nwork,
+                                   cores=cores)
+    assert I.probe_item_s(16, 16) < I.probe_item_s(2, 2)
 
 
 def test_map_costs_feed_the_model():
@@ -108,26 +100,3 @@ def test_map_costs_feed_the_model():
     assert c.enc_item == pytest.approx(1e-6)
     c.on_encoded(3e-3, 1000)
     assert c.enc_item == pytest.approx(2e-6)
-
-
-def test_known_tiny_memory():
-    def f(x):
-        return x
-    assert I.tiny_estimate(f) is None
-    I.remember_tiny(f, 1e-7, upto=100)
-    assert I.tiny_estimate(f) == 1e-7 and I.tiny_estimate(f, 100) == 1e-7
-    assert I.tiny_estimate(f, 101) is None
-    I.remember_tiny(f, 2e-7)
-    assert I.tiny_estimate(f, 10 ** 9) == 2e-7
-    I.forget_tiny(f)
-    assert I.tiny_estimate(f) is None
-    # a callable that is not weak-referenceable cannot be remembered, and that is no error
-    class NoRef:
-        __slots__ = ()
-
-        def __call__(self, x):
-            return x
-    g = NoRef()
-    I.remember_tiny(g, 1e-7)
-    assert I.tiny_estimate(g) is None
-    I.forget_tiny(g)

@@ -18,10 +18,11 @@ import time
 
 from .. import _arrays, _shm
 from .._errors import RemoteTraceback, ReturnedError, add_note
-from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_NEXT
-from .inline import (INLINE_MIN_CHUNKS, PROBE_CLOCK_STRIDE, PROBE_DEAR_ITEM_S, PROBE_FACTOR,
-                     PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail,
-                     forget_tiny, remember_tiny, rest_worth_inline)
+from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_LIMIT, S_NEXT
+from .handoff import handoff
+from .inline import (INLINE_MIN_CHUNKS, PROBE_CLEAR_FACTOR, PROBE_CLOCK_STRIDE,
+                     PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_HANDOFF_S, PROBE_PIECE_S,
+                     PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail, rest_worth_inline)
 
 
 class ResultBook:
@@ -40,6 +41,7 @@ class ResultBook:
         self.here_error = None     # fails wherever the consumer is
         self.err_rec = None        # lowest index where a chunk that arrived raised
         self.consumed = 0          # items the consumer has taken
+        self.held_bytes = 0        # bytes of the records arrived and not yet taken
         # Called as on_fail(book, index, exc) after each fail_at (an SPMD
         # map's ranks fail together).
         self.on_fail = None
@@ -51,6 +53,7 @@ class ResultBook:
             return False
         self.recorded[start] = count
         self.pending[start] = (kind, count, payload)
+        self.held_bytes += record_bytes(kind, payload)
         self.records += 1
         if not self.ordered:
             self.arrived.append(start)
@@ -98,6 +101,17 @@ class ResultBook:
         if len(errs) < len(self.errors):
             self.errors = errs
             self.error_at = min(errs) if errs else None
+
+
+def record_bytes(kind, payload):
+    """The memory a record holds until it is taken: its payload, or the
+    mapping its arrays lie in (results made here hold none of ours)."""
+    if kind == REC_LOCAL:
+        return 0
+    m = getattr(payload, "mapping", None)
+    if m is not None:
+        return m.size
+    return len(payload)
 
 
 def decode_record(rec, start, dec=None):
@@ -159,9 +173,11 @@ class Collector:
             pos = 0
             pending, arrived = book.pending, book.arrived
             if job.probe:
-                # A known-tiny function (see inline.PROBE_PIECE_S): timed pieces here.
-                done = yield from self._timed_inline(0, job.probe_est)
-                if done >= job.n_input or not job.start_after_probe(done, "inline+index"):
+                # The start of a map over a list, tuple or range (see inline.PROBE_PIECE_S).
+                done, posted = yield from self._probe()
+                if posted is None:
+                    posted = done < job.n_input and job.start_after_probe(done, "inline+index")
+                if not posted:
                     if done < job.n_input:
                         yield InlineTail((job.fn, job.iterables[0], done, job.n_input))
                     return
@@ -179,7 +195,9 @@ class Collector:
                     else:
                         start = arrived.popleft() if arrived else None
                         rec = pending.pop(start) if start is not None else None
-                    if rec is None:
+                    if rec is not None:
+                        book.held_bytes -= record_bytes(rec[0], rec[2])
+                    else:
                         # Ordered: an error is raised where map would raise it.
                         # Unordered: as soon as it is known (once the results that
                         # arrived before it are yielded), like a result in finishing order.
@@ -211,10 +229,11 @@ class Collector:
                     if job.progress is not None:
                         rest = _counted(_tail_iter(rest), job.progress)
                     elif type(rest) is InlineTail:
-                        # Timed pieces, as a known-tiny map's: items that turn
+                        # Timed pieces, as a probed map's: items that turn
                         # dear (a cost shift) go back to the workers, in a job
                         # posted for the rest, rather than run serially here.
-                        done = yield from self._timed_inline(job.inline_from, job.costs.cpu_item)
+                        done = yield from self._timed_inline(
+                            job.inline_from, PROBE_FACTOR * job.costs.cpu_item)
                         if done < job.n_input:
                             job.inline_from = None
                             try:
@@ -262,20 +281,20 @@ class Collector:
 
     def _want_inline(self):
         """The cost model (inline.py) finds map itself as fast as the
-        parallel path. A function it finds tiny is remembered (see
-        PROBE_PIECE_S), even where the rest of this map is too short to be
-        worth the switch."""
+        parallel path, and the rest is worth the switch."""
         job = self.job
         if not job.inline_ok or job.fixed or job.book.records < INLINE_MIN_CHUNKS:
             return False
         c = job.costs
         if not c.decode_known() or not c.tiny(job.book.consumed):
             return False
-        if c.computing():
-            remember_tiny(job.fn, c.cpu_item)
         if not job.feed_mode:
             nxt = job.pool._r.load64(job.off + S_NEXT)
             if not rest_worth_inline(job.n - nxt, c.cpu_item):
+                return False
+            if job.window.limit < nxt:
+                # Held back for memory (window.hold_back): the items claimed
+                # past the limit would all come at once on the switch.
                 return False
         return True
 
@@ -293,6 +312,12 @@ class Collector:
                     if nxt >= job.n or r.cas64(job.off + S_NEXT, nxt, job.n):
                         break
                 job.inline_from = min(nxt, job.n)
+                # Items claimed before the switch may lie past a limit lowered
+                # for memory (window.hold_back): the workers deliver them all.
+                if job.window.limit < job.n:
+                    job.window.limit = job.n
+                    r.store64(job.off + S_LIMIT, job.n)
+                    job.pool.wake_workers()
                 # Items from here on run here and need no pickling: an item
                 # found unpicklable there is no error of this map any more.
                 job.book.keep_errors_before(job.inline_from)
@@ -314,14 +339,31 @@ class Collector:
             return map(fn, *parts)
         return itertools.starmap(fn, parts[0]) if job.star else map(fn, parts[0])
 
-    def _timed_inline(self, done, est):
+    def _probe(self):
+        """Runs the first item here, with the handoff armed (handoff.py),
+        then timed pieces while items cost under the break-even. Returns
+        (index reached, whether the job for the rest was posted: None if
+        it was not tried)."""
+        job = self.job
+        h = handoff.arm(lambda: job.start_after_probe(1, "inline+index"), PROBE_HANDOFF_S)
+        try:
+            yield InlineTail((job.fn, job.iterables[0], 0, 1))
+        finally:
+            posted, ok = handoff.disarm(h)
+        if posted:
+            return 1, ok
+        done = yield from self._timed_inline(1, job.probe_est)
+        return done, None
+
+    def _timed_inline(self, done, per_item):
         """Yields timed pieces of the rest (from item `done`) run here; ends
-        at the end of the input, or after PROBE_STRIKES pieces in a row that
-        cost more than PROBE_FACTOR x est per item (the function is then
-        forgotten as tiny). Returns the index reached."""
+        at the end of the input, after PROBE_STRIKES pieces in a row that
+        cost more than per_item seconds per item, or after one piece that
+        cost PROBE_CLEAR_FACTOR times that, or of a single item that ran past
+        the whole budget. Returns the index
+        reached."""
         job = self.job
         seq, n, fn = job.iterables[0], job.n_input, job.fn
-        per_item = max(PROBE_FACTOR * est, est)
         strikes = 0
         while done < n:
             budget = _shm._core.PieceBudget(PROBE_PIECE_S, PROBE_DEAR_ITEM_S, PROBE_CLOCK_STRIDE)
@@ -331,12 +373,16 @@ class Collector:
             stop = budget.stop
             if stop is None or stop <= done:
                 break       # cannot happen: a piece runs one item at least
-            strikes = strikes + 1 if dt > (stop - done) * per_item + PROBE_SLACK_S else 0
+            cost = (stop - done) * per_item + PROBE_SLACK_S
+            dear = dt > cost
+            strikes = strikes + 1 if dear else 0
+            # Far dearer (or a single item past the budget): no pause of a
+            # piece's length explains it; one piece suffices.
+            clear = dt > PROBE_CLEAR_FACTOR * cost or (stop - done == 1 and dt > PROBE_PIECE_S)
             done = stop
-            if strikes >= PROBE_STRIKES:
-                # Dearer than remembered (other inputs, a slow consumer): the
-                # workers take the rest, and the function is measured afresh.
-                forget_tiny(fn)
+            if strikes >= PROBE_STRIKES or (dear and clear):
+                # Dear items (other inputs, a cost shift, a slow consumer):
+                # the workers take the rest, measured afresh.
                 break
         return done
 

@@ -25,6 +25,7 @@ from .. import _arrays, _serialize
 from .._access import FEED_ENTRY, _unpicklable_item
 from .._errors import WorkerCrashedError
 from .._shm import FLAG_FEED_DONE, S_FLAGS, S_LIMIT, S_N
+from .window import ahead_bytes
 
 # Chunks in flight per worker, and items ahead of the consumer at least: more
 # keeps workers busy through the parent's pauses, less holds less memory.
@@ -37,6 +38,10 @@ FEED_MAX_OUTSTANDING = FEED_TABLE // 2
 FEED_RING = 8 * 1024 * 1024
 # A fed chunk bigger than this gets a segment of its own.
 FEED_BIG = FEED_RING // 4
+# A fed chunk of large items (their encoding and results, per item, as
+# measured so far) holds at most this many bytes: what a lazy consumer's map
+# holds ahead is a multiple of the chunk's bytes (window.ahead_bytes).
+FEED_CHUNK_MAX_BYTES = 4 << 20
 
 
 class Feeder:
@@ -49,7 +54,7 @@ class Feeder:
     to no job: the job reads it."""
 
     def __init__(self, iterator, book, stats, sizer, *, nwork=1, quota=0, guard=None,
-                 pool=None, arrays=None, segs=None):
+                 pool=None, arrays=None, segs=None, costs=None):
         self.it = iterator
         self.book = book
         self.stats = stats
@@ -60,6 +65,9 @@ class Feeder:
         self.pool = pool
         self.arrays = arrays
         self.segs = segs if segs is not None else []
+        self.costs = costs            # inline.MapCosts: result bytes per item
+        self.inflight_bytes = 0       # bytes of published chunks whose record has not arrived
+        self.in_item_bytes = 0.0      # encoded bytes per item published (moving average)
         self.fed = 0                  # items published
         self.chunks = 0               # table entries published
         self.chunks_published = 0     # chunks (with an entry in outstanding) and
@@ -115,7 +123,12 @@ class Feeder:
                 c = self.sizer.size()
                 if self.quota:
                     c = min(c, self.quota)
+                per_item = self.in_item_bytes + (self.costs.item_bytes if self.costs else 0.0)
+                if per_item * c > FEED_CHUNK_MAX_BYTES:
+                    c = max(1, int(FEED_CHUNK_MAX_BYTES / per_item))
                 if self.fed - book.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
+                    return
+                if inflight and self.inflight_bytes + book.held_bytes >= self.ahead_bytes(c):
                     return
                 items = []
                 app = items.append
@@ -148,6 +161,12 @@ class Feeder:
                     r.store64(self.off + S_N, self.fed)
                     r.store32(self.off + S_FLAGS, self.flags | FLAG_FEED_DONE)
                     self.total = self.fed
+
+    def ahead_bytes(self, c):
+        """The bytes this map may hold ahead of its consumer (window.ahead_bytes)
+        for chunks of c items: their items in flight, their results waiting."""
+        out = self.costs.item_bytes if self.costs is not None else 0.0
+        return ahead_bytes(self.nwork, c * (self.in_item_bytes + out))
 
     def refill(self):
         """Publish the chunk held back for lack of ring space, then feed on."""
@@ -192,7 +211,10 @@ class Feeder:
             self.ring_tail = bend = bstart + nbytes
         FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
                              self.fed, len(items), nbytes, doff, seg_id)
-        self.outstanding[k] = [self.fed, bstart, bend, False]
+        self.outstanding[k] = [self.fed, bstart, bend, False, nbytes]
+        self.inflight_bytes += nbytes
+        b = nbytes / len(items)
+        self.in_item_bytes = b if b > self.in_item_bytes else 0.9 * self.in_item_bytes + 0.1 * b
         self.chunks_published += 1
         self.start_chunk[self.fed] = k
         self._note_entry(k, (self.fed, len(items), nbytes, doff, seg_id))
@@ -226,7 +248,9 @@ class Feeder:
         self._drop_entry(start)
         k = self.start_chunk.pop(start, None)
         if k is not None and k in self.outstanding:
-            self.outstanding[k][3] = True
+            entry = self.outstanding[k]
+            entry[3] = True
+            self.inflight_bytes -= entry[4]
             self.chunks_done += 1
             self._free_fed()
 
@@ -300,11 +324,13 @@ class Feeder:
             seg = self.pool.share(len(data))
             seg.buf[:len(data)] = data
             self.segs.append(seg)
-            self.outstanding[self.chunks] = [a, None, seg, False]
+            self.outstanding[self.chunks] = [a, None, seg, False, len(data)]
+            self.inflight_bytes += len(data)
             self.chunks_published += 1
             self.start_chunk[a] = self.chunks
             self._table_entry(a, m, len(data), 0, seg.id)
         if not entry[3]:
             entry[3] = True
+            self.inflight_bytes -= entry[4]
             self.chunks_done += 1
         self._free_fed()

@@ -1,4 +1,4 @@
-"""The inline cost model and the memory of tiny functions.
+"""The inline cost model, and where a map over a list, tuple or range starts.
 
 "Inline": when the workers' measured costs show that dispatching cannot beat
 map itself (the parent's own cost of decoding a result is about as large as
@@ -8,11 +8,15 @@ numbers (seconds per item, counts), and `MapCosts`, the numbers one map
 measures for it. Taking a map over and handing it back is the collector's
 (collect.py).
 
-Known-tiny functions: a function the model last found tiny starts its next
-map over a list, tuple or range in the caller at once, with no job posted,
-in timed pieces (see PROBE_PIECE_S).
+The start (see PROBE_PIECE_S): a map over a list, tuple or range with
+inline="auto" runs its first item in the caller, then timed pieces while
+items stay cheaper than `probe_item_s` (the model's break-even, with the
+parallel path's costs assumed); dear items go to the workers from there.
+Nothing is remembered from one map to the next: where an item runs, and so
+what a crash in fn does, depends on this call alone, never on earlier maps
+of the same function.
 """
-import weakref
+import functools
 
 from .. import _sched
 from .._options import CORES
@@ -37,25 +41,29 @@ CONSUME_ITEM_S = 1e-8
 # serially.
 DEC_FIXED_S = 4e-6
 DEC_MAX_ERROR = 0.1
-# A map that ran to its end on the workers marks its function tiny (for maps
-# up to some length) when its items cost less than this many times their
-# moving; see judge_finished.
-TINY_OVERHEAD_FACTOR = 4
-# Known-tiny functions run in timed pieces: _core.Results stops a piece once
-# it has run PROBE_PIECE_S (it reads the clock after the first item, then
-# as PROBE_DEAR_ITEM_S and PROBE_CLOCK_STRIDE say).
-# PROBE_STRIKES pieces in a row that cost more than PROBE_FACTOR x the
-# remembered cost per item (plus PROBE_SLACK_S) make the function forgotten
-# and hand the rest to the workers, from that index. A dear input thus costs
-# about two pieces' budget run here (at least two items); otherwise the whole
-# map runs as map would, with a clock read per PROBE_CLOCK_STRIDE items and
-# a generator resume per piece. A short map of tiny items then costs what map costs. The
-# rest of a map that went inline midway runs in the same timed pieces.
+# A probed map runs in timed pieces: _core.Results stops a piece once it
+# has run PROBE_PIECE_S (it reads the clock after the first item, then as
+# PROBE_DEAR_ITEM_S and PROBE_CLOCK_STRIDE say). PROBE_STRIKES pieces in a
+# row that cost more than the break-even per item (plus PROBE_SLACK_S) hand
+# the rest to the workers, from that index; one piece of a single item
+# that ran past the whole budget does so at once. The first item runs alone
+# (a piece of its own): if it is still running after PROBE_HANDOFF_S, a
+# helper thread posts the job for the rest (handoff.py), so that workers
+# never wait long on an item running here. A tiny map costs what map
+# costs, plus a clock read per PROBE_CLOCK_STRIDE items and a generator
+# resume per piece. The rest of a map that went inline midway runs in the
+# same timed pieces.
 PROBE_PIECE_S = 0.002
+PROBE_HANDOFF_S = 0.002
+# The inline rest of a map that went inline midway strikes against its own
+# measured cost per item, times this (a cost shift, a slow consumer).
 PROBE_FACTOR = 4
 # Two dear pieces in a row: one can be a pause of this process (preempted for
 # most of a piece on a busy machine), which must not post the job.
 PROBE_STRIKES = 2
+# One piece this many times dearer than the break-even hands over at once:
+# a pause would have to last most of the piece many times over.
+PROBE_CLEAR_FACTOR = 8
 PROBE_SLACK_S = 5e-5
 # A timed piece reads the clock after every item while items cost more than
 # PROBE_DEAR_ITEM_S, else after every PROBE_CLOCK_STRIDE-th: a longer stride
@@ -159,25 +167,30 @@ def rest_worth_inline(items_left, t):
     return items_left * t >= INLINE_MIN_WORK_S
 
 
-def judge_finished(t, dec, wenc, enc, nwork, wall, waited, map_wall_s, n, complete, cores=CORES):
-    """For a map that ran on the workers to its end (too short, or in too
-    few chunks, to go inline): whether its function is tiny for its next
-    map. Returns (tiny, upto): upto is the longest map it is tiny for (None:
-    any). n: the items the job had; complete: the consumer took them all.
+# What the probe assumes of the parallel path before it measured any of
+# it: the parent's decode, and the workers' reading and encoding, per item
+# of a small result (the measured model takes over once a job runs).
+PROBE_DEC_S = 1e-7
+PROBE_WENC_S = 1e-7
+# Items dearer than this leave the caller even where the model finds no
+# gain in the workers (one worker): their overheads are small beside them,
+# and workers keep the caller free and a crash away from it.
+PROBE_MAX_ITEM_S = 1e-4
 
-    A map of items that cost less than TINY_OVERHEAD_FACTOR x their moving,
-    that took longer than map would have, marks it tiny too, but only for
-    maps up to the length where the parallel path's steady gain would pay
-    this map's fixed costs (posting, waking, the first chunk's latency:
-    map_wall_s - n * par), which the model leaves out and which decide short
-    maps of such items."""
-    if tiny_by_model(t, dec, wenc, enc, nwork, wall, waited, cores):
-        return True, None
-    lost = n is not None and complete and n > 0 and map_wall_s >= n * t
-    if lost and t < TINY_OVERHEAD_FACTOR * overhead_item_s(dec, wenc, enc):
-        par = parallel_item_s(t, dec, wenc, enc, nwork, cores)
-        return True, int(max(0.0, map_wall_s - n * par) / (t - par))
-    return False, None
+
+@functools.lru_cache(maxsize=None)
+def probe_item_s(nwork, cores=CORES):
+    """The cost per item under which the probe keeps a map in the caller:
+    the largest t that tiny_by_model finds tiny with the assumed costs, at
+    most PROBE_MAX_ITEM_S (parallel_item_s is piecewise linear in t: bisect)."""
+    lo, hi = 0.0, PROBE_MAX_ITEM_S
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if tiny_by_model(mid, PROBE_DEC_S, PROBE_WENC_S, 0.0, nwork, cores=cores):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class MapCosts:
@@ -186,7 +199,7 @@ class MapCosts:
     workers' wall seconds per item)."""
 
     __slots__ = ("sizer", "cpu_item", "dec", "wenc", "enc_item", "avg_chunk",
-                 "obs_consumed", "obs_records", "wait_s", "nwork")
+                 "obs_consumed", "obs_records", "wait_s", "nwork", "item_bytes")
 
     def __init__(self, fixed, nwork):
         self.sizer = _sched.ChunkSizer(fixed, grow=False)
@@ -201,6 +214,14 @@ class MapCosts:
         self.obs_records = 0
         self.wait_s = 0.0
         self.nwork = nwork
+        self.item_bytes = 0.0      # bytes per result the parent holds until taken (largest-leaning)
+
+    def on_bytes(self, count, nbytes):
+        """A record of `count` results holds `nbytes`: a moving average that
+        rises at once (memory is bounded by the large ones) and falls slowly."""
+        if count:
+            b = nbytes / count
+            self.item_bytes = b if b > self.item_bytes else 0.9 * self.item_bytes + 0.1 * b
 
     def on_chunk(self, count, t0, t1, cpu, enc, consumed):
         """A chunk of `count` items ran in t1 - t0 seconds (cpu of them on the
@@ -238,52 +259,3 @@ class MapCosts:
 
     def computing(self):
         return computing(self.cpu_item, self.sizer.t_item)
-
-    def settle(self, fn, consumed, map_wall_s, n, complete):
-        """The map of fn ended on the workers (see judge_finished): remember
-        fn as tiny (if its items compute) or forget it."""
-        tiny, upto = judge_finished(self.cpu_item, self.dec.est, self.wenc.est or 0.0,
-                                    self.enc_item, self.nwork, self.sizer.t_item,
-                                    self._waited(consumed), map_wall_s, n, complete)
-        if not tiny:
-            forget_tiny(fn)
-        elif self.computing():
-            remember_tiny(fn, self.cpu_item, upto)
-
-
-# --- the memory of known-tiny functions
-
-_TINY = weakref.WeakKeyDictionary()     # fn -> workers' CPU seconds per item
-_TINY_UPTO = weakref.WeakKeyDictionary()  # fn -> tiny only for maps up to this length
-
-
-def tiny_estimate(fn, n=None):
-    """The remembered cost per item of a known-tiny function, or None; with
-    n, None also for a map longer than the function is tiny for."""
-    try:
-        t = _TINY.get(fn)
-        if t is not None and n is not None and n > _TINY_UPTO.get(fn, n):
-            return None
-        return t
-    except TypeError:       # not weak-referenceable (a builtin function)
-        return None
-
-
-def remember_tiny(fn, t, upto=None):
-    """upto: the longest map the function is tiny for (None: any)."""
-    try:
-        _TINY[fn] = t
-        if upto is None:
-            _TINY_UPTO.pop(fn, None)
-        else:
-            _TINY_UPTO[fn] = upto
-    except TypeError:
-        pass
-
-
-def forget_tiny(fn):
-    try:
-        _TINY.pop(fn, None)
-        _TINY_UPTO.pop(fn, None)
-    except TypeError:
-        pass

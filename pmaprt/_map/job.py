@@ -16,6 +16,9 @@ that posts the map and that the runtime reports to.
     takes each list by index, so each item costs a C-level step, not a
     generator resume. A failure is raised at the position map would raise it.
 
+Start: a map over a list, tuple or range (inline="auto", no option that
+needs workers) runs its first item in the caller and goes on here while
+items are cheap; dear items go to the workers (inline.py, handoff.py).
 Inline: when the workers' measured CPU per item shows that dispatching cannot
 beat map itself (inline.py, the cost model), the parent claims the rest of
 the input and runs it as map would: for a list or tuple, _core.Results calls
@@ -39,9 +42,9 @@ from .._options import check_call, check_chunksize
 from .._shm import FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR, WANT_SHIFT
 from .._stats import MapStats, WorkerStats
 from .._tuned import cached_chunksize
-from .collect import Collector, ResultBook, decode_record
+from .collect import Collector, ResultBook, decode_record, record_bytes
 from .feed import Feeder
-from .inline import TAIL_TYPES, InlineTail, MapCosts, tiny_estimate
+from .inline import TAIL_TYPES, InlineTail, MapCosts, probe_item_s
 from .recovery import Recovery
 from .spmd import SpmdMap, spmd_shards
 from .window import Window
@@ -117,9 +120,6 @@ class MapState:
     on_record, wait_key, has_news, fail_here, on_lost, on_lost_feed_chunk,
     on_load_crash, reconcile, flush_backlog, on_worker_death)."""
 
-    # a job posted for the rest of a map (start_after_probe): when, from which item
-    posted_at = None
-    posted_from = 0
     # A worker died moving items between shared words: the pool reconciles
     # this job (Pool._reconcile) once it gets a consistent view.
     suspect = False
@@ -184,16 +184,15 @@ class MapState:
         if self.inline_ok and not self.fixed and not star and not progress and out is None \
                 and chunks is None and axis_name is None and len(iterables) == 1 \
                 and type(iterables[0]) in TAIL_TYPES:
-            est = tiny_estimate(fn, len(iterables[0]))
-            if est is not None:
-                # A known-tiny function: no job until a piece proves dear.
-                self.probe, self.probe_est = True, est
-                self.n = self.n_input = len(iterables[0])
-                self.feed_mode = False
-                self.slot, self.off = None, None
-                self.stats.mode = "inline"
-                self.stats.t0 = time.perf_counter()
-                return
+            # The first item here, then timed pieces while items are cheap:
+            # no job until an item proves dear (inline.py, handoff.py).
+            self.probe, self.probe_est = True, probe_item_s(self.nwork)
+            self.n = self.n_input = len(iterables[0])
+            self.feed_mode = False
+            self.slot, self.off = None, None
+            self.stats.mode = "inline"
+            self.stats.t0 = time.perf_counter()
+            return
         if progress:
             self.progress = open_progress(fn, iterables)  # before any job: tqdm may be missing
         fn_bytes = _serialize.dumps_fn(fn)
@@ -240,8 +239,9 @@ class MapState:
         self.window.off = self.off
 
     def start_after_probe(self, k, mode):
-        """The probe of a known-tiny function cost more than remembered: post
-        the job for items k.. (items before k ran here). False if it cannot
+        """Items ran here (the probe, or an inline rest) and proved dear: post
+        the job for items k.. (items before k ran here). Called on the
+        handoff thread while item 0 still runs here (handoff.py). False if it cannot
         be posted (the function cannot be pickled, every job slot is busy):
         the rest then runs here too, to the input's end (items need no
         pickling here). Raises the pool's error if it was closed or broken
@@ -270,14 +270,13 @@ class MapState:
             return False
         self.stats.mode = mode
         self.arrays.started = True
-        self.posted_at, self.posted_from = time.perf_counter(), k
         return True
 
     def _start_feed(self, plan, fn_bytes, star):
         self.feeder = feeder = Feeder(
             plan.iterator, self.book, self.stats, self.costs.sizer, nwork=self.nwork,
             quota=self.max_items or self.pool.max_items_per_worker, guard=self.guard,
-            pool=self.pool, arrays=self.arrays, segs=self.segs)
+            pool=self.pool, arrays=self.arrays, segs=self.segs, costs=self.costs)
         desc = pickle.dumps((fn_bytes, star, feeder.spec(), self.pool.seed)
                             + self.arrays.desc_extra(), 5)
         seg, desc_off = feeder.share_segment(desc)
@@ -329,6 +328,9 @@ class MapState:
         if not self.book.add(start, kind, count, payload):
             return
         self.recovery.load_crashes = 0
+        self.costs.on_bytes(count, record_bytes(kind, payload))
+        if not self.feed_mode and self.spmd is None and self.inline_from is None:
+            self.window.hold_back(self._may_inline())
         self.arrays.done(start)
         if kind != REC_ERROR:
             self.stats.record(w, start, count, t0, t1, stolen)
@@ -404,11 +406,7 @@ class MapState:
 
     def finish(self):
         """The map ended (or was abandoned, or the caller runs the rest):
-        judge the function's costs for its next map, retire the job, free
-        its segments."""
-        if self.inline_ok and not self.fixed and self.inline_from is None \
-                and self.gen is not None and self.costs.decode_known() and self.book.records:
-            self._judge_costs()
+        retire the job, free its segments."""
         if self.gen is None and not self.segs:
             if self.probe and not self.stats.wall_s:
                 self.stats.finish(time.perf_counter() - self.stats.t0)
@@ -436,14 +434,3 @@ class MapState:
                     pool.unshare(seg)
         self.segs.clear()
         self.arrays.release()
-
-    def _judge_costs(self):
-        """A map that ran on the workers to its end: too short, or in too few
-        chunks, to go inline, its measured costs still say whether the
-        function is tiny for its next map (see inline.PROBE_PIECE_S). A job
-        posted for the rest of a map is judged from its posting, over the
-        items it had: those before ran in the caller."""
-        wall = time.perf_counter() - (self.posted_at or self.stats.t0)
-        n = None if self.n is None else self.n - self.posted_from
-        consumed = self.book.consumed
-        self.costs.settle(self.fn, consumed, wall, n, self.n is not None and consumed >= self.n)

@@ -3,9 +3,11 @@
 Workers claim items below the slot's limit word. The parent sets the limit
 `size()` items past the consumer and raises it as the consumer takes results
 (once the consumer is within half a window of it), so a lazy consumer
-bounds what runs ahead of it; while the machine runs short of memory (the
-memory guard) the limit stays where it is, unless the workers have nothing
-left below it. The blocks of a long list (_access.LazyBlocks) are encoded
+bounds what runs ahead of it, in items and in bytes (ahead_bytes); while
+the machine runs short of memory (the memory guard) the limit stays where
+it is, unless the workers have nothing left below it. As records arrive the
+limit may also come down (hold_back): results found large, or memory found
+short, after the limit was set. The blocks of a long list (_access.LazyBlocks) are encoded
 as the limit passes them: into a segment of their own, named in the block
 table, before the limit that lets workers read them is stored.
 """
@@ -25,6 +27,23 @@ WINDOW_MIN_ITEMS = 16384
 # map's time ahead: what they hold when the parent takes over is run at the
 # parallel path's (slower) pace before the inline part can start.
 INLINE_WINDOW_S = 0.01
+
+
+# What a map holds ahead of its consumer is bounded in bytes as well as in
+# items: results arrived and not yet taken, and (feed) items published and not
+# yet done. The bound is AHEAD_CHUNKS chunks per worker, held between
+# AHEAD_MIN_BYTES and AHEAD_MAX_BYTES: a lazy consumer of large results then
+# costs a small multiple of workers x chunk bytes; a smaller bound makes
+# workers wait for the consumer sooner. A chunk the consumer needs next is
+# never held back.
+AHEAD_CHUNKS = 2
+AHEAD_MIN_BYTES = 4 << 20
+AHEAD_MAX_BYTES = 128 << 20
+
+
+def ahead_bytes(nwork, chunk_bytes):
+    """The bytes a map may hold ahead of its consumer."""
+    return int(min(AHEAD_MAX_BYTES, max(AHEAD_MIN_BYTES, AHEAD_CHUNKS * nwork * chunk_bytes)))
 
 
 def window_items(nwork, avg_chunk, cpu_item=None):
@@ -59,7 +78,26 @@ class Window:
 
     def size(self, may_inline):
         c = self.costs
-        return window_items(self.nwork, c.avg_chunk, c.cpu_item if may_inline else None)
+        w = window_items(self.nwork, c.avg_chunk, c.cpu_item if may_inline else None)
+        if c.item_bytes:
+            chunk_bytes = c.avg_chunk * c.item_bytes
+            w = min(w, max(self.nwork, int(ahead_bytes(self.nwork, chunk_bytes) / c.item_bytes)))
+        return w
+
+    def hold_back(self, may_inline):
+        """A record arrived: if the window shrank below the limit (results
+        turned out large) or memory runs short, lower the limit; workers
+        take no item at or past it (claims.py) until it rises again. Never
+        below the item the consumer needs next plus a chunk."""
+        consumed = self.book.consumed
+        want = consumed + self.size(may_inline)
+        if self.guard.low():
+            want = consumed + max(1, int(self.costs.avg_chunk))
+        want = max(want, consumed + 1)
+        if want >= self.limit:
+            return
+        self.limit = want
+        self.pool._r.store64(self.off + S_LIMIT, want)
 
     def open(self, n, start, lazy, lazy_seg, may_inline):
         """The first limit of a job for items start..n-1."""
@@ -72,7 +110,7 @@ class Window:
         Returns the index of an item that could not be pickled (the map ends
         there, raising its error), or None."""
         consumed = self.book.consumed
-        if self.limit >= n or self.limit - consumed >= self.size(may_inline) // 2:
+        if self.limit >= n or self.limit - consumed >= max(1, self.size(may_inline) // 2):
             return None
         if self.limit > consumed and self.guard.low():
             return None

@@ -89,12 +89,18 @@ class ClaimTaker:
             c = ctx.sizer.size(max(0, n_all - r.load64(off + S_NEXT)), ctx.nwork)
             if ctx.max_items:
                 c = max(1, min(c, ctx.max_items - self.items_done))
+            # The parent may lower the limit under items already in range
+            # words (results large, memory short: _map/window.py): none at
+            # or past it is started until it rises again.
+            lim = r.load64(off + S_LIMIT)
+            olo, on = r.range_get(mine)
+            if on and olo >= lim:
+                return None
             lo, n = r.range_take(mine, c, a + W_CUR_LO)
             if n:
                 return lo, n, ctx.stolen
             ctx.stolen = False
             nxt = r.load64(off + S_NEXT)
-            lim = r.load64(off + S_LIMIT)
             if nxt < lim:
                 span = min(_sched.span_size(c, lim - nxt, ctx.nwork), RANGE_N_MAX)
                 r.claim_span(off + S_NEXT, nxt, span, mine)

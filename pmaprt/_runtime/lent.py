@@ -74,10 +74,10 @@ class Lender:
             self._send(w, SegmentLent(seg.id, seg.size), seg.fd)
 
     def _lend_all(self, w):
-        """Every lent segment, to a worker just started (blocking: it reads now)."""
-        sock = self._res.socks[w]
+        """Every lent segment, to a worker just started (through its outbox: a
+        worker that dies as it starts must not fail the caller's send)."""
         for seg in self._res.segs.values():
-            _shm.send_msg(sock, SegmentLent(seg.id, seg.size), fds=[seg.fd])
+            self._send(w, SegmentLent(seg.id, seg.size), seg.fd)
 
     def unshare(self, seg):
         if self._res.segs.pop(seg.id, None) is None:

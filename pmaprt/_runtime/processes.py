@@ -8,7 +8,8 @@ Protocol, step by step:
    or a CUDA context is safe). The child inherits the control segment's memfd
    and one end of a socketpair; every child is started by one long-lived
    thread (`_Spawner`), because PR_SET_PDEATHSIG fires when the *thread* that
-   started a process ends.
+   started a process ends. Once the pool has lost a worker, replacements
+   are forks of its zygote instead, when it is ready (zygote.py).
 2. The parent sends a `WorkerStart` message, then every segment already lent
    (lent.py). The worker sets PR_SET_PDEATHSIG, maps the control segment,
    stores its pid and W_STATE = WSTATE_READY, and enters its loop (worker.py).
@@ -28,6 +29,7 @@ Protocol, step by step:
    row break the pool instead of being restarted for ever.
 """
 import atexit
+import collections
 import os
 import queue
 import signal
@@ -39,10 +41,11 @@ import time
 import weakref
 from typing import NamedTuple
 
-from .. import _shm
+from .. import _arrays, _shm
 from .._errors import WorkerCrashedError, describe_exit, oom_hint
+from .zygote import ZygoteClient
 from .._shm import (
-    H_BOARD_SEQ, H_RESULTS_SEQ, H_SHUTDOWN, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO,
+    H_BOARD_SEQ, H_DEATHS, H_RESULTS_SEQ, H_SHUTDOWN, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO,
     W_CUR_N, W_HEAD, W_SLOT, W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
 )
 
@@ -55,8 +58,12 @@ POLL_S = 0.05
 MAX_START_FAILURES = 3
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_WORKER_CMD = ("import sys; sys.path.insert(0, %r); from pmaprt._runtime.worker import main; main()"
-               % _PKG_PARENT)
+# `python -c` puts the working directory first on sys.path (unless safe_path):
+# a module planted there would shadow the standard library in every worker.
+# The command drops it before any import; WorkerStart then gives the
+# worker the parent's sys.path, as multiprocessing's spawn does.
+_WORKER_CMD = ("import sys; sys.path[:0 if getattr(sys.flags, 'safe_path', 0) else 1] = [%r]; "
+               "from pmaprt._runtime.worker import main; main()" % _PKG_PARENT)
 
 
 class WorkerStart(NamedTuple):
@@ -114,6 +121,7 @@ class _Resources:
     def __init__(self):
         self.procs = []
         self.socks = []
+        self.zygote = ZygoteClient()
         self.outbox = []
         self.ctl = None
         self.segs = {}
@@ -151,6 +159,7 @@ class _Resources:
                     p.wait(5.0)
                 except subprocess.TimeoutExpired:
                     pass
+        self.zygote.close(graceful)     # after its workers: it reports their exits
         for s in self.socks:
             if s is not None:
                 s.close()
@@ -189,16 +198,63 @@ def _shutdown_all():
             pass
 
 
+def _after_fork_in_child():
+    """os.fork() copied this process with its pools: their workers, sockets
+    and shared words are the parent's. The child lets go of its copies
+    without a word to them (no atexit shutdown, no finalizer, no message);
+    its own maps get a fresh pool. The spawner's thread did not survive the
+    fork: a fresh spawner starts one on first use."""
+    global _spawner
+    _spawner = _Spawner()
+    owner = os.getppid()
+    for p in list(live_runtimes):
+        p._forsake(owner)
+    live_runtimes.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Processes:
     """The parent's side (a runtime mixin): spawn, check, replace workers.
     State: self._res (procs, socks), _start_failures, _stall, _timed_out,
-    _last_check, recycled."""
+    _last_check, recycled; _owner_pid once a fork's child let go of it."""
+
+    _owner_pid = None
+
+    def _forsake(self, owner_pid):
+        """In the child of os.fork(): this pool is process owner_pid's. Close
+        this process's copies of its sockets, descriptors and mappings; touch
+        no shared word and no worker. Locks held by the parent's threads at
+        the fork would never be released here: a fresh one."""
+        self._finalizer.detach()
+        self._lock = threading.RLock()
+        self._closed = True
+        self._owner_pid = owner_pid
+        res, self._res = self._res, _Resources()
+        self._outbox = self._res.outbox = [collections.deque() for _ in range(self.workers)]
+        self._r = self._ctl = None
+        for sock in res.socks:
+            if sock is not None:
+                sock.close()
+        if res.zygote.sock is not None:
+            res.zygote.sock.close()
+        for box in res.outbox:
+            for _, fds in box:
+                for fd in fds:
+                    os.close(fd)
+        for seg in res.segs.values():
+            if not isinstance(seg, _arrays.ArraySeg):    # a shared array stays the caller's
+                seg.close()
+        if res.ctl is not None:
+            res.ctl.close()
 
     def _init_processes(self, n):
         self._res.procs = [None] * n
         self._res.socks = [None] * n
         self._start_failures = 0
         self._last_check = time.monotonic()
+        self._deaths_seen = 0          # H_DEATHS when workers were last checked
         self._stall = [None] * n       # per worker: ((gen, lo, done), first seen) for timeouts
         self._timed_out = {}           # worker -> the item index it was killed for
         self.recycled = 0              # workers replaced after max_items_per_worker
@@ -219,17 +275,34 @@ class Processes:
         self._stall[w] = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(theirs.fileno()), str(res.ctl.fd)]
-            proc = _spawner.popen(cmd, pass_fds=(theirs.fileno(), res.ctl.fd), close_fds=True,
-                                  stdin=subprocess.DEVNULL)
+            proc = self._start_process(w, theirs)
         finally:
             theirs.close()
         res.procs[w] = proc
         res.socks[w] = ours
         self._drop_outbox(w)
-        _shm.send_msg(ours, WorkerStart(os.getpid(), self.workers, self._layout.nslots,
-                                        list(sys.path), self.seed, self.max_items_per_worker))
+        try:
+            _shm.send_msg(ours, WorkerStart(os.getpid(), self.workers, self._layout.nslots,
+                                            list(sys.path), self.seed, self.max_items_per_worker))
+        except OSError:
+            # It died before its start message (a kill, the OOM killer): a
+            # death like any other, seen by the next _check_workers, which
+            # replaces it; nothing of a job was in its hands.
+            return
         self._lend_all(w)
+
+    def _start_process(self, w, sock):
+        """A new worker process for rank w, given its end of the socketpair:
+        a fork of the zygote once it is ready (zygote.py), else a fresh
+        interpreter."""
+        zygote = self._res.zygote
+        if zygote.usable():
+            proc = zygote.fork(w, sock)
+            if proc is not None:
+                return proc
+        cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(sock.fileno()), str(self._res.ctl.fd)]
+        return _spawner.popen(cmd, pass_fds=(sock.fileno(), self._res.ctl.fd), close_fds=True,
+                              stdin=subprocess.DEVNULL)
 
     def pids(self):
         return [p.pid for p in self._res.procs if p is not None]
@@ -238,6 +311,7 @@ class Processes:
         """Replace dead workers (their lost chunks go back to their jobs), kill
         workers stuck on one item past their job's timeout. Lock held."""
         now = self._last_check = time.monotonic()
+        self._deaths_seen = self._r.load32(H_DEATHS)
         self._flush_all()
         for w, p in enumerate(self._res.procs):
             rc = p.poll()
@@ -329,5 +403,9 @@ class Processes:
                 return
         else:
             self._start_failures = 0
+        if self._res.zygote.proc is None and not recycled:
+            # A pool that loses workers may lose more: replacements fork
+            # from a preloaded zygote once it is ready (zygote.py).
+            self._res.zygote.start(_spawner, self._res.ctl.fd, _PKG_PARENT)
         self._res.socks[w].close()
         self._spawn(w)

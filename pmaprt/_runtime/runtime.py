@@ -70,6 +70,11 @@ class Runtime(Processes, Lender, BoardPoster, RingReader, ParentWake, Reconciler
         raise NotImplementedError
 
     def _check_open(self):
+        if self._owner_pid is not None:
+            raise PoolClosedError(
+                "pmaprt: this pool belongs to process %d, of which this process is a fork "
+                "(os.fork): its workers are not this process's; make a new Pool here (pmap "
+                "starts a fresh default pool by itself)" % self._owner_pid)
         if self._closed:
             raise PoolClosedError("pmaprt: this pool is closed")
         if self._broken is not None:

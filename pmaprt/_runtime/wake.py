@@ -51,7 +51,7 @@ import time
 from .._errors import PoolClosedError
 from .._options import CORES
 from .._shm import (
-    H_BOARD_SEQ, H_BOARD_SLEEPERS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_PARENT_WANT,
+    H_BOARD_SEQ, H_BOARD_SLEEPERS, H_DEATHS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_PARENT_WANT,
     H_RESULTS_SEQ, HOT_CLAIMED,
 )
 from .processes import POLL_S
@@ -127,7 +127,8 @@ class ParentWake:
         seq = r.load32(H_RESULTS_SEQ)
         with self._lock:
             got = self._drain()
-            if time.monotonic() - self._last_check > POLL_S:
+            if time.monotonic() - self._last_check > POLL_S \
+                    or r.load32(H_DEATHS) != self._deaths_seen:
                 self._check_workers()
             else:
                 self._flush_all()
@@ -149,7 +150,7 @@ class ParentWake:
                 return      # terminated meanwhile: the caller's next wait says so
             # What woke this wait is handed over now, not on the next call.
             self._drain()
-            if not changed:
+            if not changed or r.load32(H_DEATHS) != self._deaths_seen:
                 self._check_workers()
 
 

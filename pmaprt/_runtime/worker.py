@@ -106,20 +106,32 @@ class Worker(BoardReader, ClaimTaker, ChunkRunner, RingWriter, WorkerWake, Segme
 
 
 def main():
+    """A fresh worker's entry (processes.py starts `python -c`): rank, socket
+    and control segment descriptors on its command line."""
+    rank, sock_fd, ctl_fd = (int(x) for x in sys.argv[1:4])
+    os._exit(serve(rank, socket.socket(fileno=sock_fd), ctl_fd))
+
+
+def serve(rank, sock, ctl_fd, watch=None):
+    """Be worker `rank` until told to leave; returns the exit code. `watch`:
+    the parent it dies with (None: the pool's process; a worker forked by
+    the zygote, zygote.py, watches the zygote)."""
     global IN_WORKER
     IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    rank, sock_fd, ctl_fd = (int(x) for x in sys.argv[1:4])
-    sock = socket.socket(fileno=sock_fd)
-    start, _ = recv_msg(sock)
+    try:
+        start, _ = recv_msg(sock)
+    except (EOFError, OSError):
+        return 0        # the parent went before the start message
     sys.path[:] = start.sys_path
     try:
         core().set_pdeathsig(signal.SIGKILL)
     except OSError:
         pass
-    if os.getppid() != start.parent_pid:
-        os._exit(0)
-    worker = Worker(rank, sock, start, ctl_fd)
+    watch = start.parent_pid if watch is None else watch
+    if os.getppid() != watch:
+        return 0
+    worker = Worker(rank, sock, start._replace(parent_pid=watch), ctl_fd)
     code = 0
     try:
         worker.run()
@@ -133,4 +145,4 @@ def main():
             sys.stderr.flush()
         except Exception:
             pass
-    os._exit(code)
+    return code

@@ -22,6 +22,7 @@ Header (offset from the segment's start)::
     40      8     H_ACTIVE_MASK      bit s set while slot s holds an active job
     48      8     H_HOT_SPINNER      rank + 1 of the hot spinner (| HOT_CLAIMED)
     56      8     H_PARENT_WANT      the one record a sleeping parent waits for
+    64      4     H_DEATHS           bumped by the zygote as it reaps a worker
 
 Job slot (offset from the slot's start, `Layout.slot(s)`)::
 
@@ -106,7 +107,11 @@ HOT_CLAIMED = 1 << 32
 H_PARENT_WANT = 56
 WANT_SHIFT = 48
 WANT_POS_MASK = (1 << WANT_SHIFT) - 1
-HEADER_SIZE = 64
+# Bumped (then H_RESULTS_SEQ, with a wake) by the zygote each time it reaps a
+# worker it forked: a waiting parent checks its workers at once rather than
+# at its next POLL_S look (_runtime/zygote.py).
+H_DEATHS = 64
+HEADER_SIZE = 72
 
 # --- job slot
 S_STATE = 0
