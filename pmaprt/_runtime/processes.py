@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 from .. import _shm
 from .._errors import WorkerCrashedError, describe_exit, oom_hint
+from . import startup
 from .._shm import (
     H_BOARD_SEQ, H_RESULTS_SEQ, H_SHUTDOWN, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO,
     W_CUR_N, W_HEAD, W_SLOT, W_STATE, W_TAIL, WSTATE_READY, WSTATE_RECYCLED,
@@ -67,6 +68,7 @@ class WorkerStart(NamedTuple):
     sys_path: list
     seed: int
     max_items_per_worker: int
+    setup: startup.WorkerSetup     # authkey, initializer (startup.py)
 
 
 class _Spawner:
@@ -218,17 +220,19 @@ class Processes:
         self._heads[w] = 0
         self._stall[w] = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        setup, setup_fds = self.startup.message()
         try:
             cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(theirs.fileno()), str(res.ctl.fd)]
             proc = _spawner.popen(cmd, pass_fds=(theirs.fileno(), res.ctl.fd), close_fds=True,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, env=self.startup.child_env())
         finally:
             theirs.close()
         res.procs[w] = proc
         res.socks[w] = ours
         self._drop_outbox(w)
         _shm.send_msg(ours, WorkerStart(os.getpid(), self.workers, self._layout.nslots,
-                                        list(sys.path), self.seed, self.max_items_per_worker))
+                                        list(sys.path), self.seed, self.max_items_per_worker,
+                                        setup), fds=setup_fds)
         self._lend_all(w)
 
     def pids(self):
@@ -320,10 +324,13 @@ class Processes:
             # that cannot start at all fails on its own, with an exit code.
             if rc != -signal.SIGKILL:
                 self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES:
+            if rc == startup.INIT_FAILED_EXIT:
+                self._broken = startup.initializer_error(what, proc.pid, rc)
+            elif self._start_failures >= MAX_START_FAILURES:
                 self._broken = WorkerCrashedError(
                     "pmaprt: worker processes fail to start (%s); is the Python environment "
                     "importable from a fresh interpreter?" % what, proc.pid, rc)
+            if self._broken is not None:
                 for job in list(self._jobs.values()):
                     job.fail_here(self._broken)
                 return

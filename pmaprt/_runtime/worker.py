@@ -23,6 +23,7 @@ from .chunk import ChunkRunner
 from .claims import ClaimTaker
 from .lent import SegmentCache
 from .ring import RingWriter
+from .startup import prepare_worker
 from .task import TaskRunner
 from .wake import WorkerWake
 
@@ -111,7 +112,7 @@ def main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank, sock_fd, ctl_fd = (int(x) for x in sys.argv[1:4])
     sock = socket.socket(fileno=sock_fd)
-    start, _ = recv_msg(sock)
+    start, fds = recv_msg(sock)
     sys.path[:] = start.sys_path
     try:
         core().set_pdeathsig(signal.SIGKILL)
@@ -119,6 +120,7 @@ def main():
         pass
     if os.getppid() != start.parent_pid:
         os._exit(0)
+    prepare_worker(start.setup, fds, rank)   # authkey, initializer (startup.py)
     worker = Worker(rank, sock, start, ctl_fd)
     code = 0
     try:
