@@ -8,7 +8,7 @@ into the user's own exception type with the worker's traceback as its
 the model). Every path that returns an exception (a map's chunk, a task, the
 Executor, the Dask backend, ``on_error="return"``) uses this pair.
 """
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 import os
 import pickle
 import signal
@@ -32,8 +32,11 @@ class WorkerCrashedError(BrokenProcessPool):
         self.items = items
 
 
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, set as its ``__cause__``."""
+class RemoteTraceback(_RemoteTraceback):
+    """The traceback of an exception raised in a worker, set as its ``__cause__``
+    by maps (a subclass of the standard library's, so that code written for
+    ProcessPoolExecutor's causes reads it; the Executor sets the standard
+    library's own class)."""
 
     def __init__(self, tb):
         super().__init__(tb)
