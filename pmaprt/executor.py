@@ -35,6 +35,7 @@ import multiprocessing
 import threading
 import time
 import weakref
+from concurrent.futures.process import BrokenProcessPool
 
 from . import _serialize
 from ._executor_items import process_chunk
@@ -211,6 +212,21 @@ class Executor(_cf.Executor):
         cancels the queued tasks, except those about to run (a worker's worth
         and one more, as ProcessPoolExecutor's call queue holds)."""
         self._state.do_shutdown(wait, cancel_futures)
+
+    def kill_workers(self):
+        """Stop at once (as Python 3.14's ProcessPoolExecutor.kill_workers):
+        queued tasks are cancelled, running ones fail with BrokenProcessPool,
+        the workers of the executor's own pool are killed (SIGKILL), and the
+        executor is shut down. On a given pool (pool=) the workers are left
+        alone and the running tasks finish on them."""
+        self._state.terminate(BrokenProcessPool(
+            "pmaprt.Executor: the task's worker was killed by kill_workers()"))
+
+    @property
+    def shut_down(self):
+        """True once shutdown() or kill_workers() was called, or the executor broke."""
+        st = self._state
+        return st.shutdown or st.broken is not None or st.forked
 
     def __repr__(self):
         st = self._state
