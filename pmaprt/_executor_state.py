@@ -15,6 +15,9 @@ pending work (see ``pmaprt.executor`` for the data flow).
   known to be short, then one batch limit.
 - The runner keeps no reference to a task once it is delivered (function,
   arguments, future): what the caller drops is collected.
+- Workers on demand (an owned pool, made with start=0): as
+  ProcessPoolExecutor does, a submit reuses an idle worker (a credit left by
+  a delivered task) or starts one more, up to max_workers.
 - A crash (from a batch, or a replaced worker seen by the watch thread)
   breaks the state: every pending and running future fails with a
   BrokenProcessPool, and an owned pool's workers are stopped.
@@ -77,6 +80,7 @@ class ExecutorState:
         self.alive = 0
         self.idle = 0
         self.running = 0                      # tasks in batches, not yet delivered
+        self.idle_credit = 0                  # workers that finished a task, not yet reused
         self.shutdown = False
         self.broken = None
         self.forked = False                   # this is a child made by os.fork()
@@ -121,10 +125,20 @@ class ExecutorState:
                 f = _cf.Future()
                 q.append((next(self.tids), f, fn, args, kwargs))
                 futs.append(f)
+            # Workers on demand (an owned pool): each task takes an idle
+            # worker's credit, else starts a worker while some are left to start.
+            grow = 0
+            if self.owns_pool:
+                use = min(self.idle_credit, len(futs))
+                self.idle_credit -= use
+                grow = min(len(futs) - use, self.pool.workers - self.pool.started)
             if self.idle:
                 self.cond.notify()
             elif self.alive < self.max_runners:
                 self._start_runner()
+        for _ in range(grow):
+            if not self.pool.start_worker():
+                break
         return futs
 
     def _start_runner(self):
@@ -278,6 +292,7 @@ class ExecutorState:
                 f = futs.pop(tid)
                 with self.lock:
                     self.running -= 1
+                    self.idle_credit = min(self.idle_credit + 1, self.pool.started)
                     self._hand_on()
                 err = deliver(f, status, payload)
                 del f, payload

@@ -124,7 +124,8 @@ class Executor(_cf.Executor):
             with self._pool_lock:
                 if st.pool is None:
                     st.check_open()
-                    st.pool = Pool(self._max_workers, max_jobs=self._max_jobs, **self._pool_args)
+                    st.pool = Pool(self._max_workers, max_jobs=self._max_jobs, start=0,
+                                   **self._pool_args)
                     st.start_watch()
         return st
 

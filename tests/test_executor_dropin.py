@@ -146,3 +146,16 @@ def test_shutdown_cancel_futures_lets_the_running_ones_finish():
     assert 0 < len(others) <= 2 + 1          # a worker's worth and one more
     for f in others:
         assert f.done() and f.exception() is None
+
+
+def test_workers_start_on_demand_and_idle_ones_are_reused():
+    with Executor(4) as ex:
+        assert ex.pids() == []                       # nothing before the first submit
+        for _ in range(3):
+            ex.submit(mul, 2, 3).result(timeout=T)
+        assert len(ex.pids()) == 1                   # one worker, reused
+        fs = [ex.submit(time.sleep, 0.3) for _ in range(12)]
+        assert len(ex.pids()) == 4                   # a burst: up to max_workers
+        for f in fs:
+            f.result(timeout=T)
+        assert ex.broken is None

@@ -205,8 +205,8 @@ class Processes:
         self._timed_out = {}           # worker -> the item index it was killed for
         self.recycled = 0              # workers replaced after max_items_per_worker
 
-    def _spawn(self, w):
-        res = self._res
+    def _clear_area(self, w):
+        """Worker w's words as a worker that holds nothing (step 1)."""
         r = self._r
         area = self._layout.worker(w)
         r.store64(area + W_HEAD, 0)
@@ -217,6 +217,21 @@ class Processes:
         r.store64(area + W_CLAIM, 0)
         r.store32(area + W_SLOT, 0)
         r.store32(area + W_STATE, 0)
+
+    def start_worker(self):
+        """Start the next worker not started yet (a pool made with start= fewer
+        than its workers grows on demand); False when all are started."""
+        with self._lock:
+            self._check_open()
+            if self.started >= self.workers:
+                return False
+            self._spawn(self.started)
+            self.started += 1
+            return True
+
+    def _spawn(self, w):
+        res = self._res
+        self._clear_area(w)
         self._heads[w] = 0
         self._stall[w] = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -244,6 +259,8 @@ class Processes:
         now = self._last_check = time.monotonic()
         self._flush_all()
         for w, p in enumerate(self._res.procs):
+            if p is None:       # not started yet (Runtime(start=))
+                continue
             rc = p.poll()
             if rc is not None:
                 self._on_death(w, p, rc)

@@ -39,7 +39,7 @@ class Runtime(Processes, Lender, BoardPoster, RingReader, ParentWake, Reconciler
 
     def __init__(self, workers=None, *, max_jobs=DEFAULT_MAX_JOBS, seed=0,
                  max_items_per_worker=None, initializer=None, initargs=(),
-                 threads_per_worker=None):
+                 threads_per_worker=None, start=None):
         n = check_workers(workers)
         # What each worker gets at spawn: initializer, authkey, thread caps (startup.py).
         self.startup = Startup(initializer, initargs, threads_per_worker, n)
@@ -61,9 +61,15 @@ class Runtime(Processes, Lender, BoardPoster, RingReader, ParentWake, Reconciler
         self._init_rings(n)
         self.arrays = _arrays.PoolArrays(self)   # shared arrays lent to the workers, and pvm
         self._finalizer = weakref.finalize(self, res.terminate, False)
+        # start: workers started now; the rest on demand (start_worker), as
+        # the Executor starts them (None: all of them).
+        self.started = n if start is None else min(n, max(0, start))
         try:
             for w in range(n):
-                self._spawn(w)
+                if w < self.started:
+                    self._spawn(w)
+                else:
+                    self._clear_area(w)
         except BaseException:
             self.terminate()
             raise
