@@ -349,10 +349,11 @@ class ExecutorState:
 
     # --- shutting down
 
-    def terminate(self, exc):
-        """Stop now (joblib's abort): queued tasks are cancelled, running
-        ones fail with exc, and the workers of an owned pool are killed, so
-        nothing keeps running for a call that no longer wants it."""
+    def terminate(self, exc, cancel_queued=True):
+        """Stop now (kill_workers, joblib's abort): queued tasks are cancelled
+        (or fail with exc), running ones fail with exc, and the workers of an
+        owned pool are killed, so nothing keeps running for a caller that no
+        longer wants it."""
         with self.lock:
             self.shutdown = True
             queued = [e[1] for e in self.queue]
@@ -360,7 +361,10 @@ class ExecutorState:
             running = [f for futs in self.batches.values() for f in list(futs.values())]
             self.cond.notify_all()
         for f in queued:
-            f.cancel()
+            if cancel_queued:
+                f.cancel()
+            else:
+                set_future(f, exc=exc)
         for f in running:
             set_future(f, exc=exc)
         if self.owns_pool and self.pool is not None and not self.pool.closed:

@@ -220,8 +220,13 @@ class Executor(_cf.Executor):
         the workers of the executor's own pool are killed (SIGKILL), and the
         executor is shut down. On a given pool (pool=) the workers are left
         alone and the running tasks finish on them."""
-        self._state.terminate(BrokenProcessPool(
-            "pmaprt.Executor: the task's worker was killed by kill_workers()"))
+        self._terminate(BrokenProcessPool(
+            "pmaprt.Executor: the task's worker was killed by kill_workers()"), True)
+
+    def _terminate(self, exc, cancel_queued):
+        """kill_workers(), with the error running tasks (and, unless
+        cancel_queued, queued ones) fail with (the joblib backend's abort)."""
+        self._state.terminate(exc, cancel_queued)
 
     @property
     def shut_down(self):

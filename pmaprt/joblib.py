@@ -30,20 +30,19 @@ batches on a pmaprt Executor. Built on joblib's public backend API only
   worker crash raises ``WorkerCrashedError`` (a BrokenProcessPool) and the
   executor for that worker count is replaced on the next call.
 - Abort (an error in one task, or a ``return_as="generator"`` generator
-  dropped early): the call's queued tasks are cancelled and, if some are
-  still running, the executor's workers are killed (as loky kills its
-  workers) and a new executor serves the next call, which so never waits
-  behind abandoned work. Another call that was using that executor at that
+  dropped early): the call's queued tasks are cancelled and the executor's
+  workers are killed (as loky kills its workers); a new executor serves the
+  next call, which so never waits behind abandoned work. Another call that was using that executor at that
   moment gets joblib's "The executor underlying Parallel has been shutdown"
   RuntimeError, as with loky.
 - os.fork(): a child starts with no executor of its parent's (it makes its
   own on its first call) and never touches the parent's workers.
 """
+import multiprocessing
 import os
 import pickle
 import threading
-import weakref
-from concurrent.futures.process import BrokenProcessPool
+import warnings
 
 import cloudpickle
 from joblib import register_parallel_backend
@@ -62,9 +61,7 @@ BACKEND_NAME = "pmaprt"
 
 _executors = {}      # key -> (set-up, Executor)
 _executors_lock = threading.Lock()
-# Executors whose workers an abort killed: their other calls' tasks fail
-# with joblib's "executor has been shutdown" error, as loky's do.
-_aborted = weakref.WeakSet()
+# What another call that was using an executor an abort killed gets (loky's words).
 SHUTDOWN_MESSAGE = (
     "The executor underlying Parallel has been shutdown. This is likely due to the garbage "
     "collection of a previous generator from a call to Parallel with return_as='generator'. "
@@ -160,8 +157,8 @@ class PmaprtBackend(AutoBatchingMixin, ParallelBackendBase):
                          inner_max_num_threads=inner_max_num_threads, **backend_kwargs)
         if pool is not None and not isinstance(pool, Pool):
             raise TypeError("pmaprt joblib backend: pool must be a pmaprt.Pool, got %r" % (pool,))
-        self._pool = pool
-        self._executor = None
+        self._given_pool = pool
+        self._workers = None    # the Executor of this call (loky's name, which joblib reads)
         self._futures = set()   # submitted by this backend and not done yet
 
     def effective_n_jobs(self, n_jobs):
@@ -171,33 +168,48 @@ class PmaprtBackend(AutoBatchingMixin, ParallelBackendBase):
             n_jobs = 1
         if _worker.IN_WORKER:
             return 1
-        if self._pool is not None:
-            return self._pool.workers if n_jobs < 0 else min(n_jobs, self._pool.workers)
+        if n_jobs != 1 and self._given_pool is None:
+            # loky's rules, with its warnings: no processes of our own inside
+            # a daemonic process, nor below threads.
+            if multiprocessing.current_process().daemon:
+                warnings.warn("Pmaprt-backed parallel loops cannot be called in a "
+                              "multiprocessing, setting n_jobs=1", stacklevel=3)
+                return 1
+            if not (self.in_main_thread() or self.nesting_level == 0):
+                warnings.warn("Pmaprt-backed parallel loops cannot be nested below threads, "
+                              "setting n_jobs=1", stacklevel=3)
+                return 1
+        if self._given_pool is not None:
+            return self._given_pool.workers if n_jobs < 0 else min(n_jobs, self._given_pool.workers)
         if n_jobs < 0:
             n_jobs = max(default_workers() + 1 + n_jobs, 1)
         return n_jobs
 
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **kwargs):
         n = self.effective_n_jobs(n_jobs)
-        if n == 1 and self._pool is None:
+        if n == 1 and self._given_pool is None:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         opts = {**self.backend_kwargs, **kwargs}
         initializer, initargs = opts.get("initializer"), tuple(opts.get("initargs") or ())
-        if self._pool is not None and initializer is not None:
+        if self._given_pool is not None and initializer is not None:
             raise ValueError("pmaprt joblib backend: with pool=, the pool's own initializer "
                              "applies (pass initializer= to the Pool)")
         self.parallel = parallel
-        threads = None if self._pool is not None else self.inner_max_num_threads
-        self._executor = _executor_for(n, self._pool, (initializer, initargs, threads))
+        threads = None if self._given_pool is not None else self.inner_max_num_threads
+        self._workers = _executor_for(n, self._given_pool, (initializer, initargs, threads))
         return n
 
     def submit(self, func, callback=None):
         # As loky: the batch is pickled with cloudpickle, so that functions
         # defined in __main__ or interactively reach the workers by value.
-        args = (cloudpickle.dumps(func, _serialize.PROTOCOL),)
-        if self._pool is not None and self.inner_max_num_threads is not None:
+        try:
+            args = (cloudpickle.dumps(func, _serialize.PROTOCOL),)
+        except _serialize.PICKLE_ERRORS as e:
+            raise pickle.PicklingError("Could not pickle the task to send it to the workers.") \
+                from e
+        if self._given_pool is not None and self.inner_max_num_threads is not None:
             args += (self.inner_max_num_threads,)
-        future = self._executor.submit(_run_batch, *args)
+        future = self._workers.submit(_run_batch, *args)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
         if callback is not None:
@@ -205,29 +217,25 @@ class PmaprtBackend(AutoBatchingMixin, ParallelBackendBase):
         return future
 
     def retrieve_result_callback(self, future):
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            if self._executor in _aborted:
-                raise RuntimeError(SHUTDOWN_MESSAGE) from None
-            raise
+        return future.result()
 
     def terminate(self):
         # The executor is kept for later Parallel calls (as loky's is).
-        self._executor = None
+        self._workers = None
         self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready=True):
         """An error in one task, or a dropped generator: cancel this call's
-        queued tasks; if some are running, kill the executor's workers (as
-        loky does) so that the next call does not wait behind them."""
+        queued tasks and, as loky does, kill the executor's workers, so that
+        the next call does not wait behind tasks nobody wants; it gets a new
+        executor. On a given pool (pool=), only the queued tasks are cancelled."""
         for f in list(self._futures):
             f.cancel()
-        ex = self._executor
-        if ex is not None and self._pool is None and any(not f.done() for f in self._futures):
+        ex = self._workers
+        if ex is not None and self._given_pool is None:
             _retire(ex)
-            _aborted.add(ex)
-            ex.kill_workers()
+            # Another call still using this executor gets joblib's error.
+            ex._terminate(RuntimeError(SHUTDOWN_MESSAGE), False)
         if ensure_ready and self.parallel is not None:
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel,
                            **getattr(self.parallel, "_backend_kwargs", {}))

@@ -159,3 +159,21 @@ def test_workers_start_on_demand_and_idle_ones_are_reused():
         for f in fs:
             f.result(timeout=T)
         assert ex.broken is None
+
+
+class StateError(Exception):
+    """An exception whose state does not pickle (it holds a lock)."""
+
+    def __init__(self, msg, lock=None):
+        super().__init__(msg)
+        self.lock = lock
+
+
+def raise_state_error():
+    raise StateError("with a lock", threading.Lock())
+
+
+def test_an_exception_whose_state_does_not_pickle_keeps_its_type():
+    with Executor(1) as ex:
+        with pytest.raises(StateError, match="with a lock"):
+            ex.submit(raise_state_error).result(timeout=T)

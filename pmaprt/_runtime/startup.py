@@ -22,7 +22,8 @@ Protocol, step by step:
    ``multiprocessing.current_process().authkey`` (Manager proxies
    authenticate with it) and the encoded initializer.
 3. Worker (`prepare_worker`), before it maps the control segment: set the
-   authkey, record its rank (`worker_rank`), run ``initializer(*initargs)``.
+   authkey, mark the process daemonic for multiprocessing (as loky's
+   workers), record its rank (`worker_rank`), run ``initializer(*initargs)``.
    An initializer that raises is logged as ProcessPoolExecutor logs it
    (CRITICAL on the ``concurrent.futures`` logger, with the traceback) and
    the worker exits (SystemExit, so that logging queues flush) with
@@ -212,7 +213,12 @@ def prepare_worker(setup, fds, rank):
     INIT_FAILED_EXIT when the initializer raises."""
     global _rank
     _rank = rank
-    multiprocessing.current_process().authkey = setup.authkey
+    me = multiprocessing.current_process()
+    me.authkey = setup.authkey
+    # A worker dies with its parent, as a daemonic process does; libraries
+    # that check (joblib's multiprocessing and loky backends) then run nested
+    # loops sequentially instead of starting processes of their own.
+    me.daemon = True
     _received[:] = fds[:setup.nfds]
     if not setup.initializer:
         return
