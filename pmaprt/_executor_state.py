@@ -370,17 +370,6 @@ class ExecutorState:
         if self.owns_pool and self.pool is not None and not self.pool.closed:
             self.pool.terminate()
 
-    def forget_after_fork(self):
-        """In a child made by os.fork(): this state, its threads and its pool
-        are the parent's. Leave them alone (never stop the parent's workers)."""
-        self.forked = True
-        self.owns_pool = False
-        self.pool_closed = True
-        self.shutdown = True
-        self.stop_watch = threading.Event()
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-
     def do_shutdown(self, wait, cancel_futures):
         with self.lock:
             self.shutdown = True
@@ -447,11 +436,19 @@ def _watch(st, pool):
 
 
 def _forget_in_child():
-    """os.fork(): the child starts with no live executor (see forget_after_fork)."""
+    """os.fork(): the child starts with no live executor. Each state, its
+    threads and its pool are the parent's: the child leaves them alone
+    (never stops the parent's workers) and refuses new submits to them."""
     global _live_states
     states, _live_states = list(_live_states), weakref.WeakSet()
     for st in states:
-        st.forget_after_fork()
+        st.forked = True
+        st.owns_pool = False
+        st.pool_closed = True
+        st.shutdown = True
+        st.stop_watch = threading.Event()
+        st.lock = threading.Lock()
+        st.cond = threading.Condition(st.lock)
 
 
 if hasattr(os, "register_at_fork"):
