@@ -96,12 +96,8 @@ def process_chunk(fn_bytes, chunk):
 # --- parent side
 
 
-def encode_args(fn, args, kwargs):
-    """(bytes, [PickleBuffer]) of a task's arguments; PicklingError naming the
-    task when they cannot be pickled."""
-    bufs = []
-
-    def out_of_band(pb):
+def _out_of_band(bufs):
+    def cb(pb):
         try:
             raw = pb.raw()
         except BufferError:
@@ -110,19 +106,29 @@ def encode_args(fn, args, kwargs):
             return True
         bufs.append(pb)
         return False
+    return cb
 
+
+def encode_args(fn, args, kwargs):
+    """(bytes, [PickleBuffer]) of a task's arguments; PicklingError naming the
+    task when they cannot be pickled. Small arguments take one plain pickle;
+    a pickle of OOB_MIN bytes or more is made again with its large buffers
+    left out of band."""
     obj = (args, kwargs)
     first = None
+    bufs = []
     try:
-        data = pickle.dumps(obj, _serialize.PROTOCOL, buffer_callback=out_of_band)
+        data = pickle.dumps(obj, _serialize.PROTOCOL)
+        if len(data) >= OOB_MIN:
+            data = pickle.dumps(obj, _serialize.PROTOCOL, buffer_callback=_out_of_band(bufs))
         if not _serialize.names_main(data):
             return data, bufs
     except _serialize.PICKLE_ERRORS as e:
         first = e
-    del bufs[:]     # objects of __main__, lambdas: by value (see _serialize)
+    bufs = []       # objects of __main__, lambdas: by value (see _serialize)
     try:
         return _serialize.cloudpickle().dumps(obj, _serialize.PROTOCOL,
-                                              buffer_callback=out_of_band), bufs
+                                              buffer_callback=_out_of_band(bufs)), bufs
     except _serialize.PICKLE_ERRORS as e:
         first = first or e
     err = pickle.PicklingError("pmaprt.Executor: the task %r cannot be pickled for the "
@@ -138,6 +144,26 @@ def encode_fn(fn):
         err = pickle.PicklingError("pmaprt.Executor: the function %r cannot be pickled for the "
                                    "workers: %s" % (fn, e.__cause__ or e))
         raise err from e
+
+
+def encode_batch(batch, futs):
+    """Each task's (tid, fn bytes, args bytes, buffers), its future put in
+    futs; a task that cannot be pickled fails its own future
+    (PicklingError) and is left out."""
+    codes = {}
+    tasks = []
+    for tid, f, fn, args, kwargs in batch:
+        try:
+            fn_bytes = codes.get(id(fn))
+            if fn_bytes is None:
+                fn_bytes = codes[id(fn)] = encode_fn(fn)
+            payload, bufs = encode_args(fn, args, kwargs)
+        except _serialize.PICKLE_ERRORS as e:
+            set_future(f, exc=e)
+            continue
+        futs[tid] = f
+        tasks.append((tid, fn_bytes, payload, bufs))
+    return tasks
 
 
 def set_future(f, result=None, exc=None):

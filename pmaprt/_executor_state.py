@@ -32,9 +32,8 @@ import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 
-from . import _serialize
 from ._errors import PoolClosedError, WorkerCrashedError
-from ._executor_items import call, deliver, encode_args, encode_fn, set_future
+from ._executor_items import call, deliver, encode_batch, set_future
 
 # Tasks one batch may hold. A runner takes everything queued up to this many:
 # larger batches amortize the map's start (posting the job, encoding the
@@ -193,7 +192,9 @@ class ExecutorState:
         base = self.pool.workers + EXTRA_RUNNERS
         if self.task_s is None or self.task_s >= BATCH_TARGET_S:
             return base
-        return max(base, self._batch_limit())
+        # Short tasks: a batch per runner, so that the next batches are
+        # posted while one is collected.
+        return max(base, self._batch_limit() * self.max_runners)
 
     def _batch_limit(self):
         w = self.pool.workers
@@ -238,7 +239,10 @@ class ExecutorState:
 
     def _run_batch(self, batch):
         futs = {}
-        tasks = self._encode(batch, futs)
+        tasks = encode_batch(batch, futs)
+        if len(tasks) < len(batch):     # failed to pickle: their futures are settled
+            with self.lock:
+                self.running -= len(batch) - len(tasks)
         batch.clear()   # the functions and arguments: the tasks' bytes hold them now
         try:
             with self.lock:
@@ -256,29 +260,17 @@ class ExecutorState:
                 self.running -= len(futs)
                 self._hand_on()
 
-    def _encode(self, batch, futs):
-        """Each task's bytes; a task that cannot be pickled fails its own
-        future (PicklingError) and is left out."""
-        codes = {}
-        tasks = []
-        for tid, f, fn, args, kwargs in batch:
-            try:
-                fn_bytes = codes.get(id(fn))
-                if fn_bytes is None:
-                    fn_bytes = codes[id(fn)] = encode_fn(fn)
-                payload, bufs = encode_args(fn, args, kwargs)
-            except _serialize.PICKLE_ERRORS as e:
-                set_future(f, exc=e)
-                with self.lock:
-                    self.running -= 1
-                continue
-            futs[tid] = f
-            tasks.append((tid, fn_bytes, payload, bufs))
-        return tasks
+    def _settle(self, done):
+        """`done` tasks were delivered: their slots (and workers) are free."""
+        with self.lock:
+            self.running -= done
+            self.idle_credit = min(self.idle_credit + done, self.pool.started)
+            self._hand_on()
 
     def _run_tasks(self, tasks, futs):
         it = None
         n = len(tasks)
+        unsettled = 0
         try:
             t0 = time.perf_counter()
             if n == 1:
@@ -288,14 +280,18 @@ class ExecutorState:
                 it = self.pool.map(call, tasks, ordered=False, inline=False,
                                    chunksize=self._chunksize(n))
             del tasks
+            # Delivered tasks leave the running count in groups (one lock
+            # per group): one by one for a batch of a few long tasks, whose
+            # freed slots other runners wait for, an eighth of a large batch.
+            group = max(1, n // 8)
             for tid, status, payload in it:
                 f = futs.pop(tid)
-                with self.lock:
-                    self.running -= 1
-                    self.idle_credit = min(self.idle_credit + 1, self.pool.started)
-                    self._hand_on()
                 err = deliver(f, status, payload)
                 del f, payload
+                unsettled += 1
+                if unsettled >= group:
+                    self._settle(unsettled)
+                    unsettled = 0
                 if err is not None:
                     self._break(err)
                 if self.broken is not None:
@@ -312,6 +308,8 @@ class ExecutorState:
         finally:
             if it is not None and hasattr(it, "close"):
                 it.close()
+            if unsettled:
+                self._settle(unsettled)
         if futs and self.broken is not None:
             # Left over only when the executor broke while this batch ran.
             err = self.broken_error()
