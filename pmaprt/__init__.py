@@ -31,6 +31,7 @@ from ._errors import (
     WorkerCrashedError,
 )
 from ._pool import Pool
+from ._runtime import worker_rank, worker_state
 from ._stats import MapStats, WorkerStats
 from ._tune import TuneResult, tune
 from .gpu.discovery import devices
@@ -44,6 +45,8 @@ __all__ = [
     "imap_unordered",
     "starmap",
     "Pool",
+    "worker_state",
+    "worker_rank",
     "default_pool",
     "shutdown",
     "MapStats",

@@ -30,17 +30,20 @@ def register_backend(name, fn):
     _backends[name] = fn
 
 
-def default_pool(workers=None):
+def default_pool(workers=None, initializer=None, initargs=(), threads_per_worker=None):
     """The shared pool, created on first use; grown if more workers are asked
     for; replaced if it was closed or terminated (a map interrupted by Ctrl-C
-    terminates its pool) or is broken."""
+    terminates its pool) or is broken, or if another worker set-up
+    (initializer, initargs, threads_per_worker) is asked for."""
     global _default
     with _default_lock:
         p = _default
-        if p is None or p.closed or p._broken is not None or (workers or 0) > p.workers:
+        if p is None or p.closed or p._broken is not None or (workers or 0) > p.workers \
+                or not p.startup.same(initializer, initargs, threads_per_worker):
             if p is not None and not p.closed:
                 p.terminate()
-            _default = p = Pool(max(workers or 0, default_workers()))
+            _default = p = Pool(max(workers or 0, default_workers()), initializer=initializer,
+                                initargs=initargs, threads_per_worker=threads_per_worker)
         return p
 
 
@@ -73,7 +76,8 @@ def shutdown():
 
 
 def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=False,
-         backend=None, device=None, out=None, chunks=None, **options):
+         backend=None, device=None, out=None, chunks=None, initializer=None, initargs=(),
+         threads_per_worker=None, **options):
     """map(fn, *iterables) on worker processes: lazy, in order, same results and exceptions.
 
     workers: how many of the default pool's workers take part (None: all, one per core).
@@ -97,6 +101,9 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     dtype=; see pmaprt.gpu).
     axis_name: an SPMD map, one shard per worker, all running at once; fn may call
     pmaprt.psum(x, axis_name), pmean, allreduce (at most as many shards as workers).
+    initializer, initargs, threads_per_worker: the default pool's worker set-up
+    (see Pool); asking for another set-up replaces the default pool. Inside a
+    worker (a nested pmap, run serially) the initializer runs first, here.
 
     NumPy: an ndarray input is iterated over axis 0, as map does (fn gets rows);
     a shared array (pmaprt.empty/zeros/asarray) reaches the workers without a
@@ -136,13 +143,16 @@ def pmap(fn, *iterables, workers=None, chunksize=None, ordered=True, progress=Fa
     opts = MapOptions.make(chunksize=chunksize, ordered=ordered, workers=workers,
                            progress=progress, out=out, chunks=chunks, **options)
     if _worker.IN_WORKER:
+        if initializer is not None:
+            initializer(*initargs)
         if out is not None or chunks is not None:
             return _arrays.local_map(fn, iterables, False, out, chunks)
         if opts.axis_name is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
                                % (opts.axis_name,))
         return map(fn, *iterables)
-    return default_pool(workers).run_map(fn, iterables, False, opts)
+    return default_pool(workers, initializer, initargs, threads_per_worker).run_map(
+        fn, iterables, False, opts)
 
 
 def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False, out=None,
@@ -153,18 +163,21 @@ def imap_unordered(fn, *iterables, workers=None, chunksize=None, progress=False,
 
 
 def starmap(fn, iterable, *, workers=None, chunksize=None, ordered=True, progress=False,
-            out=None, **options):
-    """itertools.starmap(fn, iterable) on worker processes."""
+            out=None, initializer=None, initargs=(), threads_per_worker=None, **options):
+    """itertools.starmap(fn, iterable) on worker processes (options as pmap)."""
     opts = MapOptions.make(chunksize=chunksize, ordered=ordered, workers=workers,
                            progress=progress, out=out, **options)
     if _worker.IN_WORKER:
+        if initializer is not None:
+            initializer(*initargs)
         if out is not None:
             return _arrays.local_map(fn, (iterable,), True, out)
         if opts.axis_name is not None:
             raise RuntimeError("pmaprt: an SPMD map (axis_name=%r) cannot run inside a worker"
                                % (opts.axis_name,))
         return itertools.starmap(fn, iterable)
-    return default_pool(workers).run_map(fn, (iterable,), True, opts)
+    return default_pool(workers, initializer, initargs, threads_per_worker).run_map(
+        fn, (iterable,), True, opts)
 
 
 def _other_backend(fn, iterables, backend, options, chunksize, ordered, workers, progress):

@@ -8,7 +8,7 @@ into the user's own exception type with the worker's traceback as its
 the model). Every path that returns an exception (a map's chunk, a task, the
 Executor, the Dask backend, ``on_error="return"``) uses this pair.
 """
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 import os
 import pickle
 import signal
@@ -32,8 +32,11 @@ class WorkerCrashedError(BrokenProcessPool):
         self.items = items
 
 
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, set as its ``__cause__``."""
+class RemoteTraceback(_RemoteTraceback):
+    """The traceback of an exception raised in a worker, set as its ``__cause__``
+    by maps (a subclass of the standard library's, so that code written for
+    ProcessPoolExecutor's causes reads it; the Executor sets the standard
+    library's own class)."""
 
     def __init__(self, tb):
         super().__init__(tb)
@@ -87,9 +90,26 @@ def pack_exception(exc, with_traceback=True, where=None):
         data = _serialize.dumps_obj(exc)
         pickle.loads(data)
     except BaseException as pe:
-        data = pickle.dumps(RuntimeError("pmaprt: %s: %s (the exception could not be pickled: %s)"
-                                         % (type(exc).__name__, exc, pe)), _serialize.PROTOCOL)
+        data = _bare_copy(exc)
+        if data is None:
+            data = pickle.dumps(RuntimeError("pmaprt: %s: %s (the exception could not be pickled: "
+                                             "%s)" % (type(exc).__name__, exc, pe)),
+                                _serialize.PROTOCOL)
     return data, tb
+
+
+def _bare_copy(exc):
+    """The exception's type with its arguments as text, pickled (its own
+    state would not pickle: a RecursionError whose attributes nest deeply, an
+    argument that is a lock), or None when that does not round-trip either."""
+    try:
+        args = [a if isinstance(a, (str, int, float, bool, type(None))) else repr(a)
+                for a in exc.args]
+        data = pickle.dumps(type(exc)(*args), _serialize.PROTOCOL)
+        pickle.loads(data)
+        return data
+    except BaseException:
+        return None
 
 
 def rebuild_exception(data, tb):

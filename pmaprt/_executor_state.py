@@ -9,7 +9,15 @@ pending work (see ``pmaprt.executor`` for the data flow).
       unordered map of ``call`` (or one apply) --> deliver() each result
 
 - The batch limit grows from one task per worker toward BATCH_TARGET_S of
-  work per worker, from the measured seconds per task.
+  work per worker, from the measured seconds per task. Tasks in batches
+  (RUNNING, no longer cancellable) are at most `running_cap`: one per worker
+  and EXTRA_RUNNERS more (ProcessPoolExecutor's call queue) unless tasks are
+  known to be short, then one batch limit.
+- The runner keeps no reference to a task once it is delivered (function,
+  arguments, future): what the caller drops is collected.
+- Workers on demand (an owned pool, made with start=0): as
+  ProcessPoolExecutor does, a submit reuses an idle worker (a credit left by
+  a delivered task) or starts one more, up to max_workers.
 - A crash (from a batch, or a replaced worker seen by the watch thread)
   breaks the state: every pending and running future fails with a
   BrokenProcessPool, and an owned pool's workers are stopped.
@@ -25,7 +33,7 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 
 from ._errors import PoolClosedError, WorkerCrashedError
-from ._executor_items import call, deliver, encode_tasks, find_unpicklable, set_future
+from ._executor_items import call, deliver, encode_batch, set_future
 
 # Tasks one batch may hold. A runner takes everything queued up to this many:
 # larger batches amortize the map's start (posting the job, encoding the
@@ -70,8 +78,11 @@ class ExecutorState:
         self.threads = []
         self.alive = 0
         self.idle = 0
+        self.running = 0                      # tasks in batches, not yet delivered
+        self.idle_credit = 0                  # workers that finished a task, not yet reused
         self.shutdown = False
         self.broken = None
+        self.forked = False                   # this is a child made by os.fork()
         self.pool_closed = False
         self.task_s = None      # EWMA of seconds per task (wall x busy workers / tasks)
         self.batch_cap = None   # set on the first batch: one task per worker
@@ -80,25 +91,16 @@ class ExecutorState:
 
     def start_watch(self):
         """Owned pool: a replaced worker means one of our tasks killed it."""
-        threading.Thread(target=self._watch, args=(self.pool,), name="pmaprt-executor-watch",
+        threading.Thread(target=_watch, args=(self, self.pool), name="pmaprt-executor-watch",
                          daemon=True).start()
-
-    def _watch(self, pool):
-        pids = pool.pids()
-        while not self.stop_watch.wait(WATCH_S):
-            if self.broken is not None or pool.closed:
-                return
-            now = pool.pids()
-            if now != pids:
-                gone = sorted(set(pids) - set(now))
-                self._break(WorkerCrashedError(
-                    "worker process %s terminated abruptly (killed by a signal or exited) while "
-                    "the executor ran its tasks" % ", ".join("pid %d" % p for p in gone)))
-                return
 
     # --- submitting (caller's thread)
 
     def check_open(self):
+        if self.forked:
+            raise RuntimeError("pmaprt.Executor: this executor belongs to the process it was "
+                               "created in, not to this child made by os.fork(); create a new "
+                               "Executor here")
         if self.broken is not None:
             raise self.broken_error()
         if self.shutdown:
@@ -108,9 +110,7 @@ class ExecutorState:
 
     def broken_error(self):
         b = self.broken
-        err = BrokenProcessPool(
-            "pmaprt.Executor is broken: a worker process terminated abruptly (%s); "
-            "create a new Executor" % b)
+        err = BrokenProcessPool("pmaprt.Executor is broken (%s); create a new Executor" % b)
         err.__cause__ = b
         return err
 
@@ -124,10 +124,20 @@ class ExecutorState:
                 f = _cf.Future()
                 q.append((next(self.tids), f, fn, args, kwargs))
                 futs.append(f)
+            # Workers on demand (an owned pool): each task takes an idle
+            # worker's credit, else starts a worker while some are left to start.
+            grow = 0
+            if self.owns_pool:
+                use = min(self.idle_credit, len(futs))
+                self.idle_credit -= use
+                grow = min(len(futs) - use, self.pool.workers - self.pool.started)
             if self.idle:
                 self.cond.notify()
             elif self.alive < self.max_runners:
                 self._start_runner()
+        for _ in range(grow):
+            if not self.pool.start_worker():
+                break
         return futs
 
     def _start_runner(self):
@@ -144,9 +154,10 @@ class ExecutorState:
         while True:
             if self.broken is not None:
                 return None
-            if self.queue:
+            room = self.running_cap() - self.running
+            if self.queue and room > 0:
                 break
-            if self.shutdown:
+            if self.shutdown and not self.queue:
                 return None
             self.idle += 1
             try:
@@ -155,18 +166,35 @@ class ExecutorState:
                 self.idle -= 1
         batch = []
         q = self.queue
-        cap = self._batch_limit()
+        cap = min(self._batch_limit(), room)
         while q and len(batch) < cap:
-            tid, f, fn, args, kwargs = q.popleft()
-            if f.set_running_or_notify_cancel():
-                batch.append((tid, f, fn, args, kwargs))
-        if q:
-            # More than one batch's worth is queued: hand it to another runner.
+            entry = q.popleft()
+            if entry[1].set_running_or_notify_cancel():
+                batch.append(entry)
+        self.running += len(batch)
+        self._hand_on()
+        return batch
+
+    def _hand_on(self):
+        """More is queued than this runner took: another runner takes it,
+        if the cap on running tasks leaves room. Lock held."""
+        if self.queue and self.running < self.running_cap():
             if self.idle:
                 self.cond.notify()
             elif self.alive < self.max_runners:
                 self._start_runner()
-        return batch
+
+    def running_cap(self):
+        """Tasks that may be RUNNING at once (in batches): a worker's worth
+        and EXTRA_RUNNERS more, so that a shutdown(cancel_futures=True) or a
+        cancel() still reaches the rest, as with ProcessPoolExecutor's call
+        queue; for tasks known to be short, at least one batch limit."""
+        base = self.pool.workers + EXTRA_RUNNERS
+        if self.task_s is None or self.task_s >= BATCH_TARGET_S:
+            return base
+        # Short tasks: a batch per runner, so that the next batches are
+        # posted while one is collected.
+        return max(base, self._batch_limit() * self.max_runners)
 
     def _batch_limit(self):
         w = self.pool.workers
@@ -199,6 +227,7 @@ class ExecutorState:
                     break
                 if batch:
                     self._run_batch(batch)
+                del batch   # nothing of the last batch stays alive while waiting
         finally:
             with self.lock:
                 self.alive -= 1
@@ -209,66 +238,78 @@ class ExecutorState:
                 self._close_pool()
 
     def _run_batch(self, batch):
-        futs = {tid: f for tid, f, _, _, _ in batch}
-        with self.lock:
-            if self.broken is not None:
-                err = self.broken_error()
-                for f in futs.values():
-                    set_future(f, exc=err)
-                return
-            self.batches[id(futs)] = futs
+        futs = {}
+        tasks = encode_batch(batch, futs)
+        if len(tasks) < len(batch):     # failed to pickle: their futures are settled
+            with self.lock:
+                self.running -= len(batch) - len(tasks)
+        batch.clear()   # the functions and arguments: the tasks' bytes hold them now
         try:
-            self._run_tasks(batch, futs)
+            with self.lock:
+                if self.broken is not None:
+                    err = self.broken_error()
+                    for f in futs.values():
+                        set_future(f, exc=err)
+                    return
+                self.batches[id(futs)] = futs
+            if tasks:
+                self._run_tasks(tasks, futs)
         finally:
             with self.lock:
                 self.batches.pop(id(futs), None)
+                self.running -= len(futs)
+                self._hand_on()
 
-    def _run_tasks(self, batch, futs):
+    def _settle(self, done):
+        """`done` tasks were delivered: their slots (and workers) are free."""
+        with self.lock:
+            self.running -= done
+            self.idle_credit = min(self.idle_credit + done, self.pool.started)
+            self._hand_on()
+
+    def _run_tasks(self, tasks, futs):
         it = None
+        n = len(tasks)
+        unsettled = 0
         try:
             t0 = time.perf_counter()
-            tasks = encode_tasks(batch)
-            if len(tasks) == 1:
+            if n == 1:
                 # One task: the pool's single-call path (no map to set up).
                 it = iter((self.pool.apply(call, tasks[0]),))
             else:
                 it = self.pool.map(call, tasks, ordered=False, inline=False,
-                                   chunksize=self._chunksize(len(tasks)))
-            for tid, ok, payload in it:
-                deliver(futs.pop(tid), ok, payload)
+                                   chunksize=self._chunksize(n))
+            del tasks
+            # Delivered tasks leave the running count in groups (one lock
+            # per group): one by one for a batch of a few long tasks, whose
+            # freed slots other runners wait for, an eighth of a large batch.
+            group = max(1, n // 8)
+            for tid, status, payload in it:
+                f = futs.pop(tid)
+                err = deliver(f, status, payload)
+                del f, payload
+                unsettled += 1
+                if unsettled >= group:
+                    self._settle(unsettled)
+                    unsettled = 0
+                if err is not None:
+                    self._break(err)
                 if self.broken is not None:
                     break
             else:
-                self._observe(len(tasks), time.perf_counter() - t0)
+                self._observe(n, time.perf_counter() - t0)
         except (BrokenProcessPool, PoolClosedError) as e:
             self._break(e)
         except BaseException as e:
-            # An item the pool could not encode (an unpicklable argument or
-            # function): the map stopped there. Fail the tasks that cannot be
-            # pickled, run the others again (none of them ran).
-            left = [t for t in batch if t[0] in futs]
-            again = []
-            for t in left:
-                bad = find_unpicklable(t)
-                if bad is not None:
-                    err = TypeError("pmaprt.Executor: the task (%r) cannot be pickled for the "
-                                    "workers: %s: %s" % (t[2], type(bad[1]).__name__, bad[1]))
-                    err.__cause__ = bad[1]
-                    set_future(t[1], exc=err)
-                    futs.pop(t[0], None)
-                else:
-                    again.append(t)
-            if len(again) == len(left):
-                # Nothing to blame on pickling: fail them with the error itself.
-                for t in again:
-                    set_future(t[1], exc=e)
-                    futs.pop(t[0], None)
-            elif again:
-                self._run_tasks(again, futs)
-            return
+            # The map itself failed (not a task: those are reported one by
+            # one): the tasks not yet delivered fail with its error.
+            for f in futs.values():
+                set_future(f, exc=e)
         finally:
             if it is not None and hasattr(it, "close"):
                 it.close()
+            if unsettled:
+                self._settle(unsettled)
         if futs and self.broken is not None:
             # Left over only when the executor broke while this batch ran.
             err = self.broken_error()
@@ -306,13 +347,37 @@ class ExecutorState:
 
     # --- shutting down
 
+    def terminate(self, exc, cancel_queued=True):
+        """Stop now (kill_workers, joblib's abort): queued tasks are cancelled
+        (or fail with exc), running ones fail with exc, and the workers of an
+        owned pool are killed, so nothing keeps running for a caller that no
+        longer wants it."""
+        with self.lock:
+            self.shutdown = True
+            queued = [e[1] for e in self.queue]
+            self.queue.clear()
+            running = [f for futs in self.batches.values() for f in list(futs.values())]
+            self.cond.notify_all()
+        for f in queued:
+            if cancel_queued:
+                f.cancel()
+            else:
+                set_future(f, exc=exc)
+        for f in running:
+            set_future(f, exc=exc)
+        if self.owns_pool and self.pool is not None and not self.pool.closed:
+            self.pool.terminate()
+
     def do_shutdown(self, wait, cancel_futures):
         with self.lock:
             self.shutdown = True
             cancelled = []
             if cancel_futures:
-                cancelled = [e[1] for e in self.queue]
-                self.queue.clear()
+                # What would be in ProcessPoolExecutor's call queue by now
+                # (the running cap) still runs; the rest is cancelled.
+                keep = max(0, self.running_cap() - self.running) if self.pool is not None else 0
+                while len(self.queue) > keep:
+                    cancelled.append(self.queue.pop()[1])
             self.cond.notify_all()
             threads = list(self.threads)
             none_alive = self.alive == 0
@@ -344,6 +409,48 @@ class ExecutorState:
                 self.pool.terminate()
             else:
                 self.pool.close()
+
+
+def _watch(st, pool):
+    """The watch thread of an executor that owns its pool: a worker replaced
+    for any reason but recycling (max_tasks_per_child) is a crash."""
+    pids = pool.pids()
+    recycled = pool.recycled
+    while not st.stop_watch.wait(WATCH_S):
+        if st.broken is not None or pool.closed:
+            return
+        now = pool.pids()
+        if now != pids:
+            gone = sorted(set(pids) - set(now))
+            # The pool counts a recycled worker before it starts the replacement.
+            if len(gone) <= pool.recycled - recycled:
+                recycled += len(gone)
+                pids = now
+                continue
+            st._break(WorkerCrashedError(
+                "worker process %s terminated abruptly (killed by a signal or exited) while "
+                "the executor ran its tasks" % ", ".join("pid %d" % p for p in gone)))
+            return
+
+
+def _forget_in_child():
+    """os.fork(): the child starts with no live executor. Each state, its
+    threads and its pool are the parent's: the child leaves them alone
+    (never stops the parent's workers) and refuses new submits to them."""
+    global _live_states
+    states, _live_states = list(_live_states), weakref.WeakSet()
+    for st in states:
+        st.forked = True
+        st.owns_pool = False
+        st.pool_closed = True
+        st.shutdown = True
+        st.stop_watch = threading.Event()
+        st.lock = threading.Lock()
+        st.cond = threading.Condition(st.lock)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def shutdown_all():

@@ -4,6 +4,8 @@ Everything about workers, shared memory and tasks is the runtime's
 (`_runtime/`); a Pool adds the map API on top and is the runtime its maps
 are given.
 """
+import dataclasses
+
 from ._map import MapJob
 from ._options import MapOptions
 from ._runtime import Runtime
@@ -15,7 +17,16 @@ class Pool(Runtime):
     ``with Pool(workers=4) as pool: list(pool.map(f, xs))``. The pool can run
     several maps at once (several live iterators, or several threads), and
     single calls (`apply`) beside them. Its constructor is the runtime's:
-    ``Pool(workers=None, *, max_jobs=32, seed=0, max_items_per_worker=None)``.
+    ``Pool(workers=None, *, max_jobs=32, seed=0, max_items_per_worker=None,
+    initializer=None, initargs=(), threads_per_worker=None)``.
+
+    Worker set-up: each worker runs ``initializer(*initargs)`` once, before
+    its first item (a worker whose initializer raises breaks the pool, as
+    ProcessPoolExecutor does; a pool with an initializer never runs items
+    inline, in the caller). ``threads_per_worker`` caps the native thread
+    pools (BLAS, OpenMP) of each worker; by default cores // workers, for
+    every thread variable the caller did not set (see
+    pmaprt/_runtime/startup.py).
     """
 
     def map(self, fn, *iterables, chunksize=None, ordered=True, workers=None, progress=False,
@@ -91,6 +102,9 @@ class Pool(Runtime):
     def run_map(self, fn, iterables, star, opts):
         """A map with options already checked (MapOptions): the one entry
         that pmap and the methods above share."""
+        if self.startup.initializer is not None and opts.inline:
+            # Items run where the initializer ran: never in the caller.
+            opts = dataclasses.replace(opts, inline=False)
         return MapJob(self, fn, iterables, star, opts)
 
     def __enter__(self):

@@ -4,7 +4,17 @@
   functions of an importable module); cloudpickle by value otherwise (lambdas,
   closures, functions defined in ``__main__`` or locally).
 - Lists of items or results: pickle protocol 5, cloudpickle when pickle
-  fails (a lambda inside an item). The first byte says which. (marshal is not
+  fails (a lambda inside an item) or when the pickle names ``__main__``
+  (`names_main`). The first byte says which.
+- Objects of the caller's script: a class or function defined in
+  ``__main__`` pickles by reference as ``__main__.Name``, which a worker (a
+  fresh interpreter, whose ``__main__`` is not the script) cannot resolve.
+  Such pickles are made again by value with cloudpickle, which gives each
+  class an id: a worker that receives the class in several pickles (the
+  function's globals, an argument) rebuilds it once, and a result of that
+  class comes back to the parent as the parent's own class. Workers never
+  import the main script, so a script without an ``if __name__ ==
+  "__main__":`` guard does not run again in them. (marshal is not
   used: it writes any buffer-protocol object, a NumPy scalar among them, as
   bytes, and is no faster than pickle for lists of ints or floats.)
 
@@ -18,6 +28,17 @@ TAG_PICKLE = b"P"
 TAG_CLOUD = b"C"
 
 PROTOCOL = 5
+
+# How a pickle names the caller's script (pickle writes module names as
+# plain strings). "__mp_main__" is multiprocessing's alias of it.
+_MAIN_NAMES = (b"__main__", b"__mp_main__")
+
+
+def names_main(data):
+    """Whether a pickle refers to something of __main__ by reference (a
+    false positive, the string "__main__" inside the data, only costs a
+    pickle by value)."""
+    return any(n in data for n in _MAIN_NAMES)
 
 
 def cloudpickle():
@@ -54,17 +75,22 @@ def loads_fn(data):
 
 
 def dumps_obj(obj):
-    """pickle, then cloudpickle (for lambdas and the like inside objects)."""
+    """pickle, then cloudpickle (for lambdas and the like inside objects, and
+    objects of __main__)."""
     try:
-        return pickle.dumps(obj, PROTOCOL)
+        data = pickle.dumps(obj, PROTOCOL)
     except Exception:
         return cloudpickle().dumps(obj, PROTOCOL)
+    return cloudpickle().dumps(obj, PROTOCOL) if names_main(data) else data
 
 
 def dumps_list(items):
     """Encode a list; raises the pickling error of the first bad object."""
     try:
-        return TAG_PICKLE + pickle.dumps(items, PROTOCOL)
+        data = pickle.dumps(items, PROTOCOL)
+        if not names_main(data):
+            return TAG_PICKLE + data
+        return TAG_CLOUD + cloudpickle().dumps(items, PROTOCOL)
     except Exception as first:
         try:
             return TAG_CLOUD + cloudpickle().dumps(items, PROTOCOL)

@@ -31,9 +31,11 @@ collected and its state shut down (pending work still completes).
 """
 import concurrent.futures as _cf
 import itertools
+import multiprocessing
 import threading
 import time
 import weakref
+from concurrent.futures.process import BrokenProcessPool
 
 from . import _serialize
 from ._executor_items import process_chunk
@@ -57,23 +59,51 @@ def _check_max_workers(max_workers):
     return check_workers(max_workers)   # the pool's bound, before any pool starts
 
 
+def _check_max_tasks(n):
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError("max_tasks_per_child must be an integer")
+    if n <= 0:
+        raise ValueError("max_tasks_per_child must be >= 1")
+    return n
+
+
 class Executor(_cf.Executor):
     """A ``concurrent.futures.Executor`` whose tasks run on pmaprt worker processes.
 
-    ``Executor(max_workers=None)`` starts its own Pool of ``max_workers``
-    processes (one per core by default) on the first submit and stops it on
-    shutdown. ``Executor(pool=p)`` runs on an existing Pool and leaves it
-    running. Futures are ``concurrent.futures.Future``: ``wait`` and
-    ``as_completed`` accept them. See docs/ARCHITECTURE.md for how it differs
-    from ProcessPoolExecutor.
+    ``Executor(max_workers=None, mp_context=None, initializer=None,
+    initargs=(), *, max_tasks_per_child=None, threads_per_worker=None)``
+    takes ProcessPoolExecutor's arguments: it starts its own Pool of
+    ``max_workers`` processes (one per core by default) on the first submit
+    and stops it on shutdown. Each worker runs ``initializer(*initargs)``
+    first (one that raises breaks the executor); a worker that has run
+    ``max_tasks_per_child`` tasks is replaced; ``mp_context`` is accepted and
+    ignored (workers are always fresh interpreters, as with "spawn");
+    ``threads_per_worker`` caps the workers' BLAS/OpenMP threads (default
+    cores // workers). ``Executor(pool=p)`` runs on an existing Pool, whose
+    own set-up applies, and leaves it running. Futures are
+    ``concurrent.futures.Future``: ``wait`` and ``as_completed`` accept them.
+    See docs/ARCHITECTURE.md for how it differs from ProcessPoolExecutor.
     """
 
-    def __init__(self, max_workers=None, *, pool=None):
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
+                 max_tasks_per_child=None, threads_per_worker=None, pool=None):
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        max_tasks = _check_max_tasks(max_tasks_per_child)
+        # Informative only: the start method closest to a fresh interpreter.
+        self.mp_context = mp_context if mp_context is not None else \
+            multiprocessing.get_context("spawn")
         if pool is not None:
             if not isinstance(pool, Pool):
                 raise TypeError("pmaprt.Executor: pool must be a pmaprt.Pool, got %r" % (pool,))
             if max_workers is not None:
                 raise ValueError("pmaprt.Executor: pass max_workers or pool, not both")
+            if initializer is not None or max_tasks is not None or threads_per_worker is not None:
+                raise ValueError("pmaprt.Executor: with pool=, the pool's own worker set-up "
+                                 "applies (initializer, max_items_per_worker, "
+                                 "threads_per_worker are the Pool's arguments)")
             pool._check_open()
             self._max_workers = pool.workers
             self._state = ExecutorState(pool, False, min(pool.workers + EXTRA_RUNNERS, SHARED_POOL_RUNNERS))
@@ -83,6 +113,8 @@ class Executor(_cf.Executor):
             runners = min(n + EXTRA_RUNNERS, 63)
             self._state = ExecutorState(None, True, runners)
             self._max_jobs = max(32, runners + 1)
+            self._pool_args = dict(max_items_per_worker=max_tasks, initializer=initializer,
+                                   initargs=initargs, threads_per_worker=threads_per_worker)
         self._pool_lock = threading.Lock()
         weakref.finalize(self, self._state.do_shutdown, False, False)
 
@@ -92,9 +124,22 @@ class Executor(_cf.Executor):
             with self._pool_lock:
                 if st.pool is None:
                     st.check_open()
-                    st.pool = Pool(self._max_workers, max_jobs=self._max_jobs)
+                    st.pool = Pool(self._max_workers, max_jobs=self._max_jobs, start=0,
+                                   **self._pool_args)
                     st.start_watch()
         return st
+
+    @property
+    def broken(self):
+        """None, or the BrokenProcessPool this executor broke with (a worker
+        died, an initializer raised, a task or result could not be unpickled)."""
+        st = self._state
+        return st.broken_error() if st.broken is not None else None
+
+    def pids(self):
+        """The process ids of the workers now running (none before the first submit)."""
+        pool = self._state.pool
+        return [] if pool is None or pool.closed else pool.pids()
 
     @property
     def pool(self):
@@ -144,15 +189,18 @@ class Executor(_cf.Executor):
         def result_iterator():
             try:
                 fs.reverse()
+                # As the standard library: no reference to a popped future or
+                # to a result is kept while suspended.
                 while fs:
-                    if timeout is None:
-                        r = _result_or_cancel(fs.pop())
-                    else:
-                        r = _result_or_cancel(fs.pop(), end_time - time.monotonic())
                     if chunksize == 1:
-                        yield r
+                        if timeout is None:
+                            yield _result_or_cancel(fs.pop())
+                        else:
+                            yield _result_or_cancel(fs.pop(), end_time - time.monotonic())
+                    elif timeout is None:
+                        yield from _result_or_cancel(fs.pop())
                     else:
-                        yield from r
+                        yield from _result_or_cancel(fs.pop(), end_time - time.monotonic())
             finally:
                 for f in fs:
                     f.cancel()
@@ -162,8 +210,29 @@ class Executor(_cf.Executor):
     def shutdown(self, wait=True, *, cancel_futures=False):
         """As Executor.shutdown: no new tasks; with wait, returns once every
         pending task is done and the workers are stopped; cancel_futures
-        cancels the tasks that have not started."""
+        cancels the queued tasks, except those about to run (a worker's worth
+        and one more, as ProcessPoolExecutor's call queue holds)."""
         self._state.do_shutdown(wait, cancel_futures)
+
+    def kill_workers(self):
+        """Stop at once (as Python 3.14's ProcessPoolExecutor.kill_workers):
+        queued tasks are cancelled, running ones fail with BrokenProcessPool,
+        the workers of the executor's own pool are killed (SIGKILL), and the
+        executor is shut down. On a given pool (pool=) the workers are left
+        alone and the running tasks finish on them."""
+        self._terminate(BrokenProcessPool(
+            "pmaprt.Executor: the task's worker was killed by kill_workers()"), True)
+
+    def _terminate(self, exc, cancel_queued):
+        """kill_workers(), with the error running tasks (and, unless
+        cancel_queued, queued ones) fail with (the joblib backend's abort)."""
+        self._state.terminate(exc, cancel_queued)
+
+    @property
+    def shut_down(self):
+        """True once shutdown() or kill_workers() was called, or the executor broke."""
+        st = self._state
+        return st.shutdown or st.broken is not None or st.forked
 
     def __repr__(self):
         st = self._state

@@ -3,6 +3,7 @@ generators, return_as="generator", nested calls, and that the work runs on
 pmaprt's worker processes."""
 import os
 import threading
+from concurrent.futures.process import _RemoteTraceback
 
 import pytest
 
@@ -83,7 +84,8 @@ def test_exception_reaches_the_caller_with_its_type():
     with parallel_config(backend="pmaprt"):
         with pytest.raises(MyError, match="item 7 failed") as info:
             Parallel(n_jobs=2)(delayed(fail_on)(i, 7) for i in range(50))
-    assert isinstance(info.value.__cause__, pmaprt.RemoteTraceback)
+    # As ProcessPoolExecutor: the standard library's _RemoteTraceback as the cause.
+    assert type(info.value.__cause__) is _RemoteTraceback
     # The backend still works after an error.
     with parallel_config(backend="pmaprt"):
         assert Parallel(n_jobs=2)(delayed(square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
@@ -167,3 +169,107 @@ def test_abandoned_generator_does_not_block_later_calls():
         g.close()
         del g
         assert Parallel(n_jobs=2)(delayed(square)(i) for i in range(10)) == [i * i for i in range(10)]
+
+
+# --- worker set-up, aborts and fork (drop-in for loky)
+
+
+def set_initialized(status):
+    status[os.getpid()] = "initialized"
+
+
+def check_status(status):
+    return status.get(os.getpid())
+
+
+def blas_threads(_):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import numpy  # noqa: F401
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def sleep_or_fail(i):
+    if i == 0:
+        raise MyError("first task failed")
+    import time
+    time.sleep(30)
+    return i
+
+
+def test_initializer_through_parallel_with_a_manager_dict():
+    import multiprocessing
+    with multiprocessing.Manager() as mgr:
+        status = mgr.dict()
+        out = Parallel(n_jobs=2, backend="pmaprt", initializer=set_initialized,
+                       initargs=(status,))(delayed(check_status)(status) for _ in range(20))
+        assert out == ["initialized"] * 20
+        with parallel_config(backend="pmaprt", n_jobs=2, initializer=set_initialized,
+                             initargs=(status,)):
+            assert Parallel()(delayed(check_status)(status) for _ in range(4)) == ["initialized"] * 4
+        # The same set-up reuses the executor; another one replaces it.
+        ex = pj.executors()
+        Parallel(n_jobs=2, backend="pmaprt", initializer=set_initialized,
+                 initargs=(status,))(delayed(check_status)(status) for _ in range(4))
+        assert pj.executors() == ex
+        other = mgr.dict()
+        Parallel(n_jobs=2, backend="pmaprt", initializer=set_initialized,
+                 initargs=(other,))(delayed(check_status)(other) for _ in range(4))
+        assert pj.executors() != ex
+
+
+@pytest.mark.parametrize("inner", [None, 2])
+def test_inner_max_num_threads_caps_blas_in_workers(inner):
+    pytest.importorskip("threadpoolctl")
+    cores = pmaprt._options.CORES
+    with parallel_config(backend="pmaprt", inner_max_num_threads=inner):
+        out = Parallel(n_jobs=2)(delayed(blas_threads)(i) for i in range(2))
+    want = inner if inner is not None else max(1, cores // 2)
+    assert all(t and all(n == want for n in t) for t in out), out
+
+
+def test_an_error_stops_the_running_tasks_so_the_next_call_does_not_wait():
+    import time
+    Parallel(n_jobs=2, backend="pmaprt")(delayed(square)(i) for i in range(4))   # warm
+    with pytest.raises(MyError):
+        Parallel(n_jobs=2, backend="pmaprt", batch_size=1)(
+            delayed(sleep_or_fail)(i) for i in range(4))
+    t0 = time.monotonic()
+    assert Parallel(n_jobs=2, backend="pmaprt")(delayed(square)(i) for i in range(4)) == \
+        [0, 1, 4, 9]
+    # Behind the abandoned 30 s tasks it would take 30 s; a fresh executor
+    # starts in well under that even on a loaded machine.
+    assert time.monotonic() - t0 < 20
+
+
+FORK_CHILD_TIMEOUT_S = 60
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_backend_used_in_a_parent_then_in_a_forked_child():
+    import time
+    assert Parallel(n_jobs=2, backend="pmaprt")(delayed(square)(i) for i in range(6)) == \
+        [i * i for i in range(6)]
+    parent_pids = {pid for ex in pj.executors() for pid in ex.pids()}
+    pid = os.fork()
+    if pid == 0:    # the child: exits with 0 only if the backend works here
+        code = 1
+        try:
+            out = Parallel(n_jobs=2, backend="pmaprt")(delayed(where)(i) for i in range(6))
+            mine = {p for ex in pj.executors() for p in ex.pids()}
+            code = 0 if len(out) == 6 and not (set(out) & parent_pids) and mine else 2
+            pj.shutdown()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + FORK_CHILD_TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung using the joblib backend")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's executor still works.
+    assert Parallel(n_jobs=2, backend="pmaprt")(delayed(square)(i) for i in range(3)) == [0, 1, 4]

@@ -95,7 +95,11 @@ def pickle_oob(items):
         return False
 
     try:
-        return _serialize.TAG_PICKLE, pickle.dumps(items, 5, buffer_callback=cb), bufs
+        body = pickle.dumps(items, 5, buffer_callback=cb)
+        if not _serialize.names_main(body):
+            return _serialize.TAG_PICKLE, body, bufs
+        del bufs[:]     # objects of __main__: by value (see _serialize)
+        return _serialize.TAG_CLOUD, _serialize.cloudpickle().dumps(items, 5, buffer_callback=cb), bufs
     except Exception as first:
         del bufs[:]
         try:

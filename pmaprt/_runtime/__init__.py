@@ -5,6 +5,8 @@ step-by-step text; read them in this order:
 
 - `job`: the Job protocol, what the runtime calls on a map or a task;
 - `processes`: starting workers, noticing deaths and stuck items, replacing;
+- `startup`: a worker's set-up at spawn (environment, thread caps, authkey,
+  initializer) and its per-process state (`worker_state`);
 - `lent`: segments lent to workers over their sockets;
 - `board`: job slots, posting, finding and entering a job, retiring;
 - `wake`: sleep and wake-up both ways, and the hot spinner;
@@ -23,3 +25,4 @@ never the map layer or the public API above it.
 from .job import Job  # noqa: F401
 from .runtime import DEFAULT_MAX_JOBS, Runtime  # noqa: F401
 from .task import Task, encode  # noqa: F401
+from .startup import worker_rank, worker_state  # noqa: F401

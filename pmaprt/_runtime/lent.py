@@ -89,7 +89,10 @@ class Lender:
             self.wake_workers()  # the array was freed: idle workers drop their mapping now
 
     def _send(self, w, msg, fd=None):
-        """Queue a message for worker w and send what its socket takes now."""
+        """Queue a message for worker w and send what its socket takes now.
+        A worker not started yet gets every lent segment when it starts."""
+        if self._res.socks[w] is None:
+            return
         box = self._outbox[w]
         # A queued fd must outlive the segment's own (closed by unshare): dup it.
         box.append([_shm.frame(msg), [os.dup(fd)] if fd is not None else []])

@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 from .. import _arrays, _shm
 from .._errors import WorkerCrashedError, describe_exit, oom_hint
+from . import startup
 from .zygote import ZygoteClient
 from .._shm import (
     H_BOARD_SEQ, H_DEATHS, H_RESULTS_SEQ, H_SHUTDOWN, W_CLAIM, W_CUR_DONE, W_CUR_GEN, W_CUR_K, W_CUR_LO,
@@ -74,6 +75,7 @@ class WorkerStart(NamedTuple):
     sys_path: list
     seed: int
     max_items_per_worker: int
+    setup: startup.WorkerSetup     # authkey, initializer (startup.py)
 
 
 class _Spawner:
@@ -259,8 +261,8 @@ class Processes:
         self._timed_out = {}           # worker -> the item index it was killed for
         self.recycled = 0              # workers replaced after max_items_per_worker
 
-    def _spawn(self, w):
-        res = self._res
+    def _clear_area(self, w):
+        """Worker w's words as a worker that holds nothing (step 1)."""
         r = self._r
         area = self._layout.worker(w)
         r.store64(area + W_HEAD, 0)
@@ -271,9 +273,25 @@ class Processes:
         r.store64(area + W_CLAIM, 0)
         r.store32(area + W_SLOT, 0)
         r.store32(area + W_STATE, 0)
+
+    def start_worker(self):
+        """Start the next worker not started yet (a pool made with start= fewer
+        than its workers grows on demand); False when all are started."""
+        with self._lock:
+            self._check_open()
+            if self.started >= self.workers:
+                return False
+            self._spawn(self.started)
+            self.started += 1
+            return True
+
+    def _spawn(self, w):
+        res = self._res
+        self._clear_area(w)
         self._heads[w] = 0
         self._stall[w] = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        setup, setup_fds = self.startup.message()
         try:
             proc = self._start_process(w, theirs)
         finally:
@@ -283,7 +301,8 @@ class Processes:
         self._drop_outbox(w)
         try:
             _shm.send_msg(ours, WorkerStart(os.getpid(), self.workers, self._layout.nslots,
-                                            list(sys.path), self.seed, self.max_items_per_worker))
+                                            list(sys.path), self.seed, self.max_items_per_worker,
+                                            setup), fds=setup_fds)
         except OSError:
             # It died before its start message (a kill, the OOM killer): a
             # death like any other, seen by the next _check_workers, which
@@ -302,7 +321,7 @@ class Processes:
                 return proc
         cmd = [sys.executable, "-c", _WORKER_CMD, str(w), str(sock.fileno()), str(self._res.ctl.fd)]
         return _spawner.popen(cmd, pass_fds=(sock.fileno(), self._res.ctl.fd), close_fds=True,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, env=self.startup.child_env())
 
     def pids(self):
         return [p.pid for p in self._res.procs if p is not None]
@@ -314,6 +333,8 @@ class Processes:
         self._deaths_seen = self._r.load32(H_DEATHS)
         self._flush_all()
         for w, p in enumerate(self._res.procs):
+            if p is None:       # not started yet (Runtime(start=))
+                continue
             rc = p.poll()
             if rc is not None:
                 self._on_death(w, p, rc)
@@ -394,10 +415,13 @@ class Processes:
             # that cannot start at all fails on its own, with an exit code.
             if rc != -signal.SIGKILL:
                 self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES:
+            if rc == startup.INIT_FAILED_EXIT:
+                self._broken = startup.initializer_error(what, proc.pid, rc)
+            elif self._start_failures >= MAX_START_FAILURES:
                 self._broken = WorkerCrashedError(
                     "pmaprt: worker processes fail to start (%s); is the Python environment "
                     "importable from a fresh interpreter?" % what, proc.pid, rc)
+            if self._broken is not None:
                 for job in list(self._jobs.values()):
                     job.fail_here(self._broken)
                 return

@@ -9,7 +9,7 @@ drain) call each other through `self`, with no object in between.
 What a job may use of it: `_lock` (an RLock held around every change to the
 board and the rings), `_r` (the control Region), `_res` (`.ctl`, `.segs`),
 `_layout`, `_post`, `_retire`, `share`, `unshare`, `wait`, `wake_workers`,
-`workers`, `seed`, `max_items_per_worker`, `_broken`, `_closed`,
+`workers`, `seed`, `max_items_per_worker`, `startup`, `_broken`, `_closed`,
 `_check_open`, `terminate`, and for shared arrays `arrays`, `lend`, `apply`.
 """
 import threading
@@ -24,6 +24,7 @@ from .claims import Reconciler
 from .lent import Lender
 from .processes import Processes, _Resources, live_runtimes
 from .ring import RingReader
+from .startup import Startup
 from .task import TaskCaller
 from .wake import ParentWake
 
@@ -37,8 +38,11 @@ class Runtime(Processes, Lender, BoardPoster, RingReader, ParentWake, Reconciler
     work in. `run_map` (how a map is built) belongs to the layer above."""
 
     def __init__(self, workers=None, *, max_jobs=DEFAULT_MAX_JOBS, seed=0,
-                 max_items_per_worker=None):
+                 max_items_per_worker=None, initializer=None, initargs=(),
+                 threads_per_worker=None, start=None):
         n = check_workers(workers)
+        # What each worker gets at spawn: initializer, authkey, thread caps (startup.py).
+        self.startup = Startup(initializer, initargs, threads_per_worker, n)
         self.workers = n
         self.seed = seed
         self.max_items_per_worker = check_max_items(max_items_per_worker)
@@ -57,9 +61,15 @@ class Runtime(Processes, Lender, BoardPoster, RingReader, ParentWake, Reconciler
         self._init_rings(n)
         self.arrays = _arrays.PoolArrays(self)   # shared arrays lent to the workers, and pvm
         self._finalizer = weakref.finalize(self, res.terminate, False)
+        # start: workers started now; the rest on demand (start_worker), as
+        # the Executor starts them (None: all of them).
+        self.started = n if start is None else min(n, max(0, start))
         try:
             for w in range(n):
-                self._spawn(w)
+                if w < self.started:
+                    self._spawn(w)
+                else:
+                    self._clear_area(w)
         except BaseException:
             self.terminate()
             raise

@@ -88,13 +88,20 @@ def _small_buffers_inline(pb):
 def encode(fn, args, kwargs):
     """Step 1: the task's descriptor, or None when it must take the general path."""
     try:
-        desc = pickle.dumps((fn_bytes(fn), args, kwargs), _serialize.PROTOCOL,
+        fnb = fn_bytes(fn)
+        desc = pickle.dumps((fnb, args, kwargs), _serialize.PROTOCOL,
                             buffer_callback=_small_buffers_inline)
     except Exception:
         return None     # the general path pickles with cloudpickle, or names what fails
     if len(desc) > INLINE_DESC:
         return None
+    if _serialize.names_main(desc) and _main_count(desc) > _main_count(fnb):
+        return None     # an object of __main__ in the arguments: the general path sends it by value
     return desc
+
+
+def _main_count(data):
+    return data.count(b"__main__") + data.count(b"__mp_main__")
 
 
 class Task(Job):

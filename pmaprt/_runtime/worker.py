@@ -23,6 +23,7 @@ from .chunk import ChunkRunner
 from .claims import ClaimTaker
 from .lent import SegmentCache
 from .ring import RingWriter
+from .startup import prepare_worker
 from .task import TaskRunner
 from .wake import WorkerWake
 
@@ -120,7 +121,7 @@ def serve(rank, sock, ctl_fd, watch=None):
     IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        start, _ = recv_msg(sock)
+        start, fds = recv_msg(sock)
     except (EOFError, OSError):
         return 0        # the parent went before the start message
     sys.path[:] = start.sys_path
@@ -131,6 +132,7 @@ def serve(rank, sock, ctl_fd, watch=None):
     watch = start.parent_pid if watch is None else watch
     if os.getppid() != watch:
         return 0
+    prepare_worker(start.setup, fds, rank)   # authkey, initializer (startup.py)
     worker = Worker(rank, sock, start._replace(parent_pid=watch), ctl_fd)
     code = 0
     try:
