@@ -22,12 +22,14 @@ setup(
             extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-fvisibility=hidden"],
         )
     ],
-    install_requires=["numpy", "cloudpickle", "psutil"],
+    # threadpoolctl: the joblib backend's inner_max_num_threads on a given pool
+    install_requires=["numpy", "cloudpickle", "psutil", "threadpoolctl"],
     extras_require={
         # numba: tests/test_numpy.py counts its compilations per worker (skipped without it)
         "test": ["pytest", "hypothesis", "pytest-timeout", "joblib", "dask[distributed]",
                  "numba; python_version < '3.14'"],
-        "bench": ["joblib", "mpire", "matplotlib", "tqdm"],
+        # scikit-learn: tests/conformance/sklearn_check.py
+        "bench": ["joblib", "mpire", "matplotlib", "tqdm", "scikit-learn"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py", "numba"],
         "dask": ["dask[distributed]"],
         "joblib": ["joblib"],
