@@ -22,8 +22,9 @@ setup(
             extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-fvisibility=hidden"],
         )
     ],
-    # tqdm: progress=True's bar (small, pure Python: a dependency, not an extra)
-    install_requires=["numpy", "cloudpickle", "psutil", "tqdm"],
+    # tqdm: progress=True's bar (small, pure Python: a dependency, not an extra);
+    # threadpoolctl: the joblib backend's inner_max_num_threads on a given pool
+    install_requires=["numpy", "cloudpickle", "psutil", "tqdm", "threadpoolctl"],
     extras_require={
         # numba: tests/test_numpy.py counts its compilations per worker, and its CUDA
         # simulator runs the GPU path (skipped without it). CuPy and NCCL import without a

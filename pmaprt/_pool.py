@@ -18,7 +18,8 @@ class Pool(Runtime):
     several maps at once (several live iterators, or several threads), and
     single calls (`apply`) beside them. Its constructor is the runtime's:
     ``Pool(workers=None, *, max_jobs=32, seed=0, max_items_per_worker=None,
-    initializer=None, initargs=(), threads_per_worker=None)``.
+    initializer=None, initargs=(), threads_per_worker=None, start=None)``
+    (``start=k``: k workers start now, the others on ``start_worker()``).
 
     Worker set-up: each worker runs ``initializer(*initargs)`` once, before
     its first item (a worker whose initializer raises breaks the pool, as

@@ -14,7 +14,14 @@
   and work stealing run them. A batch is taken as soon as a runner is free, so
   a lone submit starts at once (no waiting to fill a batch).
 - Up to ``workers + 1`` batches are in flight, each on its own runner thread:
-  single long tasks submitted one by one still occupy every worker.
+  single long tasks submitted one by one still occupy every worker. Long
+  tasks are RUNNING at most ``workers + 1`` at a time (ProcessPoolExecutor's
+  call queue), so shutdown(cancel_futures=True) cancels the rest.
+- Workers start on demand: a submit reuses an idle worker or starts one
+  more, up to max_workers (as ProcessPoolExecutor's do).
+- Tasks are pickled one by one (arguments in the parent, results in the
+  worker): what cannot be pickled fails its own future with PicklingError;
+  a task or result that cannot be unpickled breaks the executor.
 - Results are pickled by ``call`` itself, in the worker, so an unpicklable
   result fails that task's future only (as ProcessPoolExecutor does), never
   the other tasks of its batch.
