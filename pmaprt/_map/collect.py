@@ -21,7 +21,7 @@ from .._errors import RemoteTraceback, ReturnedError, add_note
 from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_LIMIT, S_NEXT
 from .handoff import handoff
 from .inline import (INLINE_MIN_CHUNKS, PROBE_CLEAR_FACTOR, PROBE_CLOCK_STRIDE,
-                     PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_HANDOFF_S, PROBE_PIECE_S,
+                     PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_FIRST_SLACK_S, PROBE_HANDOFF_S, PROBE_PIECE_S,
                      PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail, rest_worth_inline)
 
 
@@ -176,7 +176,7 @@ class Collector:
                 # The start of a map over a list, tuple or range (see inline.PROBE_PIECE_S).
                 done, posted = yield from self._probe()
                 if posted is None:
-                    posted = done < job.n_input and job.start_after_probe(done, "inline+index")
+                    posted = done < job.n_input and job.start_after_probe(done, "probe+index")
                 if not posted:
                     if done < job.n_input:
                         yield InlineTail((job.fn, job.iterables[0], done, job.n_input))
@@ -345,13 +345,16 @@ class Collector:
         (index reached, whether the job for the rest was posted: None if
         it was not tried)."""
         job = self.job
-        h = handoff.arm(lambda: job.start_after_probe(1, "inline+index"), PROBE_HANDOFF_S)
+        h = handoff.arm(lambda: job.start_after_probe(1, "probe+index"), PROBE_HANDOFF_S)
+        t = time.perf_counter()
         try:
             yield InlineTail((job.fn, job.iterables[0], 0, 1))
         finally:
             posted, ok = handoff.disarm(h)
         if posted:
             return 1, ok
+        if time.perf_counter() - t > PROBE_CLEAR_FACTOR * job.probe_est + PROBE_FIRST_SLACK_S:
+            return 1, None      # the first item alone was far dearer: the workers take the rest
         done = yield from self._timed_inline(1, job.probe_est)
         return done, None
 

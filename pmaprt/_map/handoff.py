@@ -4,8 +4,8 @@ A map over a list, tuple or range starts by running its first item in the
 caller (inline.py). If that item turns out dear, the workers should not sit
 idle until it ends: one helper thread per process, armed before the item and
 disarmed after it, posts the job for the rest once the item has run
-PROBE_HANDOFF_S. Arming costs two stores, disarming a lock (no thread is
-started or woken per map while maps keep coming). The helper runs only the post (pickling the function, planning
+PROBE_HANDOFF_S. Arming costs a few stores, disarming a list pop (no lock,
+no thread started or woken per map while maps keep coming). The helper runs only the post (pickling the function, planning
 the input) while the caller's thread runs fn: the post holds the pool's lock
 as any post does; the caller reads the outcome after disarming.
 
@@ -20,17 +20,17 @@ _clock = time.monotonic
 
 
 # One armed handoff is a list (cheaper to make than an object, per map):
-# [post, deadline, state, result, error]; state: ARMED -> DISARMED, or
-# ARMED -> RUNNING -> RAN.
-POST, DEADLINE, STATE, RESULT, ERROR = range(5)
-ARMED, DISARMED, RUNNING, RAN = range(4)
+# [post, deadline, done, result, error], in a one-element box that the
+# helper and the caller both try to pop: list.pop is atomic, so exactly one
+# of them takes it, with no lock on the caller's path.
+POST, DEADLINE, DONE, RESULT, ERROR = range(5)
 
 
 class HandoffThread:
     """The process's helper (see the module's text). While maps come, it
     looks for an armed handoff every POLL_S; after IDLE_S without one it
     sleeps until an arm wakes it. So a map that arms while it is looking
-    costs two plain stores and a lock, and no thread switch."""
+    costs a few stores, and disarming a pop: no lock, no thread switch."""
 
     POLL_S = 0.001
     IDLE_S = 0.5
@@ -47,8 +47,9 @@ class HandoffThread:
 
     def arm(self, post, delay):
         """post() runs on the helper after `delay` seconds unless disarmed."""
-        h = [post, _clock() + delay, ARMED, None, None]
-        self._armed = h
+        h = [post, _clock() + delay, False, None, None]
+        box = [h]
+        self._armed = box
         if not self._active:
             with self._lock:
                 self._active = True
@@ -57,18 +58,19 @@ class HandoffThread:
                     threading.Thread(target=self._run, args=(self._cond,),
                                      name="pmaprt-handoff", daemon=True).start()
                 self._cond.notify()
-        return h
+        return box, h
 
-    def disarm(self, h):
+    def disarm(self, armed):
         """(posted, result): whether post() ran, and what it returned (its
         exception is raised here)."""
-        with self._lock:
-            if h[STATE] == ARMED:
-                h[STATE] = DISARMED
-                if self._armed is h:
-                    self._armed = None
-                return False, None
-            while h[STATE] == RUNNING:
+        box, h = armed
+        try:
+            box.pop()
+            return False, None
+        except IndexError:
+            pass            # the helper took it: wait for its post
+        with self._cond:
+            while not h[DONE]:
                 self._cond.wait()
         if h[ERROR] is not None:
             raise h[ERROR]
@@ -79,12 +81,12 @@ class HandoffThread:
         while True:
             with cond:
                 now = _clock()
-                h = self._armed
-                if h is None or h[STATE] != ARMED:
+                box = self._armed
+                if not box:
                     if now - seen > self.IDLE_S:
                         self._active = False
                         # an arm between the look above and this store: seen below
-                        if self._armed is None or self._armed[STATE] != ARMED:
+                        if not self._armed:
                             cond.wait()
                         self._active = True
                         seen = _clock()
@@ -92,17 +94,25 @@ class HandoffThread:
                         cond.wait(self.POLL_S)
                     continue
                 seen = now
+                try:
+                    h = box[0]
+                except IndexError:
+                    continue        # disarmed since the look above
                 if h[DEADLINE] > now:
                     cond.wait(min(self.POLL_S, h[DEADLINE] - now))
                     continue
-                self._armed = None
-                h[STATE] = RUNNING
+                try:
+                    box.pop()
+                except IndexError:
+                    continue        # the caller disarmed first
+                if self._armed is box:
+                    self._armed = None
             try:
                 h[RESULT] = h[POST]()
             except BaseException as e:
                 h[ERROR] = e
             with cond:
-                h[STATE] = RAN
+                h[DONE] = True
                 cond.notify_all()
 
 

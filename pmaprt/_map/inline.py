@@ -64,6 +64,14 @@ PROBE_STRIKES = 2
 # One piece this many times dearer than the break-even hands over at once:
 # a pause would have to last most of the piece many times over.
 PROBE_CLEAR_FACTOR = 8
+# The first item alone decides too: more than PROBE_CLEAR_FACTOR x the
+# break-even, plus this allowance, hands the rest to the workers at once
+# (else a short map of dear items would run here whole, in one piece). The
+# allowance covers what the timing of one item also catches: the consumer's
+# step, and the handoff thread waking for its first arm and taking the GIL
+# (tens to hundreds of microseconds on a loaded machine). Cheaper items are
+# judged by the pieces.
+PROBE_FIRST_SLACK_S = 2e-4
 PROBE_SLACK_S = 5e-5
 # A timed piece reads the clock after every item while items cost more than
 # PROBE_DEAR_ITEM_S, else after every PROBE_CLOCK_STRIDE-th: a longer stride
@@ -176,6 +184,10 @@ PROBE_WENC_S = 1e-7
 # gain in the workers (one worker): their overheads are small beside them,
 # and workers keep the caller free and a crash away from it.
 PROBE_MAX_ITEM_S = 1e-4
+# A piece's time includes the consumer's own step per item (its loop), and a
+# loaded machine's pauses: items count as dear past this many times the
+# break-even. Near the break-even either path costs about the same.
+PROBE_MARGIN = 2
 
 
 @functools.lru_cache(maxsize=None)

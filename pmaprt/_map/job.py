@@ -44,7 +44,7 @@ from .._stats import MapStats, WorkerStats
 from .._tuned import cached_chunksize
 from .collect import Collector, ResultBook, decode_record, record_bytes
 from .feed import Feeder
-from .inline import TAIL_TYPES, InlineTail, MapCosts, probe_item_s
+from .inline import PROBE_MARGIN, TAIL_TYPES, InlineTail, MapCosts, probe_item_s
 from .recovery import Recovery
 from .spmd import SpmdMap, spmd_shards
 from .window import Window
@@ -186,7 +186,7 @@ class MapState:
                 and type(iterables[0]) in TAIL_TYPES:
             # The first item here, then timed pieces while items are cheap:
             # no job until an item proves dear (inline.py, handoff.py).
-            self.probe, self.probe_est = True, probe_item_s(self.nwork)
+            self.probe, self.probe_est = True, PROBE_MARGIN * probe_item_s(self.nwork)
             self.n = self.n_input = len(iterables[0])
             self.feed_mode = False
             self.slot, self.off = None, None
