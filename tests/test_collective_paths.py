@@ -9,7 +9,6 @@ and rounded once. What comes back is a verdict and a digest of the bits.
 """
 import contextlib
 import hashlib
-import threading
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import pmaprt
 from pmaprt import Pool
 from pmaprt._collective import api, reduce as R
 from pmaprt._collective.segment import HD_SRC_SEG, MAX_SLOT_BYTES
+from test_collective import run as run_bounded   # list(it) in a thread, bounded
 
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 arrays need ml_dtypes")
 
@@ -33,23 +33,8 @@ def pool():
         yield p
 
 
-def run(it, timeout=TIMEOUT_S):
-    """list(it) in a thread; fails the test instead of hanging."""
-    box = {}
-
-    def target():
-        try:
-            box["v"] = list(it)
-        except BaseException as e:
-            box["e"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "the SPMD map did not finish within %g s" % timeout
-    if "e" in box:
-        raise box["e"]
-    return box["v"]
+def run(it):
+    return run_bounded(it, TIMEOUT_S)
 
 
 def make(seed, rank, n, dtype):
