@@ -107,18 +107,17 @@ class AsyncCuda:
             return sum(len(s.items) for s in self.streams)
 
 
-class AsyncEngine:
-    """The engine interface of pmaprt.gpu.engines over AsyncCuda and NumPy."""
+class EngineStandIn:
+    """What every stand-in engine shares: devices selected per thread, a log of
+    (device, op) in call order, the free memory it reports, device arrays as
+    ``DevArray``. Subclasses give the copies, events and launches."""
     name = "cupy"
 
-    def __init__(self, ndev=2, seed=0, eager=0.3, free=None, on_launch=None):
-        self.cuda = AsyncCuda(seed, eager)
-        self.ndev, self.free, self.on_launch = ndev, free, on_launch
+    def __init__(self, ndev=2, free=None):
+        self.ndev, self.free = ndev, free
         self.current = threading.local()
-        self.device_bytes = collections.Counter()     # bytes of device buffers, per device
-        self.log = []                                 # (device, op) in call order
+        self.log = []
         self.registered = []
-        self.at_unregister = None                     # (ops queued, GPU threads alive)
 
     def _dev(self):
         return getattr(self.current, "dev", 0)
@@ -142,6 +141,23 @@ class AsyncEngine:
 
     def free_memory(self, i):
         return self.free
+
+    def is_device_array(self, a):
+        return isinstance(a, DevArray)
+
+    def after_caller(self, stream):
+        pass
+
+
+class AsyncEngine(EngineStandIn):
+    """The engine interface of pmaprt.gpu.engines over AsyncCuda and NumPy."""
+
+    def __init__(self, ndev=2, seed=0, eager=0.3, free=None, on_launch=None):
+        super().__init__(ndev, free)
+        self.cuda = AsyncCuda(seed, eager)
+        self.on_launch = on_launch
+        self.device_bytes = collections.Counter()     # bytes of device buffers, per device
+        self.at_unregister = None                     # (ops queued, GPU threads alive)
 
     def stream(self):
         return self.cuda.new_stream(self._dev())
@@ -172,12 +188,6 @@ class AsyncEngine:
     def synchronize(self, event):
         self._note("wait")
         event.synchronize()
-
-    def after_caller(self, stream):
-        pass
-
-    def is_device_array(self, a):
-        return isinstance(a, DevArray)
 
     def is_c_contiguous(self, a):
         return a.flags.c_contiguous

@@ -26,6 +26,8 @@ from pmaprt import gpu
 from pmaprt.gpu import collective, dispatch, engines, forkguard, pipeline
 from pmaprt.gpu.ring import CupyLinks, HostLinks, ring_allreduce
 
+from _cuda_standins import DevArray, EngineStandIn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -683,36 +685,12 @@ def test_bench_gpu_workload_skips_cleanly_without_a_gpu(monkeypatch):
 
 
 # -- the pipeline's logic with a recording stand-in for the CUDA library -------------------
-class DevArray(np.ndarray):
-    """A NumPy array standing in for a device array."""
-
-
-class FakeEngine:
+class FakeEngine(EngineStandIn):
     """The engine interface of pmaprt.gpu.engines over NumPy: copies happen at once,
-    events are labels, and every operation is logged as (device, op, chunk start)."""
-    name = "cupy"
+    events are labels, and every operation is logged as (device, op)."""
 
-    def __init__(self, ndev=2, free=None):
-        self.ndev, self.free, self.log = ndev, free, []
-        self.current = threading.local()
-        self.registered = []
-
-    def device_count(self):
-        return self.ndev
-
-    def device(self, i):
-        eng = self
-
-        class Ctx:
-            def __enter__(self):
-                eng.current.dev = i
-
-            def __exit__(self, *a):
-                eng.current.dev = None
-        return Ctx()
-
-    def free_memory(self, i):
-        return self.free
+    def _dev(self):
+        return getattr(self.current, "dev", None)
 
     def stream(self):
         return types.SimpleNamespace(synchronize=lambda: None)
@@ -722,9 +700,6 @@ class FakeEngine:
 
     def empty(self, shape, dtype, stream):
         return np.empty(shape, dtype).view(DevArray)
-
-    def _note(self, op, a=None):
-        self.log.append((getattr(self.current, "dev", None), op))
 
     def h2d(self, dst, src, stream):
         dst[...] = src
@@ -740,14 +715,8 @@ class FakeEngine:
     def synchronize(self, event):
         self._note("wait")
 
-    def is_device_array(self, a):
-        return isinstance(a, DevArray)
-
     def device_of(self, a):
         return 0
-
-    def after_caller(self, stream):
-        pass
 
     def copy_into(self, dst, src, stream):
         dst[...] = src
