@@ -21,9 +21,9 @@ import time
 import psutil
 import pytest
 
+from _waits import wait_for
+
 SHM_DIR = "/dev/shm"
-# How long exiting workers get before a leftover counts as a leak.
-GRACE_S = 10.0
 STDLIB_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 FOREIGN_SHM_PREFIX = "sem."        # POSIX named semaphores
 FOREIGN_SHM_WORDS = ("loky", "joblib")
@@ -64,16 +64,6 @@ def describe(procs):
         except psutil.Error:
             out.append("pid %d (gone)" % p.pid)
     return out
-
-
-def wait_for(pred, timeout=GRACE_S, step=0.05):
-    """Poll pred() until it is true or timeout passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(step)
 
 
 @pytest.fixture(scope="session", autouse=True)

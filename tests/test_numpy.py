@@ -15,6 +15,8 @@ import pmaprt
 from pmaprt import Pool, pmap
 from pmaprt import _arrays
 
+from _waits import wait_for
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = 20_000          # float64 elements: 160 KB, over the out-of-band threshold
 SMALL = 100           # 800 B: stays inside the pickle
@@ -127,15 +129,6 @@ def memfd_maps(pid):
     """The pmaprt array/result memfd mappings of a process."""
     with open("/proc/%d/maps" % pid) as f:
         return [line.split()[-2] for line in f if "memfd:pmaprt-" in line]
-
-
-def wait_for(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(step)
 
 
 def no_array_memory(pool):
