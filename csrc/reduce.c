@@ -50,6 +50,7 @@
 
 enum { KIND_F32, KIND_F64, KIND_I32, KIND_I64, KIND_F16, KIND_BF16, NKINDS };
 enum { OP_SUM, OP_MIN, OP_MAX, NOPS };
+_Static_assert(NOPS == REDUCE_NOPS, "pmaprt.h's REDUCE_NOPS");
 
 static const int kind_size[NKINDS] = {4, 8, 4, 8, 2, 2};
 
@@ -262,6 +263,26 @@ reduce_any(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int op, d
 #endif
         reduce_half(dst, src, w, n, op, divisor, load_f16, store_f16);
         break;
+    }
+}
+
+/* ---- Shared with collective.c --------------------------------------------- */
+
+int
+reduce_kind_size(int kind)
+{
+    return kind >= 0 && kind < NKINDS ? kind_size[kind] : 0;
+}
+
+void
+reduce_run(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int op, double divisor)
+{
+    if (n * kind_size[kind] * w >= REDUCE_RELEASE_GIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        reduce_any(dst, src, w, n, kind, op, divisor, 0);
+        Py_END_ALLOW_THREADS
+    } else if (n > 0) {
+        reduce_any(dst, src, w, n, kind, op, divisor, 0);
     }
 }
 

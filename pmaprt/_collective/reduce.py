@@ -48,6 +48,9 @@ from .segment import (HALF, HD_SRC_OFF, HD_SRC_SEG, HD_STAMP, HEAD, L_FREE, L_PU
 _core = _shm.core()
 reduce_into = _core.reduce_into
 memcpy = _core.memcpy
+small_round = _core.small_round
+SMALL_WAIT_FREE, SMALL_MISMATCH = _core.SMALL_WAIT_FREE, _core.SMALL_MISMATCH
+SMALL_MAX_RANKS = _core.SMALL_MAX_RANKS
 
 # Fusion: many small arrays of one dtype are packed into buffers of at most this
 # many bytes, each reduced in one pass (Horovod's default threshold).
@@ -118,7 +121,7 @@ class ReduceRank(RankEndpoint):
             reduce_into(res, 0, (src,), (0,), n, kind, op, divisor)
             return
         isz = src.itemsize
-        if n * isz <= SMALL_BYTES:
+        if n * isz <= SMALL_BYTES and self.world <= SMALL_MAX_RANKS:
             self._small(src, res, n, stamp, kind, op, divisor)
             return
         per = self.slot_bytes // isz
@@ -155,32 +158,29 @@ class ReduceRank(RankEndpoint):
             self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
 
     def _small(self, src, res, n, stamp, kind, op, divisor):
-        """One round of `direct`, staged, as few Python steps as it takes (a
-        small call's time is these steps, not its bytes)."""
-        m = self.sent
-        j = m % self.slots
-        r = self.r
-        mask = MASK
-        target = (m + 1 - self.slots) & mask
-        for line in self.other_lines:
-            if ((r.load32(line + L_FREE) - target) & mask) >= HALF:
-                self._wait(line, L_FREE, target, "finish an earlier collective round")
-        head = self.stage[j][self.rank]
-        memcpy(self.mm, head + HEAD, src)
-        r.store64(head + HD_SRC_SEG, 0)
-        r.store64(head + HD_STAMP, stamp)
-        self.sent = m = m + 1
-        self.publish(L_PUB, m)
-        for line in self.other_lines:
-            if ((r.load32(line + L_PUB) - m) & mask) >= HALF:
-                self._wait(line, L_PUB, m, "publish its part")
-        heads = self.stage[j]
-        for q in self.others:
-            got = r.load64(heads[q] + HD_STAMP)
-            if got != stamp:
-                raise self._fail(self._mismatch(got, stamp, q))
-        reduce_into(res, 0, self.mms, self.stage_data[j], n, kind, op, divisor)
-        self.publish(L_FREE, m)
+        """One round of `direct`, staged, in one C call (small_round: a small
+        call's time is its steps, not its bytes). A wait longer than the spin
+        comes back here to sleep on the bell (and to see aborts)."""
+        m = (self.sent + 1) & MASK
+        heads = self.stage[self.sent % self.slots]
+        phase = 0
+        while True:
+            st = small_round(self.mm, src, res, heads, self.lines, self.rank, m, self.slots,
+                             stamp, kind, op, divisor, self.spin, phase)
+            if not st:
+                self.sent += 1 - phase
+                return
+            code, q = st & 0xFF, st >> 8
+            if code == SMALL_WAIT_FREE:
+                self._wait(self.lines[q], L_FREE, (m - self.slots) & MASK,
+                           "finish an earlier collective round", True)
+                continue
+            if phase == 0:
+                self.sent += 1   # published
+                phase = 1
+            if code == SMALL_MISMATCH:
+                raise self._fail(self._mismatch(self.r.load64(heads[q] + HD_STAMP), stamp, q))
+            self._wait(self.lines[q], L_PUB, m, "publish its part", True)
 
     # -- the steps of a round
 
@@ -245,21 +245,6 @@ class ReduceRank(RankEndpoint):
                 srcs[q] = self._peer_buf(seg)
                 offs[q] = r.load64(h + HD_SRC_OFF) + skip
         return tuple(srcs), tuple(offs)
-
-    def _gather(self, res, isz, m, j, lo, hi):
-        """Copy every rank's reduced slice of round m into res; publish FREE."""
-        self.wait_all(L_RED, m + 1, "reduce its slice")
-        w = self.world
-        buf = self.seg.buf
-        reds = self.red[j]
-        n = hi - lo
-        a = lo
-        for q in range(w):
-            b = lo + (n * (q + 1)) // w
-            if b > a:
-                memcpy(res, a * isz, buf[reds[q]: reds[q] + (b - a) * isz])
-            a = b
-        self.publish(L_FREE, m + 1)
 
     def _shared_place(self, src):
         """(segment id, byte offset) of src inside a shared array lent to

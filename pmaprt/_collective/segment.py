@@ -255,10 +255,11 @@ class RankEndpoint:
             if ((r.load32(line + field) - target) & MASK) >= HALF:
                 self._wait(line, field, target, what)
 
-    def _wait(self, line, field, target, what):
+    def _wait(self, line, field, target, what, spun=False):
+        """Wait for one rank's counter (steps 1-6 above); spun: the caller
+        has already spun for self.spin (straight to sleep)."""
         r = self.r
         off = line + field
-        spun = False
         slept = 0
         while True:
             b = r.load32(H_BELL)

@@ -1,0 +1,244 @@
+/*
+ * collective.c: a small all-reduce round over an SPMD map's collective
+ * segment in one call (pmaprt/_collective/segment.py has the layout and the
+ * protocol; reduce.py's `_small` drives this).
+ *
+ *   small_round(seg, src, dst, heads, lines, rank, m, slots, stamp,
+ *               kind, op, divisor, spin_ns, phase) -> status
+ *
+ * phase 0: wait until every other rank's FREE has reached m - slots, copy
+ *          src into this rank's stage slot (heads[rank] + HEAD), store its
+ *          stamp, PUB = m, ring; then phase 1.
+ * phase 1: wait until every other rank's PUB has reached m, compare their
+ *          stamps with `stamp`, reduce every rank's slot into dst in rank
+ *          order (reduce.c's kernel), FREE = m, ring.
+ * Status: SMALL_DONE (0), or (q << 8) | code: SMALL_WAIT_FREE (nothing
+ * published yet: wait for rank q's FREE, call again with phase 0),
+ * SMALL_WAIT_PUB (published: wait for rank q's PUB, call again with phase
+ * 1), SMALL_MISMATCH (rank q's stamp differs).
+ *
+ * A small call's time is its steps, not its bytes: in Python each step is a
+ * call of its own (about 5 us for the round). Here a wait only spins, for at
+ * most spin_ns, on the counters themselves, the GIL released; a longer wait
+ * returns to Python, whose wait sleeps on the segment's bell and sees aborts
+ * and ranks that left. The protocol is unchanged: the same words, written in
+ * the same order, as a round of reduce.py's `direct`.
+ */
+#include "pmaprt.h"
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+
+/* The segment's words (segment.py; tests/test_collective_paths.py checks that
+ * these match). */
+#define SEG_H_ABORT 12
+#define SEG_H_BELL 20
+#define SEG_H_SLEEPERS 40
+#define SEG_L_PUB 0
+#define SEG_L_FREE 8
+#define SEG_HEAD 64
+#define SEG_HD_STAMP 0
+#define SEG_HD_SRC_SEG 8
+
+enum { SMALL_DONE, SMALL_WAIT_FREE, SMALL_WAIT_PUB, SMALL_MISMATCH };
+
+/* Ranks read on the stack; a segment has at most this many ranks here
+ * (a larger world takes the Python path). */
+#define SMALL_MAX_RANKS 64
+/* The spin reads the clock once per this many pauses (a clock read costs far
+ * more than a pause). */
+#define SMALL_PAUSES_PER_CLOCK_READ 64
+
+static inline uint32_t *
+word32(char *base, Py_ssize_t off)
+{
+    return (uint32_t *)(base + off);
+}
+
+/* Counters compare modulo 2**32: v has reached target. */
+static inline int
+reached(uint32_t v, uint32_t target)
+{
+    return (uint32_t)(v - target) < UINT32_C(0x80000000);
+}
+
+/* The first other rank whose counter (line + field) has not reached target,
+ * or -1. */
+static int
+first_behind(char *base, const Py_ssize_t *lines, int w, int rank, int field, uint32_t target)
+{
+    for (int q = 0; q < w; q++)
+        if (q != rank
+                && !reached(__atomic_load_n(word32(base, lines[q] + field), __ATOMIC_SEQ_CST),
+                            target))
+            return q;
+    return -1;
+}
+
+/* Waits, spinning for at most spin_ns (GIL released), until every other
+ * rank's counter has reached target: -1, or the first rank still behind. An
+ * abort ends the spin early (the Python wait raises it). */
+static int
+spin_until(char *base, const Py_ssize_t *lines, int w, int rank, int field, uint32_t target,
+           long long spin_ns)
+{
+    int q = first_behind(base, lines, w, rank, field, target);
+    if (q < 0 || spin_ns <= 0) return q;
+    Py_BEGIN_ALLOW_THREADS
+    double end = now_s() + (double)spin_ns * 1e-9;
+    unsigned i = 0;
+    for (;;) {
+        cpu_relax();
+        if (!reached(__atomic_load_n(word32(base, lines[q] + field), __ATOMIC_SEQ_CST), target))
+        {
+            if ((++i & (SMALL_PAUSES_PER_CLOCK_READ - 1)) == 0
+                    && (now_s() >= end
+                        || __atomic_load_n(word32(base, SEG_H_ABORT), __ATOMIC_SEQ_CST)))
+                break;
+            continue;
+        }
+        q = first_behind(base, lines, w, rank, field, target);
+        if (q < 0) break;
+    }
+    Py_END_ALLOW_THREADS
+    return q;
+}
+
+/* Store this rank's counter and ring the bell (segment.py's publish). */
+static void
+publish(char *base, Py_ssize_t line, int field, uint32_t value)
+{
+    __atomic_store_n(word32(base, line + field), value, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(word32(base, SEG_H_BELL), 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(word32(base, SEG_H_SLEEPERS), __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, word32(base, SEG_H_BELL), FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* A tuple of w non-negative offsets, each with room for `width` bytes in a
+ * buffer of len bytes and aligned to 8: 0, or -1 with an error set. */
+static int
+offsets(PyObject *tup, int w, Py_ssize_t width, Py_ssize_t len, Py_ssize_t *out,
+        const char *what)
+{
+    if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != w) {
+        PyErr_Format(PyExc_TypeError, "small_round: %s must be a tuple of %d offsets", what, w);
+        return -1;
+    }
+    for (int q = 0; q < w; q++) {
+        Py_ssize_t o = PyLong_AsSsize_t(PyTuple_GET_ITEM(tup, q));
+        if (o == -1 && PyErr_Occurred()) return -1;
+        if (o < 0 || o % 8 || width > len - o) {
+            PyErr_Format(PyExc_IndexError, "small_round: %s[%d] = %zd is out of the segment "
+                         "or not 8-byte aligned", what, q, o);
+            return -1;
+        }
+        out[q] = o;
+    }
+    return 0;
+}
+
+PyObject *
+core_small_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("small_round", 14);
+    long long v[8];   /* rank, m, slots, stamp, kind, op, spin_ns, phase */
+    static const int at[8] = {5, 6, 7, 8, 9, 10, 12, 13};
+    for (int i = 0; i < 8; i++) {
+        v[i] = PyLong_AsLongLong(args[at[i]]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    double divisor = PyFloat_AsDouble(args[11]);
+    if (divisor == -1.0 && PyErr_Occurred()) return NULL;
+    int w = PyTuple_Check(args[4]) ? (int)PyTuple_GET_SIZE(args[4]) : 0;
+    int rank = (int)v[0], kind = (int)v[4], op = (int)v[5];
+    uint32_t m = (uint32_t)v[1], slots = (uint32_t)v[2];
+    if (w < 1 || w > SMALL_MAX_RANKS || rank < 0 || rank >= w || v[2] < 1
+            || reduce_kind_size(kind) == 0 || op < 0 || op >= REDUCE_NOPS || !(divisor > 0)) {
+        PyErr_Format(PyExc_ValueError, "small_round: bad world %d, rank %d, slots %lld, kind %d, "
+                     "op %d or divisor %g", w, rank, v[2], kind, op, divisor);
+        return NULL;
+    }
+    Py_buffer seg, src, dst;
+    if (PyObject_GetBuffer(args[0], &seg, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &src, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&seg);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&seg);
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    Py_ssize_t heads[SMALL_MAX_RANKS], lines[SMALL_MAX_RANKS];
+    int isz = reduce_kind_size(kind);
+    Py_ssize_t nbytes = src.len, n = nbytes / isz;
+    char *base = seg.buf;
+    if (nbytes % isz || dst.len != nbytes || (uintptr_t)dst.buf % isz
+            || (uintptr_t)src.buf % isz) {
+        PyErr_Format(PyExc_ValueError, "small_round: src (%zd bytes) and dst (%zd bytes) must "
+                     "be the same whole number of aligned %d-byte elements", nbytes, dst.len, isz);
+        goto done;
+    }
+    if (offsets(args[3], w, SEG_HEAD + nbytes, seg.len, heads, "heads") < 0
+            || offsets(args[4], w, 64, seg.len, lines, "lines") < 0)
+        goto done;
+    Py_ssize_t line = lines[rank], head = heads[rank];
+    int q;
+    if (v[7] == 0) {
+        q = spin_until(base, lines, w, rank, SEG_L_FREE, m - slots, v[6]);
+        if (q >= 0) {
+            ret = PyLong_FromLong(((long)q << 8) | SMALL_WAIT_FREE);
+            goto done;
+        }
+        memcpy(base + head + SEG_HEAD, src.buf, (size_t)nbytes);
+        __atomic_store_n((uint64_t *)(base + head + SEG_HD_SRC_SEG), 0, __ATOMIC_SEQ_CST);
+        __atomic_store_n((uint64_t *)(base + head + SEG_HD_STAMP), (uint64_t)v[3],
+                         __ATOMIC_SEQ_CST);
+        publish(base, line, SEG_L_PUB, m);
+    }
+    q = spin_until(base, lines, w, rank, SEG_L_PUB, m, v[6]);
+    if (q >= 0) {
+        ret = PyLong_FromLong(((long)q << 8) | SMALL_WAIT_PUB);
+        goto done;
+    }
+    char *srcs[SMALL_MAX_RANKS];
+    for (q = 0; q < w; q++) {
+        uint64_t got = __atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_STAMP),
+                                       __ATOMIC_SEQ_CST);
+        if (got != (uint64_t)v[3]) {
+            ret = PyLong_FromLong(((long)q << 8) | SMALL_MISMATCH);
+            goto done;
+        }
+        srcs[q] = base + heads[q] + SEG_HEAD;
+    }
+    reduce_run(dst.buf, srcs, w, n, kind, op, divisor);
+    publish(base, line, SEG_L_FREE, m);
+    ret = PyLong_FromLong(SMALL_DONE);
+done:
+    PyBuffer_Release(&seg);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+/* The status codes and the layout this file assumes, as module constants. */
+int
+collective_add_constants(PyObject *m)
+{
+    if (PyModule_AddIntConstant(m, "SMALL_DONE", SMALL_DONE) < 0
+            || PyModule_AddIntConstant(m, "SMALL_WAIT_FREE", SMALL_WAIT_FREE) < 0
+            || PyModule_AddIntConstant(m, "SMALL_WAIT_PUB", SMALL_WAIT_PUB) < 0
+            || PyModule_AddIntConstant(m, "SMALL_MISMATCH", SMALL_MISMATCH) < 0
+            || PyModule_AddIntConstant(m, "SMALL_MAX_RANKS", SMALL_MAX_RANKS) < 0)
+        return -1;
+    PyObject *layout = Py_BuildValue("(iiiiiiii)", SEG_H_ABORT, SEG_H_BELL, SEG_H_SLEEPERS,
+                                     SEG_L_PUB, SEG_L_FREE, SEG_HEAD, SEG_HD_STAMP,
+                                     SEG_HD_SRC_SEG);
+    if (!layout) return -1;
+    if (PyModule_AddObject(m, "SMALL_LAYOUT", layout) < 0) {
+        Py_DECREF(layout);
+        return -1;
+    }
+    return 0;
+}
