@@ -102,8 +102,8 @@ class ReduceRank(RankEndpoint):
         self.peer_bufs.clear()
 
     def reduce(self, src, res, kind, op, divisor=1.0):
-        """res = the reduction of every rank's src, divided by `divisor` (1-D,
-        C-contiguous, the same dtype; res may be src). kind, op: the kernel's
+        """res = the reduction of every rank's src, divided by `divisor`
+        (C-contiguous, the same dtype and size; res may be src). kind, op: the kernel's
         codes (KIND, OP_CODE)."""
         if self.broken is not None:
             raise CollectiveError("pmaprt: an earlier collective failed on this rank (%s); "
@@ -124,6 +124,8 @@ class ReduceRank(RankEndpoint):
         if n * isz <= SMALL_BYTES and self.world <= SMALL_MAX_RANKS:
             self._small(src, res, n, stamp, kind, op, divisor)
             return
+        if src.ndim != 1:
+            src, res = src.reshape(-1), res.reshape(-1)
         per = self.slot_bytes // isz
         bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
         direct = self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES
@@ -297,6 +299,57 @@ def leaf_array(x, i, op, as_dtype=None):
         a = a.astype(np.float64)
         kind = _core.REDUCE_F64
     return a, kind
+
+
+# (dtype, op, as_dtype) -> (kind, op code, mean, as uint16) for one array
+# that `reduce_array` takes as it is; False where the general path must
+# convert or raise. Kept small: dtypes, ops and as_dtype values are few.
+PLANS = {}
+PLANS_KEPT = 256
+
+
+def array_plan(dtype, op, as_dtype):
+    """The plan of a (dtype, op, as_dtype): see PLANS; cached."""
+    key = (dtype, op, as_dtype)
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = False
+        if op in OPS and (as_dtype is None or as_dtype in HALF_KIND):
+            kind = KIND.get(dtype)
+            if kind is None:
+                if dtype.name == "bfloat16" and dtype.itemsize == 2:
+                    kind = _core.REDUCE_BF16
+                elif dtype == U16 and as_dtype is not None:
+                    kind = HALF_KIND[as_dtype]
+            if kind is not None and (op != "mean" or kind in FLOAT_KINDS):
+                plan = (kind, OP_CODE[op], op == "mean", dtype.itemsize == 2 and dtype != U16)
+        if len(PLANS) >= PLANS_KEPT:
+            PLANS.clear()
+        PLANS[key] = plan
+    return plan
+
+
+def reduce_array(ctx, x, out, op, as_dtype):
+    """The all-reduce of one C-contiguous ndarray x by the shortest path (a
+    training step's common call), into out (or a new array): the result, or
+    None where x or out need the general path (a conversion, or an error to
+    raise)."""
+    plan = PLANS.get((x.dtype, op, as_dtype))
+    if plan is None:
+        plan = array_plan(x.dtype, op, as_dtype)
+    if not plan or not x.flags.c_contiguous:
+        return None
+    if out is None:
+        out = np.empty_like(x)
+    elif type(out) is not np.ndarray or out.dtype != x.dtype or out.shape != x.shape \
+            or not out.flags.carray:
+        return None
+    kind, code, mean, half = plan
+    if half:   # bfloat16 may lack a buffer format
+        ctx.reduce(x.view(U16), out.view(U16), kind, code, float(ctx.world) if mean else 1.0)
+    else:
+        ctx.reduce(x, out, kind, code, float(ctx.world) if mean else 1.0)
+    return out
 
 
 def check_as_dtype(as_dtype):
