@@ -1,9 +1,10 @@
 /*
- * collective.c: a small all-reduce round over an SPMD map's collective
- * segment in one call (pmaprt/_collective/segment.py has the layout and the
- * protocol; reduce.py's `_small` drives this).
+ * collective.c: one round of the direct all-reduce over an SPMD map's
+ * collective segment in one call (pmaprt/_collective/segment.py has the
+ * layout and the protocol; reduce.py's `_round` drives this, for every call
+ * that fits in one stage slot and is staged).
  *
- *   small_round(seg, src, dst, heads, lines, rank, m, slots, stamp,
+ *   direct_round(seg, src, dst, heads, lines, rank, m, slots, stamp,
  *               kind, op, divisor, spin_ns, phase) -> status
  *
  * phase 0: wait until every other rank's FREE has reached m - slots, copy
@@ -12,13 +13,13 @@
  * phase 1: wait until every other rank's PUB has reached m, compare their
  *          stamps with `stamp`, reduce every rank's slot into dst in rank
  *          order (reduce.c's kernel), FREE = m, ring.
- * Status: SMALL_DONE (0), or (q << 8) | code: SMALL_WAIT_FREE (nothing
+ * Status: ROUND_DONE (0), or (q << 8) | code: ROUND_WAIT_FREE (nothing
  * published yet: wait for rank q's FREE, call again with phase 0),
- * SMALL_WAIT_PUB (published: wait for rank q's PUB, call again with phase
- * 1), SMALL_MISMATCH (rank q's stamp differs).
+ * ROUND_WAIT_PUB (published: wait for rank q's PUB, call again with phase
+ * 1), ROUND_MISMATCH (rank q's stamp differs).
  *
  * A small call's time is its steps, not its bytes: in Python each step is a
- * call of its own (about 5 us for the round). Here a wait only spins, for at
+ * call of its own (about 5 us for the round, against 1 here). Here a wait only spins, for at
  * most spin_ns, on the counters themselves, the GIL released; a longer wait
  * returns to Python, whose wait sleeps on the segment's bell and sees aborts
  * and ranks that left. The protocol is unchanged: the same words, written in
@@ -40,14 +41,17 @@
 #define SEG_HD_STAMP 0
 #define SEG_HD_SRC_SEG 8
 
-enum { SMALL_DONE, SMALL_WAIT_FREE, SMALL_WAIT_PUB, SMALL_MISMATCH };
+/* Copies of fewer bytes than this keep the GIL (as _core.memcpy's). */
+#define ROUND_RELEASE_GIL_BYTES 65536
 
-/* Ranks read on the stack; a segment has at most this many ranks here
- * (a larger world takes the Python path). */
-#define SMALL_MAX_RANKS 64
+enum { ROUND_DONE, ROUND_WAIT_FREE, ROUND_WAIT_PUB, ROUND_MISMATCH, ROUND_IN_PLACE };
+
+/* Ranks read on the stack; a world larger than this takes the Python
+ * path. */
+#define ROUND_MAX_RANKS 64
 /* The spin reads the clock once per this many pauses (a clock read costs far
  * more than a pause). */
-#define SMALL_PAUSES_PER_CLOCK_READ 64
+#define ROUND_PAUSES_PER_CLOCK_READ 64
 
 static inline uint32_t *
 word32(char *base, Py_ssize_t off)
@@ -91,7 +95,7 @@ spin_until(char *base, const Py_ssize_t *lines, int w, int rank, int field, uint
         cpu_relax();
         if (!reached(__atomic_load_n(word32(base, lines[q] + field), __ATOMIC_SEQ_CST), target))
         {
-            if ((++i & (SMALL_PAUSES_PER_CLOCK_READ - 1)) == 0
+            if ((++i & (ROUND_PAUSES_PER_CLOCK_READ - 1)) == 0
                     && (now_s() >= end
                         || __atomic_load_n(word32(base, SEG_H_ABORT), __ATOMIC_SEQ_CST)))
                 break;
@@ -121,14 +125,14 @@ offsets(PyObject *tup, int w, Py_ssize_t width, Py_ssize_t len, Py_ssize_t *out,
         const char *what)
 {
     if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != w) {
-        PyErr_Format(PyExc_TypeError, "small_round: %s must be a tuple of %d offsets", what, w);
+        PyErr_Format(PyExc_TypeError, "direct_round: %s must be a tuple of %d offsets", what, w);
         return -1;
     }
     for (int q = 0; q < w; q++) {
         Py_ssize_t o = PyLong_AsSsize_t(PyTuple_GET_ITEM(tup, q));
         if (o == -1 && PyErr_Occurred()) return -1;
         if (o < 0 || o % 8 || width > len - o) {
-            PyErr_Format(PyExc_IndexError, "small_round: %s[%d] = %zd is out of the segment "
+            PyErr_Format(PyExc_IndexError, "direct_round: %s[%d] = %zd is out of the segment "
                          "or not 8-byte aligned", what, q, o);
             return -1;
         }
@@ -138,9 +142,9 @@ offsets(PyObject *tup, int w, Py_ssize_t width, Py_ssize_t len, Py_ssize_t *out,
 }
 
 PyObject *
-core_small_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+core_direct_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_NARGS("small_round", 14);
+    CHECK_NARGS("direct_round", 14);
     long long v[8];   /* rank, m, slots, stamp, kind, op, spin_ns, phase */
     static const int at[8] = {5, 6, 7, 8, 9, 10, 12, 13};
     for (int i = 0; i < 8; i++) {
@@ -152,9 +156,9 @@ core_small_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int w = PyTuple_Check(args[4]) ? (int)PyTuple_GET_SIZE(args[4]) : 0;
     int rank = (int)v[0], kind = (int)v[4], op = (int)v[5];
     uint32_t m = (uint32_t)v[1], slots = (uint32_t)v[2];
-    if (w < 1 || w > SMALL_MAX_RANKS || rank < 0 || rank >= w || v[2] < 1
+    if (w < 1 || w > ROUND_MAX_RANKS || rank < 0 || rank >= w || v[2] < 1
             || reduce_kind_size(kind) == 0 || op < 0 || op >= REDUCE_NOPS || !(divisor > 0)) {
-        PyErr_Format(PyExc_ValueError, "small_round: bad world %d, rank %d, slots %lld, kind %d, "
+        PyErr_Format(PyExc_ValueError, "direct_round: bad world %d, rank %d, slots %lld, kind %d, "
                      "op %d or divisor %g", w, rank, v[2], kind, op, divisor);
         return NULL;
     }
@@ -170,13 +174,13 @@ core_small_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *ret = NULL;
-    Py_ssize_t heads[SMALL_MAX_RANKS], lines[SMALL_MAX_RANKS];
+    Py_ssize_t heads[ROUND_MAX_RANKS], lines[ROUND_MAX_RANKS];
     int isz = reduce_kind_size(kind);
     Py_ssize_t nbytes = src.len, n = nbytes / isz;
     char *base = seg.buf;
     if (nbytes % isz || dst.len != nbytes || (uintptr_t)dst.buf % isz
             || (uintptr_t)src.buf % isz) {
-        PyErr_Format(PyExc_ValueError, "small_round: src (%zd bytes) and dst (%zd bytes) must "
+        PyErr_Format(PyExc_ValueError, "direct_round: src (%zd bytes) and dst (%zd bytes) must "
                      "be the same whole number of aligned %d-byte elements", nbytes, dst.len, isz);
         goto done;
     }
@@ -188,10 +192,16 @@ core_small_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (v[7] == 0) {
         q = spin_until(base, lines, w, rank, SEG_L_FREE, m - slots, v[6]);
         if (q >= 0) {
-            ret = PyLong_FromLong(((long)q << 8) | SMALL_WAIT_FREE);
+            ret = PyLong_FromLong(((long)q << 8) | ROUND_WAIT_FREE);
             goto done;
         }
-        memcpy(base + head + SEG_HEAD, src.buf, (size_t)nbytes);
+        if (nbytes >= ROUND_RELEASE_GIL_BYTES) {
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(base + head + SEG_HEAD, src.buf, (size_t)nbytes);
+            Py_END_ALLOW_THREADS
+        } else {
+            memcpy(base + head + SEG_HEAD, src.buf, (size_t)nbytes);
+        }
         __atomic_store_n((uint64_t *)(base + head + SEG_HD_SRC_SEG), 0, __ATOMIC_SEQ_CST);
         __atomic_store_n((uint64_t *)(base + head + SEG_HD_STAMP), (uint64_t)v[3],
                          __ATOMIC_SEQ_CST);
@@ -199,22 +209,27 @@ core_small_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     q = spin_until(base, lines, w, rank, SEG_L_PUB, m, v[6]);
     if (q >= 0) {
-        ret = PyLong_FromLong(((long)q << 8) | SMALL_WAIT_PUB);
+        ret = PyLong_FromLong(((long)q << 8) | ROUND_WAIT_PUB);
         goto done;
     }
-    char *srcs[SMALL_MAX_RANKS];
+    char *srcs[ROUND_MAX_RANKS];
     for (q = 0; q < w; q++) {
         uint64_t got = __atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_STAMP),
                                        __ATOMIC_SEQ_CST);
         if (got != (uint64_t)v[3]) {
-            ret = PyLong_FromLong(((long)q << 8) | SMALL_MISMATCH);
+            ret = PyLong_FromLong(((long)q << 8) | ROUND_MISMATCH);
             goto done;
         }
         srcs[q] = base + heads[q] + SEG_HEAD;
     }
+    for (q = 0; q < w; q++)
+        if (__atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_SRC_SEG), __ATOMIC_SEQ_CST)) {
+            ret = PyLong_FromLong(((long)q << 8) | ROUND_IN_PLACE);
+            goto done;
+        }
     reduce_run(dst.buf, srcs, w, n, kind, op, divisor);
     publish(base, line, SEG_L_FREE, m);
-    ret = PyLong_FromLong(SMALL_DONE);
+    ret = PyLong_FromLong(ROUND_DONE);
 done:
     PyBuffer_Release(&seg);
     PyBuffer_Release(&src);
@@ -226,17 +241,18 @@ done:
 int
 collective_add_constants(PyObject *m)
 {
-    if (PyModule_AddIntConstant(m, "SMALL_DONE", SMALL_DONE) < 0
-            || PyModule_AddIntConstant(m, "SMALL_WAIT_FREE", SMALL_WAIT_FREE) < 0
-            || PyModule_AddIntConstant(m, "SMALL_WAIT_PUB", SMALL_WAIT_PUB) < 0
-            || PyModule_AddIntConstant(m, "SMALL_MISMATCH", SMALL_MISMATCH) < 0
-            || PyModule_AddIntConstant(m, "SMALL_MAX_RANKS", SMALL_MAX_RANKS) < 0)
+    if (PyModule_AddIntConstant(m, "ROUND_DONE", ROUND_DONE) < 0
+            || PyModule_AddIntConstant(m, "ROUND_WAIT_FREE", ROUND_WAIT_FREE) < 0
+            || PyModule_AddIntConstant(m, "ROUND_WAIT_PUB", ROUND_WAIT_PUB) < 0
+            || PyModule_AddIntConstant(m, "ROUND_MISMATCH", ROUND_MISMATCH) < 0
+            || PyModule_AddIntConstant(m, "ROUND_IN_PLACE", ROUND_IN_PLACE) < 0
+            || PyModule_AddIntConstant(m, "ROUND_MAX_RANKS", ROUND_MAX_RANKS) < 0)
         return -1;
     PyObject *layout = Py_BuildValue("(iiiiiiii)", SEG_H_ABORT, SEG_H_BELL, SEG_H_SLEEPERS,
                                      SEG_L_PUB, SEG_L_FREE, SEG_HEAD, SEG_HD_STAMP,
                                      SEG_HD_SRC_SEG);
     if (!layout) return -1;
-    if (PyModule_AddObject(m, "SMALL_LAYOUT", layout) < 0) {
+    if (PyModule_AddObject(m, "ROUND_LAYOUT", layout) < 0) {
         Py_DECREF(layout);
         return -1;
     }

@@ -13,7 +13,8 @@ each byte 2(N-1) times in as many synchronised steps. `direct` has one
 synchronisation per round and each rank reads N stage slots; `split` has two,
 and each rank reads 2 rounds' worth. `direct` is used for two ranks and for
 small calls, `split` for the rest (DIRECT_BYTES); a call of at most SMALL_BYTES takes
-`direct` in one round by the shortest path (`_small`); bench/RESULTS.md has
+`direct` in one round by the shortest path (`_round`, one C call, as does any staged
+`direct` call that fits in one slot); bench/RESULTS.md has
 the measurements. Both run one round deep: a rank stages round m + 1 before it
 reduces round m, and (split) gathers round m - 1 after it has published its
 slice of round m, so that a rank a little behind delays the others less.
@@ -48,9 +49,10 @@ from .segment import (HALF, HD_SRC_OFF, HD_SRC_SEG, HD_STAMP, HEAD, L_FREE, L_PU
 _core = _shm.core()
 reduce_into = _core.reduce_into
 memcpy = _core.memcpy
-small_round = _core.small_round
-SMALL_WAIT_FREE, SMALL_MISMATCH = _core.SMALL_WAIT_FREE, _core.SMALL_MISMATCH
-SMALL_MAX_RANKS = _core.SMALL_MAX_RANKS
+direct_round = _core.direct_round
+ROUND_WAIT_FREE, ROUND_MISMATCH = _core.ROUND_WAIT_FREE, _core.ROUND_MISMATCH
+ROUND_IN_PLACE = _core.ROUND_IN_PLACE
+ROUND_MAX_RANKS = _core.ROUND_MAX_RANKS
 
 # Fusion: many small arrays of one dtype are packed into buffers of at most this
 # many bytes, each reduced in one pass (Horovod's default threshold).
@@ -62,8 +64,9 @@ FUSION_BYTES = 64 * 1024 * 1024
 DIRECT_BYTES = 256 * 1024
 DIRECT_RANKS = 2
 # Calls of at most this many bytes per rank always take `direct`, staged, in
-# one round (`_small`): below it, reading a shared input in place saves less
-# than checking for one costs. At most the smallest slot.
+# one round (`_round`): below it, reading a shared input in place saves less
+# than checking for one costs. At most the smallest slot. Larger calls that
+# fit in one slot, staged and `direct`, take `_round` too.
 SMALL_BYTES = 64 * 1024
 
 # Stamp hashes remembered per (kind, op, divisor, length): calls of ever new
@@ -121,17 +124,21 @@ class ReduceRank(RankEndpoint):
             reduce_into(res, 0, (src,), (0,), n, kind, op, divisor)
             return
         isz = src.itemsize
-        if n * isz <= SMALL_BYTES and self.world <= SMALL_MAX_RANKS:
-            self._small(src, res, n, stamp, kind, op, divisor)
+        nbytes = n * isz
+        w = self.world
+        # in place only where this rank's result does not overwrite its input
+        # while others may read it (direct writes a round as soon as it is reduced)
+        direct = w <= DIRECT_RANKS or nbytes * w <= DIRECT_BYTES or nbytes <= SMALL_BYTES
+        place = None
+        if nbytes > SMALL_BYTES and not (direct and np.may_share_memory(src, res)):
+            place = self._shared_place(src)
+        if place is None and direct and nbytes <= self.slot_bytes and w <= ROUND_MAX_RANKS:
+            self._round(src, res, stamp, kind, op, divisor)
             return
         if src.ndim != 1:
             src, res = src.reshape(-1), res.reshape(-1)
         per = self.slot_bytes // isz
         bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
-        direct = self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES
-        # in place only where this rank's result does not overwrite its input
-        # while others may read it (direct writes a round as soon as it is reduced)
-        place = None if direct and np.may_share_memory(src, res) else self._shared_place(src)
         # A pipeline one round deep: round i + 1 is staged before round i is
         # reduced, and (split) round i - 1 gathered after round i's slice is
         # published, so a rank a little behind the others holds nobody up.
@@ -159,29 +166,36 @@ class ReduceRank(RankEndpoint):
         elif place is not None:   # the caller may change src once this returns
             self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
 
-    def _small(self, src, res, n, stamp, kind, op, divisor):
-        """One round of `direct`, staged, in one C call (small_round: a small
-        call's time is its steps, not its bytes). A wait longer than the spin
-        comes back here to sleep on the bell (and to see aborts)."""
+    def _round(self, src, res, stamp, kind, op, divisor):
+        """A call of one round of `direct`, staged, in one C call
+        (direct_round): a small call's time is its steps, not its bytes. A
+        wait longer than the spin comes back here to sleep on the bell (and
+        to see aborts)."""
         m = (self.sent + 1) & MASK
-        heads = self.stage[self.sent % self.slots]
+        j = self.sent % self.slots
+        heads = self.stage[j]
         phase = 0
         while True:
-            st = small_round(self.mm, src, res, heads, self.lines, self.rank, m, self.slots,
+            st = direct_round(self.mm, src, res, heads, self.lines, self.rank, m, self.slots,
                              stamp, kind, op, divisor, self.spin, phase)
             if not st:
                 self.sent += 1 - phase
                 return
             code, q = st & 0xFF, st >> 8
-            if code == SMALL_WAIT_FREE:
+            if code == ROUND_WAIT_FREE:
                 self._wait(self.lines[q], L_FREE, (m - self.slots) & MASK,
                            "finish an earlier collective round", True)
                 continue
             if phase == 0:
                 self.sent += 1   # published
                 phase = 1
-            if code == SMALL_MISMATCH:
+            if code == ROUND_MISMATCH:
                 raise self._fail(self._mismatch(self.r.load64(heads[q] + HD_STAMP), stamp, q))
+            if code == ROUND_IN_PLACE:   # another rank's input is read where it is
+                srcs, offs = self._sources(j, 0)
+                reduce_into(res, 0, srcs, offs, src.size, kind, op, divisor)
+                self.publish(L_FREE, m)
+                return
             self._wait(self.lines[q], L_PUB, m, "publish its part", True)
 
     # -- the steps of a round
