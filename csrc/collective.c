@@ -1,29 +1,36 @@
 /*
- * collective.c: one round of the direct all-reduce over an SPMD map's
- * collective segment in one call (pmaprt/_collective/segment.py has the
+ * collective.c: a call of one round of the all-reduce over an SPMD map's
+ * collective segment, in one C call (pmaprt/_collective/segment.py has the
  * layout and the protocol; reduce.py's `_round` drives this, for every call
  * that fits in one stage slot and is staged).
  *
- *   direct_round(seg, src, dst, heads, lines, rank, m, slots, stamp,
- *               kind, op, divisor, spin_ns, phase) -> status
+ *   one_round(seg, src, dst, heads, reds, lines, rank, m, slots, stamp,
+ *             kind, op, divisor, spin_ns, phase) -> status
  *
+ * reds None: `direct`; a tuple of every rank's red slot: `split`, where rank
+ * q reduces elements [n q / W, n (q + 1) / W) (slice q).
  * phase 0: wait until every other rank's FREE has reached m - slots, copy
- *          src into this rank's stage slot (heads[rank] + HEAD), store its
- *          stamp, PUB = m, ring; then phase 1.
+ *          src into this rank's stage slot (heads[rank] + HEAD; split: all
+ *          but its own slice, which it reads from src), store its stamp,
+ *          PUB = m, ring.
  * phase 1: wait until every other rank's PUB has reached m, compare their
- *          stamps with `stamp`, reduce every rank's slot into dst in rank
- *          order (reduce.c's kernel), FREE = m, ring.
+ *          stamps with `stamp`; direct: reduce every rank's slot into dst in
+ *          rank order (reduce.c's kernel), FREE = m, ring, done. split:
+ *          reduce slice `rank` into this rank's red slot, RED = m, ring.
+ * phase 2: (split) wait until every other rank's RED has reached m, copy
+ *          every red slot into its slice of dst, FREE = m, ring.
  * Status: ROUND_DONE (0), or (q << 8) | code: ROUND_WAIT_FREE (nothing
  * published yet: wait for rank q's FREE, call again with phase 0),
- * ROUND_WAIT_PUB (published: wait for rank q's PUB, call again with phase
- * 1), ROUND_MISMATCH (rank q's stamp differs).
+ * ROUND_WAIT_PUB / ROUND_WAIT_RED (wait for rank q's PUB / RED, call again
+ * with phase 1 / 2), ROUND_MISMATCH (rank q's stamp differs),
+ * ROUND_IN_PLACE (the stamps match, but rank q's input is a shared array
+ * read in place: the caller reduces from phase 1 on).
  *
- * A small call's time is its steps, not its bytes: in Python each step is a
- * call of its own (about 5 us for the round, against 1 here). Here a wait only spins, for at
- * most spin_ns, on the counters themselves, the GIL released; a longer wait
- * returns to Python, whose wait sleeps on the segment's bell and sees aborts
- * and ranks that left. The protocol is unchanged: the same words, written in
- * the same order, as a round of reduce.py's `direct`.
+ * A call's steps cost about 1 us here against about 5-20 us as Python calls.
+ * A wait only spins, for at most spin_ns, on the counters themselves, the
+ * GIL released; a longer wait returns to Python, whose wait sleeps on the
+ * segment's bell and sees aborts and ranks that left. The words are written
+ * in the same order as reduce.py's rounds write them.
  */
 #include "pmaprt.h"
 
@@ -36,6 +43,7 @@
 #define SEG_H_BELL 20
 #define SEG_H_SLEEPERS 40
 #define SEG_L_PUB 0
+#define SEG_L_RED 4
 #define SEG_L_FREE 8
 #define SEG_HEAD 64
 #define SEG_HD_STAMP 0
@@ -44,7 +52,8 @@
 /* Copies of fewer bytes than this keep the GIL (as _core.memcpy's). */
 #define ROUND_RELEASE_GIL_BYTES 65536
 
-enum { ROUND_DONE, ROUND_WAIT_FREE, ROUND_WAIT_PUB, ROUND_MISMATCH, ROUND_IN_PLACE };
+enum { ROUND_DONE, ROUND_WAIT_FREE, ROUND_WAIT_PUB, ROUND_WAIT_RED, ROUND_MISMATCH,
+       ROUND_IN_PLACE };
 
 /* Ranks read on the stack; a world larger than this takes the Python
  * path. */
@@ -125,14 +134,14 @@ offsets(PyObject *tup, int w, Py_ssize_t width, Py_ssize_t len, Py_ssize_t *out,
         const char *what)
 {
     if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != w) {
-        PyErr_Format(PyExc_TypeError, "direct_round: %s must be a tuple of %d offsets", what, w);
+        PyErr_Format(PyExc_TypeError, "one_round: %s must be a tuple of %d offsets", what, w);
         return -1;
     }
     for (int q = 0; q < w; q++) {
         Py_ssize_t o = PyLong_AsSsize_t(PyTuple_GET_ITEM(tup, q));
         if (o == -1 && PyErr_Occurred()) return -1;
         if (o < 0 || o % 8 || width > len - o) {
-            PyErr_Format(PyExc_IndexError, "direct_round: %s[%d] = %zd is out of the segment "
+            PyErr_Format(PyExc_IndexError, "one_round: %s[%d] = %zd is out of the segment "
                          "or not 8-byte aligned", what, q, o);
             return -1;
         }
@@ -141,25 +150,40 @@ offsets(PyObject *tup, int w, Py_ssize_t width, Py_ssize_t len, Py_ssize_t *out,
     return 0;
 }
 
-PyObject *
-core_direct_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+/* Copies n bytes, the GIL released for large copies. */
+static void
+copy_bytes(char *d, const char *s, Py_ssize_t n)
 {
-    CHECK_NARGS("direct_round", 14);
+    if (n >= ROUND_RELEASE_GIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(d, s, (size_t)n);
+        Py_END_ALLOW_THREADS
+    } else if (n > 0) {
+        memcpy(d, s, (size_t)n);
+    }
+}
+
+PyObject *
+core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS("one_round", 15);
     long long v[8];   /* rank, m, slots, stamp, kind, op, spin_ns, phase */
-    static const int at[8] = {5, 6, 7, 8, 9, 10, 12, 13};
+    static const int at[8] = {6, 7, 8, 9, 10, 11, 13, 14};
     for (int i = 0; i < 8; i++) {
         v[i] = PyLong_AsLongLong(args[at[i]]);
         if (v[i] == -1 && PyErr_Occurred()) return NULL;
     }
-    double divisor = PyFloat_AsDouble(args[11]);
+    double divisor = PyFloat_AsDouble(args[12]);
     if (divisor == -1.0 && PyErr_Occurred()) return NULL;
-    int w = PyTuple_Check(args[4]) ? (int)PyTuple_GET_SIZE(args[4]) : 0;
-    int rank = (int)v[0], kind = (int)v[4], op = (int)v[5];
+    int w = PyTuple_Check(args[5]) ? (int)PyTuple_GET_SIZE(args[5]) : 0;
+    int rank = (int)v[0], kind = (int)v[4], op = (int)v[5], phase = (int)v[7];
+    int split = args[4] != Py_None;
     uint32_t m = (uint32_t)v[1], slots = (uint32_t)v[2];
     if (w < 1 || w > ROUND_MAX_RANKS || rank < 0 || rank >= w || v[2] < 1
-            || reduce_kind_size(kind) == 0 || op < 0 || op >= REDUCE_NOPS || !(divisor > 0)) {
-        PyErr_Format(PyExc_ValueError, "direct_round: bad world %d, rank %d, slots %lld, kind %d, "
-                     "op %d or divisor %g", w, rank, v[2], kind, op, divisor);
+            || reduce_kind_size(kind) == 0 || op < 0 || op >= REDUCE_NOPS || !(divisor > 0)
+            || phase < 0 || phase > 2) {
+        PyErr_Format(PyExc_ValueError, "one_round: bad world %d, rank %d, slots %lld, kind %d, "
+                     "op %d, divisor %g or phase %d", w, rank, v[2], kind, op, divisor, phase);
         return NULL;
     }
     Py_buffer seg, src, dst;
@@ -174,60 +198,85 @@ core_direct_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *ret = NULL;
-    Py_ssize_t heads[ROUND_MAX_RANKS], lines[ROUND_MAX_RANKS];
+    Py_ssize_t heads[ROUND_MAX_RANKS], reds[ROUND_MAX_RANKS], lines[ROUND_MAX_RANKS];
+    Py_ssize_t cut[ROUND_MAX_RANKS + 1];   /* split: rank q reduces bytes [cut[q], cut[q+1]) */
     int isz = reduce_kind_size(kind);
     Py_ssize_t nbytes = src.len, n = nbytes / isz;
     char *base = seg.buf;
     if (nbytes % isz || dst.len != nbytes || (uintptr_t)dst.buf % isz
             || (uintptr_t)src.buf % isz) {
-        PyErr_Format(PyExc_ValueError, "direct_round: src (%zd bytes) and dst (%zd bytes) must "
+        PyErr_Format(PyExc_ValueError, "one_round: src (%zd bytes) and dst (%zd bytes) must "
                      "be the same whole number of aligned %d-byte elements", nbytes, dst.len, isz);
         goto done;
     }
+    for (int q = 0; q <= w; q++) cut[q] = (n * q) / w * isz;
     if (offsets(args[3], w, SEG_HEAD + nbytes, seg.len, heads, "heads") < 0
-            || offsets(args[4], w, 64, seg.len, lines, "lines") < 0)
+            || offsets(args[5], w, 64, seg.len, lines, "lines") < 0
+            || (split && offsets(args[4], w, (n + w - 1) / w * isz, seg.len, reds, "reds") < 0))
         goto done;
     Py_ssize_t line = lines[rank], head = heads[rank];
+    Py_ssize_t a = split ? cut[rank] : 0, b = split ? cut[rank + 1] : nbytes;
     int q;
-    if (v[7] == 0) {
+    if (phase == 0) {
         q = spin_until(base, lines, w, rank, SEG_L_FREE, m - slots, v[6]);
         if (q >= 0) {
             ret = PyLong_FromLong(((long)q << 8) | ROUND_WAIT_FREE);
             goto done;
         }
-        if (nbytes >= ROUND_RELEASE_GIL_BYTES) {
-            Py_BEGIN_ALLOW_THREADS
-            memcpy(base + head + SEG_HEAD, src.buf, (size_t)nbytes);
-            Py_END_ALLOW_THREADS
+        /* split: the slice this rank reduces itself is read from src, not staged */
+        char *slot = base + head + SEG_HEAD;
+        if (split) {
+            copy_bytes(slot, src.buf, a);
+            copy_bytes(slot + b, (char *)src.buf + b, nbytes - b);
         } else {
-            memcpy(base + head + SEG_HEAD, src.buf, (size_t)nbytes);
+            copy_bytes(slot, src.buf, nbytes);
         }
         __atomic_store_n((uint64_t *)(base + head + SEG_HD_SRC_SEG), 0, __ATOMIC_SEQ_CST);
         __atomic_store_n((uint64_t *)(base + head + SEG_HD_STAMP), (uint64_t)v[3],
                          __ATOMIC_SEQ_CST);
         publish(base, line, SEG_L_PUB, m);
+        phase = 1;
     }
-    q = spin_until(base, lines, w, rank, SEG_L_PUB, m, v[6]);
+    if (phase == 1) {
+        q = spin_until(base, lines, w, rank, SEG_L_PUB, m, v[6]);
+        if (q >= 0) {
+            ret = PyLong_FromLong(((long)q << 8) | ROUND_WAIT_PUB);
+            goto done;
+        }
+        char *srcs[ROUND_MAX_RANKS];
+        for (q = 0; q < w; q++) {
+            uint64_t got = __atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_STAMP),
+                                           __ATOMIC_SEQ_CST);
+            if (got != (uint64_t)v[3]) {
+                ret = PyLong_FromLong(((long)q << 8) | ROUND_MISMATCH);
+                goto done;
+            }
+            srcs[q] = base + heads[q] + SEG_HEAD + a;
+        }
+        for (q = 0; q < w; q++)
+            if (__atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_SRC_SEG),
+                                __ATOMIC_SEQ_CST)) {
+                ret = PyLong_FromLong(((long)q << 8) | ROUND_IN_PLACE);
+                goto done;
+            }
+        if (!split) {
+            reduce_run(dst.buf, srcs, w, n, kind, op, divisor);
+            publish(base, line, SEG_L_FREE, m);
+            ret = PyLong_FromLong(ROUND_DONE);
+            goto done;
+        }
+        srcs[rank] = (char *)src.buf + a;
+        reduce_run(base + reds[rank], srcs, w, (b - a) / isz, kind, op, divisor);
+        publish(base, line, SEG_L_RED, m);
+    }
+    /* split: every rank's reduced slice into dst */
+    q = spin_until(base, lines, w, rank, SEG_L_RED, m, v[6]);
     if (q >= 0) {
-        ret = PyLong_FromLong(((long)q << 8) | ROUND_WAIT_PUB);
+        ret = PyLong_FromLong(((long)q << 8) | ROUND_WAIT_RED);
         goto done;
     }
-    char *srcs[ROUND_MAX_RANKS];
-    for (q = 0; q < w; q++) {
-        uint64_t got = __atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_STAMP),
-                                       __ATOMIC_SEQ_CST);
-        if (got != (uint64_t)v[3]) {
-            ret = PyLong_FromLong(((long)q << 8) | ROUND_MISMATCH);
-            goto done;
-        }
-        srcs[q] = base + heads[q] + SEG_HEAD;
-    }
     for (q = 0; q < w; q++)
-        if (__atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_SRC_SEG), __ATOMIC_SEQ_CST)) {
-            ret = PyLong_FromLong(((long)q << 8) | ROUND_IN_PLACE);
-            goto done;
-        }
-    reduce_run(dst.buf, srcs, w, n, kind, op, divisor);
+        copy_bytes((char *)dst.buf + cut[q], base + reds[q], cut[q + 1] - cut[q]);
     publish(base, line, SEG_L_FREE, m);
     ret = PyLong_FromLong(ROUND_DONE);
 done:
@@ -244,12 +293,13 @@ collective_add_constants(PyObject *m)
     if (PyModule_AddIntConstant(m, "ROUND_DONE", ROUND_DONE) < 0
             || PyModule_AddIntConstant(m, "ROUND_WAIT_FREE", ROUND_WAIT_FREE) < 0
             || PyModule_AddIntConstant(m, "ROUND_WAIT_PUB", ROUND_WAIT_PUB) < 0
+            || PyModule_AddIntConstant(m, "ROUND_WAIT_RED", ROUND_WAIT_RED) < 0
             || PyModule_AddIntConstant(m, "ROUND_MISMATCH", ROUND_MISMATCH) < 0
             || PyModule_AddIntConstant(m, "ROUND_IN_PLACE", ROUND_IN_PLACE) < 0
             || PyModule_AddIntConstant(m, "ROUND_MAX_RANKS", ROUND_MAX_RANKS) < 0)
         return -1;
-    PyObject *layout = Py_BuildValue("(iiiiiiii)", SEG_H_ABORT, SEG_H_BELL, SEG_H_SLEEPERS,
-                                     SEG_L_PUB, SEG_L_FREE, SEG_HEAD, SEG_HD_STAMP,
+    PyObject *layout = Py_BuildValue("(iiiiiiiii)", SEG_H_ABORT, SEG_H_BELL, SEG_H_SLEEPERS,
+                                     SEG_L_PUB, SEG_L_RED, SEG_L_FREE, SEG_HEAD, SEG_HD_STAMP,
                                      SEG_HD_SRC_SEG);
     if (!layout) return -1;
     if (PyModule_AddObject(m, "ROUND_LAYOUT", layout) < 0) {

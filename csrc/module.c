@@ -9,7 +9,7 @@
  *   set_pdeathsig(sig)    prctl(PR_SET_PDEATHSIG): a worker dies with its parent
  *   the module functions of buffers.c: memcpy, populate, vm_read,
  *   buffer_address; of reduce.c: reduce_into and its REDUCE_* constants; of
- *   collective.c: direct_round and its ROUND_* constants
+ *   collective.c: one_round and its ROUND_* constants
  *
  * The types: Region (region.c, with its range methods in ranges.c), Mapping
  * (mapping.c), Results and PieceBudget (results.c). pmaprt/_core.pyi gives
@@ -47,9 +47,10 @@ static PyMethodDef core_methods[] = {
     {"reduce_into", (PyCFunction)(void (*)(void))core_reduce_into, METH_FASTCALL,
      "reduce_into(dst, dst_off, srcs, offs, n, kind, op, divisor, generic=False): "
      "dst = the element-wise reduction of the sources, in order, GIL released"},
-    {"direct_round", (PyCFunction)(void (*)(void))core_direct_round, METH_FASTCALL,
-     "direct_round(seg, src, dst, heads, lines, rank, m, slots, stamp, kind, op, divisor, "
-     "spin_ns, phase) -> status: one round of the direct all-reduce over a collective segment"},
+    {"one_round", (PyCFunction)(void (*)(void))core_one_round, METH_FASTCALL,
+     "one_round(seg, src, dst, heads, reds, lines, rank, m, slots, stamp, kind, op, divisor, "
+     "spin_ns, phase) -> status: a call of one round of the all-reduce (direct, or split "
+     "with reds) over a collective segment"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,7 +13,7 @@
  *   populate_pages                       (buffers.c)
  *   core_memcpy, core_populate, core_vm_read, core_buffer_address (buffers.c)
  *   reduce_kind_size, reduce_run         (reduce.c)
- *   core_direct_round                     (collective.c)
+ *   core_one_round                     (collective.c)
  *   Region_spec, Mapping_spec, Results_spec, PieceBudget_spec
  *
  * Each type is made from its spec per module (PyType_FromModuleAndSpec) and
@@ -136,7 +136,7 @@ void reduce_run(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int 
 
 /* ---- The collective's small round (collective.c) ------------------------- */
 
-PyObject *core_direct_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 /* Adds the ROUND_* status codes and ROUND_LAYOUT to the module: 0, or -1. */
 int collective_add_constants(PyObject *m);
 

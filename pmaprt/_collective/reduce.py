@@ -49,9 +49,9 @@ from .segment import (HALF, HD_SRC_OFF, HD_SRC_SEG, HD_STAMP, HEAD, L_FREE, L_PU
 _core = _shm.core()
 reduce_into = _core.reduce_into
 memcpy = _core.memcpy
-direct_round = _core.direct_round
+one_round = _core.one_round
 ROUND_WAIT_FREE, ROUND_MISMATCH = _core.ROUND_WAIT_FREE, _core.ROUND_MISMATCH
-ROUND_IN_PLACE = _core.ROUND_IN_PLACE
+ROUND_WAIT_PUB, ROUND_WAIT_RED = _core.ROUND_WAIT_PUB, _core.ROUND_WAIT_RED
 ROUND_MAX_RANKS = _core.ROUND_MAX_RANKS
 
 # Fusion: many small arrays of one dtype are packed into buffers of at most this
@@ -132,8 +132,8 @@ class ReduceRank(RankEndpoint):
         place = None
         if nbytes > SMALL_BYTES and not (direct and np.may_share_memory(src, res)):
             place = self._shared_place(src)
-        if place is None and direct and nbytes <= self.slot_bytes and w <= ROUND_MAX_RANKS:
-            self._round(src, res, stamp, kind, op, divisor)
+        if place is None and nbytes <= self.slot_bytes and w <= ROUND_MAX_RANKS:
+            self._round(src, res, stamp, kind, op, divisor, direct)
             return
         if src.ndim != 1:
             src, res = src.reshape(-1), res.reshape(-1)
@@ -142,10 +142,10 @@ class ReduceRank(RankEndpoint):
         # A pipeline one round deep: round i + 1 is staged before round i is
         # reduced, and (split) round i - 1 gathered after round i's slice is
         # published, so a rank a little behind the others holds nobody up.
-        rounds = [self._put(src, *bounds[0], isz, stamp, place)]
+        rounds = [self._put(src, *bounds[0], isz, stamp, place, direct)]
         for i, (lo, hi) in enumerate(bounds):
             if i + 1 < len(bounds):
-                rounds.append(self._put(src, *bounds[i + 1], isz, stamp, place))
+                rounds.append(self._put(src, *bounds[i + 1], isz, stamp, place, direct))
             m, j = rounds[i]
             self._take(m, j, stamp)
             if direct:
@@ -153,11 +153,7 @@ class ReduceRank(RankEndpoint):
                 reduce_into(res, lo * isz, srcs, offs, hi - lo, kind, op, divisor)
                 self.publish(L_FREE, m + 1)
                 continue
-            w, rank = self.world, self.rank
-            a = lo + ((hi - lo) * rank) // w
-            b = lo + ((hi - lo) * (rank + 1)) // w
-            srcs, offs = self._sources(j, (a - lo) * isz)
-            reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
+            self._reduce_slice(src, place, j, lo, hi, isz, kind, op, divisor)
             self.publish(L_RED, m + 1)
             if i:
                 self._gather(res, isz, *rounds[i - 1], *bounds[i - 1])
@@ -166,20 +162,21 @@ class ReduceRank(RankEndpoint):
         elif place is not None:   # the caller may change src once this returns
             self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
 
-    def _round(self, src, res, stamp, kind, op, divisor):
-        """A call of one round of `direct`, staged, in one C call
-        (direct_round): a small call's time is its steps, not its bytes. A
-        wait longer than the spin comes back here to sleep on the bell (and
+    def _round(self, src, res, stamp, kind, op, divisor, direct):
+        """A call of one round (at most a slot), staged, in one C call
+        (one_round): its steps cost about 1 us there, 5-20 us as Python calls.
+        A wait longer than the spin comes back here to sleep on the bell (and
         to see aborts)."""
         m = (self.sent + 1) & MASK
         j = self.sent % self.slots
         heads = self.stage[j]
+        reds = None if direct else self.red[j]
         phase = 0
         while True:
-            st = direct_round(self.mm, src, res, heads, self.lines, self.rank, m, self.slots,
-                             stamp, kind, op, divisor, self.spin, phase)
+            st = one_round(self.mm, src, res, heads, reds, self.lines, self.rank, m, self.slots,
+                           stamp, kind, op, divisor, self.spin, phase)
             if not st:
-                self.sent += 1 - phase
+                self.sent += phase == 0
                 return
             code, q = st & 0xFF, st >> 8
             if code == ROUND_WAIT_FREE:
@@ -188,21 +185,39 @@ class ReduceRank(RankEndpoint):
                 continue
             if phase == 0:
                 self.sent += 1   # published
+            if code == ROUND_WAIT_PUB:
                 phase = 1
-            if code == ROUND_MISMATCH:
+                self._wait(self.lines[q], L_PUB, m, "publish its part", True)
+            elif code == ROUND_WAIT_RED:
+                phase = 2
+                self._wait(self.lines[q], L_RED, m, "reduce its slice", True)
+            elif code == ROUND_MISMATCH:
                 raise self._fail(self._mismatch(self.r.load64(heads[q] + HD_STAMP), stamp, q))
-            if code == ROUND_IN_PLACE:   # another rank's input is read where it is
-                srcs, offs = self._sources(j, 0)
-                reduce_into(res, 0, srcs, offs, src.size, kind, op, divisor)
-                self.publish(L_FREE, m)
+            else:   # ROUND_IN_PLACE: another rank's input is read where it is
+                self._finish_in_place(src.reshape(-1), res.reshape(-1), m - 1, j, kind, op,
+                                      divisor, direct)
                 return
-            self._wait(self.lines[q], L_PUB, m, "publish its part", True)
+
+    def _finish_in_place(self, src, res, m, j, kind, op, divisor, direct):
+        """The rest of `_round`'s round m from its reduce on, in Python:
+        _sources reads the shared arrays of the ranks that lent them."""
+        n = src.size
+        if direct:
+            srcs, offs = self._sources(j, 0)
+            reduce_into(res, 0, srcs, offs, n, kind, op, divisor)
+            self.publish(L_FREE, m + 1)
+            return
+        self._reduce_slice(src, None, j, 0, n, src.itemsize, kind, op, divisor)
+        self.publish(L_RED, m + 1)
+        self._gather(res, src.itemsize, m, j, 0, n)
 
     # -- the steps of a round
 
-    def _put(self, src, lo, hi, isz, stamp, place):
+    def _put(self, src, lo, hi, isz, stamp, place, direct):
         """This rank's part of its next round goes into its stage slot (or its
-        place in a shared array into the head); publish. -> (round, slot)."""
+        place in a shared array into the head); publish. -> (round, slot).
+        In `split` the slice this rank reduces itself is not staged: it is
+        read from src (the copy in shrinks by 1/N)."""
         m = self.sent
         k = self.slots
         j = m % k
@@ -210,8 +225,17 @@ class ReduceRank(RankEndpoint):
         head = self.stage[j][self.rank]
         r = self.r
         if place is None:
-            if hi > lo:
-                memcpy(self.mm, head + HEAD, src[lo:hi])
+            if direct:
+                if hi > lo:
+                    memcpy(self.mm, head + HEAD, src[lo:hi])
+            else:
+                w, rank = self.world, self.rank
+                a = lo + ((hi - lo) * rank) // w
+                b = lo + ((hi - lo) * (rank + 1)) // w
+                if a > lo:
+                    memcpy(self.mm, head + HEAD, src[lo:a])
+                if hi > b:
+                    memcpy(self.mm, head + HEAD + (b - lo) * isz, src[b:hi])
             r.store64(head + HD_SRC_SEG, 0)
         else:
             r.store64(head + HD_SRC_SEG, place[0])
@@ -220,6 +244,19 @@ class ReduceRank(RankEndpoint):
         self.sent = m + 1
         self.publish(L_PUB, m + 1)
         return m, j
+
+    def _reduce_slice(self, src, place, j, lo, hi, isz, kind, op, divisor):
+        """split: this rank's slice of the round in slot j (elements lo..hi of
+        the call) into its red slot; its own part read from src unless it
+        was lent in place."""
+        w, rank = self.world, self.rank
+        a = lo + ((hi - lo) * rank) // w
+        b = lo + ((hi - lo) * (rank + 1)) // w
+        srcs, offs = self._sources(j, (a - lo) * isz)
+        if place is None:   # this rank's own slice was not staged
+            srcs = srcs[:rank] + (src,) + srcs[rank + 1:]
+            offs = offs[:rank] + (a * isz,) + offs[rank + 1:]
+        reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
 
     def _take(self, m, j, stamp):
         """Wait until every rank has published round m; compare the stamps."""
