@@ -11,13 +11,15 @@ Both algorithms read every rank's buffer directly (one pass) rather than
 passing pieces around a ring: the shared memory allows it, and a ring moves
 each byte 2(N-1) times in as many synchronised steps. `direct` has one
 synchronisation per round and each rank reads N stage slots; `split` has two,
-and each rank reads 2 rounds' worth. `direct` is used for two ranks and for
-small calls, `split` for the rest (DIRECT_BYTES); a call of at most SMALL_BYTES takes
-`direct` in one round by the shortest path (`_round`, one C call, as does any staged
-`direct` call that fits in one slot); bench/RESULTS.md has
-the measurements. Both run one round deep: a rank stages round m + 1 before it
-reduces round m, and (split) gathers round m - 1 after it has published its
-slice of round m, so that a rank a little behind delays the others less.
+each rank reads 2 rounds' worth, and a rank does not stage the slice it
+reduces itself (it reads it from its own input). `direct` is used for small
+calls (SMALL_BYTES, DIRECT_BYTES) and, with two ranks, for calls of more
+than one round; `split` for the rest. A staged call of one round (at most a
+slot) runs as one C call (`_round`: one_round in csrc/collective.c), either
+algorithm; bench/RESULTS.md has the measurements. Longer calls run one round
+deep: a rank stages round m + 1 before it reduces round m, and (split)
+gathers round m - 1 after it has published its slice of round m, so that a
+rank a little behind delays the others less.
 
 Where the input is a shared array every rank maps (`pmaprt.empty` and
 friends, lent to the pool's workers), the others read it in place: the stage
@@ -58,9 +60,11 @@ ROUND_MAX_RANKS = _core.ROUND_MAX_RANKS
 # many bytes, each reduced in one pass (Horovod's default threshold).
 FUSION_BYTES = 64 * 1024 * 1024
 # Calls of at most this many bytes per rank, times the ranks, use `direct`
-# (one synchronisation per round) at any N; up to DIRECT_RANKS ranks use it at
-# every size (with two, each rank reads 2 rounds' worth in `direct` as in
-# `split`, and writes less).
+# (one synchronisation per round) at any N; so do calls of more than one
+# round with up to DIRECT_RANKS ranks (with two, each rank reads 2 rounds'
+# worth in `direct` as in `split`, and the Python pipeline of `split` costs
+# more than it saves). A call of one round takes `split` in C there: each rank
+# copies in and reduces half as much (bench/RESULTS.md).
 DIRECT_BYTES = 256 * 1024
 DIRECT_RANKS = 2
 # Calls of at most this many bytes per rank always take `direct`, staged, in
@@ -128,7 +132,8 @@ class ReduceRank(RankEndpoint):
         w = self.world
         # in place only where this rank's result does not overwrite its input
         # while others may read it (direct writes a round as soon as it is reduced)
-        direct = w <= DIRECT_RANKS or nbytes * w <= DIRECT_BYTES or nbytes <= SMALL_BYTES
+        direct = nbytes <= SMALL_BYTES or nbytes * w <= DIRECT_BYTES \
+            or (w <= DIRECT_RANKS and nbytes > self.slot_bytes)
         place = None
         if nbytes > SMALL_BYTES and not (direct and np.may_share_memory(src, res)):
             place = self._shared_place(src)
