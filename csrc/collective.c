@@ -183,7 +183,8 @@ core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             || reduce_kind_size(kind) == 0 || op < 0 || op >= REDUCE_NOPS || !(divisor > 0)
             || phase < 0 || phase > 2) {
         PyErr_Format(PyExc_ValueError, "one_round: bad world %d, rank %d, slots %lld, kind %d, "
-                     "op %d, divisor %g or phase %d", w, rank, v[2], kind, op, divisor, phase);
+                     "op %d or phase %d, or a divisor that is not > 0", w, rank, v[2], kind, op,
+                     phase);
         return NULL;
     }
     Py_buffer seg, src, dst;

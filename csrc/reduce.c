@@ -335,8 +335,8 @@ core_reduce_into(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int generic = nargs > 8 ? PyObject_IsTrue(args[8]) : 0;
     if (generic < 0) return NULL;
     if (n < 0 || kind < 0 || kind >= NKINDS || op < 0 || op >= NOPS || !(divisor > 0)) {
-        PyErr_Format(PyExc_ValueError, "reduce_into: bad n %zd, kind %ld, op %ld or divisor %g",
-                     n, kind, op, divisor);
+        PyErr_Format(PyExc_ValueError, "reduce_into: bad n %zd, kind %ld or op %ld, or a divisor "
+                     "that is not > 0", n, kind, op);
         return NULL;
     }
     int w = (int)PyTuple_GET_SIZE(srcs), isz = kind_size[kind];
