@@ -14,12 +14,18 @@ from __future__ import annotations
 from . import collective as C
 from . import workloads as W
 from .records import fill_times, new_record, new_workload_entry
+from .report import fmt_bytes
 from .session import Session, with_timeout
 
 # Seconds one all-reduce runner may take over every size before it is
 # recorded as an error: far above a quick run's few seconds, but a hung
 # collective must not hold the suite forever.
 RUNNER_TIMEOUT_S = 600.0
+# The largest message: W shared rows of it and each rank's inputs must fit.
+MAX_BYTES = 256 << 20
+# The goals the summary line reports against (issue 22, at W = 2).
+GOAL_SMALL_BYTES, GOAL_SMALL_S = 4 << 10, 10e-6
+GOAL_FROM_BYTES, GOAL_VS_BOUND = 1 << 20, 0.5
 
 
 def worker_counts(workers: int, full: bool):
@@ -53,8 +59,9 @@ def run_allreduce(session: Session, avail):
     if cfg.workers < 2:
         entry.update(status="skipped", note="an all-reduce needs at least 2 workers")
         return
+    # quick: up to 4 MiB, times --size-scale (16: 64 MiB); full: 256 MiB
     top = 256 << 20 if cfg.full else 4 << 20
-    top = max(4 << 10, int(top * min(1.0, cfg.size_scale)))
+    top = max(4 << 10, min(MAX_BYTES, int(top * cfg.size_scale)))
     sizes = W.geometric(4 << 10, top, 4)
     samples = cfg.repeat
     counts = worker_counts(cfg.workers, cfg.full)
@@ -131,3 +138,29 @@ def _records(session, measured, sizes, wk):
             if gloo is not None:
                 notes.append(f"{gloo['median_s'] / me['median_s']:.1f}x gloo busbw")
             me["note"] = "; ".join(notes) or None
+    session.entries["allreduce"].setdefault("goal_lines", []).extend(goal_lines(recs, sizes, wk))
+
+
+def goal_lines(recs, sizes, wk):
+    """Lines that set this run against the goals: the 4 KiB time, and the %
+    of the bound per size (min-max over the pairs), per input kind."""
+    out = []
+    for p, what in ((C.PMAPRT, "private input"), (C.SHARED, "shared input")):
+        small = recs.get((p.id, GOAL_SMALL_BYTES))
+        parts = []
+        for nbytes in sizes:
+            me = recs.get((p.id, nbytes))
+            vs = me and me["params"].get("vs_bound")
+            if vs is None:
+                continue
+            lo, hi = me["params"]["vs_bound_range"]
+            mark = "" if nbytes < GOAL_FROM_BYTES else (" ok" if vs >= GOAL_VS_BOUND else " LOW")
+            parts.append(f"{fmt_bytes(nbytes)} {100 * vs:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}){mark}")
+        head = f"W={wk} {what}:"
+        if small is not None and small["median_s"]:
+            t = small["median_s"]
+            head += (f" 4 KiB in {t * 1e6:.1f} us (goal <= {GOAL_SMALL_S * 1e6:.0f} us: "
+                     f"{'ok' if t <= GOAL_SMALL_S else 'over'});")
+        out.append(f"{head} % of bound (goal >= {100 * GOAL_VS_BOUND:.0f}% from "
+                   f"{fmt_bytes(GOAL_FROM_BYTES)}): " + ", ".join(parts))
+    return out

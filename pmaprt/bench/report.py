@@ -290,6 +290,7 @@ def render(doc: Dict[str, Any]) -> str:
                      r["note"] or ""] for r in recs]
             out += _table(["runner", "W", "size", "median", "min-max", "busbw GB/s", "status",
                            "note"], rows, "lrlrrrll")
+            out += ["  goals, " + line for line in e.get("goal_lines") or []]
             out += _verdict_lines(e)
             continue
         extra = []
