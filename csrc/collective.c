@@ -5,10 +5,13 @@
  * that fits in one stage slot and is staged).
  *
  *   one_round(seg, src, dst, heads, reds, lines, rank, m, slots, stamp,
- *             kind, op, divisor, spin_ns, phase) -> status
+ *             kind, op, divisor, spin_ns, phase, place, inputs) -> status
  *
  * reds None: `direct`; a tuple of every rank's red slot: `split`, where rank
- * q reduces elements [n q / W, n (q + 1) / W) (slice q).
+ * q reduces elements [n q / W, n (q + 1) / W) (slice q). place (split only):
+ * None, or (segment id, offset) of src in a shared array every rank maps,
+ * named in the head instead of copied. inputs: None, or (buffers, offsets)
+ * of every rank's input, for a round some rank's input is read in place.
  * phase 0: wait until every other rank's FREE has reached m - slots, copy
  *          src into this rank's stage slot (heads[rank] + HEAD; split: all
  *          but its own slice, which it reads from src), store its stamp,
@@ -24,7 +27,7 @@
  * ROUND_WAIT_PUB / ROUND_WAIT_RED (wait for rank q's PUB / RED, call again
  * with phase 1 / 2), ROUND_MISMATCH (rank q's stamp differs),
  * ROUND_IN_PLACE (the stamps match, but rank q's input is a shared array
- * read in place: the caller reduces from phase 1 on).
+ * read in place: call again with phase 1 and inputs).
  *
  * A call's steps cost about 1 us here against about 5-20 us as Python calls.
  * A wait only spins, for at most spin_ns, on the counters themselves, the
@@ -48,6 +51,7 @@
 #define SEG_HEAD 64
 #define SEG_HD_STAMP 0
 #define SEG_HD_SRC_SEG 8
+#define SEG_HD_SRC_OFF 16
 
 /* Copies of fewer bytes than this keep the GIL (as _core.memcpy's). */
 #define ROUND_RELEASE_GIL_BYTES 65536
@@ -166,7 +170,7 @@ copy_bytes(char *d, const char *s, Py_ssize_t n)
 PyObject *
 core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_NARGS("one_round", 15);
+    CHECK_NARGS("one_round", 17);
     long long v[8];   /* rank, m, slots, stamp, kind, op, spin_ns, phase */
     static const int at[8] = {6, 7, 8, 9, 10, 11, 13, 14};
     for (int i = 0; i < 8; i++) {
@@ -187,7 +191,32 @@ core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                      phase);
         return NULL;
     }
-    Py_buffer seg, src, dst;
+    /* place: (segment id, byte offset) of src in a shared array every rank maps */
+    unsigned long long place_seg = 0, place_off = 0;
+    if (args[15] != Py_None) {
+        if (!PyTuple_Check(args[15]) || PyTuple_GET_SIZE(args[15]) != 2) {
+            PyErr_SetString(PyExc_TypeError, "one_round: place must be None or (segment, offset)");
+            return NULL;
+        }
+        place_seg = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args[15], 0));
+        place_off = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args[15], 1));
+        if (PyErr_Occurred()) return NULL;
+        if (!place_seg || !split) {
+            PyErr_SetString(PyExc_ValueError, "one_round: a place needs split and a segment id "
+                            "other than 0");
+            return NULL;
+        }
+    }
+    PyObject *inputs = args[16];
+    if (inputs != Py_None && (!PyTuple_Check(inputs) || PyTuple_GET_SIZE(inputs) != 2
+                              || !PyTuple_Check(PyTuple_GET_ITEM(inputs, 0))
+                              || PyTuple_GET_SIZE(PyTuple_GET_ITEM(inputs, 0)) != w)) {
+        PyErr_Format(PyExc_TypeError, "one_round: inputs must be None or (buffers, offsets) "
+                     "of %d ranks", w);
+        return NULL;
+    }
+    Py_buffer seg, src, dst, views[ROUND_MAX_RANKS];
+    int nviews = 0;
     if (PyObject_GetBuffer(args[0], &seg, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (PyObject_GetBuffer(args[1], &src, PyBUF_C_CONTIGUOUS) < 0) {
         PyBuffer_Release(&seg);
@@ -226,13 +255,17 @@ core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         }
         /* split: the slice this rank reduces itself is read from src, not staged */
         char *slot = base + head + SEG_HEAD;
-        if (split) {
+        if (place_seg) {
+            __atomic_store_n((uint64_t *)(base + head + SEG_HD_SRC_OFF), (uint64_t)place_off,
+                             __ATOMIC_SEQ_CST);
+        } else if (split) {
             copy_bytes(slot, src.buf, a);
             copy_bytes(slot + b, (char *)src.buf + b, nbytes - b);
         } else {
             copy_bytes(slot, src.buf, nbytes);
         }
-        __atomic_store_n((uint64_t *)(base + head + SEG_HD_SRC_SEG), 0, __ATOMIC_SEQ_CST);
+        __atomic_store_n((uint64_t *)(base + head + SEG_HD_SRC_SEG), (uint64_t)place_seg,
+                         __ATOMIC_SEQ_CST);
         __atomic_store_n((uint64_t *)(base + head + SEG_HD_STAMP), (uint64_t)v[3],
                          __ATOMIC_SEQ_CST);
         publish(base, line, SEG_L_PUB, m);
@@ -254,12 +287,35 @@ core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             }
             srcs[q] = base + heads[q] + SEG_HEAD + a;
         }
-        for (q = 0; q < w; q++)
-            if (__atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_SRC_SEG),
-                                __ATOMIC_SEQ_CST)) {
-                ret = PyLong_FromLong(((long)q << 8) | ROUND_IN_PLACE);
+        if (inputs == Py_None) {
+            for (q = 0; q < w; q++)
+                if (q != rank && __atomic_load_n((uint64_t *)(base + heads[q] + SEG_HD_SRC_SEG),
+                                                 __ATOMIC_SEQ_CST)) {
+                    ret = PyLong_FromLong(((long)q << 8) | ROUND_IN_PLACE);
+                    goto done;
+                }
+        } else {   /* every rank's input where it is: (buffers, offsets) */
+            PyObject *offs = PyTuple_GET_ITEM(inputs, 1);
+            if (!PyTuple_Check(offs) || PyTuple_GET_SIZE(offs) != w) {
+                PyErr_Format(PyExc_TypeError, "one_round: inputs' offsets must be a tuple of %d",
+                             w);
                 goto done;
             }
+            for (; nviews < w; nviews++)
+                if (PyObject_GetBuffer(PyTuple_GET_ITEM(PyTuple_GET_ITEM(inputs, 0), nviews),
+                                       &views[nviews], PyBUF_C_CONTIGUOUS) < 0)
+                    goto done;
+            for (q = 0; q < w; q++) {
+                Py_ssize_t o = PyLong_AsSsize_t(PyTuple_GET_ITEM(offs, q));
+                if (o == -1 && PyErr_Occurred()) goto done;
+                if (o < 0 || o % isz || nbytes > views[q].len - o) {
+                    PyErr_Format(PyExc_IndexError, "one_round: input %d does not hold the "
+                                 "round's %zd bytes at offset %zd", q, nbytes, o);
+                    goto done;
+                }
+                srcs[q] = (char *)views[q].buf + o + a;
+            }
+        }
         if (!split) {
             reduce_run(dst.buf, srcs, w, n, kind, op, divisor);
             publish(base, line, SEG_L_FREE, m);
@@ -281,6 +337,7 @@ core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     publish(base, line, SEG_L_FREE, m);
     ret = PyLong_FromLong(ROUND_DONE);
 done:
+    for (int i = 0; i < nviews; i++) PyBuffer_Release(&views[i]);
     PyBuffer_Release(&seg);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
@@ -299,9 +356,9 @@ collective_add_constants(PyObject *m)
             || PyModule_AddIntConstant(m, "ROUND_IN_PLACE", ROUND_IN_PLACE) < 0
             || PyModule_AddIntConstant(m, "ROUND_MAX_RANKS", ROUND_MAX_RANKS) < 0)
         return -1;
-    PyObject *layout = Py_BuildValue("(iiiiiiiii)", SEG_H_ABORT, SEG_H_BELL, SEG_H_SLEEPERS,
+    PyObject *layout = Py_BuildValue("(iiiiiiiiii)", SEG_H_ABORT, SEG_H_BELL, SEG_H_SLEEPERS,
                                      SEG_L_PUB, SEG_L_RED, SEG_L_FREE, SEG_HEAD, SEG_HD_STAMP,
-                                     SEG_HD_SRC_SEG);
+                                     SEG_HD_SRC_SEG, SEG_HD_SRC_OFF);
     if (!layout) return -1;
     if (PyModule_AddObject(m, "ROUND_LAYOUT", layout) < 0) {
         Py_DECREF(layout);

@@ -32,7 +32,7 @@ def run(it):
 
 def test_round_layout_matches_the_segment():
     assert _core.ROUND_LAYOUT == (S.H_ABORT, S.H_BELL, S.H_SLEEPERS, S.L_PUB, S.L_RED,
-                                  S.L_FREE, S.HEAD, S.HD_STAMP, S.HD_SRC_SEG)
+                                  S.L_FREE, S.HEAD, S.HD_STAMP, S.HD_SRC_SEG, S.HD_SRC_OFF)
 
 
 # --------------------------------------------------------------------------
@@ -54,10 +54,11 @@ def make_segment(world):
     return R.ReduceRank(seg, 0), mm
 
 
-def call(ep, x, out, m, stamp, split=False, phase=0, spin_ns=0):
+def call(ep, x, out, m, stamp, split=False, phase=0, spin_ns=0, place=None, inputs=None):
     j = (m - 1) % ep.slots
     return _core.one_round(ep.mm, x, out, ep.stage[j], ep.red[j] if split else None, ep.lines,
-                           ep.rank, m, ep.slots, stamp, F32, SUM, 1.0, spin_ns, phase)
+                           ep.rank, m, ep.slots, stamp, F32, SUM, 1.0, spin_ns, phase, place,
+                           inputs)
 
 
 def play_peer_stage(ep, q, x, m, stamp, skip=None):
@@ -122,6 +123,29 @@ def test_a_different_stamp_is_a_mismatch_and_an_input_in_place_goes_back():
     ep.r.store64(ep.stage[0][1] + S.HD_SRC_SEG, 3)     # rank 1 lent a shared array
     assert call(ep, x, out, 1, 9, phase=1) == status(1, IN_PLACE)
     assert not out.any() and ep.r.load32(ep.lines[0] + S.L_FREE) == 0
+    # called again with every rank's input where it is (rank 1's: a buffer of
+    # its own, at an offset aligned only to the element)
+    lent = np.arange(20, dtype=np.float32)
+    head = ep.stage[0][0] + S.HEAD
+    inputs = ((ep.mm, lent), (head, 4))
+    assert call(ep, x, out, 1, 9, phase=1, inputs=inputs) == _core.ROUND_DONE
+    assert out.tobytes() == (x + lent[1:17]).tobytes()
+    assert ep.r.load32(ep.lines[0] + S.L_FREE) == 1
+    with pytest.raises(IndexError, match="input 1 does not hold the round's 64 bytes"):
+        call(ep, x, out, 1, 9, phase=1, inputs=((ep.mm, lent), (head, 24)))
+
+
+def test_split_round_names_a_lent_input_instead_of_copying_it():
+    ep, _ = make_segment(2)
+    x = np.ones(10, np.float32)
+    out = np.zeros_like(x)
+    head = ep.stage[0][0]
+    assert call(ep, x, out, 1, 4, split=True, place=(7, 1234)) == status(1, WAIT_PUB)
+    assert ep.r.load64(head + S.HD_SRC_SEG) == 7 and ep.r.load64(head + S.HD_SRC_OFF) == 1234
+    assert not np.frombuffer(ep.seg.buf[head + S.HEAD: head + S.HEAD + 40], np.float32).any()
+    # its own SRC_SEG does not send it back: it reads its own slice from x
+    play_peer_stage(ep, 1, np.full(10, 2.0, np.float32), 1, 4, skip=(5, 10))
+    assert call(ep, x, out, 1, 4, split=True, phase=1, place=(7, 1234)) == status(1, WAIT_RED)
 
 
 def test_split_round_stages_all_but_its_slice_and_gathers():
@@ -168,13 +192,15 @@ def test_spin_is_bounded_and_an_abort_ends_it():
     ("far", IndexError, r"heads\[1\] = .* is out of the segment"),
     ("dst", ValueError, "src .* and dst .* must be the same"),
     ("phase", ValueError, "phase 3"),
+    ("place", ValueError, "a place needs split"),
+    ("inputs", TypeError, "inputs must be None or"),
     ("kind", ValueError, "kind 99"),
 ])
 def test_bad_arguments_raise_clearly(change, exc, match):
     ep, mm = make_segment(2)
     x = np.ones(4, np.float32)
     args = [mm, x, np.empty(4, np.float32), ep.stage[0], None, ep.lines, 0, 1, ep.slots, 1,
-            F32, SUM, 1.0, 0, 0]
+            F32, SUM, 1.0, 0, 0, None, None]
     if change == "heads":
         args[3] = ep.stage[0][:1]
     elif change == "far":
@@ -183,6 +209,10 @@ def test_bad_arguments_raise_clearly(change, exc, match):
         args[2] = np.empty(5, np.float32)
     elif change == "phase":
         args[14] = 3
+    elif change == "place":
+        args[15] = (5, 0)              # a place needs split
+    elif change == "inputs":
+        args[16] = ((x,), (0,))
     else:
         args[10] = 99
     with pytest.raises(exc, match=match):
@@ -205,28 +235,29 @@ ONE_ROUND = S.MAX_SLOT_BYTES // 4 // 2 + 3    # float32 elements: one round, abo
 def step_mixed_inputs(rows, lend, in_place):
     """Rank r's input: row r of a shared array (lent, read in place) where
     lend[r], else a private copy of it. -> (right?, bits, whether this rank's
-    C round handed its reduce back because another rank lent its input)."""
+    C round came back for another rank's input lent in place)."""
     r = pmaprt.axis_index("b")
     x = rows[r] if lend[r] else rows[r].copy()
     want = rows[0].copy()
     for q in range(1, len(lend)):
         want = want + rows[q]
     handed = []
-    finish = R.ReduceRank._finish_in_place
+    sources = R.ReduceRank._sources
 
     def counted(self, *args):
         handed.append(1)
-        return finish(self, *args)
-    R.ReduceRank._finish_in_place = counted
+        return sources(self, *args)
+    R.ReduceRank._sources = counted
     try:
         got = pmaprt.allreduce(x, out=x) if in_place else pmaprt.allreduce(x)
     finally:
-        R.ReduceRank._finish_in_place = finish
+        R.ReduceRank._sources = sources
     return got.tobytes() == want.tobytes(), got.tobytes(), bool(handed)
 
 
 @pytest.mark.parametrize("world, lend", [(2, (True, False)), (2, (False, True)),
-                                         (3, (False, True, False)), (2, (False, False))])
+                                         (3, (False, True, False)), (2, (False, False)),
+                                         (2, (True, True)), (3, (True, True, False))])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_one_round_with_inputs_lent_or_private_every_rank_the_same_bits(pool, world, lend,
                                                                           in_place):
@@ -236,9 +267,10 @@ def test_one_round_with_inputs_lent_or_private_every_rank_the_same_bits(pool, wo
                        axis_name="b"))
     assert all(ok for ok, _, _ in got)
     assert len({bits for _, bits, _ in got}) == 1
-    # a rank whose input is private runs the round in C; where another rank
-    # lent its input, the reduce comes back to Python to read it in place
-    assert [handed for _, _, handed in got] == [not lend[r] and any(lend) for r in range(world)]
+    # every rank runs the round in C; where another rank lent its input, the
+    # call comes back once for that input's buffer
+    assert [handed for _, _, handed in got] == [any(lend[:r] + lend[r + 1:])
+                                                 for r in range(world)]
 
 
 def step_paths(kind):

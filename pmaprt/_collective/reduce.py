@@ -137,8 +137,8 @@ class ReduceRank(RankEndpoint):
         place = None
         if nbytes > SMALL_BYTES and not (direct and np.may_share_memory(src, res)):
             place = self._shared_place(src)
-        if place is None and nbytes <= self.slot_bytes and w <= ROUND_MAX_RANKS:
-            self._round(src, res, stamp, kind, op, divisor, direct)
+        if nbytes <= self.slot_bytes and w <= ROUND_MAX_RANKS and (place is None or not direct):
+            self._round(src, res, stamp, kind, op, divisor, direct, place)
             return
         if src.ndim != 1:
             src, res = src.reshape(-1), res.reshape(-1)
@@ -167,19 +167,23 @@ class ReduceRank(RankEndpoint):
         elif place is not None:   # the caller may change src once this returns
             self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
 
-    def _round(self, src, res, stamp, kind, op, divisor, direct):
-        """A call of one round (at most a slot), staged, in one C call
-        (one_round): its steps cost about 1 us there, 5-20 us as Python calls.
-        A wait longer than the spin comes back here to sleep on the bell (and
-        to see aborts)."""
+    def _round(self, src, res, stamp, kind, op, divisor, direct, place):
+        """A call of one round (at most a slot) in one C call (one_round): its
+        steps cost about 1 us there, 5-20 us as Python calls. A wait longer
+        than the spin comes back here to sleep on the bell (and to see
+        aborts); a round where another rank lent its input in place comes
+        back for that input's buffer. place (split only): this rank's input
+        is named in place, not copied; the call returns after every rank's
+        RED, so every rank has read it."""
         m = (self.sent + 1) & MASK
         j = self.sent % self.slots
         heads = self.stage[j]
         reds = None if direct else self.red[j]
         phase = 0
+        inputs = None
         while True:
             st = one_round(self.mm, src, res, heads, reds, self.lines, self.rank, m, self.slots,
-                           stamp, kind, op, divisor, self.spin, phase)
+                           stamp, kind, op, divisor, self.spin, phase, place, inputs)
             if not st:
                 self.sent += phase == 0
                 return
@@ -199,22 +203,8 @@ class ReduceRank(RankEndpoint):
             elif code == ROUND_MISMATCH:
                 raise self._fail(self._mismatch(self.r.load64(heads[q] + HD_STAMP), stamp, q))
             else:   # ROUND_IN_PLACE: another rank's input is read where it is
-                self._finish_in_place(src.reshape(-1), res.reshape(-1), m - 1, j, kind, op,
-                                      divisor, direct)
-                return
-
-    def _finish_in_place(self, src, res, m, j, kind, op, divisor, direct):
-        """The rest of `_round`'s round m from its reduce on, in Python:
-        _sources reads the shared arrays of the ranks that lent them."""
-        n = src.size
-        if direct:
-            srcs, offs = self._sources(j, 0)
-            reduce_into(res, 0, srcs, offs, n, kind, op, divisor)
-            self.publish(L_FREE, m + 1)
-            return
-        self._reduce_slice(src, None, j, 0, n, src.itemsize, kind, op, divisor)
-        self.publish(L_RED, m + 1)
-        self._gather(res, src.itemsize, m, j, 0, n)
+                phase = 1
+                inputs = self._sources(j, 0)
 
     # -- the steps of a round
 
