@@ -38,8 +38,9 @@ Set-up (parent):
 
 A round m (reduce.py says what is read and written in each step):
  1. Stage: wait until every rank's FREE >= m - SLOTS + 1 (no rank still reads
-    slot m % SLOTS), write the input into the stage slot (or its place into
-    the head), then the stamp, then PUB = m + 1; ring.
+    slot m % SLOTS), write the input into the stage slot (split: all but the
+    slice this rank reduces itself; or its place into the head), then the
+    stamp, then PUB = m + 1; ring.
  2. Wait until every rank's PUB >= m + 1; compare every rank's stamp with
     this rank's: a difference aborts (below) with a message that names it.
  3. Reduce from every rank's stage slot (or input); then either the result is
