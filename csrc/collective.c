@@ -19,9 +19,10 @@
  * phase 1: wait until every other rank's PUB has reached m, compare their
  *          stamps with `stamp`; direct: reduce every rank's slot into dst in
  *          rank order (reduce.c's kernel), FREE = m, ring, done. split:
- *          reduce slice `rank` into this rank's red slot, RED = m, ring.
+ *          reduce slice `rank` into its slice of dst and copy it into this
+ *          rank's red slot, RED = m, ring.
  * phase 2: (split) wait until every other rank's RED has reached m, copy
- *          every red slot into its slice of dst, FREE = m, ring.
+ *          every other red slot into its slice of dst, FREE = m, ring.
  * Status: ROUND_DONE (0), or (q << 8) | code: ROUND_WAIT_FREE (nothing
  * published yet: wait for rank q's FREE, call again with phase 0),
  * ROUND_WAIT_PUB / ROUND_WAIT_RED (wait for rank q's PUB / RED, call again
@@ -322,8 +323,10 @@ core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             ret = PyLong_FromLong(ROUND_DONE);
             goto done;
         }
+        /* its slice straight into dst, and from there (still in L1) into its red slot */
         srcs[rank] = (char *)src.buf + a;
-        reduce_run(base + reds[rank], srcs, w, (b - a) / isz, kind, op, divisor);
+        reduce_twice((char *)dst.buf + a, base + reds[rank], srcs, w, (b - a) / isz, kind, op,
+                     divisor);
         publish(base, line, SEG_L_RED, m);
     }
     /* split: every rank's reduced slice into dst */
@@ -333,7 +336,8 @@ core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     for (q = 0; q < w; q++)
-        copy_bytes((char *)dst.buf + cut[q], base + reds[q], cut[q + 1] - cut[q]);
+        if (q != rank)
+            copy_bytes((char *)dst.buf + cut[q], base + reds[q], cut[q + 1] - cut[q]);
     publish(base, line, SEG_L_FREE, m);
     ret = PyLong_FromLong(ROUND_DONE);
 done:

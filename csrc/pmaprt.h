@@ -12,7 +12,7 @@
  *   Region_range_* / claim_span / cas64_mark, the Region methods of ranges.c
  *   populate_pages                       (buffers.c)
  *   core_memcpy, core_populate, core_vm_read, core_buffer_address (buffers.c)
- *   reduce_kind_size, reduce_run         (reduce.c)
+ *   reduce_kind_size, reduce_run, reduce_twice (reduce.c)
  *   core_one_round                     (collective.c)
  *   Region_spec, Mapping_spec, Results_spec, PieceBudget_spec
  *
@@ -133,6 +133,10 @@ int reduce_kind_size(int kind);
  * the GIL released for large reductions, as reduce_into does. */
 void reduce_run(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int op,
                 double divisor);
+/* reduce_run into dst, and the result copied into `copy` too, piece by piece
+ * while each piece is in L1 (the GIL released). */
+void reduce_twice(char *dst, char *copy, char *const *src, int w, Py_ssize_t n, int kind,
+                  int op, double divisor);
 
 /* ---- The collective's small round (collective.c) ------------------------- */
 

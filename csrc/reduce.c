@@ -286,6 +286,31 @@ reduce_run(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int op, d
     }
 }
 
+/* Bytes per piece of reduce_twice: the piece is still in L1 when it is copied. */
+#define TWICE_PIECE_BYTES 16384
+
+void
+reduce_twice(char *dst, char *copy, char *const *src, int w, Py_ssize_t n, int kind, int op,
+             double divisor)
+{
+    int isz = kind_size[kind];
+    Py_ssize_t per = TWICE_PIECE_BYTES / isz;
+    char *at[STACK_SRCS];
+    if (w > STACK_SRCS) {   /* no room for offset pointers: two passes */
+        reduce_run(dst, src, w, n, kind, op, divisor);
+        if (n > 0) memcpy(copy, dst, (size_t)(n * isz));
+        return;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t lo = 0; lo < n; lo += per) {
+        Py_ssize_t m = n - lo < per ? n - lo : per, off = lo * isz;
+        for (int q = 0; q < w; q++) at[q] = src[q] + off;
+        reduce_any(dst + off, at, w, m, kind, op, divisor, 0);
+        memcpy(copy + off, dst + off, (size_t)(m * isz));
+    }
+    Py_END_ALLOW_THREADS
+}
+
 /* ---- The module function ---------------------------------------------------- */
 
 /* A pointer to `nbytes` bytes at byte offset `offobj` of `v`, aligned to
