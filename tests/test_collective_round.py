@@ -284,6 +284,10 @@ def step_paths(kind):
         return pmaprt.allreduce(np.float32(r + 1) * np.ones((), np.float32))
     if kind == "mean_int":
         return pmaprt.pmean(np.arange(4) + r, "b")
+    if kind == "op_list":
+        return pmaprt.allreduce(x, op=["sum"])
+    if kind == "as_dtype_list":
+        return pmaprt.psum(x, "b", as_dtype=["bfloat16"])
     if kind == "out_strided":
         out = np.empty((3, 8), np.float32)[:, ::2]
         return pmaprt.allreduce(x, out=out)
@@ -307,3 +311,12 @@ def test_one_array_keeps_shape_and_dtype(pool, kind, want):
 def test_an_out_that_is_not_c_contiguous_is_refused(pool):
     with pytest.raises(ValueError, match="out must be a writeable C-contiguous float32 array"):
         run(pool.map(step_paths, ["out_strided"] * 2, axis_name="b"))
+
+
+@pytest.mark.parametrize("kind, exc, match", [
+    ("op_list", ValueError, "op must be one of sum, mean, min, max"),
+    ("as_dtype_list", ValueError, "as_dtype must be None, 'float16' or 'bfloat16'"),
+])
+def test_unhashable_op_or_as_dtype_get_the_usual_error(pool, kind, exc, match):
+    with pytest.raises(exc, match=match):
+        run(pool.map(step_paths, [kind] * 2, axis_name="b"))

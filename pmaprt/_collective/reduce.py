@@ -380,6 +380,8 @@ def reduce_array(ctx, x, out, op, as_dtype):
     training step's common call), into out (or a new array): the result, or
     None where x or out need the general path (a conversion, or an error to
     raise)."""
+    if type(op) is not str or not (as_dtype is None or type(as_dtype) is str):
+        return None   # the general path says what is wrong with them
     plan = PLANS.get((x.dtype, op, as_dtype))
     if plan is None:
         plan = array_plan(x.dtype, op, as_dtype)
@@ -399,7 +401,7 @@ def reduce_array(ctx, x, out, op, as_dtype):
 
 
 def check_as_dtype(as_dtype):
-    if as_dtype is not None and as_dtype not in HALF_KIND:
+    if as_dtype is not None and (not isinstance(as_dtype, str) or as_dtype not in HALF_KIND):
         raise ValueError("pmaprt.allreduce: as_dtype must be None, 'float16' or 'bfloat16', "
                          "got %r" % (as_dtype,))
 
