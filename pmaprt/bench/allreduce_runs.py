@@ -14,7 +14,6 @@ from __future__ import annotations
 from . import collective as C
 from . import workloads as W
 from .records import fill_times, new_record, new_workload_entry
-from .report import fmt_bytes
 from .session import Session, with_timeout
 
 # Seconds one all-reduce runner may take over every size before it is
@@ -23,9 +22,6 @@ from .session import Session, with_timeout
 RUNNER_TIMEOUT_S = 600.0
 # The largest message: W shared rows of it and each rank's inputs must fit.
 MAX_BYTES = 256 << 20
-# The goals the summary line reports against (issue 22, at W = 2).
-GOAL_SMALL_BYTES, GOAL_SMALL_S = 4 << 10, 10e-6
-GOAL_FROM_BYTES, GOAL_VS_BOUND = 1 << 20, 0.5
 
 
 def worker_counts(workers: int, full: bool):
@@ -36,6 +32,13 @@ def worker_counts(workers: int, full: bool):
             counts.add(k)
             k *= 2
     return sorted(c for c in counts if c >= 2)
+
+
+def message_sizes(full, scale):
+    """4 KiB and every 4x up to 4 MiB times `scale` (16: 64 MiB), or with
+    `full` 256 MiB times `scale`; at most MAX_BYTES."""
+    top = 256 << 20 if full else 4 << 20
+    return W.geometric(4 << 10, max(4 << 10, min(MAX_BYTES, int(top * scale))), 4)
 
 
 def _busbw(rid, nbytes, t, wk):
@@ -59,10 +62,7 @@ def run_allreduce(session: Session, avail):
     if cfg.workers < 2:
         entry.update(status="skipped", note="an all-reduce needs at least 2 workers")
         return
-    # quick: up to 4 MiB, times --size-scale (16: 64 MiB); full: 256 MiB
-    top = 256 << 20 if cfg.full else 4 << 20
-    top = max(4 << 10, min(MAX_BYTES, int(top * cfg.size_scale)))
-    sizes = W.geometric(4 << 10, top, 4)
+    sizes = message_sizes(cfg.full, cfg.size_scale)
     samples = cfg.repeat
     counts = worker_counts(cfg.workers, cfg.full)
     entry.update(params={"sizes_bytes": sizes, "workers": counts, "dtype": "float32",
@@ -138,29 +138,3 @@ def _records(session, measured, sizes, wk):
             if gloo is not None:
                 notes.append(f"{gloo['median_s'] / me['median_s']:.1f}x gloo busbw")
             me["note"] = "; ".join(notes) or None
-    session.entries["allreduce"].setdefault("goal_lines", []).extend(goal_lines(recs, sizes, wk))
-
-
-def goal_lines(recs, sizes, wk):
-    """Lines that set this run against the goals: the 4 KiB time, and the %
-    of the bound per size (min-max over the pairs), per input kind."""
-    out = []
-    for p, what in ((C.PMAPRT, "private input"), (C.SHARED, "shared input")):
-        small = recs.get((p.id, GOAL_SMALL_BYTES))
-        parts = []
-        for nbytes in sizes:
-            me = recs.get((p.id, nbytes))
-            vs = me and me["params"].get("vs_bound")
-            if vs is None:
-                continue
-            lo, hi = me["params"]["vs_bound_range"]
-            mark = "" if nbytes < GOAL_FROM_BYTES else (" ok" if vs >= GOAL_VS_BOUND else " LOW")
-            parts.append(f"{fmt_bytes(nbytes)} {100 * vs:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}){mark}")
-        head = f"W={wk} {what}:"
-        if small is not None and small["median_s"]:
-            t = small["median_s"]
-            head += (f" 4 KiB in {t * 1e6:.1f} us (goal <= {GOAL_SMALL_S * 1e6:.0f} us: "
-                     f"{'ok' if t <= GOAL_SMALL_S else 'over'});")
-        out.append(f"{head} % of bound (goal >= {100 * GOAL_VS_BOUND:.0f}% from "
-                   f"{fmt_bytes(GOAL_FROM_BYTES)}): " + ", ".join(parts))
-    return out
