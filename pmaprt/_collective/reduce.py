@@ -63,10 +63,12 @@ FUSION_BYTES = 64 * 1024 * 1024
 # (one synchronisation per round) at any N; so do calls of more than one
 # round with up to DIRECT_RANKS ranks (with two, each rank reads 2 rounds'
 # worth in `direct` as in `split`, and the Python pipeline of `split` costs
-# more than it saves). A call of one round takes `split` in C there: each rank
-# copies in and reduces half as much (bench/RESULTS.md).
+# more than it saves) past C_ROUNDS rounds. A call of up to C_ROUNDS rounds
+# takes `split` in C there, round after round: each rank copies in and reduces
+# half as much (bench/RESULTS.md).
 DIRECT_BYTES = 256 * 1024
 DIRECT_RANKS = 2
+C_ROUNDS = 4
 # Calls of at most this many bytes per rank always take `direct`, staged, in
 # one round (`_round`): below it, reading a shared input in place saves less
 # than checking for one costs. At most the smallest slot. Larger calls that
@@ -130,15 +132,28 @@ class ReduceRank(RankEndpoint):
         isz = src.itemsize
         nbytes = n * isz
         w = self.world
+        slot = self.slot_bytes
+        # with up to DIRECT_RANKS ranks, calls of up to C_ROUNDS rounds run
+        # split, round after round in C; longer ones direct's Python pipeline
+        few = nbytes <= slot or (w <= DIRECT_RANKS and nbytes <= C_ROUNDS * slot)
+        direct = nbytes <= SMALL_BYTES or nbytes * w <= DIRECT_BYTES \
+            or (w <= DIRECT_RANKS and not few)
         # in place only where this rank's result does not overwrite its input
         # while others may read it (direct writes a round as soon as it is reduced)
-        direct = nbytes <= SMALL_BYTES or nbytes * w <= DIRECT_BYTES \
-            or (w <= DIRECT_RANKS and nbytes > self.slot_bytes)
         place = None
         if nbytes > SMALL_BYTES and not (direct and np.may_share_memory(src, res)):
             place = self._shared_place(src)
-        if nbytes <= self.slot_bytes and w <= ROUND_MAX_RANKS and (place is None or not direct):
-            self._round(src, res, stamp, kind, op, divisor, direct, place)
+        if few and w <= ROUND_MAX_RANKS and (place is None or not direct):
+            if nbytes <= slot:
+                self._round(src, res, stamp, kind, op, divisor, direct, place)
+                return
+            if src.ndim != 1:
+                src, res = src.reshape(-1), res.reshape(-1)
+            per = slot // isz
+            for lo in range(0, n, per):
+                at = None if place is None else (place[0], place[1] + lo * isz)
+                self._round(src[lo:lo + per], res[lo:lo + per], stamp, kind, op, divisor,
+                            direct, at)
             return
         if src.ndim != 1:
             src, res = src.reshape(-1), res.reshape(-1)
