@@ -14,10 +14,10 @@ synchronisation per round and each rank reads N stage slots; `split` has two,
 each rank reads 2 rounds' worth, and a rank does not stage the slice it
 reduces itself (it reads it from its own input). `direct` is used for small
 calls (SMALL_BYTES, DIRECT_BYTES) and, with two ranks, for calls of more
-than one round; `split` for the rest. A staged call of one round (at most a
+than C_ROUNDS rounds; `split` for the rest. A call of one round (at most a
 slot) runs as one C call (`_round`: one_round in csrc/collective.c), either
-algorithm; bench/RESULTS.md has the measurements. Longer calls run one round
-deep: a rank stages round m + 1 before it reduces round m, and (split)
+algorithm, and with two ranks so does each round of a call of up to C_ROUNDS;
+bench/RESULTS.md has the measurements. Longer calls run one round deep: a rank stages round m + 1 before it reduces round m, and (split)
 gathers round m - 1 after it has published its slice of round m, so that a
 rank a little behind delays the others less.
 
