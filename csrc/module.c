@@ -8,7 +8,8 @@
  *                         and the constants RANGE_N_MAX, RANGE_LO_MAX
  *   set_pdeathsig(sig)    prctl(PR_SET_PDEATHSIG): a worker dies with its parent
  *   the module functions of buffers.c: memcpy, populate, vm_read,
- *   buffer_address; of reduce.c: reduce_into and its REDUCE_* constants
+ *   buffer_address; of reduce.c: reduce_into and its REDUCE_* constants; of
+ *   collective.c: one_round and its ROUND_* constants
  *
  * The types: Region (region.c, with its range methods in ranges.c), Mapping
  * (mapping.c), Results and PieceBudget (results.c). pmaprt/_core.pyi gives
@@ -46,6 +47,10 @@ static PyMethodDef core_methods[] = {
     {"reduce_into", (PyCFunction)(void (*)(void))core_reduce_into, METH_FASTCALL,
      "reduce_into(dst, dst_off, srcs, offs, n, kind, op, divisor, generic=False): "
      "dst = the element-wise reduction of the sources, in order, GIL released"},
+    {"one_round", (PyCFunction)(void (*)(void))core_one_round, METH_FASTCALL,
+     "one_round(seg, src, dst, heads, reds, lines, rank, m, slots, stamp, kind, op, divisor, "
+     "spin_ns, phase) -> status: a call of one round of the all-reduce (direct, or split "
+     "with reds) over a collective segment"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -72,7 +77,7 @@ core_exec(PyObject *m)
             || add_type(m, &PieceBudget_spec, &state->piece_budget_type) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "RANGE_N_MAX", (long)RANGE_N_MASK) < 0) return -1;
-    if (reduce_add_constants(m) < 0) return -1;
+    if (reduce_add_constants(m) < 0 || collective_add_constants(m) < 0) return -1;
     PyObject *lo_max = PyLong_FromUnsignedLongLong(RANGE_LO_MAX);
     if (!lo_max) return -1;
     if (PyModule_AddObject(m, "RANGE_LO_MAX", lo_max) < 0) {

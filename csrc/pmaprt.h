@@ -12,6 +12,8 @@
  *   Region_range_* / claim_span / cas64_mark, the Region methods of ranges.c
  *   populate_pages                       (buffers.c)
  *   core_memcpy, core_populate, core_vm_read, core_buffer_address (buffers.c)
+ *   reduce_kind_size, reduce_run, reduce_twice (reduce.c)
+ *   core_one_round                     (collective.c)
  *   Region_spec, Mapping_spec, Results_spec, PieceBudget_spec
  *
  * Each type is made from its spec per module (PyType_FromModuleAndSpec) and
@@ -124,6 +126,23 @@ PyObject *core_buffer_address(PyObject *mod, PyObject *obj);
 PyObject *core_reduce_into(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 /* Adds the REDUCE_* kind and op constants to the module: 0, or -1. */
 int reduce_add_constants(PyObject *m);
+/* The byte size of a kind's element, 0 for an unknown kind. */
+int reduce_kind_size(int kind);
+#define REDUCE_NOPS 3
+/* reduce_into's kernel on checked pointers (n elements of a known kind and op);
+ * the GIL released for large reductions, as reduce_into does. */
+void reduce_run(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int op,
+                double divisor);
+/* reduce_run into dst, and the result copied into `copy` too, piece by piece
+ * while each piece is in L1 (the GIL released). */
+void reduce_twice(char *dst, char *copy, char *const *src, int w, Py_ssize_t n, int kind,
+                  int op, double divisor);
+
+/* ---- The collective's small round (collective.c) ------------------------- */
+
+PyObject *core_one_round(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+/* Adds the ROUND_* status codes and ROUND_LAYOUT to the module: 0, or -1. */
+int collective_add_constants(PyObject *m);
 
 /* ---- Type specs (one per type's file) ----------------------------------- */
 

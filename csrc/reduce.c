@@ -50,6 +50,7 @@
 
 enum { KIND_F32, KIND_F64, KIND_I32, KIND_I64, KIND_F16, KIND_BF16, NKINDS };
 enum { OP_SUM, OP_MIN, OP_MAX, NOPS };
+_Static_assert(NOPS == REDUCE_NOPS, "pmaprt.h's REDUCE_NOPS");
 
 static const int kind_size[NKINDS] = {4, 8, 4, 8, 2, 2};
 
@@ -265,6 +266,51 @@ reduce_any(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int op, d
     }
 }
 
+/* ---- Shared with collective.c --------------------------------------------- */
+
+int
+reduce_kind_size(int kind)
+{
+    return kind >= 0 && kind < NKINDS ? kind_size[kind] : 0;
+}
+
+void
+reduce_run(char *dst, char *const *src, int w, Py_ssize_t n, int kind, int op, double divisor)
+{
+    if (n * kind_size[kind] * w >= REDUCE_RELEASE_GIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        reduce_any(dst, src, w, n, kind, op, divisor, 0);
+        Py_END_ALLOW_THREADS
+    } else if (n > 0) {
+        reduce_any(dst, src, w, n, kind, op, divisor, 0);
+    }
+}
+
+/* Bytes per piece of reduce_twice: the piece is still in L1 when it is copied. */
+#define TWICE_PIECE_BYTES 16384
+
+void
+reduce_twice(char *dst, char *copy, char *const *src, int w, Py_ssize_t n, int kind, int op,
+             double divisor)
+{
+    int isz = kind_size[kind];
+    Py_ssize_t per = TWICE_PIECE_BYTES / isz;
+    char *at[STACK_SRCS];
+    if (w > STACK_SRCS) {   /* no room for offset pointers: two passes */
+        reduce_run(dst, src, w, n, kind, op, divisor);
+        if (n > 0) memcpy(copy, dst, (size_t)(n * isz));
+        return;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t lo = 0; lo < n; lo += per) {
+        Py_ssize_t m = n - lo < per ? n - lo : per, off = lo * isz;
+        for (int q = 0; q < w; q++) at[q] = src[q] + off;
+        reduce_any(dst + off, at, w, m, kind, op, divisor, 0);
+        memcpy(copy + off, dst + off, (size_t)(m * isz));
+    }
+    Py_END_ALLOW_THREADS
+}
+
 /* ---- The module function ---------------------------------------------------- */
 
 /* A pointer to `nbytes` bytes at byte offset `offobj` of `v`, aligned to
@@ -314,8 +360,8 @@ core_reduce_into(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int generic = nargs > 8 ? PyObject_IsTrue(args[8]) : 0;
     if (generic < 0) return NULL;
     if (n < 0 || kind < 0 || kind >= NKINDS || op < 0 || op >= NOPS || !(divisor > 0)) {
-        PyErr_Format(PyExc_ValueError, "reduce_into: bad n %zd, kind %ld, op %ld or divisor %g",
-                     n, kind, op, divisor);
+        PyErr_Format(PyExc_ValueError, "reduce_into: bad n %zd, kind %ld or op %ld, or a divisor "
+                     "that is not > 0", n, kind, op);
         return NULL;
     }
     int w = (int)PyTuple_GET_SIZE(srcs), isz = kind_size[kind];

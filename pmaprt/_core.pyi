@@ -162,3 +162,42 @@ def reduce_into(
     /,
 ) -> None:
     """dst[i] = (srcs[0][i] op srcs[1][i] op ...) / divisor for n elements, in source order, GIL released."""
+
+ROUND_DONE: Final[int]
+"""one_round's status: the round is done (0)."""
+ROUND_WAIT_FREE: Final[int]
+"""one_round's status code: nothing published; wait for rank (status >> 8)'s FREE, call with phase 0."""
+ROUND_WAIT_PUB: Final[int]
+"""one_round's status code: published; wait for rank (status >> 8)'s PUB, call with phase 1."""
+ROUND_WAIT_RED: Final[int]
+"""one_round's status code (split): wait for rank (status >> 8)'s RED, call with phase 2."""
+ROUND_MISMATCH: Final[int]
+"""one_round's status code: rank (status >> 8)'s stamp differs from this rank's."""
+ROUND_IN_PLACE: Final[int]
+"""one_round's status code: rank (status >> 8)'s input is lent in place; the caller reduces."""
+ROUND_MAX_RANKS: Final[int]
+"""The most ranks one_round takes."""
+ROUND_LAYOUT: Final[tuple[int, ...]]
+"""The collective segment's offsets one_round assumes: H_ABORT, H_BELL, H_SLEEPERS, L_PUB,
+L_RED, L_FREE, HEAD, HD_STAMP, HD_SRC_SEG."""
+
+def one_round(
+    seg: WriteableBuffer,
+    src: ReadableBuffer,
+    dst: WriteableBuffer,
+    heads: tuple[int, ...],
+    reds: tuple[int, ...] | None,
+    lines: tuple[int, ...],
+    rank: int,
+    m: int,
+    slots: int,
+    stamp: int,
+    kind: int,
+    op: int,
+    divisor: float,
+    spin_ns: int,
+    phase: int,
+    /,
+) -> int:
+    """A call of one all-reduce round over a collective segment (direct, or split with reds),
+    from `phase` on: ROUND_DONE, or (rank << 8) | a ROUND_* code to act on."""

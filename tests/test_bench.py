@@ -13,7 +13,7 @@ import pytest
 
 from pmaprt.bench import RESULT_KEYS, SCHEMA_VERSION, TOP_KEYS, WORKLOAD_KEYS
 from pmaprt.bench import workloads as W
-from pmaprt.bench.report import render
+from pmaprt.bench.report import fmt_bytes, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -372,6 +372,22 @@ def test_array_and_allreduce_workloads(tmp_path):
     assert doc["files"]["plots"] == ["allreduce_busbw.png"]
     with open(out / "allreduce_busbw.png", "rb") as f:
         assert f.read(8) == PNG_SIG
+    # the goal lines: the 4 KiB time and the % of the bound per size, per input kind
+    counts = doc["workloads"]["allreduce"]["params"]["workers"]
+    goals = [line for line in (out / "table.txt").read_text().splitlines()
+             if line.startswith("  goals, W=")]
+    assert len(goals) == 2 * len(counts)
+    assert all("4 KiB in" in g and "% of bound" in g for g in goals)
+    assert all(fmt_bytes(n) in goals[0] for n in sizes)
+
+
+def test_allreduce_message_sizes_follow_size_scale():
+    from pmaprt.bench.allreduce_runs import MAX_BYTES, message_sizes
+    assert message_sizes(False, 1.0) == [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
+    assert message_sizes(False, 16)[-1] == 64 << 20
+    assert message_sizes(False, 0.0001) == [4 << 10]
+    assert message_sizes(True, 1.0)[-1] == 256 << 20
+    assert message_sizes(True, 100)[-1] == MAX_BYTES
 
 
 def test_paired_ratios_are_medians_of_per_run_ratios():

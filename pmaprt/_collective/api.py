@@ -13,7 +13,8 @@ the axis context and fail clearly outside an SPMD map.
 import numpy as np
 
 from .._errors import CollectiveError
-from .reduce import OPS, ReduceRank, check_as_dtype, leaf_array, reduce_flat, reduce_tree
+from .reduce import (OPS, ReduceRank, check_as_dtype, leaf_array, reduce_array, reduce_flat,
+                     reduce_tree)
 from .segment import AXIS_MAX
 
 # The rank this worker runs now (set around the step function).
@@ -99,6 +100,11 @@ def allreduce(x, op="sum", *, out=None, as_dtype=None):
     An x that lives in a shared array every worker maps (pmaprt.empty and
     friends, passed to the map) is read in place by the other ranks.
     """
+    ctx = _CTX
+    if ctx is not None and type(x) is np.ndarray:
+        res = reduce_array(ctx, x, out, op, as_dtype)
+        if res is not None:
+            return res
     check_as_dtype(as_dtype)
     if out is not None:
         return _allreduce_out(x, op, out, as_dtype)
@@ -123,6 +129,12 @@ def _allreduce_out(x, op, out, as_dtype):
 
 
 def _allreduce(x, op, axis_name, who, as_dtype=None):
+    ctx = _CTX
+    if ctx is not None and type(x) is np.ndarray and axis_name == ctx.axis:
+        res = reduce_array(ctx, x, None, op, as_dtype)
+        if res is not None:
+            return res
+    check_as_dtype(as_dtype)
     if op not in OPS:
         raise ValueError("pmaprt.%s: op must be one of %s, got %r" % (who, ", ".join(OPS), op))
     ctx = _current(axis_name, who)
@@ -143,23 +155,19 @@ def _allreduce(x, op, axis_name, who, as_dtype=None):
 
 def psum(x, axis_name, *, as_dtype=None):
     """The sum of x over the ranks of the SPMD map with this axis name."""
-    check_as_dtype(as_dtype)
     return _allreduce(x, "sum", axis_name, "psum", as_dtype)
 
 
 def pmean(x, axis_name, *, as_dtype=None):
     """The mean of x over the ranks of the SPMD map with this axis name."""
-    check_as_dtype(as_dtype)
     return _allreduce(x, "mean", axis_name, "pmean", as_dtype)
 
 
 def pmax(x, axis_name, *, as_dtype=None):
-    check_as_dtype(as_dtype)
     return _allreduce(x, "max", axis_name, "pmax", as_dtype)
 
 
 def pmin(x, axis_name, *, as_dtype=None):
-    check_as_dtype(as_dtype)
     return _allreduce(x, "min", axis_name, "pmin", as_dtype)
 
 

@@ -11,12 +11,15 @@ Both algorithms read every rank's buffer directly (one pass) rather than
 passing pieces around a ring: the shared memory allows it, and a ring moves
 each byte 2(N-1) times in as many synchronised steps. `direct` has one
 synchronisation per round and each rank reads N stage slots; `split` has two,
-and each rank reads 2 rounds' worth. `direct` is used for two ranks and for
-small calls, `split` for the rest (DIRECT_BYTES); a call of at most SMALL_BYTES takes
-`direct` in one round by the shortest path (`_small`); bench/RESULTS.md has
-the measurements. Both run one round deep: a rank stages round m + 1 before it
-reduces round m, and (split) gathers round m - 1 after it has published its
-slice of round m, so that a rank a little behind delays the others less.
+each rank reads 2 rounds' worth, and a rank does not stage the slice it
+reduces itself (it reads it from its own input). `direct` is used for small
+calls (SMALL_BYTES, DIRECT_BYTES) and, with two ranks, for calls of more
+than C_ROUNDS rounds; `split` for the rest. A call of one round (at most a
+slot) runs as one C call (`_round`: one_round in csrc/collective.c), either
+algorithm, and with two ranks so does each round of a call of up to C_ROUNDS;
+bench/RESULTS.md has the measurements. Longer calls run one round deep: a rank stages round m + 1 before it reduces round m, and (split)
+gathers round m - 1 after it has published its slice of round m, so that a
+rank a little behind delays the others less.
 
 Where the input is a shared array every rank maps (`pmaprt.empty` and
 friends, lent to the pool's workers), the others read it in place: the stage
@@ -48,19 +51,28 @@ from .segment import (HALF, HD_SRC_OFF, HD_SRC_SEG, HD_STAMP, HEAD, L_FREE, L_PU
 _core = _shm.core()
 reduce_into = _core.reduce_into
 memcpy = _core.memcpy
+one_round = _core.one_round
+ROUND_WAIT_FREE, ROUND_MISMATCH = _core.ROUND_WAIT_FREE, _core.ROUND_MISMATCH
+ROUND_WAIT_PUB, ROUND_WAIT_RED = _core.ROUND_WAIT_PUB, _core.ROUND_WAIT_RED
+ROUND_MAX_RANKS = _core.ROUND_MAX_RANKS
 
 # Fusion: many small arrays of one dtype are packed into buffers of at most this
 # many bytes, each reduced in one pass (Horovod's default threshold).
 FUSION_BYTES = 64 * 1024 * 1024
 # Calls of at most this many bytes per rank, times the ranks, use `direct`
-# (one synchronisation per round) at any N; up to DIRECT_RANKS ranks use it at
-# every size (with two, each rank reads 2 rounds' worth in `direct` as in
-# `split`, and writes less).
+# (one synchronisation per round) at any N; so do calls of more than one
+# round with up to DIRECT_RANKS ranks (with two, each rank reads 2 rounds'
+# worth in `direct` as in `split`, and the Python pipeline of `split` costs
+# more than it saves) past C_ROUNDS rounds. A call of up to C_ROUNDS rounds
+# takes `split` in C there, round after round: each rank copies in and reduces
+# half as much (bench/RESULTS.md).
 DIRECT_BYTES = 256 * 1024
 DIRECT_RANKS = 2
+C_ROUNDS = 4
 # Calls of at most this many bytes per rank always take `direct`, staged, in
-# one round (`_small`): below it, reading a shared input in place saves less
-# than checking for one costs. At most the smallest slot.
+# one round (`_round`): below it, reading a shared input in place saves less
+# than checking for one costs. At most the smallest slot. Larger calls that
+# fit in one slot, staged and `direct`, take `_round` too.
 SMALL_BYTES = 64 * 1024
 
 # Stamp hashes remembered per (kind, op, divisor, length): calls of ever new
@@ -99,8 +111,8 @@ class ReduceRank(RankEndpoint):
         self.peer_bufs.clear()
 
     def reduce(self, src, res, kind, op, divisor=1.0):
-        """res = the reduction of every rank's src, divided by `divisor` (1-D,
-        C-contiguous, the same dtype; res may be src). kind, op: the kernel's
+        """res = the reduction of every rank's src, divided by `divisor`
+        (C-contiguous, the same dtype and size; res may be src). kind, op: the kernel's
         codes (KIND, OP_CODE)."""
         if self.broken is not None:
             raise CollectiveError("pmaprt: an earlier collective failed on this rank (%s); "
@@ -118,22 +130,42 @@ class ReduceRank(RankEndpoint):
             reduce_into(res, 0, (src,), (0,), n, kind, op, divisor)
             return
         isz = src.itemsize
-        if n * isz <= SMALL_BYTES:
-            self._small(src, res, n, stamp, kind, op, divisor)
-            return
-        per = self.slot_bytes // isz
-        bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
-        direct = self.world <= DIRECT_RANKS or n * isz * self.world <= DIRECT_BYTES
+        nbytes = n * isz
+        w = self.world
+        slot = self.slot_bytes
+        # with up to DIRECT_RANKS ranks, calls of up to C_ROUNDS rounds run
+        # split, round after round in C; longer ones direct's Python pipeline
+        few = nbytes <= slot or (w <= DIRECT_RANKS and nbytes <= C_ROUNDS * slot)
+        direct = nbytes <= SMALL_BYTES or nbytes * w <= DIRECT_BYTES \
+            or (w <= DIRECT_RANKS and not few)
         # in place only where this rank's result does not overwrite its input
         # while others may read it (direct writes a round as soon as it is reduced)
-        place = None if direct and np.may_share_memory(src, res) else self._shared_place(src)
+        place = None
+        if nbytes > SMALL_BYTES and not (direct and np.may_share_memory(src, res)):
+            place = self._shared_place(src)
+        if few and w <= ROUND_MAX_RANKS and (place is None or not direct):
+            if nbytes <= slot:
+                self._round(src, res, stamp, kind, op, divisor, direct, place)
+                return
+            if src.ndim != 1:
+                src, res = src.reshape(-1), res.reshape(-1)
+            per = slot // isz
+            for lo in range(0, n, per):
+                at = None if place is None else (place[0], place[1] + lo * isz)
+                self._round(src[lo:lo + per], res[lo:lo + per], stamp, kind, op, divisor,
+                            direct, at)
+            return
+        if src.ndim != 1:
+            src, res = src.reshape(-1), res.reshape(-1)
+        per = self.slot_bytes // isz
+        bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
         # A pipeline one round deep: round i + 1 is staged before round i is
         # reduced, and (split) round i - 1 gathered after round i's slice is
         # published, so a rank a little behind the others holds nobody up.
-        rounds = [self._put(src, *bounds[0], isz, stamp, place)]
+        rounds = [self._put(src, *bounds[0], isz, stamp, place, direct)]
         for i, (lo, hi) in enumerate(bounds):
             if i + 1 < len(bounds):
-                rounds.append(self._put(src, *bounds[i + 1], isz, stamp, place))
+                rounds.append(self._put(src, *bounds[i + 1], isz, stamp, place, direct))
             m, j = rounds[i]
             self._take(m, j, stamp)
             if direct:
@@ -141,11 +173,7 @@ class ReduceRank(RankEndpoint):
                 reduce_into(res, lo * isz, srcs, offs, hi - lo, kind, op, divisor)
                 self.publish(L_FREE, m + 1)
                 continue
-            w, rank = self.world, self.rank
-            a = lo + ((hi - lo) * rank) // w
-            b = lo + ((hi - lo) * (rank + 1)) // w
-            srcs, offs = self._sources(j, (a - lo) * isz)
-            reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
+            self._reduce_slice(src, place, j, lo, hi, isz, kind, op, divisor)
             self.publish(L_RED, m + 1)
             if i:
                 self._gather(res, isz, *rounds[i - 1], *bounds[i - 1])
@@ -154,39 +182,52 @@ class ReduceRank(RankEndpoint):
         elif place is not None:   # the caller may change src once this returns
             self.wait_all(L_FREE, self.sent, "finish reading this rank's input")
 
-    def _small(self, src, res, n, stamp, kind, op, divisor):
-        """One round of `direct`, staged, as few Python steps as it takes (a
-        small call's time is these steps, not its bytes)."""
-        m = self.sent
-        j = m % self.slots
-        r = self.r
-        mask = MASK
-        target = (m + 1 - self.slots) & mask
-        for line in self.other_lines:
-            if ((r.load32(line + L_FREE) - target) & mask) >= HALF:
-                self._wait(line, L_FREE, target, "finish an earlier collective round")
-        head = self.stage[j][self.rank]
-        memcpy(self.mm, head + HEAD, src)
-        r.store64(head + HD_SRC_SEG, 0)
-        r.store64(head + HD_STAMP, stamp)
-        self.sent = m = m + 1
-        self.publish(L_PUB, m)
-        for line in self.other_lines:
-            if ((r.load32(line + L_PUB) - m) & mask) >= HALF:
-                self._wait(line, L_PUB, m, "publish its part")
+    def _round(self, src, res, stamp, kind, op, divisor, direct, place):
+        """A call of one round (at most a slot) in one C call (one_round): its
+        steps cost about 1 us there, 5-20 us as Python calls. A wait longer
+        than the spin comes back here to sleep on the bell (and to see
+        aborts); a round where another rank lent its input in place comes
+        back for that input's buffer. place (split only): this rank's input
+        is named in place, not copied; the call returns after every rank's
+        RED, so every rank has read it."""
+        m = (self.sent + 1) & MASK
+        j = self.sent % self.slots
         heads = self.stage[j]
-        for q in self.others:
-            got = r.load64(heads[q] + HD_STAMP)
-            if got != stamp:
-                raise self._fail(self._mismatch(got, stamp, q))
-        reduce_into(res, 0, self.mms, self.stage_data[j], n, kind, op, divisor)
-        self.publish(L_FREE, m)
+        reds = None if direct else self.red[j]
+        phase = 0
+        inputs = None
+        while True:
+            st = one_round(self.mm, src, res, heads, reds, self.lines, self.rank, m, self.slots,
+                           stamp, kind, op, divisor, self.spin, phase, place, inputs)
+            if not st:
+                self.sent += phase == 0
+                return
+            code, q = st & 0xFF, st >> 8
+            if code == ROUND_WAIT_FREE:
+                self._wait(self.lines[q], L_FREE, (m - self.slots) & MASK,
+                           "finish an earlier collective round", True)
+                continue
+            if phase == 0:
+                self.sent += 1   # published
+            if code == ROUND_WAIT_PUB:
+                phase = 1
+                self._wait(self.lines[q], L_PUB, m, "publish its part", True)
+            elif code == ROUND_WAIT_RED:
+                phase = 2
+                self._wait(self.lines[q], L_RED, m, "reduce its slice", True)
+            elif code == ROUND_MISMATCH:
+                raise self._fail(self._mismatch(self.r.load64(heads[q] + HD_STAMP), stamp, q))
+            else:   # ROUND_IN_PLACE: another rank's input is read where it is
+                phase = 1
+                inputs = self._sources(j, 0)
 
     # -- the steps of a round
 
-    def _put(self, src, lo, hi, isz, stamp, place):
+    def _put(self, src, lo, hi, isz, stamp, place, direct):
         """This rank's part of its next round goes into its stage slot (or its
-        place in a shared array into the head); publish. -> (round, slot)."""
+        place in a shared array into the head); publish. -> (round, slot).
+        In `split` the slice this rank reduces itself is not staged: it is
+        read from src (the copy in shrinks by 1/N)."""
         m = self.sent
         k = self.slots
         j = m % k
@@ -194,8 +235,17 @@ class ReduceRank(RankEndpoint):
         head = self.stage[j][self.rank]
         r = self.r
         if place is None:
-            if hi > lo:
-                memcpy(self.mm, head + HEAD, src[lo:hi])
+            if direct:
+                if hi > lo:
+                    memcpy(self.mm, head + HEAD, src[lo:hi])
+            else:
+                w, rank = self.world, self.rank
+                a = lo + ((hi - lo) * rank) // w
+                b = lo + ((hi - lo) * (rank + 1)) // w
+                if a > lo:
+                    memcpy(self.mm, head + HEAD, src[lo:a])
+                if hi > b:
+                    memcpy(self.mm, head + HEAD + (b - lo) * isz, src[b:hi])
             r.store64(head + HD_SRC_SEG, 0)
         else:
             r.store64(head + HD_SRC_SEG, place[0])
@@ -204,6 +254,19 @@ class ReduceRank(RankEndpoint):
         self.sent = m + 1
         self.publish(L_PUB, m + 1)
         return m, j
+
+    def _reduce_slice(self, src, place, j, lo, hi, isz, kind, op, divisor):
+        """split: this rank's slice of the round in slot j (elements lo..hi of
+        the call) into its red slot; its own part read from src unless it
+        was lent in place."""
+        w, rank = self.world, self.rank
+        a = lo + ((hi - lo) * rank) // w
+        b = lo + ((hi - lo) * (rank + 1)) // w
+        srcs, offs = self._sources(j, (a - lo) * isz)
+        if place is None:   # this rank's own slice was not staged
+            srcs = srcs[:rank] + (src,) + srcs[rank + 1:]
+            offs = offs[:rank] + (a * isz,) + offs[rank + 1:]
+        reduce_into(self.mm, self.red[j][rank], srcs, offs, b - a, kind, op, divisor)
 
     def _take(self, m, j, stamp):
         """Wait until every rank has published round m; compare the stamps."""
@@ -245,21 +308,6 @@ class ReduceRank(RankEndpoint):
                 srcs[q] = self._peer_buf(seg)
                 offs[q] = r.load64(h + HD_SRC_OFF) + skip
         return tuple(srcs), tuple(offs)
-
-    def _gather(self, res, isz, m, j, lo, hi):
-        """Copy every rank's reduced slice of round m into res; publish FREE."""
-        self.wait_all(L_RED, m + 1, "reduce its slice")
-        w = self.world
-        buf = self.seg.buf
-        reds = self.red[j]
-        n = hi - lo
-        a = lo
-        for q in range(w):
-            b = lo + (n * (q + 1)) // w
-            if b > a:
-                memcpy(res, a * isz, buf[reds[q]: reds[q] + (b - a) * isz])
-            a = b
-        self.publish(L_FREE, m + 1)
 
     def _shared_place(self, src):
         """(segment id, byte offset) of src inside a shared array lent to
@@ -314,8 +362,61 @@ def leaf_array(x, i, op, as_dtype=None):
     return a, kind
 
 
+# (dtype, op, as_dtype) -> (kind, op code, mean, as uint16) for one array
+# that `reduce_array` takes as it is; False where the general path must
+# convert or raise. Kept small: dtypes, ops and as_dtype values are few.
+PLANS = {}
+PLANS_KEPT = 256
+
+
+def array_plan(dtype, op, as_dtype):
+    """The plan of a (dtype, op, as_dtype): see PLANS; cached."""
+    key = (dtype, op, as_dtype)
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = False
+        if op in OPS and (as_dtype is None or as_dtype in HALF_KIND):
+            kind = KIND.get(dtype)
+            if kind is None:
+                if dtype.name == "bfloat16" and dtype.itemsize == 2:
+                    kind = _core.REDUCE_BF16
+                elif dtype == U16 and as_dtype is not None:
+                    kind = HALF_KIND[as_dtype]
+            if kind is not None and (op != "mean" or kind in FLOAT_KINDS):
+                plan = (kind, OP_CODE[op], op == "mean", dtype.itemsize == 2 and dtype != U16)
+        if len(PLANS) >= PLANS_KEPT:
+            PLANS.clear()
+        PLANS[key] = plan
+    return plan
+
+
+def reduce_array(ctx, x, out, op, as_dtype):
+    """The all-reduce of one C-contiguous ndarray x by the shortest path (a
+    training step's common call), into out (or a new array): the result, or
+    None where x or out need the general path (a conversion, or an error to
+    raise)."""
+    if type(op) is not str or not (as_dtype is None or type(as_dtype) is str):
+        return None   # the general path says what is wrong with them
+    plan = PLANS.get((x.dtype, op, as_dtype))
+    if plan is None:
+        plan = array_plan(x.dtype, op, as_dtype)
+    if not plan or not x.flags.c_contiguous:
+        return None
+    if out is None:
+        out = np.empty_like(x)
+    elif type(out) is not np.ndarray or out.dtype != x.dtype or out.shape != x.shape \
+            or not out.flags.carray:
+        return None
+    kind, code, mean, half = plan
+    if half:   # bfloat16 may lack a buffer format
+        ctx.reduce(x.view(U16), out.view(U16), kind, code, float(ctx.world) if mean else 1.0)
+    else:
+        ctx.reduce(x, out, kind, code, float(ctx.world) if mean else 1.0)
+    return out
+
+
 def check_as_dtype(as_dtype):
-    if as_dtype is not None and as_dtype not in HALF_KIND:
+    if as_dtype is not None and (not isinstance(as_dtype, str) or as_dtype not in HALF_KIND):
         raise ValueError("pmaprt.allreduce: as_dtype must be None, 'float16' or 'bfloat16', "
                          "got %r" % (as_dtype,))
 

@@ -38,8 +38,9 @@ Set-up (parent):
 
 A round m (reduce.py says what is read and written in each step):
  1. Stage: wait until every rank's FREE >= m - SLOTS + 1 (no rank still reads
-    slot m % SLOTS), write the input into the stage slot (or its place into
-    the head), then the stamp, then PUB = m + 1; ring.
+    slot m % SLOTS), write the input into the stage slot (split: all but the
+    slice this rank reduces itself; or its place into the head), then the
+    stamp, then PUB = m + 1; ring.
  2. Wait until every rank's PUB >= m + 1; compare every rank's stamp with
     this rank's: a difference aborts (below) with a message that names it.
  3. Reduce from every rank's stage slot (or input); then either the result is
@@ -255,10 +256,11 @@ class RankEndpoint:
             if ((r.load32(line + field) - target) & MASK) >= HALF:
                 self._wait(line, field, target, what)
 
-    def _wait(self, line, field, target, what):
+    def _wait(self, line, field, target, what, spun=False):
+        """Wait for one rank's counter (steps 1-6 above); spun: the caller
+        has already spun for self.spin (straight to sleep)."""
         r = self.r
         off = line + field
-        spun = False
         slept = 0
         while True:
             b = r.load32(H_BELL)

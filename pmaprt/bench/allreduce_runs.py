@@ -20,6 +20,8 @@ from .session import Session, with_timeout
 # recorded as an error: far above a quick run's few seconds, but a hung
 # collective must not hold the suite forever.
 RUNNER_TIMEOUT_S = 600.0
+# The largest message: W shared rows of it and each rank's inputs must fit.
+MAX_BYTES = 256 << 20
 
 
 def worker_counts(workers: int, full: bool):
@@ -30,6 +32,13 @@ def worker_counts(workers: int, full: bool):
             counts.add(k)
             k *= 2
     return sorted(c for c in counts if c >= 2)
+
+
+def message_sizes(full, scale):
+    """4 KiB and every 4x up to 4 MiB times `scale` (16: 64 MiB), or with
+    `full` 256 MiB times `scale`; at most MAX_BYTES."""
+    top = 256 << 20 if full else 4 << 20
+    return W.geometric(4 << 10, max(4 << 10, min(MAX_BYTES, int(top * scale))), 4)
 
 
 def _busbw(rid, nbytes, t, wk):
@@ -53,9 +62,7 @@ def run_allreduce(session: Session, avail):
     if cfg.workers < 2:
         entry.update(status="skipped", note="an all-reduce needs at least 2 workers")
         return
-    top = 256 << 20 if cfg.full else 4 << 20
-    top = max(4 << 10, int(top * min(1.0, cfg.size_scale)))
-    sizes = W.geometric(4 << 10, top, 4)
+    sizes = message_sizes(cfg.full, cfg.size_scale)
     samples = cfg.repeat
     counts = worker_counts(cfg.workers, cfg.full)
     entry.update(params={"sizes_bytes": sizes, "workers": counts, "dtype": "float32",

@@ -166,6 +166,45 @@ def _verdict_lines(e) -> List[str]:
     return out
 
 
+# The all-reduce's goals (issue 22, at W = 2): a 4 KiB call within 10 us, and
+# at least half the bound's speed from 1 MiB.
+GOAL_SMALL_BYTES, GOAL_SMALL_S = 4 << 10, 10e-6
+GOAL_FROM_BYTES, GOAL_VS_BOUND = 1 << 20, 0.5
+
+
+def allreduce_goal_lines(recs) -> List[str]:
+    """Per worker count and input kind (private, shared): the 4 KiB time and
+    the % of the bound per size (min-max over the pairs), against the goals."""
+    out = []
+    by_w: Dict[Any, Dict[str, List[Dict[str, Any]]]] = {}
+    for r in recs:
+        if r["runner"] in ("pmaprt", "pmaprt_shared_input") and r["status"] == "ok":
+            by_w.setdefault(r["params"].get("workers"), {}).setdefault(r["runner"], []).append(r)
+    for wk in sorted(by_w, key=lambda w: w or 0):
+        for rid, what in (("pmaprt", "private input"), ("pmaprt_shared_input", "shared input")):
+            rs = sorted(by_w[wk].get(rid, []), key=lambda r: r["params"]["bytes"])
+            if not rs:
+                continue
+            parts = []
+            head = f"W={wk} {what}:"
+            for r in rs:
+                n, p = r["params"]["bytes"], r["params"]
+                if n == GOAL_SMALL_BYTES and r["median_s"]:
+                    ok = "ok" if r["median_s"] <= GOAL_SMALL_S else "over"
+                    head += (f" 4 KiB in {r['median_s'] * 1e6:.1f} us (goal <= "
+                             f"{GOAL_SMALL_S * 1e6:.0f} us: {ok});")
+                if p.get("vs_bound") is None:
+                    continue
+                lo, hi = p["vs_bound_range"]
+                mark = "" if n < GOAL_FROM_BYTES else (
+                    " ok" if p["vs_bound"] >= GOAL_VS_BOUND else " LOW")
+                parts.append(f"{fmt_bytes(n)} {100 * p['vs_bound']:.0f}% "
+                             f"({100 * lo:.0f}-{100 * hi:.0f}){mark}")
+            out.append(f"{head} % of bound (goal >= {100 * GOAL_VS_BOUND:.0f}% from "
+                       f"{fmt_bytes(GOAL_FROM_BYTES)}): " + ", ".join(parts))
+    return out
+
+
 def _map_table(e, recs, cfg) -> List[str]:
     out = []
     has_ideal = e.get("ideal_s") is not None
@@ -290,6 +329,7 @@ def render(doc: Dict[str, Any]) -> str:
                      r["note"] or ""] for r in recs]
             out += _table(["runner", "W", "size", "median", "min-max", "busbw GB/s", "status",
                            "note"], rows, "lrlrrrll")
+            out += ["  goals, " + line for line in allreduce_goal_lines(recs)]
             out += _verdict_lines(e)
             continue
         extra = []
