@@ -14,10 +14,13 @@ imports only those above it in this list):
               the parent, or copied) and the out-of-band pickle format
 - blocks      chunks=: block rules and `BlockView`
 - out         out=: the parent's checks and the worker's writer
+- captured    a function's large captured arrays, shipped once per pool
+              through content-addressed read-only segments (both sides)
 - jobarrays   what one map holds (`JobArrays`), and `local_map`
 
 Other layers import the names below from here.
 """
+from .captured import CAPTURE_MIN, CapturedStore, loads_fn
 from .blocks import BlockView, rule_rows, wrap_chunks
 from .copy import copy_array
 from .jobarrays import JobArrays, local_map
@@ -35,6 +38,7 @@ from .transport import (
 )
 
 __all__ = [
+    "CAPTURE_MIN", "CapturedStore", "loads_fn",
     "BlockView", "rule_rows", "wrap_chunks",
     "copy_array",
     "JobArrays", "local_map",

@@ -1,0 +1,274 @@
+"""A function's large captured arrays, shipped once per pool, both sides.
+
+Parent side (`CapturedStore`, one per pool, held as ``pool.arrays.captured``):
+when a map pickles its function, every NumPy array of CAPTURE_MIN bytes or
+more found in it (closure cells, globals of a function pickled by value,
+default arguments, attributes of a callable object, a functools.partial's
+arguments, arrays inside dicts or lists of those) is left out of the pickle
+and replaced by a reference to a shared segment holding its bytes. Segments
+are content-addressed (xxh3_128 of the bytes and their length): the same
+bytes reach the same segment from any array object, of any dtype or shape,
+and an array changed since the last map hashes to a new one. The pool lends
+each segment to its workers once (lent.py's SegmentLent, as for any job
+segment); a worker's array is a view of its mapping, not a copy, and is
+read-only: a write raises ``ValueError: assignment destination is
+read-only``, so no worker can change what the others see.
+
+Every map hashes its function's large arrays again: an array that is
+writable here can change without notice, and hashing (a few GB/s, on
+threads) costs far less than shipping.
+
+Lifetime: a segment is pinned by every map whose function refers to it
+until that map ends. Unpinned, it stays while an array here last had its
+bytes (the next map of the same closure finds it), within CACHE_BYTES of
+unpinned segments, least recently used out first. It is freed (SegmentFreed
+to every worker, which drops the cached functions that refer to it) when the
+last such array is garbage collected, when that array's bytes changed (a
+later map hashed it to another segment), or when the cache needs room.
+
+Worker side: `loads_fn` unpickles a function and says which captured
+segments it refers to (the worker forgets the function when one is freed).
+"""
+import collections
+import threading
+import weakref
+
+import numpy as np
+import xxhash
+
+from .. import _serialize
+from .copy import byte_tasks, run_tasks
+from .lent import resolve
+from .._threads import run_pieces
+from .._options import CORES
+
+# Arrays of at least this many bytes go through a shared segment. Below it,
+# pickling the bytes with the function costs less than hashing them, a
+# segment of their own and its message to every worker.
+CAPTURE_MIN = 1 << 20
+# Unpinned segments kept for later maps, in bytes (all pinned ones are kept
+# regardless). Past it the least recently used go first.
+CACHE_BYTES = 1 << 30
+# Hash pieces: a fixed size, so that a digest does not depend on the number of
+# threads; large enough that a piece's digest costs nothing next to its bytes.
+HASH_PIECE = 16 << 20
+
+
+def _flat(a):
+    """(a's bytes as a 1-D uint8 array, the strides of `a` over them)."""
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+        a = np.ascontiguousarray(a)
+    # ravel("K") of a C- or F-contiguous array is a view in memory order
+    return a.ravel(order="K").view(np.uint8), a.strides
+
+
+def digest(flat):
+    """The content key of a 1-D uint8 array: xxh3_128 over fixed pieces,
+    hashed on threads (xxhash releases the GIL) above one piece."""
+    n = flat.nbytes
+    if n <= HASH_PIECE:
+        return xxhash.xxh3_128_digest(flat), n
+    starts = range(0, n, HASH_PIECE)
+    out = [None] * len(starts)
+
+    def piece(i, a):
+        out[i] = xxhash.xxh3_128_digest(flat[a: a + HASH_PIECE])
+
+    run_pieces([lambda i=i, a=a: piece(i, a) for i, a in enumerate(starts)],
+               min(CORES, len(out), 4))
+    return xxhash.xxh3_128_digest(b"".join(out)), n
+
+
+class _Entry:
+    __slots__ = ("seg", "nbytes", "pins", "sources")
+
+    def __init__(self, seg, nbytes):
+        self.seg = seg
+        self.nbytes = nbytes
+        self.pins = 0           # live maps whose function refers to it
+        self.sources = {}       # id(array) -> weakref: arrays here whose bytes it last held
+
+
+class CapturedStore:
+    """One pool's captured segments (parent side). Holds the pool weakly.
+
+    Counters for tests and benchmarks: `made` (segments created), `copied`
+    (bytes copied into them), `freed` (segments freed)."""
+
+    def __init__(self, pool):
+        self._pool = weakref.ref(pool)
+        self._lock = threading.RLock()
+        self._entries = collections.OrderedDict()   # key -> _Entry, least recently used first
+        self._key_of = {}       # id(array) -> (key, weakref): what that array hashed to last
+        self._gone = []         # (id, weakref) of arrays collected since, handled at the next turn
+        self.made = self.copied = self.freed = 0
+
+    # --- a map's side
+
+    def dumps_fn(self, fn, pins):
+        """fn pickled for the workers, its large arrays by reference. The keys
+        of the segments it refers to are added to the set `pins` (pinned
+        until `unpin(pins)`, when the map ends)."""
+        self.collect()
+        return _serialize.dumps_fn(fn, capture=lambda obj: self._capture(obj, pins))
+
+    def unpin(self, pins):
+        """A map is over: its segments may go (now, if nothing keeps them)."""
+        with self._lock:
+            for key in pins:
+                e = self._entries.get(key)
+                if e is not None:
+                    e.pins -= 1
+                    if not e.pins and not e.sources:
+                        self._free(key)
+            pins.clear()
+            self._trim()
+        self.collect()
+
+    def _capture(self, obj, pins):
+        if type(obj) is not np.ndarray or obj.nbytes < CAPTURE_MIN or obj.dtype.hasobject:
+            return None
+        flat, strides = _flat(obj)
+        key = digest(flat)
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                e = self._make(key, flat)
+            else:
+                self._entries.move_to_end(key)
+            if key not in pins:
+                pins.add(key)
+                e.pins += 1
+            self._watch(obj, key, e)
+            seg_id = e.seg.id
+        return _open_captured, (seg_id, obj.dtype, obj.shape, strides)
+
+    def _make(self, key, flat):
+        pool = self._pool()
+        n = flat.nbytes
+        self._trim(room=n)
+        with pool._lock:
+            pool._check_open()
+            seg = pool.share(n)
+        tasks = []
+        run_tasks(tasks, byte_tasks(seg.buf, 0, flat, tasks))
+        e = self._entries[key] = _Entry(seg, n)
+        self.made += 1
+        self.copied += n
+        return e
+
+    def _watch(self, obj, key, e):
+        """Remember that obj's bytes are e's; obj's earlier segment loses it."""
+        oid = id(obj)
+        seen = self._key_of.get(oid)
+        if seen is not None and seen[1]() is obj:
+            if seen[0] == key:
+                return
+            old = self._entries.get(seen[0])
+            if old is not None:
+                old.sources.pop(oid, None)
+                if not old.pins and not old.sources:
+                    self._free(seen[0])
+        ref = weakref.ref(obj, lambda r, oid=oid: self._source_gone(oid, r))
+        self._key_of[oid] = (key, ref)
+        e.sources[oid] = ref
+
+    # --- freeing
+
+    def _source_gone(self, oid, ref):
+        """An array whose bytes a segment holds was garbage collected (any
+        thread, any moment): handled now if both locks are free, else at the
+        next map's start or end."""
+        self._gone.append((oid, ref))
+        try:
+            pool = self._pool()
+            if pool is None or pool._res.ctl is None:
+                return
+            lock = pool._lock
+            if lock._is_owned() or not self._lock.acquire(blocking=False):
+                return
+            try:
+                if lock.acquire(blocking=False):
+                    lock.release()
+                    self.collect()
+            finally:
+                self._lock.release()
+        except Exception:   # interpreter shutdown, a pool being torn down
+            pass
+
+    def collect(self):
+        """Free the segments whose last array went."""
+        if not self._gone:
+            return
+        with self._lock:
+            while self._gone:
+                oid, ref = self._gone.pop()
+                seen = self._key_of.get(oid)
+                if seen is None or seen[1] is not ref:
+                    continue
+                del self._key_of[oid]
+                e = self._entries.get(seen[0])
+                if e is not None:
+                    e.sources.pop(oid, None)
+                    if not e.pins and not e.sources:
+                        self._free(seen[0])
+
+    def _trim(self, room=0):
+        """Free unpinned segments, least recently used first, until they and
+        `room` more bytes fit in CACHE_BYTES."""
+        idle = sum(e.nbytes for e in self._entries.values() if not e.pins)
+        for key in [k for k, e in self._entries.items() if not e.pins]:
+            if idle + room <= CACHE_BYTES:
+                return
+            idle -= self._entries[key].nbytes
+            self._free(key)
+
+    def _free(self, key):
+        e = self._entries.pop(key)
+        for oid in e.sources:
+            self._key_of.pop(oid, None)
+        e.sources.clear()
+        self.freed += 1
+        pool = self._pool()
+        if pool is not None and pool._res.ctl is not None:
+            with pool._lock:
+                pool.unshare(e.seg)
+                pool.wake_workers()     # idle workers drop their mapping now
+
+    def free_all(self):
+        """Free every unpinned segment now."""
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if not e.pins]:
+                self._free(key)
+
+    @property
+    def nbytes(self):
+        """Bytes held in captured segments now."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def segment_ids(self):
+        return [e.seg.id for e in self._entries.values()]
+
+
+# --- the worker's side
+
+_loading = None     # while loads_fn runs: the segment ids its function refers to
+
+
+def _open_captured(seg_id, dtype, shape, strides):
+    """A worker's read-only view of a captured array (called by unpickling)."""
+    if _loading is not None:
+        _loading.append(seg_id)
+    buf = resolve(seg_id).buf.toreadonly()
+    return np.ndarray(shape, dtype, buffer=buf, strides=strides)
+
+
+def loads_fn(data):
+    """(the function, the captured segment ids it refers to)."""
+    global _loading
+    outer, _loading = _loading, []
+    try:
+        fn = _serialize.loads_fn(data)
+        return fn, _loading
+    finally:
+        _loading = outer
