@@ -639,3 +639,37 @@ def test_workers_killed_inside_jobs_do_not_use_up_the_job_slots(tmp_path):
             assert os.path.exists(marker)
         assert p.apply(square, 7) == 49
         assert list(p.map(square, range(10), inline=False)) == [x * x for x in range(10)]
+
+
+# --- what a lazy consumer's map holds ahead of it, in bytes (the map's accounting)
+
+def test_a_lazy_consumer_holds_at_most_the_byte_bound_ahead():
+    import numpy as np
+    from pmaprt._map.window import ahead_bytes
+
+    def gen():
+        for i in itertools.count():
+            a = np.empty((1 << 20) // 8)
+            a.fill(i)
+            yield a
+
+    with Pool(2) as p:
+        it = p.map(identity, gen())
+        state = it._state
+        f, book = state.feeder, state.book
+        peak = chunk = 0
+        for k, a in enumerate(itertools.islice(it, 120)):
+            assert a[0] == k
+            with p._lock:
+                peak = max(peak, f.inflight_bytes + book.held_bytes)
+                chunk = max([chunk] + [e[5] for e in f.outstanding.values()])
+            if k % 10 == 0:
+                time.sleep(0.02)
+        per_item = f.in_item_bytes + state.costs.item_bytes
+        it.close()
+    chunk_bytes = chunk * per_item
+    assert per_item >= 2 << 20
+    # items in flight and results not taken: within the bound, deterministically,
+    # and so within 4 x (workers x chunk bytes)
+    assert peak <= ahead_bytes(2, chunk_bytes), (peak, chunk, per_item)
+    assert peak <= 4 * 2 * chunk_bytes
