@@ -18,6 +18,8 @@ import pmaprt
 from pmaprt import Pool
 from pmaprt._arrays import captured
 
+from _procs import wait_until
+
 N = 300_000     # float64: 2.3 MiB, above CAPTURE_MIN
 
 
@@ -60,15 +62,6 @@ def mapped_inodes(pid):
             if len(parts) >= 6 and "memfd:" in line:
                 out.add(int(parts[4]))
     return out
-
-
-def wait_until(cond, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 @pytest.fixture
@@ -126,7 +119,7 @@ def test_freeing_the_array_frees_the_segment_here_and_in_every_worker(pool):
     assert set(pool._res.segs) <= segs_before
     assert ino not in mapped_inodes(os.getpid())
     # every worker, idle, is woken to drop its mapping (its cached function included)
-    assert wait_until(lambda: all(ino not in mapped_inodes(p) for p in pids)), \
+    assert wait_until(lambda: all(ino not in mapped_inodes(p) for p in pids), 20), \
         "a worker still maps the freed segment"
 
 

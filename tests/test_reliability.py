@@ -22,25 +22,12 @@ import pmaprt
 from pmaprt import Pool, RemoteTraceback, WorkerCrashedError
 from pmaprt import _memguard
 
+from _procs import kill_once_at, once, square_work, wait_until, worker_pid  # noqa: F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- functions for the workers
-
-def once(marker):
-    """True the first time any process calls it with this marker path."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
-
-
-def kill_once_at(args):
-    x, at, marker = args
-    if x == at and once(marker):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return x * x
 
 
 def exit_at(args):
@@ -79,17 +66,6 @@ def unpicklable_at_4(x):
     return Unpicklable() if x == 4 else x
 
 
-def worker_pid(x):
-    return os.getpid()
-
-
-def square_work(x):
-    s = 0
-    for i in range(60):
-        s += (x ^ i) & 7
-    return x * x + s
-
-
 def big_bytes(x):
     return b"\x01" * ((2 << 30) + 17)
 
@@ -107,15 +83,6 @@ def square(x):
 
 
 # --- helpers
-
-def wait_until(pred, timeout, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
 
 
 def is_alive(pid):

@@ -1,0 +1,138 @@
+"""A closure over a large array: the second map's time and each worker's memory.
+
+    python bench/closure.py [--mib 381] [--pairs 5] [--json out.json]
+
+- time: `Pool(2).map(fn, range(2), chunksize=1)` where fn reads the array
+  (a strided sum of 1/64 of it per item), in alternated pairs, after a first
+  map of each: (a) the closure over a plain array (captured: shipped once, by
+  content, then hashed at each map), (b) the same array as a pmaprt shared
+  array passed as an argument (`pmaprt.asarray`, the shared-array path), (c)
+  the plain array passed as an argument (read from the parent or copied per
+  map). Ratio closure / shared per pair. joblib with loky over the same
+  closure (2 workers, reused executor) is timed in the same rounds.
+- memory: each worker's RSS and PSS growth over its start, after a map that
+  touches the whole array (a full sum), then after the array is freed (the
+  parent's closure and array dropped, one more map of another function).
+  RSS counts a shared mapping once per process that maps it (the strict
+  measure asked for); PSS divides it among them.
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np          # noqa: E402
+import psutil               # noqa: E402
+
+import pmaprt               # noqa: E402
+from pmaprt import Pool     # noqa: E402
+
+MIB = 1 << 20
+
+
+def part(a, i):
+    return float(a[i::64].sum())
+
+
+def ident(x):
+    return x
+
+
+def mem(pids):
+    out = []
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        out.append((info.rss, info.pss))
+    return out
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run(mib, pairs):
+    a = np.random.default_rng(0).random(mib * MIB // 8)
+    res = {"mib": mib, "load_avg": os.getloadavg()}
+    with Pool(2) as p:
+        list(p.map(ident, range(8), chunksize=1))
+        pids = p.pids()
+        base = mem(pids)
+        shared = pmaprt.asarray(a)
+
+        def closure():
+            return list(p.map(lambda i: part(a, i), range(2), chunksize=1))
+
+        def by_shared():
+            return list(p.map(part, [shared, shared], range(2), chunksize=1))
+
+        def by_plain():
+            return list(p.map(part, [a, a], range(2), chunksize=1))
+
+        want = [part(a, i) for i in range(2)]
+        first = timed(closure)
+        assert closure() == want and by_shared() == want and by_plain() == want
+        store = p.arrays.captured
+        made = store.made
+        rows = {"closure": [], "shared": [], "plain": []}
+        for k in range(pairs):
+            order = ["closure", "shared", "plain"] if k % 2 == 0 else ["plain", "shared", "closure"]
+            for name in order:
+                rows[name].append(timed({"closure": closure, "shared": by_shared,
+                                         "plain": by_plain}[name]))
+        assert store.made == made, "the closure's array was shipped again"
+        res["first_closure_map_s"] = first
+        res["times_s"] = rows
+        res["closure_over_shared"] = [c / s for c, s in zip(rows["closure"], rows["shared"])]
+        # memory: a map that touches the whole array in every worker
+        list(p.map(lambda i: float(a.sum()) + i, range(2), chunksize=1))
+        after = mem(pids)
+        res["worker_growth_mib"] = [{"rss": (x[0] - b[0]) / MIB, "pss": (x[1] - b[1]) / MIB}
+                                    for x, b in zip(after, base)]
+        del a, shared, closure, by_plain
+        gc.collect()
+        list(p.map(ident, range(8), chunksize=1))
+        time.sleep(0.5)
+        freed = mem(pids)
+        res["worker_growth_after_free_mib"] = [{"rss": (x[0] - b[0]) / MIB, "pss": (x[1] - b[1]) / MIB}
+                                               for x, b in zip(freed, base)]
+        res["captured_bytes_left"] = store.nbytes
+    res["joblib"] = joblib_times(mib, pairs)
+    res["load_avg_end"] = os.getloadavg()
+    return res
+
+
+def joblib_times(mib, pairs):
+    try:
+        from joblib import Parallel, delayed
+    except ImportError:
+        return None
+    a = np.random.default_rng(0).random(mib * MIB // 8)
+    par = Parallel(n_jobs=2, backend="loky")
+    f = lambda i: part(a, i)    # noqa: E731
+    par(delayed(f)(i) for i in range(2))
+    return [timed(lambda: par(delayed(f)(i) for i in range(2))) for _ in range(pairs)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=381)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    out = run(args.mib, args.pairs)
+    out["closure_over_shared_median"] = statistics.median(out["closure_over_shared"])
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
