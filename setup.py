@@ -24,7 +24,7 @@ setup(
     ],
     # tqdm: progress=True's bar (small, pure Python: a dependency, not an extra);
     # threadpoolctl: the joblib backend's inner_max_num_threads on a given pool
-    install_requires=["numpy", "cloudpickle", "psutil", "tqdm", "threadpoolctl"],
+    install_requires=["numpy", "cloudpickle", "psutil", "tqdm", "threadpoolctl", "xxhash"],
     extras_require={
         # numba: tests/test_numpy.py counts its compilations per worker, and its CUDA
         # simulator runs the GPU path (skipped without it). CuPy and NCCL import without a

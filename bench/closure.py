@@ -31,6 +31,7 @@ import psutil               # noqa: E402
 
 import pmaprt               # noqa: E402
 from pmaprt import Pool     # noqa: E402
+from pmaprt._arrays.captured import digest   # noqa: E402
 
 MIB = 1 << 20
 
@@ -62,8 +63,6 @@ def run(mib, pairs):
     res = {"mib": mib, "load_avg": os.getloadavg()}
     with Pool(2) as p:
         list(p.map(ident, range(8), chunksize=1))
-        pids = p.pids()
-        base = mem(pids)
         shared = pmaprt.asarray(a)
 
         def closure():
@@ -90,22 +89,36 @@ def run(mib, pairs):
         res["first_closure_map_s"] = first
         res["times_s"] = rows
         res["closure_over_shared"] = [c / s for c, s in zip(rows["closure"], rows["shared"])]
-        # memory: a map that touches the whole array in every worker
-        list(p.map(lambda i: float(a.sum()) + i, range(2), chunksize=1))
-        after = mem(pids)
-        res["worker_growth_mib"] = [{"rss": (x[0] - b[0]) / MIB, "pss": (x[1] - b[1]) / MIB}
-                                    for x, b in zip(after, base)]
-        del a, shared, closure, by_plain
-        gc.collect()
-        list(p.map(ident, range(8), chunksize=1))
-        time.sleep(0.5)
-        freed = mem(pids)
-        res["worker_growth_after_free_mib"] = [{"rss": (x[0] - b[0]) / MIB, "pss": (x[1] - b[1]) / MIB}
-                                               for x, b in zip(freed, base)]
-        res["captured_bytes_left"] = store.nbytes
+        res["captured_bytes_left_before_free"] = store.nbytes
+    res["hash_s"] = min(timed(lambda: digest(a.view(np.uint8))) for _ in range(3))
+    del a
+    res["memory"] = memory(mib)
     res["joblib"] = joblib_times(mib, pairs)
     res["load_avg_end"] = os.getloadavg()
     return res
+
+
+def memory(mib):
+    """Each worker's growth after a map that reads the whole array through a
+    closure, on a pool of its own (no other copy of the array there), and
+    after the array is freed."""
+    a = np.random.default_rng(0).random(mib * MIB // 8)
+    with Pool(2) as p:
+        list(p.map(ident, range(8), chunksize=1))
+        pids = p.pids()
+        base = mem(pids)
+        list(p.map(lambda i: float(a.sum()) + i, range(2), chunksize=1))
+        after = mem(pids)
+        growth = [{"rss": (x[0] - b[0]) / MIB, "pss": (x[1] - b[1]) / MIB}
+                  for x, b in zip(after, base)]
+        del a
+        gc.collect()
+        time.sleep(0.5)
+        freed = mem(pids)
+        left = [{"rss": (x[0] - b[0]) / MIB, "pss": (x[1] - b[1]) / MIB}
+                for x, b in zip(freed, base)]
+        return {"worker_growth_mib": growth, "worker_growth_after_free_mib": left,
+                "captured_bytes_left": p.arrays.captured.nbytes}
 
 
 def joblib_times(mib, pairs):
