@@ -2,7 +2,7 @@ from setuptools import Extension, find_packages, setup
 
 # The C extension: one file per type or concern, sharing csrc/pmaprt.h.
 CORE_SOURCES = ["csrc/module.c", "csrc/region.c", "csrc/ranges.c", "csrc/mapping.c",
-                "csrc/buffers.c", "csrc/results.c", "csrc/reduce.c"]
+                "csrc/buffers.c", "csrc/results.c", "csrc/reduce.c", "csrc/writetrack.c"]
 
 setup(
     name="pmaprt",

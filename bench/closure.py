@@ -5,11 +5,15 @@
 - time: `Pool(2).map(fn, range(2), chunksize=1)` where fn reads the array
   (a strided sum of 1/64 of it per item), in alternated pairs, after a first
   map of each: (a) the closure over a plain array (captured: shipped once, by
-  content, then hashed at each map), (b) the same array as a pmaprt shared
+  content, then checked at each map), (b) the same array as a pmaprt shared
   array passed as an argument (`pmaprt.asarray`, the shared-array path), (c)
   the plain array passed as an argument (read from the parent or copied per
-  map). Ratio closure / shared per pair. joblib with loky over the same
+  map). Ratio closure / shared per pair. The closure's array is hashed again
+  only where the kernel's write tracking is missing or saw a write
+  (`hashed_reused`: arrays hashed, hashes kept). joblib with loky over the same
   closure (2 workers, reused executor) is timed in the same rounds.
+- a user's write to a tracked array: a full in-place write (`a += 1`) of the
+  armed array against the same write of an untracked one, alternated.
 - memory: each worker's RSS and PSS growth over its start, after a map that
   touches the whole array (a full sum), then after the array is freed (the
   parent's closure and array dropped, one more map of another function).
@@ -32,6 +36,7 @@ import psutil               # noqa: E402
 import pmaprt               # noqa: E402
 from pmaprt import Pool     # noqa: E402
 from pmaprt._arrays.captured import digest   # noqa: E402
+from pmaprt._arrays.written import WATCH      # noqa: E402
 
 MIB = 1 << 20
 
@@ -86,16 +91,41 @@ def run(mib, pairs):
                 rows[name].append(timed({"closure": closure, "shared": by_shared,
                                          "plain": by_plain}[name]))
         assert store.made == made, "the closure's array was shipped again"
+        res["hashed_reused"] = [store.hashed, store.reused]
+        res["write_tracking"] = WATCH.status() or "on"
         res["first_closure_map_s"] = first
         res["times_s"] = rows
         res["closure_over_shared"] = [c / s for c, s in zip(rows["closure"], rows["shared"])]
         res["captured_bytes_left_before_free"] = store.nbytes
     res["hash_s"] = min(timed(lambda: digest(a.view(np.uint8))) for _ in range(3))
     del a
+    res["full_write_s"] = write_cost(mib, pairs)
     res["memory"] = memory(mib)
     res["joblib"] = joblib_times(mib, pairs)
     res["load_avg_end"] = os.getloadavg()
     return res
+
+
+def write_cost(mib, pairs):
+    """A full in-place write of the array (`a += 1`) while its writes are
+    tracked and armed (each page's first write takes one fault), against
+    the same write of an untracked array of the same size, alternated. The
+    tracked array is armed again (as a map would) before each write."""
+    a = np.random.default_rng(0).random(mib * MIB // 8)
+    b = a.copy()
+    if WATCH.generation(a) is None:
+        return None
+    rows = {"tracked": [], "untracked": []}
+    for k in range(pairs):
+        order = ["tracked", "untracked"] if k % 2 == 0 else ["untracked", "tracked"]
+        for name in order:
+            if name == "tracked":
+                WATCH.generation(a)     # arms it again
+                rows[name].append(timed(lambda: a.__iadd__(1.0)))
+            else:
+                rows[name].append(timed(lambda: b.__iadd__(1.0)))
+    rows["tracked_over_untracked"] = [t / u for t, u in zip(rows["tracked"], rows["untracked"])]
+    return rows
 
 
 def memory(mib):

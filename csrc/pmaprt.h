@@ -12,7 +12,7 @@
  *   Region_range_* / claim_span / cas64_mark, the Region methods of ranges.c
  *   populate_pages                       (buffers.c)
  *   core_memcpy, core_populate, core_vm_read, core_buffer_address (buffers.c)
- *   Region_spec, Mapping_spec, Results_spec, PieceBudget_spec
+ *   Region_spec, Mapping_spec, Results_spec, PieceBudget_spec, WriteTracker_spec
  *
  * Each type is made from its spec per module (PyType_FromModuleAndSpec) and
  * held in the module state, never in a static: the module uses multi-phase
@@ -37,6 +37,7 @@ typedef struct {
     PyTypeObject *mapping_type;
     PyTypeObject *results_type;
     PyTypeObject *piece_budget_type;
+    PyTypeObject *write_tracker_type;
 } CoreState;
 
 /* The state of the module that made `type` (one of this module's types). */
@@ -131,5 +132,6 @@ extern PyType_Spec Region_spec;
 extern PyType_Spec Mapping_spec;
 extern PyType_Spec Results_spec;
 extern PyType_Spec PieceBudget_spec;
+extern PyType_Spec WriteTracker_spec;
 
 #endif /* PMAPRT_H */

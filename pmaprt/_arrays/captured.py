@@ -14,9 +14,12 @@ segment); a worker's array is a view of its mapping, not a copy, and is
 read-only: a write raises ``ValueError: assignment destination is
 read-only``, so no worker can change what the others see.
 
-Every map hashes its function's large arrays again: an array that is
-writable here can change without notice, and hashing (a few GB/s, on
-threads) costs far less than shipping.
+Every map checks its function's large arrays again: an array that is
+writable here can change without notice. Where the kernel tracks writes
+(written.py: Linux 6.7's userfaultfd WP_ASYNC and PAGEMAP_SCAN), an array
+whose pages were not written since it was last hashed keeps its key with no
+hash; else it is hashed again (a few GB/s, on threads: far less than
+shipping it).
 
 Lifetime: a segment is pinned by every map whose function refers to it
 until that map ends. Unpinned, it stays while an array here last had its
@@ -39,6 +42,7 @@ import xxhash
 from .. import _serialize
 from .copy import byte_tasks, run_tasks
 from .lent import resolve
+from .written import WATCH
 from .._threads import run_pieces
 from .._options import CORES
 
@@ -93,15 +97,17 @@ class CapturedStore:
     """One pool's captured segments (parent side). Holds the pool weakly.
 
     Counters for tests and benchmarks: `made` (segments created), `copied`
-    (bytes copied into them), `freed` (segments freed)."""
+    (bytes copied into them), `freed` (segments freed), `hashed` (arrays
+    hashed), `reused` (arrays found unwritten, their hash kept)."""
 
     def __init__(self, pool):
         self._pool = weakref.ref(pool)
         self._lock = threading.RLock()
         self._entries = collections.OrderedDict()   # key -> _Entry, least recently used first
-        self._key_of = {}       # id(array) -> (key, weakref): what that array hashed to last
+        self._key_of = {}       # id(array) -> (key, weakref, write generation): its last hash
         self._gone = []         # (id, weakref) of arrays collected since, handled at the next turn
         self.made = self.copied = self.freed = 0
+        self.hashed = self.reused = 0
 
     # --- a map's side
 
@@ -128,8 +134,15 @@ class CapturedStore:
     def _capture(self, obj, pins):
         if type(obj) is not np.ndarray or obj.nbytes < CAPTURE_MIN or obj.dtype.hasobject:
             return None
+        # before the hash: a write racing with it is seen at the next map
+        gen = WATCH.generation(obj)
         flat, strides = _flat(obj)
-        key = digest(flat)
+        key = self._unchanged(obj, gen)
+        if key is None:
+            key = digest(flat)
+            self.hashed += 1
+        else:
+            self.reused += 1
         with self._lock:
             e = self._entries.get(key)
             if e is None:
@@ -139,9 +152,21 @@ class CapturedStore:
             if key not in pins:
                 pins.add(key)
                 e.pins += 1
-            self._watch(obj, key, e)
+            self._watch(obj, key, e, gen)
             seg_id = e.seg.id
         return _open_captured, (seg_id, obj.dtype, obj.shape, strides)
+
+    def _unchanged(self, obj, gen):
+        """obj's key when its memory was not written since it was hashed to
+        it and its segment is still here, else None."""
+        if gen is None:
+            return None
+        with self._lock:
+            seen = self._key_of.get(id(obj))
+            if seen is not None and seen[1]() is obj and seen[2] == gen \
+                    and seen[0] in self._entries:
+                return seen[0]
+        return None
 
     def _make(self, key, flat):
         pool = self._pool()
@@ -157,12 +182,14 @@ class CapturedStore:
         self.copied += n
         return e
 
-    def _watch(self, obj, key, e):
-        """Remember that obj's bytes are e's; obj's earlier segment loses it."""
+    def _watch(self, obj, key, e, gen):
+        """Remember that obj's bytes are e's (as of its write generation gen);
+        obj's earlier segment loses it."""
         oid = id(obj)
         seen = self._key_of.get(oid)
         if seen is not None and seen[1]() is obj:
             if seen[0] == key:
+                self._key_of[oid] = (key, seen[1], gen)
                 return
             old = self._entries.get(seen[0])
             if old is not None:
@@ -170,7 +197,7 @@ class CapturedStore:
                 if not old.pins and not old.sources:
                     self._free(seen[0])
         ref = weakref.ref(obj, lambda r, oid=oid: self._source_gone(oid, r))
-        self._key_of[oid] = (key, ref)
+        self._key_of[oid] = (key, ref, gen)
         e.sources[oid] = ref
 
     # --- freeing
