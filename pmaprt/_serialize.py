@@ -58,15 +58,16 @@ def by_reference(fn):
         and "<lambda>" not in qual
 
 
-def dumps_fn(fn, capture=None):
-    """Bytes that rebuild fn in a worker process.
+def dumps_fn(fn, capture=None, by_value=False):
+    """Bytes that rebuild fn in a worker process (by_value: cloudpickle's
+    pickle even where pickle's would do).
 
     capture(obj), when given, is asked about every object pickled with fn
     (its closure, globals, defaults, attributes, arguments): None pickles obj
     as usual, a (callable, args) pair pickles that call in its place (the
     layer above replaces large arrays by references to shared memory), and
     an exception stops the pickling (raised as the TypeError below)."""
-    if by_reference(fn):
+    if not by_value and by_reference(fn):
         try:
             return _dump(pickle.Pickler, fn, capture)
         except Exception:

@@ -231,3 +231,227 @@ def test_pmap_on_the_default_pool_gets_the_same():
     made = store.made
     assert list(pmaprt.pmap(lambda i: float(a[i]), range(4), chunksize=1)) == got
     assert store.made == made
+
+
+# --- Written-page tracking: an array the kernel saw unwritten is not hashed again
+
+from pmaprt import _core, _memguard                 # noqa: E402
+from pmaprt._arrays.written import STRIKES, WATCH   # noqa: E402
+
+import mmap                                          # noqa: E402
+import select                                        # noqa: E402
+import tempfile                                      # noqa: E402
+
+needs_tracking = pytest.mark.skipif(
+    WATCH.status() is not None,
+    reason="the kernel's userfaultfd WP_ASYNC with PAGEMAP_SCAN (Linux 6.7) is unavailable "
+           "or failed its self-test: %s" % WATCH.status())
+
+# 40 MiB: above glibc's largest mmap threshold (32 MiB), so the array has pages
+# of its own and no neighbour's write makes it look written.
+BIG = 5 << 20
+
+
+def own_pages(seed=0):
+    return np.random.default_rng(seed).random(BIG)
+
+
+def private_map(pages=8):
+    return mmap.mmap(-1, pages * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def span(buf):
+    return _core.buffer_address(buf)
+
+
+@needs_tracking
+def test_tracker_reports_a_write_once_and_arms_the_pages_again():
+    t = _core.WriteTracker()
+    m = private_map()
+    v = memoryview(m)
+    addr, n = span(v)
+    assert t.track(addr, n)
+    assert not t.written(addr, n)
+    v[5 * mmap.PAGESIZE + 7] = 1
+    assert t.written(addr, n)
+    assert not t.written(addr, n)       # armed again by the scan
+    assert not t.written(addr, mmap.PAGESIZE)
+    t.untrack(addr, n)
+    v.release()
+    m.close()
+
+
+@needs_tracking
+def test_tracker_sees_kernel_writes_and_dropped_pages():
+    t = _core.WriteTracker()
+    m = private_map()
+    addr, n = span(memoryview(m))
+    assert t.track(addr, n)
+    with tempfile.TemporaryFile() as f:
+        f.write(b"x" * 100)
+        f.seek(0)
+        assert f.readinto(memoryview(m)[3 * mmap.PAGESIZE: 3 * mmap.PAGESIZE + 100]) == 100
+    assert t.written(addr, n)           # read(2) into the range: a kernel write
+    assert not t.written(addr, n)
+    m.madvise(mmap.MADV_DONTNEED, 2 * mmap.PAGESIZE, mmap.PAGESIZE)
+    assert t.written(addr, n)           # its bytes became zeros with no write
+    assert not t.written(addr, n)
+    t.untrack(addr, n)
+    m.close()
+
+
+@needs_tracking
+def test_tracker_refuses_memory_another_process_can_change():
+    t = _core.WriteTracker()
+    shared = mmap.mmap(-1, 4 * mmap.PAGESIZE)       # MAP_SHARED: a forked child writes it
+    assert not t.track(*span(memoryview(shared)))
+    with tempfile.TemporaryFile() as f:
+        f.truncate(4 * mmap.PAGESIZE)
+        private_file = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+        assert not t.track(*span(memoryview(private_file)))
+    with pytest.raises(ValueError):
+        t.track(span(memoryview(shared))[0], 0)
+    with pytest.raises(TypeError):
+        t.written(1)
+
+
+@needs_tracking
+def test_tracker_in_a_forked_child_answers_written_and_tracks_its_own_memory():
+    t = _core.WriteTracker()
+    m = private_map()
+    addr, n = span(memoryview(m))
+    assert t.track(addr, n)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # the registration was not copied: the parent's record is not the child's
+            ok = t.written(addr, n)
+            mine = private_map()
+            a2, n2 = span(memoryview(mine))
+            ok = ok and t.track(a2, n2) and not t.written(a2, n2)
+            memoryview(mine)[0] = 1
+            ok = ok and t.written(a2, n2)
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 60)[0], "the child did not answer within 60 s"
+        assert os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+        assert wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 60)
+    assert not t.written(addr, n)       # the parent's record is untouched
+    memoryview(m)[0] = 1
+    assert t.written(addr, n)
+
+
+@needs_tracking
+def test_an_unwritten_array_is_not_hashed_again(pool):
+    a = own_pages()
+    store = pool.arrays.captured
+    assert run(pool, lambda i: float(a[i])) == a[:4].tolist()
+    assert WATCH.tracked(a)
+    hashed = store.hashed
+    for _ in range(3):
+        assert run(pool, lambda i: float(a[i])) == a[:4].tolist()
+    assert store.hashed == hashed and store.reused >= 3
+    assert store.made == 1
+
+
+@needs_tracking
+@pytest.mark.parametrize("how", ["element", "copyto", "readinto"])
+def test_a_write_to_a_tracked_array_is_seen(pool, how):
+    a = own_pages()
+    store = pool.arrays.captured
+    assert run(pool, lambda i: float(a[i * 1000])) == a[:4000:1000].tolist()
+    hashed = store.hashed
+    if how == "element":
+        a[2000] = -5.0
+    elif how == "copyto":
+        np.copyto(a[2000:2001], -5.0)
+    else:
+        with tempfile.TemporaryFile() as f:
+            f.write(np.float64(-5.0).tobytes())
+            f.seek(0)
+            f.readinto(memoryview(a[2000:2001]).cast("B"))
+    assert run(pool, lambda i: float(a[i * 1000])) == [a[0], a[1000], -5.0, a[3000]]
+    assert store.hashed == hashed + 1 and store.made == 2
+
+
+@needs_tracking
+def test_a_write_through_another_view_is_seen_by_both(pool):
+    a = own_pages()
+    v = a[:]                # another array object over the same pages
+    store = pool.arrays.captured
+    run(pool, lambda i: float(a[i]))
+    run(pool, lambda i: float(v[i]))
+    a[1] = -1.0
+    assert run(pool, lambda i: float(v[i])) == v[:4].tolist()    # this scan consumes the write
+    assert run(pool, lambda i: float(a[i])) == [a[0], -1.0, a[2], a[3]]
+    assert store.hashed >= 4
+
+
+@needs_tracking
+def test_an_array_written_before_every_map_stops_being_tracked(pool):
+    a = own_pages()
+    run(pool, lambda i: float(a[i]))
+    for k in range(STRIKES):
+        assert WATCH.tracked(a)
+        a[0] = k
+        assert run(pool, lambda i: float(a[i]), 1) == [k]
+    assert not WATCH.tracked(a)
+    a[0] = 99
+    assert run(pool, lambda i: float(a[i]), 1) == [99]     # hashed: still right
+
+
+# --- Executor.submit and the joblib backend use the same segments
+
+
+def test_twenty_submits_of_a_closure_create_one_segment():
+    a = np.random.default_rng(1).random(1 << 19)      # 4 MiB
+    with Pool(2) as p, pmaprt.Executor(pool=p) as ex:
+        store = p.arrays.captured
+        fs = [ex.submit(lambda i: float(a[i]) + float(a.sum()), i) for i in range(20)]
+        s = float(a.sum())
+        assert [f.result(timeout=120) for f in fs] == [float(a[i]) + s for i in range(20)]
+        assert store.made == 1 and store.copied == a.nbytes
+        assert wait_until(lambda: all(not e.pins for e in store._entries.values()), 30)
+        assert list(ex.map(lambda i: float(a[i]), range(6), chunksize=3, timeout=120)) \
+            == a[:6].tolist()
+        assert store.made == 1
+        assert wait_until(lambda: all(not e.pins for e in store._entries.values()), 30)
+        del fs, a
+        gc.collect()
+        assert wait_until(lambda: store.nbytes == 0, 30)   # freed with the array
+
+
+def test_the_joblib_backend_ships_a_closure_once():
+    joblib = pytest.importorskip("joblib")
+    import pmaprt.joblib    # noqa: F401  registers backend="pmaprt"
+    a = np.random.default_rng(2).random(1 << 19)
+    with Pool(2) as p:
+        with joblib.parallel_config(backend="pmaprt", pool=p):
+            for _ in range(3):
+                got = joblib.Parallel(n_jobs=2)(joblib.delayed(lambda i: float(a[i]))(i)
+                                                for i in range(8))
+                assert got == a[:8].tolist()
+        assert p.arrays.captured.made == 1
+
+
+# --- The memory guard: unpinned segments go while memory is short
+
+
+def test_the_cache_yields_when_available_memory_is_under_the_floor(pool, monkeypatch):
+    a, b = big(1), big(2)
+    store = pool.arrays.captured
+    run(pool, lambda i: float(a[i]), 2)
+    assert store.nbytes == a.nbytes             # kept for the next map while a lives
+    monkeypatch.setattr(_memguard, "available_bytes", lambda: _memguard.default_floor() - 1)
+    assert run(pool, lambda i: float(b[i]), 2) == b[:2].tolist()
+    # a's unpinned segment went as the map began, b's as it ended
+    assert store.nbytes == 0 and store.yielded == 2
+    monkeypatch.setattr(_memguard, "available_bytes", lambda: 1 << 50)
+    assert run(pool, lambda i: float(a[i]), 2) == a[:2].tolist()
+    assert store.nbytes == a.nbytes

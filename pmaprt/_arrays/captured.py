@@ -27,7 +27,8 @@ bytes (the next map of the same closure finds it), within CACHE_BYTES of
 unpinned segments, least recently used out first. It is freed (SegmentFreed
 to every worker, which drops the cached functions that refer to it) when the
 last such array is garbage collected, when that array's bytes changed (a
-later map hashed it to another segment), or when the cache needs room.
+later map hashed it to another segment), or when the cache needs room or
+the machine runs short of memory (CACHE_BYTES).
 
 Worker side: `loads_fn` unpickles a function and says which captured
 segments it refers to (the worker forgets the function when one is freed).
@@ -39,7 +40,7 @@ import weakref
 import numpy as np
 import xxhash
 
-from .. import _serialize
+from .. import _memguard, _serialize
 from .copy import byte_tasks, run_tasks
 from .lent import resolve
 from .written import WATCH
@@ -51,7 +52,10 @@ from .._options import CORES
 # segment of their own and its message to every worker.
 CAPTURE_MIN = 1 << 20
 # Unpinned segments kept for later maps, in bytes (all pinned ones are kept
-# regardless). Past it the least recently used go first.
+# regardless). Past it the least recently used go first; they go too, as
+# many as it takes, while the machine's available memory is under the memory
+# guard's default floor (_memguard.default_floor(): 5% of the memory, at
+# least 256 MiB), checked as each map starts and ends.
 CACHE_BYTES = 1 << 30
 # Hash pieces: a fixed size, so that a digest does not depend on the number of
 # threads; large enough that a piece's digest costs nothing next to its bytes.
@@ -98,7 +102,8 @@ class CapturedStore:
 
     Counters for tests and benchmarks: `made` (segments created), `copied`
     (bytes copied into them), `freed` (segments freed), `hashed` (arrays
-    hashed), `reused` (arrays found unwritten, their hash kept)."""
+    hashed), `reused` (arrays found unwritten, their hash kept), `yielded`
+    (segments freed because memory ran short)."""
 
     def __init__(self, pool):
         self._pool = weakref.ref(pool)
@@ -107,16 +112,17 @@ class CapturedStore:
         self._key_of = {}       # id(array) -> (key, weakref, write generation): its last hash
         self._gone = []         # (id, weakref) of arrays collected since, handled at the next turn
         self.made = self.copied = self.freed = 0
-        self.hashed = self.reused = 0
+        self.hashed = self.reused = self.yielded = 0
 
     # --- a map's side
 
-    def dumps_fn(self, fn, pins):
+    def dumps_fn(self, fn, pins, by_value=False):
         """fn pickled for the workers, its large arrays by reference. The keys
         of the segments it refers to are added to the set `pins` (pinned
         until `unpin(pins)`, when the map ends)."""
         self.collect()
-        return _serialize.dumps_fn(fn, capture=lambda obj: self._capture(obj, pins))
+        return _serialize.dumps_fn(fn, capture=lambda obj: self._capture(obj, pins),
+                                   by_value=by_value)
 
     def unpin(self, pins):
         """A map is over: its segments may go (now, if nothing keeps them)."""
@@ -242,13 +248,29 @@ class CapturedStore:
 
     def _trim(self, room=0):
         """Free unpinned segments, least recently used first, until they and
-        `room` more bytes fit in CACHE_BYTES."""
+        `room` more bytes fit in CACHE_BYTES, and while the machine's
+        available memory is under the memory guard's floor."""
+        self._yield_memory()
         idle = sum(e.nbytes for e in self._entries.values() if not e.pins)
         for key in [k for k, e in self._entries.items() if not e.pins]:
             if idle + room <= CACHE_BYTES:
                 return
             idle -= self._entries[key].nbytes
             self._free(key)
+
+    def _yield_memory(self):
+        idle = [k for k, e in self._entries.items() if not e.pins]
+        if not idle:
+            return
+        # one reading: a freed segment's memory goes when the workers unmap it,
+        # later than a second reading would see
+        need = _memguard.default_floor() - _memguard.available_bytes()
+        for key in idle:
+            if need <= 0:
+                return
+            need -= self._entries[key].nbytes
+            self._free(key)
+            self.yielded += 1
 
     def _free(self, key):
         e = self._entries.pop(key)
@@ -288,6 +310,21 @@ def _open_captured(seg_id, dtype, shape, strides):
         _loading.append(seg_id)
     buf = resolve(seg_id).buf.toreadonly()
     return np.ndarray(shape, dtype, buffer=buf, strides=strides)
+
+
+# Callbacks told of a captured segment freed in this worker (caches of
+# functions kept above this layer: the executor's tasks).
+_freed_hooks = []
+
+
+def on_segment_freed(hook):
+    """Call hook(seg_id) whenever this worker is told a segment was freed."""
+    _freed_hooks.append(hook)
+
+
+def segment_freed(seg_id):
+    for hook in _freed_hooks:
+        hook(seg_id)
 
 
 def loads_fn(data):

@@ -179,6 +179,7 @@ class SegmentCache:
             if seg is not None:
                 seg.close()
                 self.forget_fns_of(msg.seg_id)
+                _arrays.segment_freed(msg.seg_id)
                 self._forget_finished_jobs()
 
     def _forget_finished_jobs(self):
