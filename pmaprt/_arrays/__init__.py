@@ -14,6 +14,8 @@ imports only those above it in this list):
               the parent, or copied) and the out-of-band pickle format
 - blocks      chunks=: block rules and `BlockView`
 - out         out=: the parent's checks and the worker's writer
+- written     whether an array was written since it was hashed (the
+              kernel's record of written pages)
 - captured    a function's large captured arrays, shipped once per pool
               through content-addressed read-only segments (both sides)
 - jobarrays   what one map holds (`JobArrays`), and `local_map`
