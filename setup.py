@@ -3,7 +3,7 @@ from setuptools import Extension, find_packages, setup
 # The C extension: one file per type or concern, sharing csrc/pmaprt.h.
 CORE_SOURCES = ["csrc/module.c", "csrc/region.c", "csrc/ranges.c", "csrc/mapping.c",
                 "csrc/buffers.c", "csrc/results.c", "csrc/reduce.c",
-                "csrc/collective.c"]
+                "csrc/collective.c", "csrc/writetrack.c"]
 
 setup(
     name="pmaprt",
@@ -25,7 +25,7 @@ setup(
     ],
     # tqdm: progress=True's bar (small, pure Python: a dependency, not an extra);
     # threadpoolctl: the joblib backend's inner_max_num_threads on a given pool
-    install_requires=["numpy", "cloudpickle", "psutil", "tqdm", "threadpoolctl"],
+    install_requires=["numpy", "cloudpickle", "psutil", "tqdm", "threadpoolctl", "xxhash"],
     extras_require={
         # numba: tests/test_numpy.py counts its compilations per worker, and its CUDA
         # simulator runs the GPU path (skipped without it). CuPy and NCCL import without a

@@ -10,7 +10,9 @@
 - lazy consumer: an endless generator of 1 MiB float64 arrays through
   `Pool(2).map(same, ...)`, 200 results taken with a 20 ms pause every 10;
   peak growth of the process tree's proportional set size (parent and
-  workers), against workers x the map's chunk bytes (its largest fed chunk).
+  workers), against workers x the map's chunk bytes (its largest fed chunk);
+  and the map's own accounting (items in flight and results not taken, its
+  peak) against its bound (window.ahead_bytes).
 - replacement: a worker SIGKILLed while the parent waits on a map; seconds
   from the kill until the replacement's W_STATE is READY (median of 20, after
   the pool's first loss started its zygote).
@@ -119,10 +121,13 @@ def lazy_consumer():
         list(p.map(same, [np.zeros(10)] * 8, chunksize=1, inline=False))
         base = tree_pss(p)
         it = p.map(same, gen())
-        peak, chunk = 0, 0
+        peak, chunk, ahead, bound = 0, 0, 0, 0
         for k, a in enumerate(itertools.islice(it, 200)):
             f = it._state.feeder
             chunk = max([chunk] + [e[4] for e in f.outstanding.values()])
+            with p._lock:   # the map's own accounting: items in flight, results not taken
+                ahead = max(ahead, f.inflight_bytes + it._state.book.held_bytes)
+                bound = max(bound, f.ahead_bytes(max([1] + [e[5] for e in f.outstanding.values()])))
             if k % 10 == 0:
                 time.sleep(0.02)
                 peak = max(peak, tree_pss(p) - base)
@@ -130,7 +135,8 @@ def lazy_consumer():
         chunk_bytes = 2 * chunk        # a chunk's items and their results
         return {"peak_growth_mib": peak / MIB, "chunk_mib": chunk_bytes / MIB,
                 "workers_x_chunk_mib": 2 * chunk_bytes / MIB,
-                "ratio": peak / (2 * chunk_bytes)}
+                "ratio": peak / (2 * chunk_bytes), "ahead_peak_mib": ahead / MIB,
+                "ahead_bound_mib": bound / MIB, "ahead_ratio": ahead / (2 * chunk_bytes)}
 
 
 def replacement(n=20):

@@ -12,7 +12,7 @@
  *   collective.c: one_round and its ROUND_* constants
  *
  * The types: Region (region.c, with its range methods in ranges.c), Mapping
- * (mapping.c), Results and PieceBudget (results.c). pmaprt/_core.pyi gives
+ * (mapping.c), Results and PieceBudget (results.c), WriteTracker (writetrack.c). pmaprt/_core.pyi gives
  * every signature.
  */
 #include "pmaprt.h"
@@ -74,7 +74,8 @@ core_exec(PyObject *m)
     if (add_type(m, &Region_spec, &state->region_type) < 0
             || add_type(m, &Mapping_spec, &state->mapping_type) < 0
             || add_type(m, &Results_spec, &state->results_type) < 0
-            || add_type(m, &PieceBudget_spec, &state->piece_budget_type) < 0)
+            || add_type(m, &PieceBudget_spec, &state->piece_budget_type) < 0
+            || add_type(m, &WriteTracker_spec, &state->write_tracker_type) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "RANGE_N_MAX", (long)RANGE_N_MASK) < 0) return -1;
     if (reduce_add_constants(m) < 0 || collective_add_constants(m) < 0) return -1;
@@ -96,6 +97,7 @@ core_traverse(PyObject *m, visitproc visit, void *arg)
         Py_VISIT(state->mapping_type);
         Py_VISIT(state->results_type);
         Py_VISIT(state->piece_budget_type);
+        Py_VISIT(state->write_tracker_type);
     }
     return 0;
 }
@@ -109,6 +111,7 @@ core_clear(PyObject *m)
         Py_CLEAR(state->mapping_type);
         Py_CLEAR(state->results_type);
         Py_CLEAR(state->piece_budget_type);
+        Py_CLEAR(state->write_tracker_type);
     }
     return 0;
 }

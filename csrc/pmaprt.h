@@ -14,7 +14,7 @@
  *   core_memcpy, core_populate, core_vm_read, core_buffer_address (buffers.c)
  *   reduce_kind_size, reduce_run, reduce_twice (reduce.c)
  *   core_one_round                     (collective.c)
- *   Region_spec, Mapping_spec, Results_spec, PieceBudget_spec
+ *   Region_spec, Mapping_spec, Results_spec, PieceBudget_spec, WriteTracker_spec
  *
  * Each type is made from its spec per module (PyType_FromModuleAndSpec) and
  * held in the module state, never in a static: the module uses multi-phase
@@ -39,6 +39,7 @@ typedef struct {
     PyTypeObject *mapping_type;
     PyTypeObject *results_type;
     PyTypeObject *piece_budget_type;
+    PyTypeObject *write_tracker_type;
 } CoreState;
 
 /* The state of the module that made `type` (one of this module's types). */
@@ -150,5 +151,6 @@ extern PyType_Spec Region_spec;
 extern PyType_Spec Mapping_spec;
 extern PyType_Spec Results_spec;
 extern PyType_Spec PieceBudget_spec;
+extern PyType_Spec WriteTracker_spec;
 
 #endif /* PMAPRT_H */

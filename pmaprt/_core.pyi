@@ -124,6 +124,18 @@ class PieceBudget:
     def stop(self) -> int | None:
         """The index the piece reached (its end), or None until it has ended."""
 
+class WriteTracker:
+    """Which pages of this process's private anonymous memory were written since armed (userfaultfd WP_ASYNC, PAGEMAP_SCAN)."""
+
+    def __new__(cls) -> WriteTracker:
+        """Open the userfaultfd and /proc/self/pagemap; OSError where the kernel lacks the features."""
+    def track(self, addr: int, nbytes: int, /) -> bool:
+        """Register and arm the pages covering the range; False where it is not private anonymous memory."""
+    def written(self, addr: int, nbytes: int, /) -> bool:
+        """Whether a page covering the range was written or dropped since armed (True on any doubt); arms them again."""
+    def untrack(self, addr: int, nbytes: int, /) -> None:
+        """Stop tracking the pages wholly inside the range."""
+
 class Results(Iterator[Any]):
     """The items of source's pieces in order: lists, tail_type pieces, other iterables."""
 

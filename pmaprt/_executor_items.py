@@ -30,7 +30,7 @@ import concurrent.futures.process as _cfp
 import pickle
 from concurrent.futures.process import BrokenProcessPool
 
-from . import _serialize
+from . import _arrays, _serialize
 from ._arrays import OOB_MIN
 from ._errors import pack_exception
 
@@ -45,19 +45,35 @@ def _dump_exc(exc):
 
 
 # Functions decoded so far, by their bytes (a batch of tasks of
-# one function carries its bytes once per task; decoding is done once).
+# one function carries its bytes once per task; decoding is done once), and
+# the captured segments each views (_arrays.captured).
 _FN_CACHE = {}
+_FN_SEGS = {}
 _FN_CACHE_MAX = 256
 
 
 def _load_fn(fn_bytes):
     fn = _FN_CACHE.get(fn_bytes)
     if fn is None:
-        fn = _serialize.loads_fn(fn_bytes)
+        fn, segs = _arrays.loads_fn(fn_bytes)
         if len(_FN_CACHE) >= _FN_CACHE_MAX:
             _FN_CACHE.clear()
+            _FN_SEGS.clear()
         _FN_CACHE[fn_bytes] = fn
+        if segs:
+            _FN_SEGS[fn_bytes] = segs
     return fn
+
+
+def _forget_fns_of(seg_id):
+    """A captured segment was freed: drop the functions that view it, so
+    that its mapping goes."""
+    for k in [k for k, segs in _FN_SEGS.items() if seg_id in segs]:
+        del _FN_SEGS[k]
+        _FN_CACHE.pop(k, None)
+
+
+_arrays.on_segment_freed(_forget_fns_of)
 
 
 def call(task):
@@ -136,33 +152,41 @@ def encode_args(fn, args, kwargs):
     raise err from first
 
 
-def encode_fn(fn):
-    """The function's bytes, or a PicklingError naming it."""
+def encode_fn(fn, dumps_fn=_serialize.dumps_fn):
+    """The function's bytes, or a PicklingError naming it. dumps_fn: a
+    pool's captured store's, which ships large captured arrays once."""
     try:
-        return _serialize.dumps_fn(fn)
+        return dumps_fn(fn)
     except Exception as e:
         err = pickle.PicklingError("pmaprt.Executor: the function %r cannot be pickled for the "
                                    "workers: %s" % (fn, e.__cause__ or e))
         raise err from e
 
 
-def encode_batch(batch, futs):
+def encode_batch(batch, futs, dumps_fn=_serialize.dumps_fn, store=None, pins=None):
     """Each task's (tid, fn bytes, args bytes, buffers), its future put in
     futs; a task that cannot be pickled fails its own future
-    (PicklingError) and is left out."""
+    (PicklingError) and is left out. dumps_fn encodes the functions; with
+    a captured store, the pins it took are released if encoding is
+    interrupted (Ctrl-C)."""
     codes = {}
     tasks = []
-    for tid, f, fn, args, kwargs in batch:
-        try:
-            fn_bytes = codes.get(id(fn))
-            if fn_bytes is None:
-                fn_bytes = codes[id(fn)] = encode_fn(fn)
-            payload, bufs = encode_args(fn, args, kwargs)
-        except _serialize.PICKLE_ERRORS as e:
-            set_future(f, exc=e)
-            continue
-        futs[tid] = f
-        tasks.append((tid, fn_bytes, payload, bufs))
+    try:
+        for tid, f, fn, args, kwargs in batch:
+            try:
+                fn_bytes = codes.get(id(fn))
+                if fn_bytes is None:
+                    fn_bytes = codes[id(fn)] = encode_fn(fn, dumps_fn)
+                payload, bufs = encode_args(fn, args, kwargs)
+            except _serialize.PICKLE_ERRORS as e:
+                set_future(f, exc=e)
+                continue
+            futs[tid] = f
+            tasks.append((tid, fn_bytes, payload, bufs))
+    except BaseException:
+        if store is not None:
+            store.unpin(pins)
+        raise
     return tasks
 
 

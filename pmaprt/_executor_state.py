@@ -239,7 +239,9 @@ class ExecutorState:
 
     def _run_batch(self, batch):
         futs = {}
-        tasks = encode_batch(batch, futs)
+        # the batch's captured segments stay pinned until its futures are done
+        store, pins = self.pool.arrays.captured, set()
+        tasks = encode_batch(batch, futs, lambda fn: store.dumps_fn(fn, pins), store, pins)
         if len(tasks) < len(batch):     # failed to pickle: their futures are settled
             with self.lock:
                 self.running -= len(batch) - len(tasks)
@@ -255,6 +257,7 @@ class ExecutorState:
             if tasks:
                 self._run_tasks(tasks, futs)
         finally:
+            store.unpin(pins)
             with self.lock:
                 self.batches.pop(id(futs), None)
                 self.running -= len(futs)

@@ -22,6 +22,7 @@ This module is pure pickling and knows nothing of shared memory: the layer
 above (_arrays.transport) adds the out-of-band buffers of large arrays, with
 tags of its own, on top of these.
 """
+import io
 import pickle
 
 TAG_PICKLE = b"P"
@@ -57,17 +58,61 @@ def by_reference(fn):
         and "<lambda>" not in qual
 
 
-def dumps_fn(fn):
-    """Bytes that rebuild fn in a worker process."""
-    if by_reference(fn):
+def dumps_fn(fn, capture=None, by_value=False):
+    """Bytes that rebuild fn in a worker process (by_value: cloudpickle's
+    pickle even where pickle's would do).
+
+    capture(obj), when given, is asked about every object pickled with fn
+    (its closure, globals, defaults, attributes, arguments): None pickles obj
+    as usual, a (callable, args) pair pickles that call in its place (the
+    layer above replaces large arrays by references to shared memory), and
+    an exception stops the pickling (raised as the TypeError below)."""
+    if not by_value and by_reference(fn):
         try:
-            return pickle.dumps(fn, PROTOCOL)
+            return _dump(pickle.Pickler, fn, capture)
         except Exception:
             pass
     try:
-        return cloudpickle().dumps(fn, PROTOCOL)
+        return _dump(cloudpickle().Pickler, fn, capture)
     except Exception as e:
         raise TypeError("pmaprt: the function %r cannot be pickled for the workers: %s" % (fn, e)) from e
+
+
+def _dump(pickler_class, obj, capture):
+    if capture is None:
+        if pickler_class is pickle.Pickler:
+            return pickle.dumps(obj, PROTOCOL)
+        return cloudpickle().dumps(obj, PROTOCOL)
+    f = io.BytesIO()
+    _capturing(pickler_class)(f, PROTOCOL, capture).dump(obj)
+    return f.getvalue()
+
+
+_CAPTURING = {}
+
+
+def _capturing(pickler_class):
+    """A subclass of pickler_class that asks `capture` about each object
+    before its own reducer_override (cloudpickle's pickles functions by value)."""
+    cls = _CAPTURING.get(pickler_class)
+    if cls is None:
+        base_override = getattr(pickler_class, "reducer_override", None)
+
+        class CapturingPickler(pickler_class):
+            def __init__(self, file, protocol, capture):
+                super().__init__(file, protocol)
+                self._capture = capture
+
+            def reducer_override(self, obj):
+                rv = self._capture(obj)
+                if rv is not None:
+                    return rv
+                if base_override is not None:
+                    return base_override(self, obj)
+                return NotImplemented
+
+        cls = _CAPTURING[pickler_class] = CapturingPickler
+    return cls
 
 
 def loads_fn(data):

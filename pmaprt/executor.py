@@ -44,7 +44,6 @@ import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 
-from . import _serialize
 from ._executor_items import process_chunk
 from ._executor_state import EXTRA_RUNNERS, ExecutorState, shutdown_all
 from ._options import check_workers, default_workers
@@ -74,6 +73,24 @@ def _check_max_tasks(n):
     if n <= 0:
         raise ValueError("max_tasks_per_child must be >= 1")
     return n
+
+
+def _unpin_when_done(fs, store, pins):
+    """Unpin a map's captured segments once its last future is done."""
+    left = [len(fs)]
+    lock = threading.Lock()
+
+    def done(_):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            store.unpin(pins)
+
+    if not fs:
+        store.unpin(pins)
+    for f in fs:
+        f.add_done_callback(done)
 
 
 class Executor(_cf.Executor):
@@ -184,7 +201,9 @@ class Executor(_cf.Executor):
             entries = [(fn, args, {}) for args in zip(*iterables)]
         else:
             calls = zip(*iterables)
-            fn_bytes = _serialize.dumps_fn(fn)
+            # large captured arrays go once, pinned until every chunk is done
+            store, pins = st.pool.arrays.captured, set()
+            fn_bytes = store.dumps_fn(fn, pins)
             entries = []
             while True:
                 chunk = tuple(itertools.islice(calls, chunksize))
@@ -192,6 +211,8 @@ class Executor(_cf.Executor):
                     break
                 entries.append((process_chunk, (fn_bytes, chunk), {}))
         fs = st.add(entries) if entries else []
+        if chunksize > 1 and pins:
+            _unpin_when_done(fs, store, pins)
 
         def result_iterator():
             try:

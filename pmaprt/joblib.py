@@ -44,7 +44,6 @@ import pickle
 import threading
 import warnings
 
-import cloudpickle
 from joblib import register_parallel_backend
 from joblib.parallel import (AutoBatchingMixin, FallbackToBackend, ParallelBackendBase,
                              SequentialBackend)
@@ -201,15 +200,24 @@ class PmaprtBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def submit(self, func, callback=None):
         # As loky: the batch is pickled with cloudpickle, so that functions
-        # defined in __main__ or interactively reach the workers by value.
+        # defined in __main__ or interactively reach the workers by value;
+        # its large captured arrays go once per pool, pinned until it is done.
+        store, pins = self._workers._ensure_pool().pool.arrays.captured, set()
         try:
-            args = (cloudpickle.dumps(func, _serialize.PROTOCOL),)
+            args = (store.dumps_fn(func, pins, by_value=True),)
         except _serialize.PICKLE_ERRORS as e:
+            store.unpin(pins)
             raise pickle.PicklingError("Could not pickle the task to send it to the workers.") \
                 from e
         if self._given_pool is not None and self.inner_max_num_threads is not None:
             args += (self.inner_max_num_threads,)
-        future = self._workers.submit(_run_batch, *args)
+        try:
+            future = self._workers.submit(_run_batch, *args)
+        except BaseException:
+            store.unpin(pins)
+            raise
+        if pins:
+            future.add_done_callback(lambda _: store.unpin(pins))
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
         if callback is not None:

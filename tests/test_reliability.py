@@ -22,25 +22,12 @@ import pmaprt
 from pmaprt import Pool, RemoteTraceback, WorkerCrashedError
 from pmaprt import _memguard
 
+from _procs import kill_once_at, once, square_work, wait_until, worker_pid  # noqa: F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- functions for the workers
-
-def once(marker):
-    """True the first time any process calls it with this marker path."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
-
-
-def kill_once_at(args):
-    x, at, marker = args
-    if x == at and once(marker):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return x * x
 
 
 def exit_at(args):
@@ -79,17 +66,6 @@ def unpicklable_at_4(x):
     return Unpicklable() if x == 4 else x
 
 
-def worker_pid(x):
-    return os.getpid()
-
-
-def square_work(x):
-    s = 0
-    for i in range(60):
-        s += (x ^ i) & 7
-    return x * x + s
-
-
 def big_bytes(x):
     return b"\x01" * ((2 << 30) + 17)
 
@@ -107,15 +83,6 @@ def square(x):
 
 
 # --- helpers
-
-def wait_until(pred, timeout, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
 
 
 def is_alive(pid):
@@ -639,3 +606,37 @@ def test_workers_killed_inside_jobs_do_not_use_up_the_job_slots(tmp_path):
             assert os.path.exists(marker)
         assert p.apply(square, 7) == 49
         assert list(p.map(square, range(10), inline=False)) == [x * x for x in range(10)]
+
+
+# --- what a lazy consumer's map holds ahead of it, in bytes (the map's accounting)
+
+def test_a_lazy_consumer_holds_at_most_the_byte_bound_ahead():
+    import numpy as np
+    from pmaprt._map.window import ahead_bytes
+
+    def gen():
+        for i in itertools.count():
+            a = np.empty((1 << 20) // 8)
+            a.fill(i)
+            yield a
+
+    with Pool(2) as p:
+        it = p.map(identity, gen())
+        state = it._state
+        f, book = state.feeder, state.book
+        peak = chunk = 0
+        for k, a in enumerate(itertools.islice(it, 120)):
+            assert a[0] == k
+            with p._lock:
+                peak = max(peak, f.inflight_bytes + book.held_bytes)
+                chunk = max([chunk] + [e[5] for e in f.outstanding.values()])
+            if k % 10 == 0:
+                time.sleep(0.02)
+        per_item = f.in_item_bytes + state.costs.item_bytes
+        it.close()
+    chunk_bytes = chunk * per_item
+    assert per_item >= 2 << 20
+    # items in flight and results not taken: within the bound, deterministically,
+    # and so within 4 x (workers x chunk bytes)
+    assert peak <= ahead_bytes(2, chunk_bytes), (peak, chunk, per_item)
+    assert peak <= 4 * 2 * chunk_bytes

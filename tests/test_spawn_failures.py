@@ -8,26 +8,9 @@ import pytest
 
 from pmaprt import Pool
 
+from _procs import kill_once_at, square_work, worker_pid as pid
+
 PER_TEST_S = 120
-
-
-def once(marker):
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
-
-
-def kill_once_at(args):
-    x, at, marker = args
-    if x == at and once(marker):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return x * x
-
-
-def pid(_=None):
-    return os.getpid()
 
 
 @pytest.fixture
@@ -80,13 +63,6 @@ def test_apply_after_a_replacement_died_before_its_start_message(killed_starts):
         for _ in range(20):
             assert p.apply(pid) in p.pids()
         assert not set(victims) & set(p.pids())
-
-
-def square_work(x):
-    s = 0
-    for i in range(60):
-        s += (x ^ i) & 7
-    return x * x + s
 
 
 def test_chaos_with_replacements_killed_as_they_start():

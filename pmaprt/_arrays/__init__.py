@@ -14,10 +14,15 @@ imports only those above it in this list):
               the parent, or copied) and the out-of-band pickle format
 - blocks      chunks=: block rules and `BlockView`
 - out         out=: the parent's checks and the worker's writer
+- written     whether an array was written since it was hashed (the
+              kernel's record of written pages)
+- captured    a function's large captured arrays, shipped once per pool
+              through content-addressed read-only segments (both sides)
 - jobarrays   what one map holds (`JobArrays`), and `local_map`
 
 Other layers import the names below from here.
 """
+from .captured import CAPTURE_MIN, CapturedStore, loads_fn, on_segment_freed, segment_freed
 from .blocks import BlockView, rule_rows, wrap_chunks
 from .copy import copy_array
 from .jobarrays import JobArrays, local_map
@@ -35,6 +40,7 @@ from .transport import (
 )
 
 __all__ = [
+    "CAPTURE_MIN", "CapturedStore", "loads_fn", "on_segment_freed", "segment_freed",
     "BlockView", "rule_rows", "wrap_chunks",
     "copy_array",
     "JobArrays", "local_map",

@@ -46,6 +46,7 @@ class JobArrays:
         self.target = None       # a plain out=: copied back as results are taken
         self.on_take = None
         self._pvm = None
+        self._pins = set()       # captured segments its function refers to (captured.py)
         self.encoder = ItemEncoder(self)
         if out is None:
             return
@@ -60,6 +61,11 @@ class JobArrays:
             self.on_take = self._copy_back
 
     def __del__(self):
+        if self._pins:      # a map that never reached its end (a constructor that raised)
+            try:
+                self.pool.arrays.captured.unpin(self._pins)
+            except Exception:
+                pass
         # The map's constructor raised after segments were shared: give them back.
         if not self.started and self.segs:
             segs, self.segs[:] = list(self.segs), []
@@ -71,6 +77,11 @@ class JobArrays:
                             pool.unshare(seg)
             except Exception:
                 pass
+
+    def dumps_fn(self, fn):
+        """The map's function for its workers, its large arrays in shared
+        segments pinned until the map ends (captured.py)."""
+        return self.pool.arrays.captured.dumps_fn(fn, self._pins)
 
     def share(self, mapping):
         if not self._fresh or self._fresh[-1] is not mapping:
@@ -110,6 +121,8 @@ class JobArrays:
         self._fresh = []
         self._chunks.clear()
         self.out = self.target = None
+        if self._pins:
+            self.pool.arrays.captured.unpin(self._pins)
         self.pool.arrays.release_gone()
 
     def desc_extra(self):

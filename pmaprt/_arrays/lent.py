@@ -72,6 +72,8 @@ class PoolArrays:
         # Whether the workers may read this process's memory (pvm.py): None
         # until asked; set it to False to make the pool copy plain arrays.
         self.pvm = None
+        # The pool's CapturedStore (captured.py, a module above this one), set by the pool.
+        self.captured = None
 
     def share(self, mapping):
         """Lend a shared array's memfd to every worker of the pool (no copy),

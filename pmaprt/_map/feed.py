@@ -67,6 +67,7 @@ class Feeder:
         self.segs = segs if segs is not None else []
         self.costs = costs            # inline.MapCosts: result bytes per item
         self.inflight_bytes = 0       # bytes of published chunks whose record has not arrived
+        self.inflight_items = 0       # and their items (their results are on the way)
         self.in_item_bytes = 0.0      # encoded bytes per item published (moving average)
         self.fed = 0                  # items published
         self.chunks = 0               # table entries published
@@ -75,7 +76,8 @@ class Feeder:
         self.feed_done = False
         self.total = None
         self.held = None              # (items, data) that found no room in the ring
-        # chunk -> [first item, first byte in the ring (None: own segment), end byte or segment, done]
+        # chunk -> [first item, first byte in the ring (None: own segment), end byte or
+        # segment, done, bytes, items]
         self.outstanding = collections.OrderedDict()
         self.start_chunk = {}
         # chunk start -> its latest table entry k, and k -> that entry's fields
@@ -128,7 +130,10 @@ class Feeder:
                     c = max(1, int(FEED_CHUNK_MAX_BYTES / per_item))
                 if self.fed - book.consumed > max(FEED_MIN_ITEMS, FEED_CHUNKS_PER_WORKER * self.nwork * c):
                     return
-                if inflight and self.inflight_bytes + book.held_bytes >= self.ahead_bytes(c):
+                # Published and not consumed, with this chunk, within the
+                # bound; the chunk the consumer needs next goes regardless.
+                if self.fed > book.consumed and \
+                        self.bytes_ahead() + c * per_item > self.ahead_bytes(c):
                     return
                 items = []
                 app = items.append
@@ -161,6 +166,13 @@ class Feeder:
                     r.store64(self.off + S_N, self.fed)
                     r.store32(self.off + S_FLAGS, self.flags | FLAG_FEED_DONE)
                     self.total = self.fed
+
+    def bytes_ahead(self):
+        """What this map holds ahead of its consumer: items in flight, their
+        results on the way (at the bytes per result measured so far), results
+        arrived and not taken."""
+        out = self.costs.item_bytes if self.costs is not None else 0.0
+        return self.inflight_bytes + self.inflight_items * out + self.book.held_bytes
 
     def ahead_bytes(self, c):
         """The bytes this map may hold ahead of its consumer (window.ahead_bytes)
@@ -211,8 +223,9 @@ class Feeder:
             self.ring_tail = bend = bstart + nbytes
         FEED_ENTRY.pack_into(self.seg.buf, self.table_off + (k % FEED_TABLE) * FEED_ENTRY.size,
                              self.fed, len(items), nbytes, doff, seg_id)
-        self.outstanding[k] = [self.fed, bstart, bend, False, nbytes]
+        self.outstanding[k] = [self.fed, bstart, bend, False, nbytes, len(items)]
         self.inflight_bytes += nbytes
+        self.inflight_items += len(items)
         b = nbytes / len(items)
         self.in_item_bytes = b if b > self.in_item_bytes else 0.9 * self.in_item_bytes + 0.1 * b
         self.chunks_published += 1
@@ -251,6 +264,7 @@ class Feeder:
             entry = self.outstanding[k]
             entry[3] = True
             self.inflight_bytes -= entry[4]
+            self.inflight_items -= entry[5]
             self.chunks_done += 1
             self._free_fed()
 
@@ -324,13 +338,15 @@ class Feeder:
             seg = self.pool.share(len(data))
             seg.buf[:len(data)] = data
             self.segs.append(seg)
-            self.outstanding[self.chunks] = [a, None, seg, False, len(data)]
+            self.outstanding[self.chunks] = [a, None, seg, False, len(data), m]
             self.inflight_bytes += len(data)
+            self.inflight_items += m
             self.chunks_published += 1
             self.start_chunk[a] = self.chunks
             self._table_entry(a, m, len(data), 0, seg.id)
         if not entry[3]:
             entry[3] = True
             self.inflight_bytes -= entry[4]
+            self.inflight_items -= entry[5]
             self.chunks_done += 1
         self._free_fed()

@@ -195,7 +195,7 @@ class MapState:
             return
         if progress:
             self.progress = open_progress(fn, iterables)  # before any job: tqdm may be missing
-        fn_bytes = _serialize.dumps_fn(fn)
+        fn_bytes = self.arrays.dumps_fn(fn)
         plan = plan_input(iterables, star, self.arrays.encoder,
                           upfront=None if axis_name is not None else self.window.size(self._may_inline()))
         if axis_name is not None:
@@ -248,7 +248,7 @@ class MapState:
         since map()."""
         self.pool._check_open()
         try:
-            fn_bytes = _serialize.dumps_fn(self.fn)
+            fn_bytes = self.arrays.dumps_fn(self.fn)
         except Exception:
             return False
         # Items of a list before k are not pickled (start=k: placeholders).

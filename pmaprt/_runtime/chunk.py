@@ -51,7 +51,8 @@ class _JobCtx:
 
 class ChunkRunner:
     """The worker's side (a worker mixin). State: jobs (slot -> _JobCtx),
-    fns (fn bytes -> fn), t_items (fn bytes -> last seconds per item, to
+    fns (fn bytes -> fn), fn_segs (fn bytes -> the captured segments that
+    fn views), t_items (fn bytes -> last seconds per item, to
     start the next map of the same function well), items_done, prog (a view
     of W_CUR_DONE)."""
 
@@ -59,11 +60,21 @@ class ChunkRunner:
         """The function, unpickled once per worker (compiled code is kept)."""
         fn = self.fns.get(fn_bytes)
         if fn is None:
-            fn = _serialize.loads_fn(fn_bytes)
+            fn, segs = _arrays.loads_fn(fn_bytes)
             if len(self.fns) >= FN_CACHE_MAX:
                 self.fns.clear()
+                self.fn_segs.clear()
             self.fns[fn_bytes] = fn
+            if segs:
+                self.fn_segs[fn_bytes] = segs
         return fn
+
+    def forget_fns_of(self, seg_id):
+        """Segment seg_id was freed: drop the functions whose captured arrays
+        view it, so that its mapping goes."""
+        for k in [k for k, segs in self.fn_segs.items() if seg_id in segs]:
+            del self.fn_segs[k]
+            self.fns.pop(k, None)
 
     def job_context(self, s, gen, off):
         """Step 1: the context of the job in slot s, loaded once."""

@@ -178,6 +178,8 @@ class SegmentCache:
             seg = self.segs.pop(msg.seg_id, None)
             if seg is not None:
                 seg.close()
+                self.forget_fns_of(msg.seg_id)
+                _arrays.segment_freed(msg.seg_id)
                 self._forget_finished_jobs()
 
     def _forget_finished_jobs(self):

@@ -60,6 +60,7 @@ class Runtime(Processes, Lender, BoardPoster, RingReader, ParentWake, Reconciler
         self._init_board()
         self._init_rings(n)
         self.arrays = _arrays.PoolArrays(self)   # shared arrays lent to the workers, and pvm
+        self.arrays.captured = _arrays.CapturedStore(self)   # functions' large arrays
         self._finalizer = weakref.finalize(self, res.terminate, False)
         # start: workers started now; the rest on demand (start_worker), as
         # the Executor starts them (None: all of them).

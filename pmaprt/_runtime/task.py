@@ -36,6 +36,8 @@ import pickle
 import time
 import types
 
+import numpy as np
+
 from .. import _arrays, _serialize
 from .._errors import PoolClosedError, RemoteTraceback, WorkerCrashedError, add_note, oom_hint
 from .._options import MapOptions
@@ -58,10 +60,19 @@ _FN_BYTES = {}
 _FN_BYTES_MAX = 256
 
 
+def _refuse_captured(obj):
+    # A large array inside the function (a closure over it): the general
+    # path ships it once per pool through shared memory (_arrays.captured);
+    # pickling it here would only be thrown away.
+    if type(obj) is np.ndarray and obj.nbytes >= _arrays.CAPTURE_MIN:
+        raise _LargeBuffer
+    return None
+
+
 def fn_bytes(fn):
     b = _FN_BYTES.get(fn)
     if b is None:
-        b = _serialize.dumps_fn(fn)
+        b = _serialize.dumps_fn(fn, capture=_refuse_captured)
         if type(fn) is types.FunctionType and _serialize.by_reference(fn):
             if len(_FN_BYTES) >= _FN_BYTES_MAX:
                 _FN_BYTES.clear()

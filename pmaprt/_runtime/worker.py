@@ -53,6 +53,7 @@ class Worker(BoardReader, ClaimTaker, ChunkRunner, RingWriter, WorkerWake, Segme
         self.claim_seq = 0     # W_CLAIM: odd while items move between shared words
         self.jobs = {}
         self.fns = {}
+        self.fn_segs = {}
         self.t_items = {}
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
