@@ -101,6 +101,17 @@ class ChunkSizer:
             self.t_item = EWMA_ALPHA * t + (1 - EWMA_ALPHA) * est
 
 
+def preempt_deadline_s(count, t_item):
+    """Seconds a preemptible chunk of `count` items, each expected to take
+    `t_item`, may run before its unstarted items go back (PREEMPT_FACTOR)."""
+    return max(PREEMPT_MIN_S, PREEMPT_FACTOR * count * t_item)
+
+
+def preempt_stride(count):
+    """Items run between two clock reads of a preemptible chunk."""
+    return max(1, count // PREEMPT_STRIDES)
+
+
 def span_size(chunk, remaining, workers):
     """Items to claim from the shared counter at once (guided self-scheduling)."""
     span = max(chunk, math.ceil(remaining / (SPAN_FACTOR * workers)))
