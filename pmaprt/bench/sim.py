@@ -130,7 +130,7 @@ def render_validation(v) -> str:
            "%-14s %8s %16s %10s %10s" % ("workload", "items", "measured (range)", "simulated",
                                          "sim/meas")]
     for r in v["rows"]:
-        if "measured" not in r:
+        if r.get("measured") is None:
             out.append("%-14s  no measurement: %s" % (r["workload"], r.get("note")))
             continue
         lo_hi = r["measured_range"] or (r["measured"], r["measured"])

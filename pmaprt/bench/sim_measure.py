@@ -152,8 +152,14 @@ def compare_at_two(over: Overheads, repeat: int = 5, workers: int = 2) -> List[D
         scale = e["serial_s"] / sum(secs)
         costs = Costs([s * scale for s in secs])
         sim = simulate_pmaprt(costs, workers, over)
+        ranges = rec.get("ranges") or {}
         measured = rec["makespan_over_ideal"]
-        lo_hi = (rec.get("ranges") or {}).get("makespan_over_ideal")
+        lo_hi = ranges.get("makespan_over_ideal")
+        if measured is None and rec.get("efficiency"):
+            # no dearest-item bound for this workload: t / (serial / W) = 1 / efficiency
+            measured = 1.0 / rec["efficiency"]
+            eff = ranges.get("efficiency")
+            lo_hi = [1.0 / eff[1], 1.0 / eff[0]] if eff and eff[0] > 0 else None
         rows.append({"workload": name, "items": e["items"], "measured": measured,
                      "measured_range": lo_hi, "simulated": sim.over_ideal,
                      "sim_over_measured": sim.over_ideal / measured if measured else None,
