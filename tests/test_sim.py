@@ -162,3 +162,17 @@ def test_the_table_and_plot_show_every_policy_and_worker_count(tmp_path):
     ax = fig.axes[0]
     assert len(ax.get_lines()) == len(sim.POLICIES) + 1       # + the goal line
     fig.savefig(tmp_path / "x.png")
+
+
+def test_heavy_tailed_draws_compare_the_probe_and_the_references():
+    cal = sim.WL.Calibration(iters_per_us=1000.0)
+    rows = sim.heavy_draws({"pmaprt": OVER, "pipe": OVER}, cal, 2, workers=(2, 16))
+    assert {(r["workers"], r["draw_seed"]) for r in rows} == {
+        (W, 20240601 + k) for W in (2, 16) for k in range(2)}
+    for r in rows:
+        assert all(r[c] >= 1.0 - 1e-9 for c in ("pmaprt", "pmaprt_no_probe", "mp_pool_map",
+                                                 "greedy"))
+    # different draws are different inputs
+    assert rows[0]["greedy"] != rows[1]["greedy"] or rows[0]["pmaprt"] != rows[1]["pmaprt"]
+    text = sim.render_draws(rows)
+    assert "2 draws" in text and "pmaprt_no_probe" in text

@@ -79,6 +79,40 @@ def run_grid(profiles: Dict[str, Overheads], cal: WL.Calibration, workers=WORKER
     return rows
 
 
+def heavy_draws(profiles, cal, draws: int, workers=WORKERS, seed=0) -> List[dict]:
+    """The heavy-tailed workload over `draws` draws of its costs (seeds from the
+    harness's on): pmaprt as it runs, pmaprt with the caller's probe off (the
+    workers from the first item), mp.Pool.map and the greedy reference."""
+    out = []
+    for W in workers:
+        for k in range(draws):
+            s = 20240601 + k
+            costs = Costs(harness_costs("heavy_tailed", items_for("heavy_tailed", W), W, cal,
+                                        seed=s))
+            row = {"workers": W, "draw_seed": s}
+            row["pmaprt"] = simulate_pmaprt(costs, W, profiles["pmaprt"], seed=seed).over_ideal
+            row["pmaprt_no_probe"] = simulate_pmaprt(costs, W, profiles["pmaprt"], seed=seed,
+                                                     probe=False).over_ideal
+            for p in ("mp_pool_map", "greedy"):
+                row[p] = simulate(p, costs, W, profiles).over_ideal
+            out.append(row)
+    return out
+
+
+def render_draws(rows: List[dict]) -> str:
+    cols = ("pmaprt", "pmaprt_no_probe", "mp_pool_map", "greedy")
+    k = len({r["draw_seed"] for r in rows})
+    out = ["heavy_tailed over %d draws of its costs: /ideal min-max (median)" % k,
+           "%-8s" % "W" + "".join("%24s" % c for c in cols)]
+    for W in sorted({r["workers"] for r in rows}):
+        cells = []
+        for c in cols:
+            v = sorted(r[c] for r in rows if r["workers"] == W)
+            cells.append("%24s" % ("%.3f-%.3f (%.3f)" % (v[0], v[-1], v[len(v) // 2])))
+        out.append("%-8d" % W + "".join(cells))
+    return "\n".join(out) + "\n"
+
+
 def render(rows: List[dict], profiles: Dict[str, Overheads]) -> str:
     ws = sorted({r["workers"] for r in rows})
     pols = list(dict.fromkeys(r["policy"] for r in rows))
@@ -153,6 +187,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--workload", action="append", metavar="NAME",
                    help="only this workload (repeatable): " + ", ".join(SIM_WORKLOADS))
     p.add_argument("--seed", type=int, default=0, help="pmaprt's victim-order seed")
+    p.add_argument("--draws", type=int, default=3, metavar="K",
+                   help="also simulate heavy-tailed over K draws of its costs (0: not)")
     p.add_argument("--validate", action="store_true",
                    help="also run pmaprt for real at W = 2 and compare (about 2 minutes)")
     p.add_argument("--no-plots", action="store_true")
@@ -166,6 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ws = tuple(a.workers or WORKERS)
         if min(ws) < 1:
             raise ValueError("--workers must be >= 1")
+        if a.draws < 0:
+            raise ValueError("--draws must be >= 0")
     except ValueError as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
@@ -180,6 +218,9 @@ def main(argv: Optional[List[str]] = None) -> int:
            "measured": {"parts": meas["parts"], "maps": meas["maps"],
                         "loadavg": meas["loadavg"]},
            "items_per_worker": ITEMS_PER_WORKER, "rows": rows}
+    if a.draws and "heavy_tailed" in names:
+        doc["heavy_draws"] = heavy_draws(profiles, cal, a.draws, workers=ws, seed=a.seed)
+        text += "\n" + render_draws(doc["heavy_draws"])
     if a.validate:
         v = compare_at_two(profiles["pmaprt"])
         doc["validation"] = v
