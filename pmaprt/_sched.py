@@ -56,12 +56,13 @@ SPAN_FACTOR = 2
 
 
 class ChunkSizer:
-    __slots__ = ("fixed", "t_item", "last", "grown", "grow")
+    __slots__ = ("fixed", "t_item", "last", "grown", "grow", "carried")
 
     def __init__(self, fixed=0, t_item=None, grow=True):
         self.fixed = fixed
         self.t_item = t_item
         self.last = 1 if t_item is None else MAX_CHUNK
+        self.carried = t_item is not None     # not measured in this map yet
         self.grown = TARGET_CHUNK_S     # this worker's target now (see MAX_TARGET_S)
         # False: the target stays TARGET_CHUNK_S (chunks the caller feeds
         # from an iterator: what is in flight is held in memory).
@@ -79,6 +80,15 @@ class ChunkSizer:
         if remaining is not None and target > TARGET_CHUNK_S:
             target = max(TARGET_CHUNK_S, min(target, TAIL_SHARE * remaining * t / workers))
         c = int(target / t)
+        if self.carried and remaining is not None:
+            # The first chunk sized from a cost per item carried from an
+            # earlier map takes at most an even share of what is unclaimed:
+            # a chunk cannot be stolen, and if the items now cost far more,
+            # one chunk of many would leave the other workers nothing to
+            # take while it runs (their leaving is final for this map: a
+            # preempted chunk's items go back to its owner alone). An even
+            # share on every chunk would cost W x the records at the end.
+            c = min(c, -(-remaining // workers))
         return max(1, min(c, self.last * GROWTH, MAX_CHUNK))
 
     def hold(self):
@@ -90,6 +100,7 @@ class ChunkSizer:
             return
         t = seconds / count
         self.last = count
+        self.carried = False
         if self.t_item is None:
             self.t_item = t
         else:
@@ -99,6 +110,17 @@ class ChunkSizer:
             else:
                 self.grown = TARGET_CHUNK_S
             self.t_item = EWMA_ALPHA * t + (1 - EWMA_ALPHA) * est
+
+
+def preempt_deadline_s(count, t_item):
+    """Seconds a preemptible chunk of `count` items, each expected to take
+    `t_item`, may run before its unstarted items go back (PREEMPT_FACTOR)."""
+    return max(PREEMPT_MIN_S, PREEMPT_FACTOR * count * t_item)
+
+
+def preempt_stride(count):
+    """Items run between two clock reads of a preemptible chunk."""
+    return max(1, count // PREEMPT_STRIDES)
 
 
 def span_size(chunk, remaining, workers):

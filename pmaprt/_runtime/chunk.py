@@ -253,9 +253,8 @@ class ChunkRunner:
         planned. Runs the items in strides; past the chunk's deadline, the
         items not started go back to the front of this worker's range.
         Returns (has_errors, items kept in this chunk)."""
-        expected = n * ctx.sizer.t_item
-        deadline = t0 + max(_sched.PREEMPT_MIN_S, _sched.PREEMPT_FACTOR * expected)
-        stride = max(1, n // _sched.PREEMPT_STRIDES)
+        deadline = t0 + _sched.preempt_deadline_s(n, ctx.sizer.t_item)
+        stride = _sched.preempt_stride(n)
         star, progress = ctx.star, ctx.progress
         app = out.append
         has_errors = False

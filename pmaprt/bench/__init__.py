@@ -23,6 +23,9 @@ winner must win every pair by the noise margin.  The report ends with a
 summary of every workload's verdicts.  A peer that is not installed or cannot
 start is reported as skipped/error with a note, never fatal.  The ``gpu``
 workload is skipped with a note on a machine without a GPU or without CuPy.
+``python -m pmaprt.bench.sim`` simulates the scheduler at 2 to 1,024 workers
+(pmaprt's own policy code and the peers' policies on a virtual clock; see
+``pmaprt.bench.sim``); its ``--validate`` compares it with real runs at W = 2.
 The ``allreduce`` workload times ``pmaprt.allreduce`` inside an SPMD map against
 a naive multiprocessing all-reduce and memcpy (see ``pmaprt.bench.collective``).
 

@@ -210,8 +210,10 @@ NUMPY_CHUNKS = 256
 PRE_BLOCK_ROWS = 4_000
 
 
-def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration) -> Workload:
-    """Build the named workload's inputs (not used for allreduce/gpu/roundtrip)."""
+def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration,
+          seed: int = 20240601) -> Workload:
+    """Build the named workload's inputs (not used for allreduce/gpu/roundtrip);
+    seed: the heavy-tailed costs' draw."""
     i = 1 if full else 0
     min_items = max(8, 2 * workers)
     if name == "tiny":
@@ -225,14 +227,14 @@ def build(name: str, *, full: bool, scale: float, workers: int, cal: Calibration
     if name == "heavy_tailed":
         n = _scaled(SIZES["heavy_tailed"][i], scale, min_items)
         unit_us = 50.0 if full else 10.0
-        rng = np.random.default_rng(20240601)
+        rng = np.random.default_rng(seed)
         # classical Pareto with minimum 1 and shape 1.2 (mean 6): numpy's
         # pareto() is the Lomax form, so shift by one
         costs_us = unit_us * (1.0 + rng.pareto(1.2, n))
         iters = [cal.iters_for(c) for c in costs_us.tolist()]
         longest = max(iters)
         return Workload(name, spin, iters,
-                        {"n": n, "pareto_shape": 1.2, "min_item_us": unit_us, "seed": 20240601,
+                        {"n": n, "pareto_shape": 1.2, "min_item_us": unit_us, "seed": seed,
                          "nominal_serial_us": float(costs_us.sum()),
                          "nominal_longest_us": float(costs_us.max())},
                         DESCRIPTIONS[name], ideal=True, longest_arg=longest)
