@@ -73,29 +73,36 @@ def read_runnable(fd):
 
 
 class SpinGate:
-    """This process's view of the machine's load, for `spin_budget`."""
+    """This process's view of the machine's load, for `spin_budget`.
 
-    __slots__ = ("cores", "machine", "runnable", "_t", "_fd", "_pid")
+    read: returns the runnable count now (default: /proc/loadavg); clock:
+    seconds, monotonic. PMAPRT_SPIN=0 in the environment (workers inherit
+    it) turns every spin off: a machine shared with latency-critical work."""
 
-    def __init__(self, cores=CORES, machine=None):
+    __slots__ = ("cores", "machine", "runnable", "off", "_t", "_fd", "_pid", "_read", "_clock")
+
+    def __init__(self, cores=CORES, machine=None, read=None, clock=time.monotonic):
         self.cores = cores
         self.machine = machine_cores() if machine is None else machine
         self.runnable = UNKNOWN
-        self._t = -1.0
+        self.off = os.environ.get("PMAPRT_SPIN", "1").strip() == "0"
+        self._t = None
         self._fd = None
         self._pid = None
+        self._read = self._read_proc if read is None else read
+        self._clock = clock
 
     def budget(self, spin_ns, spinners=0):
         """What this caller may spin now (see spin_budget)."""
-        if spin_ns <= 0:
+        if spin_ns <= 0 or self.off:
             return 0
-        now = time.monotonic()
-        if now - self._t >= SAMPLE_S:
+        now = self._clock()
+        if self._t is None or now - self._t >= SAMPLE_S:
             self._t = now
             self.runnable = self._read()
         return spin_budget(self.cores, self.runnable, spinners, spin_ns, self.machine)
 
-    def _read(self):
+    def _read_proc(self):
         if self._pid != os.getpid():     # first use, or a fork's child: a descriptor of its own
             self._pid = os.getpid()
             try:
