@@ -41,15 +41,16 @@ def spin_budget(cores, runnable, spinners, spin_ns, machine=None):
 
     cores: the cores this process may run on; runnable: threads runnable on
     the machine when it was last read, the caller among them (None:
-    unknown, taken as idle); spinners: the pool's other processes spinning
-    now (which that reading may have missed); spin_ns: what the caller would
-    spin on an idle machine; machine: the machine's CPUs, over which
+    unknown, taken as idle); spinners: the pool's other processes on a core
+    now, spinning or working (known exactly from the pool's shared words,
+    which a reading a few ms old may have missed); spin_ns: what the caller
+    would spin on an idle machine; machine: the machine's CPUs, over which
     `runnable` is counted (default: cores).
 
     The caller spins only if every runnable thread, the caller and the
-    known spinners included, has a CPU of the machine, and the pool's
-    spinners (the caller with them) fit its own cores with one core left
-    for the work being waited for: never more spinners than idle cores.
+    pool's awake processes included, has a CPU of the machine, and the
+    pool's awake processes with the caller fit its own cores: a spinner
+    never takes a core that a worker, or another process, would run on.
     One core: never (the spin would hold the only core the answer needs).
     """
     if spin_ns <= 0 or cores < 2:
@@ -57,7 +58,7 @@ def spin_budget(cores, runnable, spinners, spin_ns, machine=None):
     machine = cores if machine is None else machine
     if runnable is not UNKNOWN and max(runnable, 1 + spinners) > machine:
         return 0
-    if spinners + 1 > cores - 1:
+    if 1 + spinners > cores:
         return 0
     return spin_ns
 

@@ -23,19 +23,20 @@ from pmaprt._spin import SAMPLE_S, SpinGate, read_runnable, spin_budget
     (16, 17, 0, None, 0),
     # one core: the spin would hold the core the answer needs
     (1, 1, 0, None, 0),
-    # never more spinners than idle cores: the pool's other spinners count,
-    # even where the reading missed them, and one core stays for the work
-    (2, 1, 1, None, 0),
-    (4, 1, 1, None, 50_000),
-    (4, 1, 2, None, 50_000),
-    (4, 1, 3, None, 0),
-    (4, 2, 3, None, 0),
+    # the pool's awake processes (spinning or working) count, even where
+    # the reading missed them: never more spinners than idle cores
+    (2, 1, 1, None, 50_000),        # apply: one worker runs it, the caller spins on the other core
+    (2, 1, 2, None, 0),             # a map on both workers of 2 cores: the caller sleeps
+    (4, 1, 3, None, 50_000),
+    (4, 1, 4, None, 0),
+    (4, 4, 1, None, 50_000),
+    (4, 5, 1, None, 0),
     # the runnable count is the machine's: a process on 2 of 8 CPUs
     (2, 5, 0, 8, 50_000),
     (2, 9, 0, 8, 0),
     # load unknown (no /proc): taken as idle
-    (2, None, 0, None, 50_000),
-    (2, None, 1, None, 0),
+    (2, None, 1, None, 50_000),
+    (2, None, 2, None, 0),
 ])
 def test_spin_budget_decision(cores, runnable, spinners, machine, expect):
     assert spin_budget(cores, runnable, spinners, 50_000, machine) == expect

@@ -215,14 +215,15 @@ class TaskCaller:
             self._check_open()
             gen, slot, off = self._post_task(task, desc)
         try:
-            spin = gate.budget(TASK_SPIN_NS)
-            if spin:
-                # Spin (in C, the GIL released) on the slot's done word: a
-                # tiny call answers within it, with none of wait()'s work.
-                try:
+            # Spin (in C, the GIL released) on the slot's done word where
+            # the gate allows: a tiny call answers within it, with none of
+            # wait()'s work.
+            try:
+                spin = gate.budget(TASK_SPIN_NS, self.awake_workers())
+                if spin:
                     self._r.wait32(off + S_TASK_DONE, 0, 0, spin)
-                except (AttributeError, ValueError):
-                    pass    # terminated meanwhile: wait() says so
+            except (AttributeError, ValueError, TypeError):
+                pass    # terminated meanwhile: wait() says so
             while not task.has_news():
                 self.wait(task, TASK_SPIN_NS)
             if not task.done:

@@ -127,6 +127,12 @@ class ParentWake:
         if r.load32(H_BOARD_SLEEPERS):
             r.wake32(H_BOARD_SEQ, count)
 
+    def awake_workers(self):
+        """Workers on a core now, working or spinning: the started ones less
+        those asleep on the board (one asleep for ring space counts as awake:
+        the gate errs toward sleeping)."""
+        return max(0, self.started - self._r.load32(H_BOARD_SLEEPERS))
+
     def _release_dead_hot_spinner(self, w):
         """Step 6: worker w died; if it held the hot spinner word, a task
         posted since then woke no one: the others look now. Lock held."""
@@ -157,7 +163,7 @@ class ParentWake:
                 raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
             # H_PARENT_SLEEPING counts the parent only while it sleeps in the
             # kernel: a worker that finds it spinning skips the wake call.
-            spin = gate.budget(SPIN_NS if spin_ns is None else spin_ns)
+            spin = gate.budget(SPIN_NS if spin_ns is None else spin_ns, self.awake_workers())
             changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, spin, H_PARENT_SLEEPING)
         finally:
             _leave_wait(res)
@@ -199,15 +205,20 @@ class WorkerWake:
         self.hot_held = True
         # Spin only (timeout 0). A post that marked the word claimed bumped
         # the sequence after it, so its task is on the board.
-        changed = r.wait32(H_BOARD_SEQ, seq, 0, gate.budget(HOT_SPIN_NS))
+        changed = r.wait32(H_BOARD_SEQ, seq, 0, gate.budget(HOT_SPIN_NS, self.awake_peers()))
         return self._release_hot() or changed
 
     def sleep(self, seq):
         """Step 2: sleep until the board moves past `seq` (False: timed out).
         Counted in H_BOARD_SLEEPERS only once asleep in the kernel: while this
         worker spins, a post needs no wake call."""
-        return self.r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S, gate.budget(WORKER_SPIN_NS),
-                             H_BOARD_SLEEPERS)
+        return self.r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S,
+                             gate.budget(WORKER_SPIN_NS, self.awake_peers()), H_BOARD_SLEEPERS)
+
+    def awake_peers(self):
+        """The pool's other workers on a core now (the pool's started count
+        is the parent's: unstarted ones count as awake, erring toward sleep)."""
+        return max(0, self.layout.nworkers - 1 - self.r.load32(H_BOARD_SLEEPERS))
 
     def _release_hot(self):
         """Give H_HOT_SPINNER back; True (and owe_wake set) if a task's post
