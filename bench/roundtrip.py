@@ -1,9 +1,10 @@
 """Round trips and short maps: pmaprt against multiprocessing.Pool, in pairs.
 
-    python bench/roundtrip.py [--pairs 500] [--busy 0 2] [--only map10 apply] [--json out.json]
+    python bench/roundtrip.py [--pairs 300] [--busy 0 2] [--only map10 apply] [--json out.json]
 
 Both pools are started once and warmed; then, pair after pair, a block of
-calls runs on one pool and the same block on the other, the order swapped
+calls (about BLOCK_S on multiprocessing's side) runs on one pool and the
+same block on the other, the order swapped
 at every pair (so neither side always runs first on a warmer machine). A
 pair's ratio is pmaprt's block time over multiprocessing's; the report gives
 the median ratio, its interquartile range and its min-max over the pairs,
@@ -39,9 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pmaprt  # noqa: E402
 
 WORKLOADS = ("map10", "map100", "apply", "map10-auto")
-# Calls per block: a block is long enough that the clock's and the loop's
-# own costs vanish, short enough that a pair's two blocks are moments apart.
-BLOCK = {"map10": 10, "map100": 5, "apply": 40, "map10-auto": 10}
+# A block lasts about BLOCK_S (on multiprocessing's side, measured at the
+# start of each phase), and has at least MIN_CALLS calls: long enough that
+# the clock's and the loop's own costs vanish and that, beside busy loops, a
+# block spans several of the scheduler's time slices (a block shorter than a
+# slice either gets a core or waits a whole slice, and its ratio says only
+# which); short enough that a pair's two blocks are moments apart.
+BLOCK_S = 0.01
+MIN_CALLS = 5
 
 
 def double(x):
@@ -118,10 +124,11 @@ def run_phase(pm, mp, want, pairs):
     fns = calls(pm, mp)
     for w in want:
         a, b = fns[w]
-        k = BLOCK[w]
         for _ in range(3):          # warm this call path on both sides
-            block_time(a, k)
-            block_time(b, k)
+            block_time(a, MIN_CALLS)
+            block_time(b, MIN_CALLS)
+        one = statistics.median(block_time(b, MIN_CALLS) for _ in range(5))
+        k = max(MIN_CALLS, int(BLOCK_S / one))
         ra, rb = [], []
         for i in range(pairs):
             if i % 2:
@@ -147,18 +154,18 @@ def run_phase(pm, mp, want, pairs):
 def report(busy, load_before, load_after, table):
     print("busy=%d per core  load1 %.2f -> %.2f  runnable %s -> %s" % (
         busy, load_before[0], load_after[0], load_before[1], load_after[1]))
-    print("  %-11s %10s %10s %8s %15s %15s" % ("workload", "pmaprt us", "mp us", "ratio",
-                                               "IQR", "min-max"))
+    print("  %-11s %6s %10s %10s %8s %15s %15s" % ("workload", "calls", "pmaprt us", "mp us",
+                                                    "ratio", "IQR", "min-max"))
     for w, t in table.items():
-        print("  %-11s %10.1f %10.1f %8.3f %7.3f-%-7.3f %7.3f-%-7.3f" % (
-            w, t["pmaprt_us"], t["mp_us"], t["ratio_median"], t["ratio_q1"], t["ratio_q3"],
-            t["ratio_min"], t["ratio_max"]))
+        print("  %-11s %6d %10.1f %10.1f %8.3f %7.3f-%-7.3f %7.3f-%-7.3f" % (
+            w, t["calls_per_block"], t["pmaprt_us"], t["mp_us"], t["ratio_median"], t["ratio_q1"],
+            t["ratio_q3"], t["ratio_min"], t["ratio_max"]))
     sys.stdout.flush()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pairs", type=int, default=500, help="alternated pairs per workload")
+    ap.add_argument("--pairs", type=int, default=300, help="alternated pairs per workload")
     ap.add_argument("--busy", type=int, nargs="+", default=[0, 2],
                     help="busy-loop processes per core, one phase per value (default: 0 2)")
     ap.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
