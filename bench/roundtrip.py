@@ -3,8 +3,7 @@
     python bench/roundtrip.py [--pairs 300] [--busy 0 2] [--only map10 apply] [--json out.json]
 
 Both pools are started once and warmed; then, pair after pair, a block of
-calls (about BLOCK_S on multiprocessing's side) runs on one pool and the
-same block on the other, the order swapped
+calls (BLOCK) runs on one pool and the same block on the other, the order swapped
 at every pair (so neither side always runs first on a warmer machine). A
 pair's ratio is pmaprt's block time over multiprocessing's; the report gives
 the median ratio, its interquartile range and its min-max over the pairs,
@@ -40,14 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pmaprt  # noqa: E402
 
 WORKLOADS = ("map10", "map100", "apply", "map10-auto")
-# A block lasts about BLOCK_S (on multiprocessing's side, measured at the
-# start of each phase), and has at least MIN_CALLS calls: long enough that
-# the clock's and the loop's own costs vanish and that, beside busy loops, a
-# block spans several of the scheduler's time slices (a block shorter than a
-# slice either gets a core or waits a whole slice, and its ratio says only
-# which); short enough that a pair's two blocks are moments apart.
-BLOCK_S = 0.01
-MIN_CALLS = 5
+# Calls per block, each block about 10 ms on a quiet 2-core VM: long enough
+# that the clock's and the loop's own costs vanish and that, beside busy
+# loops, a block spans several of the scheduler's time slices (a block
+# shorter than a slice either gets a core or waits a whole slice, and its
+# ratio says only which); short enough that a pair's two blocks are moments
+# apart. Fixed counts, so that runs compare.
+BLOCK = {"map10": 24, "map100": 16, "apply": 64, "map10-auto": 64}
 
 
 def double(x):
@@ -124,11 +122,10 @@ def run_phase(pm, mp, want, pairs):
     fns = calls(pm, mp)
     for w in want:
         a, b = fns[w]
-        for _ in range(3):          # warm this call path on both sides
-            block_time(a, MIN_CALLS)
-            block_time(b, MIN_CALLS)
-        one = statistics.median(block_time(b, MIN_CALLS) for _ in range(5))
-        k = max(MIN_CALLS, int(BLOCK_S / one))
+        k = BLOCK[w]
+        for _ in range(2):          # warm this call path on both sides
+            block_time(a, k)
+            block_time(b, k)
         ra, rb = [], []
         for i in range(pairs):
             if i % 2:
