@@ -31,6 +31,22 @@ def available_bytes():
     return psutil.virtual_memory().available
 
 
+# The latest reading, shared by every guard of this process: a short map
+# builds a guard of its own and would otherwise pay a reading each time. A
+# reading belongs to the reader that made it: a replaced `available_bytes`
+# reads afresh.
+_reading = [-CHECK_EVERY_S, 0, None]     # [monotonic time, available bytes, reader]
+
+
+def recent_available(now):
+    """Available bytes, read at most every CHECK_EVERY_S by this process."""
+    t, avail, reader = _reading
+    if now - t >= CHECK_EVERY_S or reader is not available_bytes:
+        avail = available_bytes()
+        _reading[:] = [now, avail, available_bytes]
+    return avail
+
+
 def check_floor(floor):
     if floor is None:
         return default_floor()
@@ -55,7 +71,7 @@ class MemoryGuard:
         now = time.monotonic()
         if now - self._t >= CHECK_EVERY_S:
             self._t = now
-            self._low = available_bytes() < self.floor
+            self._low = recent_available(now) < self.floor
         if self._low:
             self.trips += 1
         return self._low

@@ -44,7 +44,6 @@ class WorkerStats:
                                             self.busy_s, self.idle_s, len(self.chunk_log)))
 
 
-@dataclass(repr=False)
 class MapStats:
     """How one map ran; filled in while it runs, complete once it is exhausted.
 
@@ -52,28 +51,75 @@ class MapStats:
     (a :class:`WorkerStats` per worker: items, chunks, steals, busy and idle
     seconds, its chunk log), ``chunks``, ``steals``, ``chunksizes`` (every
     chunk's size), ``chunk_log`` (every chunk), ``lost_chunks``, ``retried``,
-    ``reclaimed``. ``summary()`` is the readable form."""
+    ``reclaimed``. ``summary()`` is the readable form.
 
-    mode: str = ""
-    workers: list = field(default_factory=list)
-    items: int = 0
-    wall_s: float = 0.0
-    chunksizes: list = field(default_factory=list)
-    t0: float = 0.0
-    # Chunks lost to a dead (or timed-out) worker, and items run again for it.
-    lost_chunks: int = 0
-    retried: int = 0
-    # Items (feed mode: chunks) that a worker killed as it claimed them took
-    # with it unrecorded, found by the parent and run again.
-    reclaimed: int = 0
+    A map only appends one tuple per chunk (`record`); the per-worker
+    figures are built from those when first read, and again only after
+    more chunks arrived: a short map that nobody inspects pays no more."""
+
+    def __init__(self, mode="", workers=None, nworkers=0, *, wall_s=0.0, t0=0.0, lost_chunks=0,
+                 retried=0, reclaimed=0):
+        """workers: a list of fresh WorkerStats (only its length counts) or
+        nworkers: the workers the map may use."""
+        self.mode = mode
+        self.wall_s = wall_s
+        self.t0 = t0
+        # Chunks lost to a dead (or timed-out) worker, and items run again for it.
+        self.lost_chunks = lost_chunks
+        self.retried = retried
+        # Items (feed mode: chunks) that a worker killed as it claimed them took
+        # with it unrecorded, found by the parent and run again.
+        self.reclaimed = reclaimed
+        self._nworkers = len(workers) if workers is not None else nworkers
+        self._log = []          # (rank, start, count, t0, t1, stolen), in arrival order
+        self._built = None      # (chunks, wall_s) the built figures are for
+        self._workers = []
+
+    def record(self, rank, start, count, t0, t1, stolen):
+        self._log.append((rank, start, count, t0, t1, stolen))
+
+    def finish(self, wall_s):
+        self.wall_s = wall_s
+
+    @property
+    def workers(self):
+        key = (len(self._log), self.wall_s)
+        if self._built != key:
+            self._workers = self._build()
+            self._built = key
+        return self._workers
+
+    def _build(self):
+        ranks = max([self._nworkers] + [r + 1 for r, *_ in self._log])
+        ws = [WorkerStats(w) for w in range(ranks)]
+        t00 = self.t0
+        for rank, start, count, t0, t1, stolen in self._log:
+            w = ws[rank]
+            w.items += count
+            w.chunks += 1
+            w.steals += stolen
+            w.busy_s += t1 - t0
+            w.chunk_log.append((t0 - t00, t1 - t00, start, count))
+        if self.wall_s:
+            for w in ws:
+                w.idle_s = max(0.0, self.wall_s - w.busy_s)
+        return ws
+
+    @property
+    def items(self):
+        return sum(c for _, _, c, _, _, _ in self._log)
+
+    @property
+    def chunksizes(self):
+        return [c for _, _, c, _, _, _ in self._log]
 
     @property
     def steals(self):
-        return sum(w.steals for w in self.workers)
+        return sum(s for *_, s in self._log)
 
     @property
     def chunks(self):
-        return sum(w.chunks for w in self.workers)
+        return len(self._log)
 
     @property
     def chunk_log(self):
@@ -82,21 +128,6 @@ class MapStats:
         rows = [(w.rank,) + tuple(e) for w in self.workers for e in w.chunk_log]
         rows.sort(key=lambda r: (r[1], r[0]))
         return rows
-
-    def record(self, rank, start, count, t0, t1, stolen):
-        w = self.workers[rank]
-        w.items += count
-        w.chunks += 1
-        w.steals += stolen
-        w.busy_s += t1 - t0
-        w.chunk_log.append((t0 - self.t0, t1 - self.t0, start, count))
-        self.items += count
-        self.chunksizes.append(count)
-
-    def finish(self, wall_s):
-        self.wall_s = wall_s
-        for w in self.workers:
-            w.idle_s = max(0.0, wall_s - w.busy_s)
 
     def _recovery(self):
         if not (self.lost_chunks or self.retried or self.reclaimed):

@@ -165,6 +165,13 @@ class Collector:
     def __init__(self, job):
         self.job = job
 
+    def __del__(self):
+        # The generator's frame alone holds this object. A map dropped
+        # before its first item was asked for never ran the generator's
+        # `finally`: it ends here, its slot and segments freed (a started
+        # map ended there already; finish() is then a no-op).
+        self.job.finish(abandoned=True)
+
     def chunks(self):
         """Yields result lists; the caller's iterator chains them."""
         job = self.job

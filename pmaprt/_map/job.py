@@ -40,7 +40,7 @@ from .._access import FeedPlan, plan_input
 from .._errors import TooManyMapsError
 from .._options import check_call, check_chunksize
 from .._shm import FLAG_ON_ERROR_RETURN, FLAG_PROGRESS, MODE_FEED, MODE_INDEX, REC_ERROR, WANT_SHIFT
-from .._stats import MapStats, WorkerStats
+from .._stats import MapStats
 from .._tuned import cached_chunksize
 from .collect import Collector, ResultBook, decode_record, record_bytes
 from .feed import Feeder
@@ -156,7 +156,7 @@ class MapState:
             self.inline_ok = False
             self.fixed = 1
             self.nwork = max(1, spmd_n)
-        self.stats = MapStats(workers=[WorkerStats(w) for w in range(pool.workers)])
+        self.stats = MapStats(nworkers=pool.workers)
         self.feeder = None          # feed mode: feed.Feeder
         self.book = ResultBook(self.ordered)
         self.recovery = Recovery(self.book, self.stats, retries=self.retries,
@@ -404,14 +404,15 @@ class MapState:
 
     # --- the end
 
-    def finish(self):
+    def finish(self, abandoned=False):
         """The map ended (or was abandoned, or the caller runs the rest):
-        retire the job, free its segments."""
+        retire the job, free its segments. abandoned: dropped unread (no
+        exception of the caller's is about this map)."""
         if self.gen is None and not self.segs:
             if self.probe and not self.stats.wall_s:
                 self.stats.finish(time.perf_counter() - self.stats.t0)
             return
-        exc = sys.exc_info()[1]
+        exc = None if abandoned else sys.exc_info()[1]
         self.stats.finish(time.perf_counter() - self.stats.t0)
         if self.progress is not None:
             self.progress.close()

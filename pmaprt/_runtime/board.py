@@ -95,12 +95,19 @@ class BoardPoster:
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << slot))
         self._jobs[gen] = job
-        # A small job wakes only as many workers as it has items. A job that only
-        # some ranks may join (an SPMD map, workers=k) wakes every worker: a
-        # futex wake picks sleepers at random, and a woken rank >= nwork would
-        # not take part (the others would sleep up to a second).
+        # A job that only some ranks may join (an SPMD map, workers=k) wakes
+        # every worker: a futex wake picks sleepers at random, and a woken
+        # rank >= nwork would not take part (the others would sleep up to a
+        # second). An index map open to every worker wakes one (none if the
+        # hot spinner takes it); each worker that claims its first chunk
+        # wakes the others the map can still use (wake.py, step 5), so a
+        # short map that one worker takes whole wakes one process, not W,
+        # and the parent pays one wake call at most. A feed map wakes as
+        # many workers as it has items.
         if spmd_seg is not None or nwork < self.workers:
             self.wake_workers()
+        elif mode == MODE_INDEX:
+            self.wake_workers(1, hot=True)
         else:
             self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
         return gen, slot, off
@@ -154,15 +161,13 @@ class BoardReader:
                 continue
             if self.hot_held:      # about to work: tasks must wake a sleeper again
                 self._release_hot()
-            if self.owe_wake:
-                # wake.py, step 5: a task's post skipped its wake call on this
-                # worker's word. If this worker is not about to take that task
-                # (it runs a map, or other jobs wait too), a sleeper must look.
-                self.owe_wake = False
-                if (r.load32(off + S_MODE) != MODE_TASK
-                        or any(self.has_work(o) for _, _, o in cands[i + 1:])) \
-                        and r.load32(H_BOARD_SLEEPERS):
-                    r.wake32(H_BOARD_SEQ, 1)
+            self.owe_wake = False
+            if i + 1 < len(cands) and r.load32(H_BOARD_SLEEPERS) \
+                    and any(self.has_work(o) for _, _, o in cands[i + 1:]):
+                # wake.py, step 5: later jobs wait too (a task whose post
+                # relied on this worker's spin, a map posted with one wake):
+                # a sleeper looks at the board now.
+                r.wake32(H_BOARD_SEQ, 1)
             r.add32(off + S_REFS, 1)
             r.store32(self.area + W_SLOT, s + 1)
             self.cur_slot = s

@@ -143,6 +143,8 @@ class ChunkRunner:
             got = self.claim_feed(ctx) if ctx.mode == MODE_FEED else self.claim_index(ctx)
             if got is None:
                 break
+            if not did:
+                self.pay_wake(off, ctx.nwork)   # wake.py, step 5: the others it needs
             lo, n, stolen = got
             self.run_chunk(ctx, lo, n, stolen)
             did = True

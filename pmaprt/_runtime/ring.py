@@ -41,6 +41,7 @@ from .._shm import (
     REC_WRAP, RING_SIZE, W_HEAD, W_RING, W_SPACE_SEQ, W_SPACE_WAIT, W_TAIL, WANT_POS_MASK,
     WANT_SHIFT,
 )
+from .._spin import gate
 from .wake import WORKER_SPIN_NS, IDLE_TIMEOUT_S
 
 
@@ -165,7 +166,8 @@ class RingWriter:
                 r.add32(H_RESULTS_SEQ, 1)
                 r.wake32(H_RESULTS_SEQ, 1 << 30)
             if r.load64(a + W_HEAD) == head:
-                if not r.wait32(a + W_SPACE_SEQ, seq, IDLE_TIMEOUT_S, WORKER_SPIN_NS) \
+                spin = gate.budget(WORKER_SPIN_NS, self.awake_peers())
+                if not r.wait32(a + W_SPACE_SEQ, seq, IDLE_TIMEOUT_S, spin) \
                         and os.getppid() != self.parent_pid:
                     raise SystemExit(0)
             r.store32(a + W_SPACE_WAIT, 0)

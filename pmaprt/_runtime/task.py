@@ -24,7 +24,8 @@ Protocol, step by step:
    descriptor, then S_TASK_LEN, then S_TASK_DONE = 1, then H_RESULTS_SEQ
    bumped and the parent woken if it sleeps. An error, or a larger result,
    goes as one record in the worker's ring (ring.py), then S_TASK_DONE = 2.
-5. Caller: spin on S_TASK_DONE for TASK_SPIN_NS (in C, the GIL released),
+5. Caller: spin on S_TASK_DONE for TASK_SPIN_NS where the spin gate allows
+   (_spin.py: a core left for it; in C, the GIL released),
    then wait as a map does until the task has news; take the result from the
    slot (S_TASK_DONE = 1) or from the record; retire the slot (board.py).
 6. A worker that dies after step 4 stored S_TASK_DONE = 1 lost nothing: the
@@ -49,6 +50,7 @@ from .._shm import (
 )
 from .claims import begin_move, end_move
 from .job import Job
+from .._spin import gate
 from .wake import TASK_SPIN_NS
 
 # Function -> its bytes, for functions pickled by reference (a module-level
@@ -224,13 +226,15 @@ class TaskCaller:
             self._check_open()
             gen, slot, off = self._post_task(task, desc)
         try:
-            if TASK_SPIN_NS:
-                # Spin (in C, the GIL released) on the slot's done word: a
-                # tiny call answers within it, with none of wait()'s work.
-                try:
-                    self._r.wait32(off + S_TASK_DONE, 0, 0, TASK_SPIN_NS)
-                except (AttributeError, ValueError):
-                    pass    # terminated meanwhile: wait() says so
+            # Spin (in C, the GIL released) on the slot's done word where
+            # the gate allows: a tiny call answers within it, with none of
+            # wait()'s work.
+            try:
+                spin = gate.budget(TASK_SPIN_NS, self.awake_workers())
+                if spin:
+                    self._r.wait32(off + S_TASK_DONE, 0, 0, spin)
+            except (AttributeError, ValueError, TypeError):
+                pass    # terminated meanwhile: wait() says so
             while not task.has_news():
                 self.wait(task, TASK_SPIN_NS)
             if not task.done:
@@ -272,7 +276,7 @@ class TaskCaller:
         r.store32(off + S_STATE, SLOT_ACTIVE)
         r.store64(H_ACTIVE_MASK, r.load64(H_ACTIVE_MASK) | (1 << s))
         self._jobs[gen] = task
-        self.wake_workers(1, task=True)
+        self.wake_workers(1, hot=True)
         return gen, s, off
 
 

@@ -5,12 +5,15 @@ in the kernel (a futex). A waker always changes the word first and calls the
 kernel only when the sleepers' count says someone sleeps; the C wait counts
 itself in that word before it sleeps and the kernel refuses to sleep once
 the word has changed, so no wake-up is lost between a check and a sleep.
+Every spin here asks the spin gate first (_spin.py): on a machine whose
+runnable threads leave no core for the spinner, the waiter sleeps at once.
 
 Workers waiting for work (board.py posts it):
 
 1. A post stores the job in its slot, then bumps H_BOARD_SEQ, and calls
-   wake on it only if H_BOARD_SLEEPERS is non-zero (`wake_workers`; as many
-   workers as the job has items).
+   wake on it only if H_BOARD_SLEEPERS is non-zero (`wake_workers`): an
+   index map open to every worker wakes one (none if the hot spinner takes
+   it, step 4), a task one, other jobs every worker or one per item.
 2. An idle worker reads H_BOARD_SEQ before it looks at the board. Finding
    nothing, it spins WORKER_SPIN_NS on the word, then counts itself in
    H_BOARD_SLEEPERS and sleeps while the word holds the value it read, for
@@ -22,14 +25,18 @@ The hot spinner (Pool.apply and Executor.submit loops):
    and spins HOT_SPIN_NS on H_BOARD_SEQ without counting itself a sleeper. A
    worker answering a task takes the word just before its result goes out
    (ring.py, task.py), so that the caller's next task finds it awake.
-4. A task's post that finds the word held and not yet claimed sets
-   HOT_CLAIMED in it (compare-and-swap) *before* it bumps the sequence, and
-   skips the wake call. One post per hold may skip it; later posts wake a
-   sleeper as usual.
-5. The spinner gives the word back when its spin ends or as it starts work.
-   Finding HOT_CLAIMED, it owes that task a wake-up: it looks at the board
-   itself, and if what it takes first is not that task (a map, or other jobs
-   wait too) it wakes one sleeper for it (board.py, `work_once`).
+4. A task's or an index map's post that finds the word held and not yet
+   claimed sets HOT_CLAIMED in it (compare-and-swap) *before* it bumps the
+   sequence, and skips the wake call. One post per hold may skip it; later
+   posts wake a sleeper as usual.
+5. The spinner gives the word back when its spin ends or as it starts work,
+   and looks at the board. Any worker that joins a job while a later job
+   on the board has work, and someone sleeps, wakes one sleeper for it
+   (board.py, `work_once`); any worker that claims its first chunk of a map
+   since it entered it wakes, if the map has items left to claim, up to
+   min(nwork - 1, items left) sleepers (`pay_wake`). So a post that woke
+   one worker, or none, still gets every worker it can use, one hop later,
+   and a short map that one worker takes whole wakes no other.
 6. A worker killed holding the word: the parent clears it and wakes every
    worker (`_release_dead_hot_spinner`, from processes.py).
 
@@ -50,28 +57,34 @@ import time
 
 from .._errors import PoolClosedError
 from .._options import CORES
+from .._spin import gate
 from .._shm import (
     H_BOARD_SEQ, H_BOARD_SLEEPERS, H_DEATHS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_PARENT_WANT,
-    H_RESULTS_SEQ, HOT_CLAIMED,
+    H_RESULTS_SEQ, HOT_CLAIMED, S_LIMIT, S_NEXT,
 )
 from .processes import POLL_S
 
-# The parent spins this long for a result before it sleeps (round trips).
-# On fewer than 4 cores spinning only takes time from the workers.
-SPIN_NS = 50_000 if CORES >= 4 else 0
+# Every spin below is what a waiter spins on an idle machine; the spin
+# gate (_spin.py) cuts it to 0 whenever the machine's runnable threads do
+# not leave the spinner a core of its own, read afresh every few ms.
+#
+# The parent spins this long for a result before it sleeps (round trips,
+# short maps).
+SPIN_NS = 50_000
 # The parent waiting for one task (Pool.apply) spins this long first: a tiny
 # call answers within it, and a waiting parent has nothing else to run.
-TASK_SPIN_NS = 50_000 if CORES >= 2 else 0
+TASK_SPIN_NS = 50_000
 # A worker spins this long before it sleeps on a futex (for work, or for ring
 # space). Long enough to catch the next job of a tight submit loop without a
 # system call, short enough not to take a core from the user's work when
-# nothing comes.
+# nothing comes. Under 4 cores the hot spinner (below) alone spins: the
+# other idle workers would take the cores the caller and the working
+# workers need.
 WORKER_SPIN_NS = 50_000 if CORES >= 4 else 0
 # A worker that has just finished work, if no other worker holds the hot
-# spinner word, spins this long for the next job before it sleeps, on every
-# machine: a loop of calls then finds it awake and posts without a wake call,
-# which costs tens of microseconds each way on a small VM. One hot spinner
-# at most keeps small machines from losing a core to spins.
+# spinner word, spins this long for the next job before it sleeps: a loop of
+# calls then finds it awake and posts without a wake call, which costs tens
+# of microseconds each way on a small VM. One hot spinner at most.
 HOT_SPIN_NS = 100_000
 # A sleeping worker wakes this often to check that its parent is alive.
 IDLE_TIMEOUT_S = 1.0
@@ -97,9 +110,12 @@ def _leave_wait(res):
 class ParentWake:
     """The parent's side (a runtime mixin): waking workers, waiting for results."""
 
-    def wake_workers(self, count=1 << 30, task=False):
+    def wake_workers(self, count=1 << 30, hot=False):
+        """Tell idle workers the board moved; wake up to `count` sleepers.
+        hot: a task or an index map that the hot spinner, if one spins, may
+        take instead (step 4)."""
         r = self._r
-        if task:
+        if hot:
             # Step 4. Claimed before the sequence moves: the spinner, which
             # gives the word back as soon as it sees the sequence move, cannot
             # slip in between.
@@ -110,6 +126,12 @@ class ParentWake:
         r.add32(H_BOARD_SEQ, 1)
         if r.load32(H_BOARD_SLEEPERS):
             r.wake32(H_BOARD_SEQ, count)
+
+    def awake_workers(self):
+        """Workers on a core now, working or spinning: the started ones less
+        those asleep on the board (one asleep for ring space counts as awake:
+        the gate errs toward sleeping)."""
+        return max(0, self.started - self._r.load32(H_BOARD_SLEEPERS))
 
     def _release_dead_hot_spinner(self, w):
         """Step 6: worker w died; if it held the hot spinner word, a task
@@ -141,8 +163,8 @@ class ParentWake:
                 raise PoolClosedError("pmaprt: the pool was terminated while a map was running")
             # H_PARENT_SLEEPING counts the parent only while it sleeps in the
             # kernel: a worker that finds it spinning skips the wake call.
-            changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S,
-                               SPIN_NS if spin_ns is None else spin_ns, H_PARENT_SLEEPING)
+            spin = gate.budget(SPIN_NS if spin_ns is None else spin_ns, self.awake_workers())
+            changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, spin, H_PARENT_SLEEPING)
         finally:
             _leave_wait(res)
         with self._lock:
@@ -163,6 +185,16 @@ class WorkerWake:
         self.hot_held = False
         self.owe_wake = False
 
+    def pay_wake(self, off, nwork):
+        """Step 5, for a map: this worker has claimed its first chunk of the
+        map in slot offset `off` since it entered it; if items are left to
+        claim, it wakes the sleepers the map can use (one per item left, at
+        most nwork - 1)."""
+        r = self.r
+        if nwork > 1 and r.load32(H_BOARD_SLEEPERS) and self.has_work(off):
+            left = r.load64(off + S_LIMIT) - r.load64(off + S_NEXT)
+            r.wake32(H_BOARD_SEQ, max(1, min(nwork - 1, left)))
+
     def hot_spin(self, seq):
         """Steps 3 and 5, after work: spin for the next job holding the hot
         spinner word, then give it back. True if the board should be looked
@@ -173,14 +205,20 @@ class WorkerWake:
         self.hot_held = True
         # Spin only (timeout 0). A post that marked the word claimed bumped
         # the sequence after it, so its task is on the board.
-        changed = r.wait32(H_BOARD_SEQ, seq, 0, HOT_SPIN_NS)
+        changed = r.wait32(H_BOARD_SEQ, seq, 0, gate.budget(HOT_SPIN_NS, self.awake_peers()))
         return self._release_hot() or changed
 
     def sleep(self, seq):
         """Step 2: sleep until the board moves past `seq` (False: timed out).
         Counted in H_BOARD_SLEEPERS only once asleep in the kernel: while this
         worker spins, a post needs no wake call."""
-        return self.r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S, WORKER_SPIN_NS, H_BOARD_SLEEPERS)
+        return self.r.wait32(H_BOARD_SEQ, seq, IDLE_TIMEOUT_S,
+                             gate.budget(WORKER_SPIN_NS, self.awake_peers()), H_BOARD_SLEEPERS)
+
+    def awake_peers(self):
+        """The pool's other workers on a core now (the pool's started count
+        is the parent's: unstarted ones count as awake, erring toward sleep)."""
+        return max(0, self.layout.nworkers - 1 - self.r.load32(H_BOARD_SLEEPERS))
 
     def _release_hot(self):
         """Give H_HOT_SPINNER back; True (and owe_wake set) if a task's post

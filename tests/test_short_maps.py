@@ -1,0 +1,89 @@
+"""Short maps on the lean path: statistics built on access, one wake-up per
+post with the rest woken by the first worker that claims, and maps dropped
+unread giving their job slot back."""
+import gc
+import time
+
+import pytest
+
+import pmaprt
+from pmaprt._stats import MapStats, WorkerStats
+
+
+def _eager(nworkers, t0, wall, chunks):
+    """What the per-worker figures must be: summed chunk by chunk."""
+    ws = [WorkerStats(w) for w in range(nworkers)]
+    for rank, start, count, a, b, stolen in chunks:
+        w = ws[rank]
+        w.items += count
+        w.chunks += 1
+        w.steals += stolen
+        w.busy_s += b - a
+        w.chunk_log.append((a - t0, b - t0, start, count))
+    if wall:
+        for w in ws:
+            w.idle_s = max(0.0, wall - w.busy_s)
+    return ws
+
+
+def _same(ws, expect):
+    assert [(w.rank, w.items, w.chunks, w.steals, w.chunk_log) for w in ws] == \
+        [(w.rank, w.items, w.chunks, w.steals, w.chunk_log) for w in expect]
+    assert [w.busy_s for w in ws] == pytest.approx([w.busy_s for w in expect])
+    assert [w.idle_s for w in ws] == pytest.approx([w.idle_s for w in expect])
+
+
+def test_lazy_stats_equal_eager_ones_and_follow_new_chunks():
+    st = MapStats(nworkers=3)
+    st.t0 = 10.0
+    first = [(0, 0, 1, 10.0, 10.5, 0), (2, 1, 4, 10.1, 10.3, 1), (0, 5, 2, 10.5, 10.6, 0)]
+    for c in first:
+        st.record(*c)
+    _same(st.workers, _eager(3, 10.0, 0.0, first))     # read while the map runs
+    assert st.items == 7 and st.chunks == 3 and st.steals == 1
+    more = [(1, 7, 3, 10.2, 10.9, 1)]
+    for c in more:
+        st.record(*c)
+    st.finish(1.0)
+    _same(st.workers, _eager(3, 10.0, 1.0, first + more))   # rebuilt: new chunks, idle times
+    assert st.items == 10 and st.chunks == 4 and st.steals == 2
+    assert st.chunksizes == [1, 4, 2, 3]
+    assert [r[0] for r in st.chunk_log] == [0, 2, 1, 0]  # by start time
+    assert "worker 2: items=4" in st.summary()
+
+
+def test_stats_of_a_real_map_add_up():
+    with pmaprt.Pool(2) as p:
+        it = p.map(abs, list(range(-500, 500)), inline=False)
+        assert list(it) == [abs(x) for x in range(-500, 500)]
+        s = it.stats
+        assert len(s.workers) == 2
+        assert s.items == 1000 == sum(s.chunksizes) == sum(w.items for w in s.workers)
+        assert s.chunks == len(s.chunksizes) == sum(w.chunks for w in s.workers)
+        assert s.wall_s > 0 and all(w.idle_s >= 0 for w in s.workers)
+
+
+def test_unread_maps_give_their_slots_back():
+    with pmaprt.Pool(2, max_jobs=4) as p:
+        for _ in range(20):         # five times the slots, none of them read
+            p.map(abs, [1, -2, 3], inline=False)
+        gc.collect()
+        assert list(p.map(abs, [-1, -2], inline=False)) == [1, 2]
+        assert p.apply(abs, -3) == 3
+
+
+def nap(x):
+    time.sleep(0.2)
+    return x
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_a_posted_map_still_reaches_every_worker(workers):
+    """The post wakes one worker; the first claimer wakes the others the map
+    can use: dear items are spread over every worker, not run by one."""
+    with pmaprt.Pool(workers) as p:
+        list(p.map(abs, range(100), inline=False))   # workers up, then idle
+        time.sleep(0.3)
+        it = p.map(nap, list(range(2 * workers)), inline=False)
+        assert list(it) == list(range(2 * workers))
+        assert {r[0] for r in it.stats.chunk_log} == set(range(workers))
