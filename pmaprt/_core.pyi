@@ -211,5 +211,4 @@ def one_round(
     phase: int,
     /,
 ) -> int:
-    """A call of one all-reduce round over a collective segment (direct, or split with reds),
-    from `phase` on: ROUND_DONE, or (rank << 8) | a ROUND_* code to act on."""
+    """One all-reduce round (direct, or split with reds) from `phase` on: ROUND_DONE, or (rank << 8) | a ROUND_* code."""
