@@ -2,9 +2,10 @@
  * results.c: the iterator a map's caller sees, and the budget of its timed
  * pieces.
  *
- *   PieceBudget(budget_s, dear_item_s, clock_stride)
+ *   PieceBudget(budget_s, dear_item_s, clock_stride, start=0)
  *                         what Python and Results exchange about one timed
- *                         piece: its budget in, where it stopped (`stop`) out
+ *                         piece: its budget in, where it stopped (`stop`) out;
+ *                         cut() ends it after the item running (another thread)
  *   Results(source, tail_type)
  *                         the items of source's pieces, in order
  *   PieceBudget_spec, Results_spec   the types' specs (module.c makes them)
@@ -26,8 +27,8 @@
  * clock_stride-th item; it ends once it has run budget_s seconds and stores
  * in the budget's `stop` the index it reached, so the caller can time it and
  * hand dear items on to the workers. The caller chooses the thresholds
- * (pmaprt's map job names them).
- */
+ * (pmaprt's map job names them). cut() (another thread, with the GIL) ends the
+ * piece after the item running, whose index + 1 the budget holds (`pos`). */
 #include "pmaprt.h"
 
 /* ========================================================================
@@ -40,16 +41,18 @@ typedef struct {
     double dear_item_s;       /* items dearer than this: a clock read each */
     Py_ssize_t clock_stride;  /* else: a clock read per this many items */
     Py_ssize_t stop;          /* the index the piece reached; -1 until it ends */
+    Py_ssize_t pos;           /* the index after the item running (start before one) */
+    Py_ssize_t cut_at;        /* cut(): the piece ends here; -1 if not cut */
 } PieceBudgetObject;
 
 static PyObject *
 PieceBudget_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     double budget_s, dear_item_s;
-    Py_ssize_t clock_stride;
-    static char *kwlist[] = {"budget_s", "dear_item_s", "clock_stride", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ddn:PieceBudget", kwlist, &budget_s,
-                                     &dear_item_s, &clock_stride))
+    Py_ssize_t clock_stride, start = 0;
+    static char *kwlist[] = {"budget_s", "dear_item_s", "clock_stride", "start", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ddn|n:PieceBudget", kwlist, &budget_s,
+                                     &dear_item_s, &clock_stride, &start))
         return NULL;
     if (clock_stride < 1) {
         PyErr_SetString(PyExc_ValueError, "PieceBudget: clock_stride must be >= 1");
@@ -60,7 +63,8 @@ PieceBudget_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->budget_s = budget_s;
     self->dear_item_s = dear_item_s;
     self->clock_stride = clock_stride;
-    self->stop = -1;
+    self->stop = self->cut_at = -1;
+    self->pos = start < 0 ? 0 : start;
     return (PyObject *)self;
 }
 
@@ -79,9 +83,22 @@ PieceBudget_get_stop(PieceBudgetObject *self, void *closure)
     return PyLong_FromSsize_t(self->stop);
 }
 
+/* Ends the piece after the item running: where it ends, or where it ended. */
+static PyObject *
+PieceBudget_cut(PieceBudgetObject *self, PyObject *unused)
+{
+    if (self->stop >= 0) return PyLong_FromSsize_t(self->stop);
+    if (self->cut_at < 0) self->cut_at = self->pos;
+    return PyLong_FromSsize_t(self->cut_at);
+}
+
+static PyMethodDef PieceBudget_methods[] = {
+    {"cut", (PyCFunction)PieceBudget_cut, METH_NOARGS, "end the piece after the item running"},
+    {NULL},
+};
+
 static PyMemberDef PieceBudget_members[] = {
-    {"budget_s", T_DOUBLE, offsetof(PieceBudgetObject, budget_s), READONLY,
-     "seconds the piece may run"},
+    {"budget_s", T_DOUBLE, offsetof(PieceBudgetObject, budget_s), READONLY, "its seconds"},
     {"dear_item_s", T_DOUBLE, offsetof(PieceBudgetObject, dear_item_s), READONLY,
      "items dearer than this get a clock read each"},
     {"clock_stride", T_PYSSIZET, offsetof(PieceBudgetObject, clock_stride), READONLY,
@@ -90,8 +107,7 @@ static PyMemberDef PieceBudget_members[] = {
 };
 
 static PyGetSetDef PieceBudget_getset[] = {
-    {"stop", (getter)PieceBudget_get_stop, NULL,
-     "the index the piece reached (its end), or None until it has ended", NULL},
+    {"stop", (getter)PieceBudget_get_stop, NULL, "where the piece ended, or None", NULL},
     {NULL},
 };
 
@@ -99,9 +115,10 @@ static PyType_Slot PieceBudget_slots[] = {
     {Py_tp_new, PieceBudget_new},
     {Py_tp_dealloc, PieceBudget_dealloc},
     {Py_tp_members, PieceBudget_members},
+    {Py_tp_methods, PieceBudget_methods},
     {Py_tp_getset, PieceBudget_getset},
-    {Py_tp_doc, "PieceBudget(budget_s, dear_item_s, clock_stride): the budget of one timed "
-                "piece of Results; .stop is where the piece stopped (None until it has)."},
+    {Py_tp_doc, "PieceBudget(budget_s, dear_item_s, clock_stride, start=0): the budget of one "
+                "timed piece of Results; .stop is where it stopped (None until it has)."},
     {0, NULL},
 };
 
@@ -277,13 +294,17 @@ tail_finish(ResultsObject *self)
 static PyObject *
 tail_next(ResultsObject *self)
 {
-    if (self->budget && self->ran >= self->check_at && self->pos < self->end)
+    PieceBudgetObject *b = self->budget;
+    if (b && b->cut_at >= 0 && b->cut_at < self->end)
+        self->end = b->cut_at > self->pos ? b->cut_at : self->pos;
+    else if (b && self->ran >= self->check_at && self->pos < self->end)
         tail_read_clock(self);
     if (self->pos < self->end) {
         PyObject *x = tail_item(self);
         if (x) {
             self->pos++;
             self->ran++;
+            if (b) b->pos = self->pos;
             /* Strong references for the call: fn may re-enter next() on
              * this iterator, which may finish the tail and clear them. */
             PyObject *fn = self->fn;
@@ -307,11 +328,7 @@ range_fits_c(PyObject *seq, Py_ssize_t end, long long *start, long long *step)
 {
     PyObject *a = PyObject_GetAttrString(seq, "start");
     PyObject *b = a ? PyObject_GetAttrString(seq, "step") : NULL;
-    if (!a || !b) {
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        return -1;
-    }
+    if (!a || !b) { Py_XDECREF(a); Py_XDECREF(b); return -1; }
     int o1 = 0, o2 = 0;
     *start = PyLong_AsLongLongAndOverflow(a, &o1);
     *step = PyLong_AsLongLongAndOverflow(b, &o2);
@@ -366,6 +383,10 @@ tail_start(ResultsObject *self, PyObject *piece)
     self->end = end;
     Py_XINCREF(budget);
     Py_XSETREF(self->budget, (PieceBudgetObject *)budget);
+    if (budget) {       /* cut before it began: it ends where it starts */
+        ((PieceBudgetObject *)budget)->pos = start;
+        if (((PieceBudgetObject *)budget)->cut_at >= 0) self->end = start;
+    }
     self->ran = 0;
     self->check_at = 1;
     self->last_stride = 1;

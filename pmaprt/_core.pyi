@@ -109,8 +109,11 @@ class Mapping:
 class PieceBudget:
     """The budget of one timed piece of Results: budget in, where it stopped out."""
 
-    def __new__(cls, budget_s: float, dear_item_s: float, clock_stride: int) -> PieceBudget:
-        """Run for budget_s seconds, reading the clock per item while items cost over dear_item_s, else per clock_stride items."""
+    def __new__(cls, budget_s: float, dear_item_s: float, clock_stride: int,
+                start: int = 0) -> PieceBudget:
+        """Run for budget_s seconds, reading the clock per item while items cost over dear_item_s, else per clock_stride items; start: the piece's first index."""
+    def cut(self) -> int:
+        """End the piece after the item running (from another thread, with the GIL): the index it ends at, or where it ended."""
     @property
     def budget_s(self) -> float:
         """Seconds the piece may run."""

@@ -12,6 +12,7 @@ failure raised at the position map would raise it.
   hand items turning dear back to the workers.
 """
 import collections
+import functools
 import itertools
 import pickle
 import time
@@ -21,8 +22,9 @@ from .._errors import RemoteTraceback, ReturnedError, add_note
 from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_LIMIT, S_NEXT
 from .handoff import handoff
 from .inline import (INLINE_MIN_CHUNKS, PROBE_CLEAR_FACTOR, PROBE_CLOCK_STRIDE,
-                     PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_FIRST_SLACK_S, PROBE_HANDOFF_S, PROBE_PIECE_S,
-                     PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail, rest_worth_inline)
+                     PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_FIRST_SLACK_S, PROBE_HANDOFF_S,
+                     PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail, probe_piece_s,
+                     rest_worth_inline)
 
 
 class ResultBook:
@@ -239,18 +241,11 @@ class Collector:
                         # Timed pieces, as a probed map's: items that turn
                         # dear (a cost shift) go back to the workers, in a job
                         # posted for the rest, rather than run serially here.
-                        done = yield from self._timed_inline(
-                            job.inline_from, PROBE_FACTOR * job.costs.cpu_item)
+                        done, posted = yield from self._timed_inline(
+                            job.inline_from, PROBE_FACTOR * job.costs.cpu_item, self._post_rest)
                         if done < job.n_input:
-                            job.inline_from = None
-                            try:
-                                posted = job.start_after_probe(done, job.stats.mode + "+index")
-                            except Exception:
-                                # Closed or broken since: this map needs no
-                                # worker any more; it ends here, as before.
-                                if not (job.pool._closed or job.pool._broken is not None):
-                                    raise
-                                posted = False
+                            if posted is None:
+                                posted = self._post_rest(done)
                             if posted:
                                 pos = done
                                 continue
@@ -346,6 +341,20 @@ class Collector:
             return map(fn, *parts)
         return itertools.starmap(fn, parts[0]) if job.star else map(fn, parts[0])
 
+    def _post_rest(self, k):
+        """The inline rest of a map proved dear from item k: post the job
+        for items k.. (on the handoff thread, or here); False if it cannot be."""
+        job = self.job
+        job.inline_from = None
+        try:
+            return job.start_after_probe(k, job.stats.mode + "+index")
+        except Exception:
+            # Closed or broken since: this map needs no worker any more; it
+            # ends here, as before.
+            if not (job.pool._closed or job.pool._broken is not None):
+                raise
+            return False
+
     def _probe(self):
         """Runs the first item here, with the handoff armed (handoff.py),
         then timed pieces while items cost under the break-even. Returns
@@ -362,23 +371,32 @@ class Collector:
             return 1, ok
         if time.perf_counter() - t > PROBE_CLEAR_FACTOR * job.probe_est + PROBE_FIRST_SLACK_S:
             return 1, None      # the first item alone was far dearer: the workers take the rest
-        done = yield from self._timed_inline(1, job.probe_est)
-        return done, None
+        return (yield from self._timed_inline(
+            1, job.probe_est, functools.partial(job.start_after_probe, mode="probe+index")))
 
-    def _timed_inline(self, done, per_item):
+    def _timed_inline(self, done, per_item, post):
         """Yields timed pieces of the rest (from item `done`) run here; ends
         at the end of the input, after PROBE_STRIKES pieces in a row that
         cost more than per_item seconds per item, or after one piece that
         cost PROBE_CLEAR_FACTOR times that, or of a single item that ran past
-        the whole budget. Returns the index
-        reached."""
+        the whole budget, or once the handoff thread ran post(k) (the job for
+        items k..) for a piece still running PROBE_HANDOFF_S past its budget.
+        Returns (the index reached, what post returned: None if it did not run)."""
         job = self.job
         seq, n, fn = job.iterables[0], job.n_input, job.fn
+        piece_s = probe_piece_s(job.nwork)
         strikes = 0
         while done < n:
-            budget = _shm._core.PieceBudget(PROBE_PIECE_S, PROBE_DEAR_ITEM_S, PROBE_CLOCK_STRIDE)
+            budget = _shm._core.PieceBudget(piece_s, PROBE_DEAR_ITEM_S, PROBE_CLOCK_STRIDE, done)
+            h = handoff.arm(functools.partial(_cut_and_post, budget, post, n),
+                            piece_s + PROBE_HANDOFF_S)
             t = time.perf_counter()
-            yield InlineTail((fn, seq, done, n, budget))
+            try:
+                yield InlineTail((fn, seq, done, n, budget))
+            finally:
+                handed, res = handoff.disarm(h)
+            if handed:
+                return res      # (where the piece was cut, whether the job was posted)
             dt = time.perf_counter() - t
             stop = budget.stop
             if stop is None or stop <= done:
@@ -388,13 +406,21 @@ class Collector:
             strikes = strikes + 1 if dear else 0
             # Far dearer (or a single item past the budget): no pause of a
             # piece's length explains it; one piece suffices.
-            clear = dt > PROBE_CLEAR_FACTOR * cost or (stop - done == 1 and dt > PROBE_PIECE_S)
+            clear = dt > PROBE_CLEAR_FACTOR * cost or (stop - done == 1 and dt > piece_s)
             done = stop
             if strikes >= PROBE_STRIKES or (dear and clear):
                 # Dear items (other inputs, a cost shift, a slow consumer):
                 # the workers take the rest, measured afresh.
                 break
-        return done
+        return done, None
+
+
+def _cut_and_post(budget, post, n):
+    """On the handoff thread: end the piece after the item running there,
+    and post the job for the items after it, if any (of n). (index, what
+    post returned, or None if nothing was left to post)"""
+    k = budget.cut()
+    return k, (post(k) if k < n else None)
 
 
 def _counted(it, bar):

@@ -1,11 +1,14 @@
-"""Handing a probed map to the workers while its first item still runs here.
+"""Handing a probed map to the workers while one of its items still runs here.
 
-A map over a list, tuple or range starts by running its first item in the
-caller (inline.py). If that item turns out dear, the workers should not sit
-idle until it ends: one helper thread per process, armed before the item and
-disarmed after it, posts the job for the rest once the item has run
-PROBE_HANDOFF_S. Arming costs a few stores, disarming a list pop (no lock,
-no thread started or woken per map while maps keep coming). The helper runs only the post (pickling the function, planning
+A map over a list, tuple or range starts by running its first item, then
+timed pieces, in the caller (inline.py). If an item turns out dear, the
+workers should not sit idle until it ends: one helper thread per process,
+armed before the first item and before each piece and disarmed after it,
+posts the job for the rest once the item has run PROBE_HANDOFF_S (a piece:
+PROBE_HANDOFF_S past its budget; the helper first cuts the piece after the
+item running, collect.py). Arming costs a few stores, disarming a list pop
+(no lock, no thread started or woken per map or piece while maps keep
+coming). The helper runs only the post (pickling the function, planning
 the input) while the caller's thread runs fn: the post holds the pool's lock
 as any post does; the caller reads the outcome after disarming.
 

@@ -11,7 +11,9 @@ measures for it. Taking a map over and handing it back is the collector's
 The start (see PROBE_PIECE_S): a map over a list, tuple or range with
 inline="auto" runs its first item in the caller, then timed pieces while
 items stay cheaper than `probe_item_s` (the model's break-even, with the
-parallel path's costs assumed); dear items go to the workers from there.
+parallel path's costs assumed) and no item runs long past its piece's budget
+(`probe_piece_s`, shorter as the workers the map could use are more); dear
+items go to the workers from there.
 Nothing is remembered from one map to the next: where an item runs, and so
 what a crash in fn does, depends on this call alone, never on earlier maps
 of the same function.
@@ -42,19 +44,35 @@ CONSUME_ITEM_S = 1e-8
 DEC_FIXED_S = 4e-6
 DEC_MAX_ERROR = 0.1
 # A probed map runs in timed pieces: _core.Results stops a piece once it
-# has run PROBE_PIECE_S (it reads the clock after the first item, then as
+# has run probe_piece_s(nwork) (it reads the clock after the first item, then as
 # PROBE_DEAR_ITEM_S and PROBE_CLOCK_STRIDE say). PROBE_STRIKES pieces in a
 # row that cost more than the break-even per item (plus PROBE_SLACK_S) hand
 # the rest to the workers, from that index; one piece of a single item
 # that ran past the whole budget does so at once. The first item runs alone
 # (a piece of its own): if it is still running after PROBE_HANDOFF_S, a
-# helper thread posts the job for the rest (handoff.py), so that workers
-# never wait long on an item running here. A tiny map costs what map
-# costs, plus a clock read per PROBE_CLOCK_STRIDE items and a generator
-# resume per piece. The rest of a map that went inline midway runs in the
-# same timed pieces.
+# helper thread posts the job for the rest (handoff.py); so for every later
+# piece still running PROBE_HANDOFF_S past its budget: the helper cuts it
+# after the item running (PieceBudget.cut) and posts the items after that
+# one. So workers never wait long on an item running here, whichever it is.
+# A tiny map costs what map costs, plus a clock read per PROBE_CLOCK_STRIDE
+# items and, per piece, a generator resume and an arm of the handoff (a few
+# stores). The rest of a map that went inline midway runs in the same timed
+# pieces.
 PROBE_PIECE_S = 0.002
 PROBE_HANDOFF_S = 0.002
+# The workers a map could use wait through its probe: nwork x its pieces.
+# A piece lasts PROBE_PIECE_S x min(1, PROBE_IDLE_WORKERS / nwork), so that
+# wait stays about PROBE_IDLE_WORKERS pieces of PROBE_PIECE_S of worker
+# time, down to PROBE_MIN_PIECE_S. The price of smaller pieces: more
+# generator resumes and handoff arms per item (a few microseconds a piece,
+# some % of a tiny map at the floor), and a pause of the caller covers more
+# of them, so that PROBE_STRIKES dear pieces in a row may be one pause (a
+# tiny map posted to the workers on a busy machine). The floor keeps a piece
+# well above its own fixed cost and PROBE_SLACK_S, else dear items would not
+# look dear; pieces under PROBE_CLEAR_FACTOR x PROBE_SLACK_S are never
+# clearly dear alone, so from there the post waits for PROBE_STRIKES pieces.
+PROBE_IDLE_WORKERS = 4
+PROBE_MIN_PIECE_S = 1.5e-4
 # The inline rest of a map that went inline midway strikes against its own
 # measured cost per item, times this (a cost shift, a slow consumer).
 PROBE_FACTOR = 4
@@ -82,6 +100,12 @@ PROBE_CLOCK_STRIDE = 16
 
 # Inputs whose rest _core.Results runs itself (fn(seq[i]), timed or not).
 TAIL_TYPES = (list, tuple, range)
+
+
+def probe_piece_s(nwork):
+    """The budget of one timed piece of a probed map that could use `nwork`
+    workers (see PROBE_IDLE_WORKERS)."""
+    return max(PROBE_MIN_PIECE_S, PROBE_PIECE_S * min(1.0, PROBE_IDLE_WORKERS / max(1, nwork)))
 
 
 class InlineTail(tuple):

@@ -241,7 +241,7 @@ class MapState:
     def start_after_probe(self, k, mode):
         """Items ran here (the probe, or an inline rest) and proved dear: post
         the job for items k.. (items before k ran here). Called on the
-        handoff thread while item 0 still runs here (handoff.py). False if it cannot
+        handoff thread while item k - 1 still runs here (handoff.py). False if it cannot
         be posted (the function cannot be pickled, every job slot is busy):
         the rest then runs here too, to the input's end (items need no
         pickling here). Raises the pool's error if it was closed or broken
