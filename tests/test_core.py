@@ -1,5 +1,7 @@
 """pmap behaves as map: same results, same exceptions, lazily, in order."""
+import functools
 import itertools
+import os
 import time
 
 import numpy as np
@@ -291,6 +293,29 @@ def test_a_map_over_a_list_hands_dear_inputs_to_the_workers(pool):
     assert got == [v] * 30
     assert it.stats.mode == "probe+index"
     assert any("item 30 of the map" in n for n in getattr(ei.value, "__notes__", []))
+
+
+def wait_for_the_last_or_mark(marks, last, slow, x):
+    """Item `slow` waits (at most 10 s) until item `last` has run elsewhere:
+    whether it had, and where it ran; every other item leaves a mark."""
+    if x == slow:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(marks, str(last))) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return os.path.exists(os.path.join(marks, str(last))), os.getpid()
+    open(os.path.join(marks, str(x)), "w").close()
+    return x, os.getpid()
+
+
+def test_a_dear_item_in_a_later_probe_piece_hands_the_rest_over_while_it_runs(pool, tmp_path):
+    # Item 10 runs inside the probe's first timed piece (items 1.. are cheap):
+    # the handoff thread must cut the piece after it and post items 11.. to
+    # the workers while it still runs here; it waits for the last item's mark.
+    fn = functools.partial(wait_for_the_last_or_mark, str(tmp_path), 39, 10)
+    got = list(pool.map(fn, list(range(40))))
+    assert got[10] == (True, os.getpid())
+    assert [x for x, _ in got[:10] + got[11:]] == list(range(10)) + list(range(11, 40))
+    assert all(pid != os.getpid() for _, pid in got[11:])
 
 
 def test_a_map_started_here_on_a_pool_closed_since_says_so():

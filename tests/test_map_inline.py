@@ -100,3 +100,16 @@ def test_map_costs_feed_the_model():
     assert c.enc_item == pytest.approx(1e-6)
     c.on_encoded(3e-3, 1000)
     assert c.enc_item == pytest.approx(2e-6)
+
+
+def test_probe_pieces_shrink_with_the_workers_to_a_floor():
+    # nwork workers wait through a piece: its budget keeps nwork x piece
+    # about PROBE_IDLE_WORKERS full pieces, down to the floor.
+    full = I.PROBE_PIECE_S
+    assert I.probe_piece_s(1) == I.probe_piece_s(I.PROBE_IDLE_WORKERS) == full
+    assert I.probe_piece_s(2 * I.PROBE_IDLE_WORKERS) == pytest.approx(full / 2)
+    assert I.probe_piece_s(16) == pytest.approx(full * I.PROBE_IDLE_WORKERS / 16)
+    assert I.probe_piece_s(1024) == I.PROBE_MIN_PIECE_S
+    assert I.PROBE_MIN_PIECE_S > 2 * I.PROBE_SLACK_S    # dear items must still look dear
+    ws = [1, 2, 4, 8, 16, 64, 256, 1024]
+    assert all(I.probe_piece_s(a) >= I.probe_piece_s(b) for a, b in zip(ws, ws[1:]))

@@ -13,12 +13,14 @@ time of the stride that ends past the deadline. Claims happen at event
 times, one at a time: two claims never race (see ``sim``'s limits).
 
 The caller's probe (``_map/inline``, ``_map/collect``): a map over a list
-starts in the caller, item 0 alone, then timed pieces of PROBE_PIECE_S while
-items stay under the break-even (``probe_item_s``); the job for the rest is
-posted at the first item's handoff (PROBE_HANDOFF_S), after one clearly dear
+starts in the caller, item 0 alone, then timed pieces of ``probe_piece_s(W)``
+while items stay under the break-even (``probe_item_s``); the job for the rest
+is posted at the first item's handoff (PROBE_HANDOFF_S), at a piece's handoff
+(an item still running PROBE_HANDOFF_S past the piece's budget: the workers
+take the items after it, the caller finishes it), after one clearly dear
 piece, or after PROBE_STRIKES dear pieces in a row. That sequence is modelled
 here from those constants and functions: its pieces are the items' costs
-alone, without the consumer's step or the clock reads.
+alone, without the consumer's step, the clock reads or the post's own time.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from typing import List, Optional
 from .. import _sched
 from .._core import Region
 from .._map.inline import (PROBE_CLEAR_FACTOR, PROBE_FIRST_SLACK_S, PROBE_HANDOFF_S,
-                           PROBE_MARGIN, PROBE_PIECE_S, PROBE_SLACK_S, PROBE_STRIKES,
-                           probe_item_s)
+                           PROBE_MARGIN, PROBE_SLACK_S, PROBE_STRIKES, probe_item_s,
+                           probe_piece_s)
 from .._runtime.claims import ClaimTaker, begin_move, end_move
 from .._shm import RETRY_RANGES, S_LIMIT, S_N, S_NEXT, S_RANGES, W_CUR_N
 from .sim_engine import Costs, Engine, Overheads, SimResult
@@ -89,9 +91,12 @@ class PmaprtSim:
     # --- the caller's probe -------------------------------------------------
 
     def _probe(self) -> tuple:
-        """(time the job is posted, first index the workers take); n: no job."""
+        """(time the job is posted, first index the workers take, time the
+        caller's items end); index n: no job."""
         c = self.e.costs
         per_item = PROBE_MARGIN * probe_item_s(self.W, cores=self.W)
+        piece_s = probe_piece_s(self.W)
+        cut_s = piece_s + PROBE_HANDOFF_S   # a piece's handoff, from its start
         first = c.work(0, 1)
         if first > PROBE_HANDOFF_S:
             return PROBE_HANDOFF_S, 1, first
@@ -101,13 +106,17 @@ class PmaprtSim:
         done, strikes = 1, 0
         while done < self.n:
             k, dt = 0, 0.0
-            while done + k < self.n and dt < PROBE_PIECE_S:
-                dt += c.work(done + k, 1)
+            while done + k < self.n and dt < piece_s:
+                w = c.work(done + k, 1)
+                if dt + w > cut_s and done + k + 1 < self.n:
+                    # the helper cuts the piece after this item and posts the rest
+                    return t + cut_s, done + k + 1, t + dt + w
+                dt += w
                 k += 1
             cost = k * per_item + PROBE_SLACK_S
             dear = dt > cost
             strikes = strikes + 1 if dear else 0
-            clear = dt > PROBE_CLEAR_FACTOR * cost or (k == 1 and dt > PROBE_PIECE_S)
+            clear = dt > PROBE_CLEAR_FACTOR * cost or (k == 1 and dt > piece_s)
             done += k
             t += dt
             if done < self.n and (strikes >= PROBE_STRIKES or (dear and clear)):
