@@ -170,8 +170,11 @@ def test_heavy_tailed_draws_compare_the_probe_and_the_references():
     assert {(r["workers"], r["draw_seed"]) for r in rows} == {
         (W, 20240601 + k) for W in (2, 16) for k in range(2)}
     for r in rows:
-        assert all(r[c] >= 1.0 - 1e-9 for c in ("pmaprt", "pmaprt_no_probe", "mp_pool_map",
-                                                 "greedy"))
+        assert all(r[c] >= 1.0 - 1e-9 for c in ("pmaprt_no_probe", "mp_pool_map", "greedy"))
+        # the probe's caller finishes its item while the workers take the
+        # rest: one core more than the bound counts, never more
+        W = r["workers"]
+        assert r["pmaprt"] >= W / (W + 1) - 1e-9
     # different draws are different inputs
     assert rows[0]["greedy"] != rows[1]["greedy"] or rows[0]["pmaprt"] != rows[1]["pmaprt"]
     text = sim.render_draws(rows)

@@ -31,7 +31,9 @@ Limits of the model:
   back by a preempted chunk after the others went to sleep run on their
   owner, as in the runtime, where nothing wakes a sleeper for them).
 * The caller's probe is modelled from its constants (``sim_pmaprt``);
-  the inline takeover midway through a map is not modelled.
+  the inline takeover midway through a map is not modelled. An item the
+  caller finishes after its handoff runs beside the W workers, one core
+  more than the bound counts (pmaprt's /ideal can dip under 1 at W = 2).
 * The pipe-based peers share one measured overhead profile (multiprocessing's);
   Dask's is its documented scheduler cost per task.
 """
