@@ -1,6 +1,4 @@
-/*
- * results.c: the iterator a map's caller sees, and the budget of its timed
- * pieces.
+/* results.c: the iterator a map's caller sees, and the budget of its timed pieces.
  *
  *   PieceBudget(budget_s, dear_item_s, clock_stride, start=0)
  *                         what Python and Results exchange about one timed
@@ -31,10 +29,7 @@
  * piece after the item running, whose index + 1 the budget holds (`pos`). */
 #include "pmaprt.h"
 
-/* ========================================================================
- * PieceBudget
- * ======================================================================== */
-
+/* ==== PieceBudget ======================================================== */
 typedef struct {
     PyObject_HEAD
     double budget_s;          /* the piece ends once it has run this long */
@@ -43,6 +38,7 @@ typedef struct {
     Py_ssize_t stop;          /* the index the piece reached; -1 until it ends */
     Py_ssize_t pos;           /* the index after the item running (start before one) */
     Py_ssize_t cut_at;        /* cut(): the piece ends here; -1 if not cut */
+    int in_call;              /* fn is running (not the consumer, between items) */
 } PieceBudgetObject;
 
 static PyObject *
@@ -83,11 +79,13 @@ PieceBudget_get_stop(PieceBudgetObject *self, void *closure)
     return PyLong_FromSsize_t(self->stop);
 }
 
-/* Ends the piece after the item running: where it ends, or where it ended. */
+/* Ends the piece after the item running: where it ends, or where it ended;
+ * None while no item runs (the consumer's time between items is not fn's). */
 static PyObject *
 PieceBudget_cut(PieceBudgetObject *self, PyObject *unused)
 {
     if (self->stop >= 0) return PyLong_FromSsize_t(self->stop);
+    if (self->cut_at < 0 && !self->in_call) Py_RETURN_NONE;   /* the consumer's time */
     if (self->cut_at < 0) self->cut_at = self->pos;
     return PyLong_FromSsize_t(self->cut_at);
 }
@@ -129,9 +127,7 @@ PyType_Spec PieceBudget_spec = {
     .slots = PieceBudget_slots,
 };
 
-/* ========================================================================
- * Results
- * ======================================================================== */
+/* ==== Results ============================================================ */
 
 typedef struct {
     PyObject_HEAD
@@ -309,7 +305,9 @@ tail_next(ResultsObject *self)
              * this iterator, which may finish the tail and clear them. */
             PyObject *fn = self->fn;
             Py_INCREF(fn);
+            if (b) b->in_call = 1;
             PyObject *r = PyObject_CallOneArg(fn, x);
+            if (b) b->in_call = 0;
             Py_DECREF(fn);
             Py_DECREF(x);
             return r;

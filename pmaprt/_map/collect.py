@@ -395,7 +395,7 @@ class Collector:
                 yield InlineTail((fn, seq, done, n, budget))
             finally:
                 handed, res = handoff.disarm(h)
-            if handed:
+            if handed and res is not None:
                 return res      # (where the piece was cut, whether the job was posted)
             dt = time.perf_counter() - t
             stop = budget.stop
@@ -420,6 +420,8 @@ def _cut_and_post(budget, post, n):
     and post the job for the items after it, if any (of n). (index, what
     post returned, or None if nothing was left to post)"""
     k = budget.cut()
+    if k is None:
+        return None         # no item running: the piece's own timing judges it
     return k, (post(k) if k < n else None)
 
 
