@@ -340,22 +340,29 @@ class ReduceRank(RankEndpoint):
 # dtypes and ops
 
 
+def dtype_kind(dt, as_dtype):
+    """The C reduction's kind for a dtype (uint16 words as `as_dtype`), or
+    None where it has none."""
+    kind = KIND.get(dt)
+    if kind is None:
+        if dt.name == "bfloat16" and dt.itemsize == 2:
+            return _core.REDUCE_BF16
+        if dt == U16 and as_dtype is not None:
+            return HALF_KIND[as_dtype]
+    return kind
+
+
 def leaf_array(x, i, op, as_dtype=None):
     """Leaf i of a call as (an ndarray of a supported dtype, its kind): a mean
     of integers is a float64 mean; float16/bfloat16, and uint16 words read as
     `as_dtype`, reduce as half kinds."""
     a = x if isinstance(x, np.ndarray) else np.asarray(x)
     dt = a.dtype
-    kind = KIND.get(dt)
+    kind = dtype_kind(dt, as_dtype)
     if kind is None:
-        if dt.name == "bfloat16" and dt.itemsize == 2:
-            kind = _core.REDUCE_BF16
-        elif dt == U16 and as_dtype is not None:
-            kind = HALF_KIND[as_dtype]
-        else:
-            raise TypeError("pmaprt.allreduce: leaf %d has dtype %s; supported: %s (and uint16 "
-                            "words with as_dtype='float16' or 'bfloat16')"
-                            % (i, dt, ", ".join(DTYPES)))
+        raise TypeError("pmaprt.allreduce: leaf %d has dtype %s; supported: %s (and uint16 "
+                        "words with as_dtype='float16' or 'bfloat16')"
+                        % (i, dt, ", ".join(DTYPES)))
     if op == "mean" and kind not in FLOAT_KINDS:
         a = a.astype(np.float64)
         kind = _core.REDUCE_F64
@@ -376,12 +383,7 @@ def array_plan(dtype, op, as_dtype):
     if plan is None:
         plan = False
         if op in OPS and (as_dtype is None or as_dtype in HALF_KIND):
-            kind = KIND.get(dtype)
-            if kind is None:
-                if dtype.name == "bfloat16" and dtype.itemsize == 2:
-                    kind = _core.REDUCE_BF16
-                elif dtype == U16 and as_dtype is not None:
-                    kind = HALF_KIND[as_dtype]
+            kind = dtype_kind(dtype, as_dtype)
             if kind is not None and (op != "mean" or kind in FLOAT_KINDS):
                 plan = (kind, OP_CODE[op], op == "mean", dtype.itemsize == 2 and dtype != U16)
         if len(PLANS) >= PLANS_KEPT:
