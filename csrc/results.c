@@ -1,13 +1,9 @@
 /* results.c: the iterator a map's caller sees, and the budget of its timed pieces.
- *
- *   PieceBudget(budget_s, dear_item_s, clock_stride, start=0)
- *                         what Python and Results exchange about one timed
- *                         piece: its budget in, where it stopped (`stop`) out;
- *                         cut() ends it after the item running (another thread)
- *   Results(source, tail_type)
- *                         the items of source's pieces, in order
- *   PieceBudget_spec, Results_spec   the types' specs (module.c makes them)
- *
+ *   PieceBudget(budget_s, dear_item_s, clock_stride, start=0): what Python and
+ *     Results exchange about one timed piece: its budget in, where it stopped
+ *     (`stop`) out, the item in fn (`running`), cut(k) from another thread
+ *   Results(source, tail_type): the items of source's pieces, in order
+ *   PieceBudget_spec, Results_spec: the types' specs (module.c makes them)
  * source yields the map's results in pieces:
  *   - a list: a chunk's results, taken by index;
  *   - a tail_type tuple (fn, seq, start, end[, budget]): the inline rest of a
@@ -25,8 +21,7 @@
  * clock_stride-th item; it ends once it has run budget_s seconds and stores
  * in the budget's `stop` the index it reached, so the caller can time it and
  * hand dear items on to the workers. The caller chooses the thresholds
- * (pmaprt's map job names them). cut() (another thread, with the GIL) ends the
- * piece after the item running, whose index + 1 the budget holds (`pos`). */
+ * (pmaprt's map job names them). */
 #include "pmaprt.h"
 
 /* ==== PieceBudget ======================================================== */
@@ -50,15 +45,11 @@ PieceBudget_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "ddn|n:PieceBudget", kwlist, &budget_s,
                                      &dear_item_s, &clock_stride, &start))
         return NULL;
-    if (clock_stride < 1) {
-        PyErr_SetString(PyExc_ValueError, "PieceBudget: clock_stride must be >= 1");
-        return NULL;
-    }
+    if (clock_stride < 1)
+        return PyErr_Format(PyExc_ValueError, "PieceBudget: clock_stride must be >= 1");
     PieceBudgetObject *self = (PieceBudgetObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
-    self->budget_s = budget_s;
-    self->dear_item_s = dear_item_s;
-    self->clock_stride = clock_stride;
+    self->budget_s = budget_s, self->dear_item_s = dear_item_s, self->clock_stride = clock_stride;
     self->stop = self->cut_at = -1;
     self->pos = start < 0 ? 0 : start;
     return (PyObject *)self;
@@ -79,21 +70,32 @@ PieceBudget_get_stop(PieceBudgetObject *self, void *closure)
     return PyLong_FromSsize_t(self->stop);
 }
 
-/* Ends the piece after the item running: where it ends, or where it ended;
- * None while no item runs (the consumer's time between items is not fn's). */
+/* cut(k): ends the piece after the item running if that is still the one
+ * `running` read as k: where it ends, or where it ended; else None (the
+ * consumer's time between items, or items that move on, are not one dear item). */
 static PyObject *
-PieceBudget_cut(PieceBudgetObject *self, PyObject *unused)
+PieceBudget_cut(PieceBudgetObject *self, PyObject *k)
 {
     if (self->stop >= 0) return PyLong_FromSsize_t(self->stop);
-    if (self->cut_at < 0 && !self->in_call) Py_RETURN_NONE;   /* the consumer's time */
-    if (self->cut_at < 0) self->cut_at = self->pos;
+    if (self->cut_at < 0) {
+        Py_ssize_t expect = PyLong_AsSsize_t(k);
+        if (expect == -1 && PyErr_Occurred()) return NULL;
+        if (!self->in_call || self->pos != expect) Py_RETURN_NONE;
+        self->cut_at = self->pos;
+    }
     return PyLong_FromSsize_t(self->cut_at);
 }
 
+static PyObject *
+PieceBudget_get_running(PieceBudgetObject *self, void *closure)
+{
+    if (!self->in_call || self->stop >= 0) Py_RETURN_NONE;
+    return PyLong_FromSsize_t(self->pos);
+}
+
 static PyMethodDef PieceBudget_methods[] = {
-    {"cut", (PyCFunction)PieceBudget_cut, METH_NOARGS, "end the piece after the item running"},
-    {NULL},
-};
+    {"cut", (PyCFunction)PieceBudget_cut, METH_O, "end the piece after item k - 1 if it still runs"},
+    {NULL}};
 
 static PyMemberDef PieceBudget_members[] = {
     {"budget_s", T_DOUBLE, offsetof(PieceBudgetObject, budget_s), READONLY, "its seconds"},
@@ -106,8 +108,8 @@ static PyMemberDef PieceBudget_members[] = {
 
 static PyGetSetDef PieceBudget_getset[] = {
     {"stop", (getter)PieceBudget_get_stop, NULL, "where the piece ended, or None", NULL},
-    {NULL},
-};
+    {"running", (getter)PieceBudget_get_running, NULL, "index after the item in fn, or None", NULL},
+    {NULL}};
 
 static PyType_Slot PieceBudget_slots[] = {
     {Py_tp_new, PieceBudget_new},

@@ -112,8 +112,11 @@ class PieceBudget:
     def __new__(cls, budget_s: float, dear_item_s: float, clock_stride: int,
                 start: int = 0) -> PieceBudget:
         """Run for budget_s seconds, reading the clock per item while items cost over dear_item_s, else per clock_stride items; start: the piece's first index."""
-    def cut(self) -> int | None:
-        """End the piece after the item running (another thread, with the GIL): where it ends or ended; None while no item runs."""
+    def cut(self, k: int, /) -> int | None:
+        """End the piece after the item in fn if `running` still reads k (another thread): where it ends or ended, else None."""
+    @property
+    def running(self) -> int | None:
+        """The index after the item in fn, or None between items and once the piece has ended."""
     @property
     def budget_s(self) -> float:
         """Seconds the piece may run."""

@@ -341,8 +341,7 @@ class ReduceRank(RankEndpoint):
 
 
 def dtype_kind(dt, as_dtype):
-    """The C reduction's kind for a dtype (uint16 words as `as_dtype`), or
-    None where it has none."""
+    """The C reduction's kind of a dtype (uint16 words as `as_dtype`), or None."""
     kind = KIND.get(dt)
     if kind is None:
         if dt.name == "bfloat16" and dt.itemsize == 2:

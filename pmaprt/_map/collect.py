@@ -21,10 +21,10 @@ from .. import _arrays, _shm
 from .._errors import RemoteTraceback, ReturnedError, add_note
 from .._shm import REC_ERROR, REC_LOCAL, REC_RESULT_ERRORS, S_LIMIT, S_NEXT
 from .handoff import handoff
-from .inline import (INLINE_MIN_CHUNKS, PROBE_CLEAR_FACTOR, PROBE_CLOCK_STRIDE,
-                     PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_FIRST_SLACK_S, PROBE_HANDOFF_S,
-                     PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail, probe_piece_s,
-                     rest_worth_inline)
+from .inline import (HANDOFF_CONFIRM_S, INLINE_MIN_CHUNKS, PROBE_CLEAR_FACTOR,
+                     PROBE_CLOCK_STRIDE, PROBE_DEAR_ITEM_S, PROBE_FACTOR, PROBE_FIRST_SLACK_S,
+                     PROBE_HANDOFF_S, PROBE_SLACK_S, PROBE_STRIKES, TAIL_TYPES, InlineTail,
+                     probe_piece_s, rest_worth_inline)
 
 
 class ResultBook:
@@ -416,12 +416,19 @@ class Collector:
 
 
 def _cut_and_post(budget, post, n):
-    """On the handoff thread: end the piece after the item running there,
-    and post the job for the items after it, if any (of n). (index, what
-    post returned, or None if nothing was left to post)"""
-    k = budget.cut()
+    """On the handoff thread: if one item has been running here for
+    HANDOFF_CONFIRM_S, end the piece after it and post the job for the items
+    after it, if any (of n): (index, what post returned, or None if nothing
+    was left to post). None if no item was running (the consumer's time), or
+    items moved on (a pause of this process, or a slow consumer, between
+    cheap items): the piece's own timing judges those."""
+    k = budget.running
     if k is None:
-        return None         # no item running: the piece's own timing judges it
+        return None
+    time.sleep(HANDOFF_CONFIRM_S)
+    k = budget.cut(k)
+    if k is None:
+        return None
     return k, (post(k) if k < n else None)
 
 

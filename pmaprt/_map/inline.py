@@ -51,15 +51,22 @@ DEC_MAX_ERROR = 0.1
 # that ran past the whole budget does so at once. The first item runs alone
 # (a piece of its own): if it is still running after PROBE_HANDOFF_S, a
 # helper thread posts the job for the rest (handoff.py); so for every later
-# piece still running PROBE_HANDOFF_S past its budget: the helper cuts it
-# after the item running (PieceBudget.cut) and posts the items after that
-# one. So workers never wait long on an item running here, whichever it is.
+# piece still running PROBE_HANDOFF_S past its budget, if the item in fn then
+# is still the same one HANDOFF_CONFIRM_S later: the helper cuts the piece
+# after it (PieceBudget.cut) and posts the items after that one. So workers
+# never wait long on an item running here, whichever it is; the consumer's
+# time between items, and a pause of this process among cheap items, are
+# judged by the piece's own timing. HANDOFF_CONFIRM_S is long enough that a
+# pause inside a cheap item (a full garbage collection, the process
+# descheduled) rarely passes for a dear item; it costs the caller a wait of up
+# to HANDOFF_CONFIRM_S at the end of a piece that overran its deadline.
 # A tiny map costs what map costs, plus a clock read per PROBE_CLOCK_STRIDE
 # items and, per piece, a generator resume and an arm of the handoff (a few
 # stores). The rest of a map that went inline midway runs in the same timed
 # pieces.
 PROBE_PIECE_S = 0.002
 PROBE_HANDOFF_S = 0.002
+HANDOFF_CONFIRM_S = 0.002
 # The workers a map could use wait through its probe: nwork x its pieces.
 # A piece lasts PROBE_PIECE_S x min(1, PROBE_IDLE_WORKERS / nwork), so that
 # wait stays about PROBE_IDLE_WORKERS pieces of PROBE_PIECE_S of worker

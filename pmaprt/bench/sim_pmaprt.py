@@ -16,8 +16,9 @@ The caller's probe (``_map/inline``, ``_map/collect``): a map over a list
 starts in the caller, item 0 alone, then timed pieces of ``probe_piece_s(W)``
 while items stay under the break-even (``probe_item_s``); the job for the rest
 is posted at the first item's handoff (PROBE_HANDOFF_S), at a piece's handoff
-(an item still running PROBE_HANDOFF_S past the piece's budget: the workers
-take the items after it, the caller finishes it), after one clearly dear
+(an item still running PROBE_HANDOFF_S past the piece's budget and
+HANDOFF_CONFIRM_S after that: the workers take the items after it, the
+caller finishes it), after one clearly dear
 piece, or after PROBE_STRIKES dear pieces in a row. That sequence is modelled
 here from those constants and functions: its pieces are the items' costs
 alone, without the consumer's step, the clock reads or the post's own time.
@@ -28,9 +29,9 @@ from typing import List, Optional
 
 from .. import _sched
 from .._core import Region
-from .._map.inline import (PROBE_CLEAR_FACTOR, PROBE_FIRST_SLACK_S, PROBE_HANDOFF_S,
-                           PROBE_MARGIN, PROBE_SLACK_S, PROBE_STRIKES, probe_item_s,
-                           probe_piece_s)
+from .._map.inline import (HANDOFF_CONFIRM_S, PROBE_CLEAR_FACTOR, PROBE_FIRST_SLACK_S,
+                           PROBE_HANDOFF_S, PROBE_MARGIN, PROBE_SLACK_S, PROBE_STRIKES,
+                           probe_item_s, probe_piece_s)
 from .._runtime.claims import ClaimTaker, begin_move, end_move
 from .._shm import RETRY_RANGES, S_LIMIT, S_N, S_NEXT, S_RANGES, W_CUR_N
 from .sim_engine import Costs, Engine, Overheads, SimResult
@@ -108,9 +109,11 @@ class PmaprtSim:
             k, dt = 0, 0.0
             while done + k < self.n and dt < piece_s:
                 w = c.work(done + k, 1)
-                if dt + w > cut_s and done + k + 1 < self.n:
-                    # the helper cuts the piece after this item and posts the rest
-                    return t + cut_s, done + k + 1, t + dt + w
+                if dt + w > cut_s + HANDOFF_CONFIRM_S and done + k + 1 < self.n:
+                    # the helper finds this item running at the deadline and
+                    # still HANDOFF_CONFIRM_S later: it cuts the piece after it
+                    # and posts the rest
+                    return t + cut_s + HANDOFF_CONFIRM_S, done + k + 1, t + dt + w
                 dt += w
                 k += 1
             cost = k * per_item + PROBE_SLACK_S
