@@ -2,7 +2,6 @@
 post with the rest woken by the first worker that claims, and maps dropped
 unread giving their job slot back."""
 import gc
-import os
 import time
 
 import pytest
@@ -88,23 +87,3 @@ def test_a_posted_map_still_reaches_every_worker(workers):
         it = p.map(nap, list(range(2 * workers)), inline=False)
         assert list(it) == list(range(2 * workers))
         assert {r[0] for r in it.stats.chunk_log} == set(range(workers))
-
-
-def cheap_then_dear(x):
-    """Cheap below 1000, 50 ms from there: a cost shift between two maps of
-    the same function, so that the second starts from the first's estimate."""
-    if x >= 1000:
-        time.sleep(0.05)
-    return os.getpid()
-
-
-@pytest.mark.timeout(60)
-def test_a_short_map_of_items_turned_dear_still_reaches_every_worker():
-    # The workers carry the first maps' estimate (a few microseconds per
-    # item), by which ten items are not worth waking a second worker for
-    # (wake.py, WAKE_MIN_WORK_S); items that prove dear must still be shared.
-    with pmaprt.Pool(2) as pool:
-        for _ in range(3):
-            list(pool.map(cheap_then_dear, range(10), inline=False))
-        pids = list(pool.map(cheap_then_dear, range(1000, 1010), inline=False))
-        assert sorted(set(pids)) == sorted(pool.pids())

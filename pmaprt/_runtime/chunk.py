@@ -137,14 +137,14 @@ class ChunkRunner:
     def run_chunks(self, s, gen, off):
         """Step 2: claim and run chunks of a map while it has any."""
         ctx = self.job_context(s, gen, off)
-        did = woke = False
+        did = False
         r = self.r
         while not r.load32(off + S_CANCEL):
             got = self.claim_feed(ctx) if ctx.mode == MODE_FEED else self.claim_index(ctx)
             if got is None:
                 break
-            if not woke:    # wake.py, step 5: the others it needs
-                woke = self.pay_wake(off, ctx.nwork, ctx.sizer.t_item)
+            if not did:
+                self.pay_wake(off, ctx.nwork)   # wake.py, step 5: the others it needs
             lo, n, stolen = got
             self.run_chunk(ctx, lo, n, stolen)
             did = True

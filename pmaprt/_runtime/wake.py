@@ -32,13 +32,11 @@ The hot spinner (Pool.apply and Executor.submit loops):
 5. The spinner gives the word back when its spin ends or as it starts work,
    and looks at the board. Any worker that joins a job while a later job
    on the board has work, and someone sleeps, wakes one sleeper for it
-   (board.py, `work_once`); any worker that claims a chunk of a map wakes,
-   if the map has items left to claim worth WAKE_MIN_WORK_S by its
-   estimate, up to min(nwork - 1, items left) sleepers (`pay_wake`, once
-   per map; while the rest looks too small, again after each chunk). So a
-   post that woke one worker, or none, still gets every worker it can use,
-   one hop later, and a short map of cheap items that one worker takes
-   whole wakes no other.
+   (board.py, `work_once`); any worker that claims its first chunk of a map
+   since it entered it wakes, if the map has items left to claim, up to
+   min(nwork - 1, items left) sleepers (`pay_wake`). So a post that woke
+   one worker, or none, still gets every worker it can use, one hop later,
+   and a short map that one worker takes whole wakes no other.
 6. A worker killed holding the word: the parent clears it and wakes every
    worker (`_release_dead_hot_spinner`, from processes.py).
 
@@ -88,14 +86,6 @@ WORKER_SPIN_NS = 50_000 if CORES >= 4 else 0
 # calls then finds it awake and posts without a wake call, which costs tens
 # of microseconds each way on a small VM. One hot spinner at most.
 HOT_SPIN_NS = 100_000
-# A worker wakes the other workers for a map only when the work it leaves
-# (items left x its estimate of their cost) is worth this much: a woken
-# worker takes tens to hundreds of microseconds to arrive, the wake call
-# costs the waker a system call, and one that arrives after the work is done
-# only adds a spinner that keeps the parent from spinning. With no estimate
-# yet (a function's first chunk) it wakes them; with an estimate that turns
-# out low, it looks again after each chunk (chunk.py).
-WAKE_MIN_WORK_S = 1e-4
 # A sleeping worker wakes this often to check that its parent is alive.
 IDLE_TIMEOUT_S = 1.0
 
@@ -195,21 +185,15 @@ class WorkerWake:
         self.hot_held = False
         self.owe_wake = False
 
-    def pay_wake(self, off, nwork, t_item):
-        """Step 5, for a map: this worker has claimed a chunk of the map in
-        slot offset `off`; if items are left to claim and, at t_item seconds
-        each (None: not known yet), they are worth WAKE_MIN_WORK_S, it wakes
-        the sleepers the map can use (one per item left, at most nwork - 1).
-        False if it should look again after its next chunk (work left that
-        did not look worth a wake), else True."""
+    def pay_wake(self, off, nwork):
+        """Step 5, for a map: this worker has claimed its first chunk of the
+        map in slot offset `off` since it entered it; if items are left to
+        claim, it wakes the sleepers the map can use (one per item left, at
+        most nwork - 1)."""
         r = self.r
-        if nwork <= 1 or not r.load32(H_BOARD_SLEEPERS) or not self.has_work(off):
-            return True
-        left = r.load64(off + S_LIMIT) - r.load64(off + S_NEXT)
-        if t_item is not None and left * t_item < WAKE_MIN_WORK_S:
-            return False
-        r.wake32(H_BOARD_SEQ, max(1, min(nwork - 1, left)))
-        return True
+        if nwork > 1 and r.load32(H_BOARD_SLEEPERS) and self.has_work(off):
+            left = r.load64(off + S_LIMIT) - r.load64(off + S_NEXT)
+            r.wake32(H_BOARD_SEQ, max(1, min(nwork - 1, left)))
 
     def hot_spin(self, seq):
         """Steps 3 and 5, after work: spin for the next job holding the hot
