@@ -61,7 +61,9 @@ class JobArrays:
             self.on_take = self._copy_back
 
     def __del__(self):
-        if self._pins:      # a map that never reached its end (a constructor that raised)
+        # A map that never reached its end; getattr: the constructor may have
+        # raised before it set _pins.
+        if getattr(self, "_pins", None):
             try:
                 self.pool.arrays.captured.unpin(self._pins)
             except Exception:
