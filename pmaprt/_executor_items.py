@@ -44,43 +44,16 @@ def _dump_exc(exc):
     return pickle.dumps(pack_exception(exc), _serialize.PROTOCOL)
 
 
-# Functions decoded so far, by their bytes (a batch of tasks of
-# one function carries its bytes once per task; decoding is done once), and
-# the captured segments each views (_arrays.captured).
-_FN_CACHE = {}
-_FN_SEGS = {}
-_FN_CACHE_MAX = 256
-
-
-def _load_fn(fn_bytes):
-    fn = _FN_CACHE.get(fn_bytes)
-    if fn is None:
-        fn, segs = _arrays.loads_fn(fn_bytes)
-        if len(_FN_CACHE) >= _FN_CACHE_MAX:
-            _FN_CACHE.clear()
-            _FN_SEGS.clear()
-        _FN_CACHE[fn_bytes] = fn
-        if segs:
-            _FN_SEGS[fn_bytes] = segs
-    return fn
-
-
-def _forget_fns_of(seg_id):
-    """A captured segment was freed: drop the functions that view it, so
-    that its mapping goes."""
-    for k in [k for k, segs in _FN_SEGS.items() if seg_id in segs]:
-        del _FN_SEGS[k]
-        _FN_CACHE.pop(k, None)
-
-
-_arrays.on_segment_freed(_forget_fns_of)
+# Functions decoded so far, by their bytes (a batch of tasks of one function
+# carries its bytes once per task; decoding is done once).
+_FUNCTIONS = _arrays.FunctionCache(256)
 
 
 def call(task):
     """Runs in a worker: one submitted task. Never raises."""
     tid, fn_bytes, payload, buffers = task
     try:
-        fn = _load_fn(fn_bytes)
+        fn = _FUNCTIONS.load(fn_bytes)
         args, kwargs = pickle.loads(payload, buffers=buffers)
     except BaseException as e:
         return tid, UNREADABLE, _dump_exc(e)
@@ -105,7 +78,7 @@ def call(task):
 
 def process_chunk(fn_bytes, chunk):
     """Executor.map with chunksize > 1: one task runs a chunk of argument tuples."""
-    fn = _load_fn(fn_bytes)
+    fn = _FUNCTIONS.load(fn_bytes)
     return [fn(*args) for args in chunk]
 
 

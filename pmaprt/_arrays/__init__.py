@@ -22,7 +22,8 @@ imports only those above it in this list):
 
 Other layers import the names below from here.
 """
-from .captured import CAPTURE_MIN, CapturedStore, loads_fn, on_segment_freed, segment_freed
+from .captured import (CAPTURE_MIN, CapturedStore, FunctionCache, loads_fn, on_segment_freed,
+                       segment_freed)
 from .blocks import BlockView, rule_rows, wrap_chunks
 from .copy import copy_array
 from .jobarrays import JobArrays, local_map
@@ -40,7 +41,7 @@ from .transport import (
 )
 
 __all__ = [
-    "CAPTURE_MIN", "CapturedStore", "loads_fn", "on_segment_freed", "segment_freed",
+    "CAPTURE_MIN", "CapturedStore", "FunctionCache", "loads_fn", "on_segment_freed", "segment_freed",
     "BlockView", "rule_rows", "wrap_chunks",
     "copy_array",
     "JobArrays", "local_map",

@@ -30,8 +30,9 @@ last such array is garbage collected, when that array's bytes changed (a
 later map hashed it to another segment), or when the cache needs room or
 the machine runs short of memory (CACHE_BYTES).
 
-Worker side: `loads_fn` unpickles a function and says which captured
-segments it refers to (the worker forgets the function when one is freed).
+Worker side: `FunctionCache` keeps the functions a worker decoded, by their
+bytes, and forgets those that view a captured segment when it is freed
+(`segment_freed`), so that its mapping goes.
 """
 import collections
 import threading
@@ -284,12 +285,6 @@ class CapturedStore:
                 pool.unshare(e.seg)
                 pool.wake_workers()     # idle workers drop their mapping now
 
-    def free_all(self):
-        """Free every unpinned segment now."""
-        with self._lock:
-            for key in [k for k, e in self._entries.items() if not e.pins]:
-                self._free(key)
-
     @property
     def nbytes(self):
         """Bytes held in captured segments now."""
@@ -336,3 +331,34 @@ def loads_fn(data):
         return fn, _loading
     finally:
         _loading = outer
+
+
+class FunctionCache:
+    """A worker's functions decoded so far, by their pickled bytes (decoded
+    once), with the captured segments each one views; a function is dropped
+    when one of them is freed. Starts again past `most` functions (a
+    long-lived worker may see many lambdas)."""
+
+    def __init__(self, most):
+        self.most = most
+        self._fns = {}
+        self._segs = {}         # fn bytes -> the captured segment ids it views
+        on_segment_freed(self.forget)
+
+    def load(self, fn_bytes):
+        fn = self._fns.get(fn_bytes)
+        if fn is None:
+            fn, segs = loads_fn(fn_bytes)
+            if len(self._fns) >= self.most:
+                self._fns.clear()
+                self._segs.clear()
+            self._fns[fn_bytes] = fn
+            if segs:
+                self._segs[fn_bytes] = segs
+        return fn
+
+    def forget(self, seg_id):
+        """Segment seg_id was freed: drop the functions that view it."""
+        for k in [k for k, segs in self._segs.items() if seg_id in segs]:
+            del self._segs[k]
+            self._fns.pop(k, None)

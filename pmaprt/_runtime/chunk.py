@@ -51,30 +51,9 @@ class _JobCtx:
 
 class ChunkRunner:
     """The worker's side (a worker mixin). State: jobs (slot -> _JobCtx),
-    fns (fn bytes -> fn), fn_segs (fn bytes -> the captured segments that
-    fn views), t_items (fn bytes -> last seconds per item, to
+    fns (the functions it decoded: _arrays.FunctionCache), t_items (fn bytes -> last seconds per item, to
     start the next map of the same function well), items_done, prog (a view
     of W_CUR_DONE)."""
-
-    def load_fn(self, fn_bytes):
-        """The function, unpickled once per worker (compiled code is kept)."""
-        fn = self.fns.get(fn_bytes)
-        if fn is None:
-            fn, segs = _arrays.loads_fn(fn_bytes)
-            if len(self.fns) >= FN_CACHE_MAX:
-                self.fns.clear()
-                self.fn_segs.clear()
-            self.fns[fn_bytes] = fn
-            if segs:
-                self.fn_segs[fn_bytes] = segs
-        return fn
-
-    def forget_fns_of(self, seg_id):
-        """Segment seg_id was freed: drop the functions whose captured arrays
-        view it, so that its mapping goes."""
-        for k in [k for k, segs in self.fn_segs.items() if seg_id in segs]:
-            del self.fn_segs[k]
-            self.fns.pop(k, None)
 
     def job_context(self, s, gen, off):
         """Step 1: the context of the job in slot s, loaded once."""
@@ -111,7 +90,7 @@ class ChunkRunner:
                 desc = pickle.loads(self.ctl.buf[base: base + n])
             fn_bytes, ctx.star, spec, seed = desc[:4]
             ctx.fn_key = fn_bytes
-            ctx.fn = fn = self.load_fn(fn_bytes)
+            ctx.fn = fn = self.fns.load(fn_bytes)
             ctx.sink = _arrays.open_sink(desc[4] if len(desc) > 4 else None, fn, self.segment)
             if ctx.sink is not None:
                 ctx.fn = ctx.sink  # out=: results are written into the shared array

@@ -178,8 +178,7 @@ class SegmentCache:
             seg = self.segs.pop(msg.seg_id, None)
             if seg is not None:
                 seg.close()
-                self.forget_fns_of(msg.seg_id)
-                _arrays.segment_freed(msg.seg_id)
+                _arrays.segment_freed(msg.seg_id)     # workers' function caches
                 self._forget_finished_jobs()
 
     def _forget_finished_jobs(self):

@@ -301,9 +301,7 @@ class TaskRunner:
             n = r.load32(off + S_DESC_LEN)
             base = off + self.layout.desc_off
             fn_b, args, kwargs = pickle.loads(self.ctl.buf[base: base + n])
-            fn = self.fns.get(fn_b)
-            if fn is None:
-                fn = self.load_fn(fn_b)
+            fn = self.fns.load(fn_b)
         except BaseException as e:
             self._task_failed(gen, off, e, "while loading the task in the worker", t0)
             return True

@@ -19,7 +19,7 @@ from .. import _arrays
 from .._shm import H_BOARD_SEQ, H_BOARD_SLEEPERS, H_SHUTDOWN, W_CUR_DONE, W_PID, W_STATE
 from .._shm import Layout, Segment, WSTATE_READY, WSTATE_RECYCLED, core, recv_msg
 from .board import BoardReader
-from .chunk import ChunkRunner
+from .chunk import FN_CACHE_MAX, ChunkRunner
 from .claims import ClaimTaker
 from .lent import SegmentCache
 from .ring import RingWriter
@@ -52,8 +52,7 @@ class Worker(BoardReader, ClaimTaker, ChunkRunner, RingWriter, WorkerWake, Segme
         self.cur_slot = -1     # the job slot being worked on (for H_PARENT_WANT)
         self.claim_seq = 0     # W_CLAIM: odd while items move between shared words
         self.jobs = {}
-        self.fns = {}
-        self.fn_segs = {}
+        self.fns = _arrays.FunctionCache(FN_CACHE_MAX)
         self.t_items = {}
         # Items of the current chunk finished, for the parent (retries, timeouts).
         self.prog = self.ctl.buf[self.area + W_CUR_DONE: self.area + W_CUR_DONE + 8].cast("q")
