@@ -49,6 +49,15 @@ EWMA_ALPHA = 0.5
 PREEMPT_FACTOR = 4
 PREEMPT_MIN_S = 4 * TARGET_CHUNK_S
 PREEMPT_STRIDES = 32
+# Work that one worker is expected to end within this many seconds is left
+# to it: the first chunk sized from a carried cost takes it whole (no even
+# share), and a worker that took such a chunk wakes no other until it has
+# run this long in the map (_runtime/wake.py, steps 5 and 9). A 10-item map
+# of cheap items then costs one claim, one record and no wake call; a
+# second worker woken for it would cost more (a wake call of 50-250 us on a
+# small VM) than it could save. A map that runs longer loses at most this
+# long of its other workers.
+SHORT_WORK_S = 100e-6
 # Guided self-scheduling: a worker claims 1/(SPAN_FACTOR * workers) of what is
 # left from the shared counter at once (at least one chunk). Spans shrink
 # toward the end; stealing evens out what is left.
@@ -80,9 +89,10 @@ class ChunkSizer:
         if remaining is not None and target > TARGET_CHUNK_S:
             target = max(TARGET_CHUNK_S, min(target, TAIL_SHARE * remaining * t / workers))
         c = int(target / t)
-        if self.carried and remaining is not None:
+        if self.carried and remaining is not None and min(c, remaining) * t >= SHORT_WORK_S:
             # The first chunk sized from a cost per item carried from an
-            # earlier map takes at most an even share of what is unclaimed:
+            # earlier map takes at most an even share of what is unclaimed
+            # (unless all of it is short work, SHORT_WORK_S):
             # a chunk cannot be stolen, and if the items now cost far more,
             # one chunk of many would leave the other workers nothing to
             # take while it runs (their leaving is final for this map: a

@@ -12,7 +12,10 @@ where it has none.
 - `SpinGate` feeds it: the count of threads runnable right now (the fourth
   field of /proc/loadavg: the kernel's instantaneous count, not the
   one-minute average), read at most every SAMPLE_S, and the decision made
-  from the last reading. One gate per process (`gate`), shared by the
+  from the lower of the last two readings: one reading often catches a
+  kernel thread or a process that runs for a few microseconds, and a
+  machine taken as full for SAMPLE_S after each would spin half as often
+  when it is idle; a machine that stays full reads full twice in a row. One gate per process (`gate`), shared by the
   parent's waits, the workers' idle and hot spins (_runtime/wake.py), and
   open to any other waiter of the package (the collective's).
 """
@@ -80,7 +83,8 @@ class SpinGate:
     seconds, monotonic. PMAPRT_SPIN=0 in the environment (workers inherit
     it) turns every spin off: a machine shared with latency-critical work."""
 
-    __slots__ = ("cores", "machine", "runnable", "off", "_t", "_fd", "_pid", "_read", "_clock")
+    __slots__ = ("cores", "machine", "runnable", "off", "_t", "_last", "_fd", "_pid", "_read",
+                 "_clock")
 
     def __init__(self, cores=CORES, machine=None, read=None, clock=time.monotonic):
         self.cores = cores
@@ -88,6 +92,7 @@ class SpinGate:
         self.runnable = UNKNOWN
         self.off = os.environ.get("PMAPRT_SPIN", "1").strip() == "0"
         self._t = None
+        self._last = UNKNOWN     # the last reading (runnable: the lower of it and the one before)
         self._fd = None
         self._pid = None
         self._read = self._read_proc if read is None else read
@@ -100,7 +105,9 @@ class SpinGate:
         now = self._clock()
         if self._t is None or now - self._t >= SAMPLE_S:
             self._t = now
-            self.runnable = self._read()
+            new, last = self._read(), self._last
+            self.runnable = new if new is UNKNOWN or last is UNKNOWN else min(new, last)
+            self._last = new
         return spin_budget(self.cores, self.runnable, spinners, spin_ns, self.machine)
 
     def _read_proc(self):

@@ -73,7 +73,7 @@ def test_gate_reads_this_machine():
 def test_gate_rereads_at_most_every_sample():
     now = [0.0]
     reads = []
-    values = iter([1, 5, 1])
+    values = iter([1, 5, 5, 1])
 
     def read():
         reads.append(now[0])
@@ -85,10 +85,12 @@ def test_gate_rereads_at_most_every_sample():
     assert g.budget(1000) == 1000          # the same reading: no new read
     assert len(reads) == 1
     now[0] += SAMPLE_S
-    assert g.budget(1000) == 0             # 5 runnable on 2 cores: sleep at once
+    assert g.budget(1000) == 1000          # 5 runnable once: a passing thread, still spin
+    now[0] += SAMPLE_S
+    assert g.budget(1000) == 0             # 5 runnable twice on 2 cores: sleep at once
     now[0] += SAMPLE_S
     assert g.budget(1000) == 1000          # the machine emptied: spin again
-    assert len(reads) == 3
+    assert len(reads) == 4
 
 
 def test_gate_env_turns_spinning_off(monkeypatch):

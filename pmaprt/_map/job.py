@@ -124,6 +124,7 @@ class MapState:
     # this job (Pool._reconcile) once it gets a consistent view.
     suspect = False
     first = 0                      # index mode: items before this ran elsewhere
+    wake_due = None                # set when posted (the Job protocol)
 
     def __init__(self, pool, fn, iterables, star, opts):
         check_call(fn, iterables)
@@ -219,7 +220,7 @@ class MapState:
 
     # --- starting
 
-    def _start_index(self, plan, fn_bytes, star, start=0):
+    def _start_index(self, plan, fn_bytes, star, start=0, dear=False):
         if self.n_input is None:
             self.n_input = min(len(x) for x in self.iterables)
         self.n = plan.n
@@ -235,7 +236,7 @@ class MapState:
         self.gen, self.slot, self.off = self.pool._post(
             self, desc, MODE_INDEX, self.n, limit, self.fixed, self.nwork, seg, desc_off,
             self.flags, self.max_items,
-            spmd_seg=self.spmd.seg if self.spmd is not None else None, start=start)
+            spmd_seg=self.spmd.seg if self.spmd is not None else None, start=start, dear=dear)
         self.window.off = self.off
 
     def start_after_probe(self, k, mode):
@@ -260,7 +261,7 @@ class MapState:
         try:
             with self.pool._lock:
                 self.pool._check_open()
-                self._start_index(plan, fn_bytes, self.star, start=k)
+                self._start_index(plan, fn_bytes, self.star, start=k, dear=True)
         except TooManyMapsError:
             with self.pool._lock:
                 for seg in self.segs:   # every job slot busy: the rest runs here

@@ -27,6 +27,8 @@ Protocol, step by step:
 6. A worker killed inside a job (W_SLOT non-zero): the parent stores
    W_SLOT = 0 and drops its reference for it (`_drop_dead_ref`).
 """
+import time
+
 from .._errors import TooManyMapsError
 from .._shm import (
     FLAG_SPMD, H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, MODE_INDEX, MODE_TASK, RETRY_RANGES,
@@ -34,6 +36,8 @@ from .._shm import (
     S_MODE, S_N, S_NEXT, S_NWORK, S_RANGES, S_REFS, S_SPMD_SEG, S_STATE, SLOT_ACTIVE,
     SLOT_CLOSED, SLOT_FREE, W_SLOT,
 )
+from .claims import slot_has_work
+from .wake import WAKE_AFTER_S
 
 
 class BoardPoster:
@@ -56,9 +60,11 @@ class BoardPoster:
             "iterators (or create the Pool with a larger max_jobs)" % lay.nslots)
 
     def _post(self, job, desc, mode, n, limit, chunk, nwork, desc_seg, desc_off=0, flags=0,
-              max_items=0, spmd_seg=None, start=0):
+              max_items=0, spmd_seg=None, start=0, dear=False):
         """Put a job on the board. Lock held. Returns (gen, slot, offset).
-        spmd_seg: an SPMD map's collective segment; worker w alone runs item w."""
+        spmd_seg: an SPMD map's collective segment; worker w alone runs item w.
+        dear: the caller has seen its items cost much (they ran in the caller
+        before `start`): every worker it may use is woken now."""
         r, lay = self._r, self._layout
         slot, off = self._free_slot()
         self._gen += 1
@@ -102,12 +108,16 @@ class BoardPoster:
         # hot spinner takes it); each worker that claims its first chunk
         # wakes the others the map can still use (wake.py, step 5), so a
         # short map that one worker takes whole wakes one process, not W,
-        # and the parent pays one wake call at most. A feed map wakes as
-        # many workers as it has items.
-        if spmd_seg is not None or nwork < self.workers:
+        # and the parent pays one wake call at most; if it still runs
+        # WAKE_AFTER_S later, the waiting parent wakes the others (wake.py,
+        # step 9). A feed map wakes as many workers as it has items.
+        job.wake_due = None
+        if spmd_seg is not None or nwork < self.workers or (dear and mode == MODE_INDEX):
             self.wake_workers()
         elif mode == MODE_INDEX:
             self.wake_workers(1, hot=True)
+            if nwork > 1:
+                job.wake_due = time.perf_counter() + WAKE_AFTER_S
         else:
             self.wake_workers(nwork if n < 0 else max(1, min(nwork, n)))
         return gen, slot, off
@@ -184,23 +194,7 @@ class BoardReader:
         return did
 
     def has_work(self, off):
-        r = self.r
-        if r.load32(off + S_CANCEL):
-            return False
-        nxt, lim = r.load64(off + S_NEXT), r.load64(off + S_LIMIT)
-        if nxt < lim:
-            return True
-        if r.load32(off + S_MODE) != MODE_INDEX:
-            return False
-        base = off + S_RANGES
-        for w in range(r.load32(off + S_NWORK)):
-            if r.range_get(base + 8 * w)[1]:
-                return True
-        base = off + self.layout.retry_off
-        for j in range(RETRY_RANGES):
-            if r.range_get(base + 8 * j)[1]:
-                return True
-        return False
+        return slot_has_work(self.r, off, off + self.layout.retry_off)
 
     def run_job(self, s, gen, off):
         """The job entered: a task is run once, a map's chunks until none is left."""

@@ -36,6 +36,7 @@ from .._shm import (
     S_MAX_ITEMS, S_MODE, S_NWORK, S_RANGES, S_SPMD_SEG, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
 )
 from .claims import begin_move, end_move
+from .wake import WAKE_AFTER_S
 
 # Functions a worker keeps compiled, by their pickled bytes; past this many
 # the cache starts again (a long-lived worker may see many lambdas).
@@ -115,16 +116,20 @@ class ChunkRunner:
 
     def run_chunks(self, s, gen, off):
         """Step 2: claim and run chunks of a map while it has any."""
+        entered = time.perf_counter()
         ctx = self.job_context(s, gen, off)
         did = False
+        owe = True      # wake.py, step 5: this worker may still owe the others a wake
         r = self.r
         while not r.load32(off + S_CANCEL):
             got = self.claim_feed(ctx) if ctx.mode == MODE_FEED else self.claim_index(ctx)
             if got is None:
                 break
-            if not did:
-                self.pay_wake(off, ctx.nwork)   # wake.py, step 5: the others it needs
             lo, n, stolen = got
+            if owe and (time.perf_counter() - entered >= WAKE_AFTER_S
+                        or not self._cheap(ctx, n)):
+                owe = False
+                self.pay_wake(off, ctx.nwork)
             self.run_chunk(ctx, lo, n, stolen)
             did = True
             if ctx.max_items and self.items_done >= ctx.max_items:
@@ -132,6 +137,13 @@ class ChunkRunner:
         if ctx.fn_key is not None and ctx.sizer.t_item is not None:
             self.t_items[ctx.fn_key] = ctx.sizer.t_item
         return did
+
+    @staticmethod
+    def _cheap(ctx, n):
+        """Whether this worker expects its chunk of n items (n < 0: a feed
+        chunk) to end within WAKE_AFTER_S, by a cost per item it measured."""
+        t = ctx.sizer.t_item
+        return t is not None and 0 <= n * t < WAKE_AFTER_S
 
     def _set_cur(self, gen, lo, n):
         r, a = self.r, self.area

@@ -42,9 +42,29 @@ loaded: the seq_cst store and load order them as a release and an acquire.
 """
 from .. import _sched
 from .._shm import (
-    MODE_INDEX, RANGE_N_MAX, RETRY_RANGES, S_GEN, S_LIMIT, S_MODE, S_N, S_NEXT, S_RANGES,
+    MODE_INDEX, RANGE_N_MAX, RETRY_RANGES, S_CANCEL, S_GEN, S_LIMIT, S_MODE, S_N, S_NEXT,
+    S_NWORK, S_RANGES,
     W_CLAIM, W_CUR_GEN, W_CUR_K, W_CUR_LO, W_CUR_N,
 )
+
+
+def slot_has_work(r, off, retry_off):
+    """Whether the job in the slot at `off` has items a worker could still
+    claim: unassigned ones below the limit, or (index mode) items in a
+    range word (a worker's, which a thief may take, or a retry word)."""
+    if r.load32(off + S_CANCEL):
+        return False
+    if r.load64(off + S_NEXT) < r.load64(off + S_LIMIT):
+        return True
+    if r.load32(off + S_MODE) != MODE_INDEX:
+        return False
+    for w in range(r.load32(off + S_NWORK)):
+        if r.range_get(off + S_RANGES + 8 * w)[1]:
+            return True
+    for j in range(RETRY_RANGES):
+        if r.range_get(retry_off + 8 * j)[1]:
+            return True
+    return False
 
 
 def begin_move(wk):

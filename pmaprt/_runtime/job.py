@@ -26,6 +26,9 @@ class Job(Protocol):
     backlog: Any = ()
     # An SPMD map's parent side (rank i runs shard i); None for other jobs.
     spmd: Any = None
+    # An index map posted with one wake-up: when (time.perf_counter) the
+    # parent waiting for it wakes the other workers (wake.py, step 9).
+    wake_due: Optional[float] = None
 
     # --- records and waiting
 

@@ -34,9 +34,13 @@ The hot spinner (Pool.apply and Executor.submit loops):
    on the board has work, and someone sleeps, wakes one sleeper for it
    (board.py, `work_once`); any worker that claims its first chunk of a map
    since it entered it wakes, if the map has items left to claim, up to
-   min(nwork - 1, items left) sleepers (`pay_wake`). So a post that woke
-   one worker, or none, still gets every worker it can use, one hop later,
-   and a short map that one worker takes whole wakes no other.
+   min(nwork - 1, items left) sleepers (`pay_wake`, chunk.py): at that
+   claim if it does not know the items' cost or expects the chunk to take
+   WAKE_AFTER_S or more; else at its first claim WAKE_AFTER_S or more after
+   it entered. So a post that woke one worker, or none, still gets every
+   worker it can use, one hop later, and a short map of cheap items that
+   one worker takes whole wakes no other: no wake call in that worker, and
+   no second process on a core to stop the parent's spin.
 6. A worker killed holding the word: the parent clears it and wakes every
    worker (`_release_dead_hot_spinner`, from processes.py).
 
@@ -52,16 +56,24 @@ A parent waiting for results (ring.py delivers them):
    (only while it is the one waiting thread; 0 with more), spins, then counts
    itself in H_PARENT_SLEEPING and sleeps while the sequence holds the value
    it read, for POLL_S at most (then it checks the workers).
+9. A cost estimate can be wrong (one function, one dear call among cheap
+   ones), and a worker inside a dear item claims nothing more: so an index
+   map whose post woke one worker carries a deadline (`wake_due`,
+   WAKE_AFTER_S after the post), and the parent, waiting for it past the
+   deadline, wakes the other workers if the map still has items to claim
+   (`_wake_rest`).
 """
 import time
 
 from .._errors import PoolClosedError
 from .._options import CORES
+from .._sched import SHORT_WORK_S
 from .._spin import gate
 from .._shm import (
     H_BOARD_SEQ, H_BOARD_SLEEPERS, H_DEATHS, H_HOT_SPINNER, H_PARENT_SLEEPING, H_PARENT_WANT,
-    H_RESULTS_SEQ, HOT_CLAIMED, S_LIMIT, S_NEXT,
+    H_RESULTS_SEQ, HOT_CLAIMED, S_GEN, S_LIMIT, S_NEXT,
 )
+from .claims import slot_has_work
 from .processes import POLL_S
 
 # Every spin below is what a waiter spins on an idle machine; the spin
@@ -70,7 +82,7 @@ from .processes import POLL_S
 #
 # The parent spins this long for a result before it sleeps (round trips,
 # short maps).
-SPIN_NS = 50_000
+SPIN_NS = 200_000
 # The parent waiting for one task (Pool.apply) spins this long first: a tiny
 # call answers within it, and a waiting parent has nothing else to run.
 TASK_SPIN_NS = 50_000
@@ -85,9 +97,12 @@ WORKER_SPIN_NS = 50_000 if CORES >= 4 else 0
 # spinner word, spins this long for the next job before it sleeps: a loop of
 # calls then finds it awake and posts without a wake call, which costs tens
 # of microseconds each way on a small VM. One hot spinner at most.
-HOT_SPIN_NS = 100_000
+HOT_SPIN_NS = 500_000
 # A sleeping worker wakes this often to check that its parent is alive.
 IDLE_TIMEOUT_S = 1.0
+# A map of cheap items runs on the one worker its post woke until it has
+# run this long (steps 5 and 9; _sched.SHORT_WORK_S says why).
+WAKE_AFTER_S = SHORT_WORK_S
 
 
 def _enter_wait(res, want):
@@ -156,6 +171,13 @@ class ParentWake:
                 self._flush_all()
         if got or job.has_news():
             return
+        # Step 9: sleep no later than the map's wake deadline.
+        timeout = POLL_S
+        if job.wake_due is not None:
+            timeout = job.wake_due - time.perf_counter()
+            if timeout <= 0:
+                self._wake_rest(job)
+                timeout = POLL_S
         res = self._res
         _enter_wait(res, job.wait_key())
         try:
@@ -164,7 +186,7 @@ class ParentWake:
             # H_PARENT_SLEEPING counts the parent only while it sleeps in the
             # kernel: a worker that finds it spinning skips the wake call.
             spin = gate.budget(SPIN_NS if spin_ns is None else spin_ns, self.awake_workers())
-            changed = r.wait32(H_RESULTS_SEQ, seq, POLL_S, spin, H_PARENT_SLEEPING)
+            changed = r.wait32(H_RESULTS_SEQ, seq, timeout, spin, H_PARENT_SLEEPING)
         finally:
             _leave_wait(res)
         with self._lock:
@@ -172,8 +194,19 @@ class ParentWake:
                 return      # terminated meanwhile: the caller's next wait says so
             # What woke this wait is handed over now, not on the next call.
             self._drain()
-            if not changed or r.load32(H_DEATHS) != self._deaths_seen:
+            if r.load32(H_DEATHS) != self._deaths_seen or not (changed or timeout < POLL_S):
                 self._check_workers()
+            elif not changed:
+                self._wake_rest(job)
+
+    def _wake_rest(self, job):
+        """Step 9: the map posted with one wake-up still runs past its
+        deadline: the sleepers it can use look at the board now."""
+        job.wake_due = None
+        r, off = self._r, job.off
+        if r.load32(H_BOARD_SLEEPERS) and r.load64(off + S_GEN) == job.gen \
+                and slot_has_work(r, off, off + self._layout.retry_off):
+            r.wake32(H_BOARD_SEQ, self.workers - 1)
 
 
 class WorkerWake:
@@ -186,10 +219,10 @@ class WorkerWake:
         self.owe_wake = False
 
     def pay_wake(self, off, nwork):
-        """Step 5, for a map: this worker has claimed its first chunk of the
-        map in slot offset `off` since it entered it; if items are left to
-        claim, it wakes the sleepers the map can use (one per item left, at
-        most nwork - 1)."""
+        """Step 5, for a map: this worker, inside the map in slot offset
+        `off`, has claimed a chunk it does not expect to end soon, or ran the
+        map WAKE_AFTER_S; if items are left to claim, it wakes the sleepers
+        the map can use (one per item left, at most nwork - 1)."""
         r = self.r
         if nwork > 1 and r.load32(H_BOARD_SLEEPERS) and self.has_work(off):
             left = r.load64(off + S_LIMIT) - r.load64(off + S_NEXT)
