@@ -732,6 +732,59 @@ def test_module_level_functions_go_by_reference():
     assert not _serialize.by_reference(lam)
 
 
+def _script_namespace(src):
+    """Functions as a user's script defines them: in __main__, so pickled by value."""
+    ns = {"__name__": "__main__"}
+    exec(compile(src, "<script>", "exec"), ns)
+    return ns
+
+
+def _counter():
+    k = 1
+
+    def add_k(x):
+        return x + k
+
+    def set_k(v):
+        nonlocal k
+        k = v
+    return add_k, set_k
+
+
+def test_by_value_pickles_are_reused_only_while_their_state_is_the_same():
+    import gc
+    import weakref
+    from pmaprt import _serialize
+    ns = _script_namespace("K = 2\ndef scale(x):\n    return x * K\n"
+                           "L = [1]\ndef shift(x):\n    return x + L[0]\n")
+    scale, shift = ns["scale"], ns["shift"]
+    first = _serialize.dumps_fn(scale)
+    assert _serialize.dumps_fn(scale) is first          # the same state: reused
+    ns["K"] = 3                                         # a global rebound: pickled afresh
+    again = _serialize.dumps_fn(scale)
+    assert again is not first and _serialize.loads_fn(again)(1) == 3
+    # a mutable global (the list could change in place): pickled every time
+    assert _serialize.BY_VALUE.get(shift) == (None, None)
+    assert _serialize.dumps_fn(shift) is not _serialize.dumps_fn(shift)
+    add_k, set_k = _counter()                           # a closure cell changed
+    before = _serialize.dumps_fn(add_k)
+    assert _serialize.dumps_fn(add_k) is before
+    set_k(5)
+    assert _serialize.loads_fn(_serialize.dumps_fn(add_k))(0) == 5
+    gone = weakref.ref(add_k)                           # entries go with their functions
+    del add_k, set_k
+    gc.collect()
+    assert gone() is None
+
+
+def test_workers_see_a_rebound_global_of_a_script_function():
+    ns = _script_namespace("K = 2\ndef scale(x):\n    return x * K\n")
+    with Pool(2) as p:
+        assert list(p.map(ns["scale"], [1, 2], inline=False)) == [2, 4]
+        ns["K"] = 10
+        assert list(p.map(ns["scale"], [1, 2], inline=False)) == [10, 20]
+
+
 class Squares:
     """A sized, indexable input that is no list, tuple, range or array."""
 

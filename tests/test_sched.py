@@ -141,3 +141,12 @@ def test_a_real_map_grows_then_shrinks_its_chunks_and_accounts_busy_and_idle():
     assert max(sizes) > S.GROWTH                            # then chunks grow
     # the last chunks to start are smaller than the largest: the tail is short
     assert max(sizes[-2:]) < max(sizes)
+
+
+def test_short_work_is_taken_whole_and_longer_work_an_even_share():
+    """With a cost per item carried from an earlier map, a first chunk whose
+    work all ends within SHORT_WORK_S takes it whole (one claim, one record,
+    no second worker); more work takes an even share of what is unclaimed."""
+    assert S.ChunkSizer(0, 1e-6).size(10, 2) >= 10      # 10 us of work: whole
+    assert S.ChunkSizer(0, 1e-6).size(1000, 2) == 500   # 1 ms of work: an even share
+    assert S.ChunkSizer(0, 1e-6).size(1000, 4) == 250

@@ -1,7 +1,9 @@
 """Short maps on the lean path: statistics built on access, one wake-up per
-post with the rest woken by the first worker that claims, and maps dropped
+post with the rest woken by the first worker that claims (or, for short
+work, by the waiting parent past the map's wake deadline), and maps dropped
 unread giving their job slot back."""
 import gc
+import os
 import time
 
 import pytest
@@ -87,3 +89,52 @@ def test_a_posted_map_still_reaches_every_worker(workers):
         it = p.map(nap, list(range(2 * workers)), inline=False)
         assert list(it) == list(range(2 * workers))
         assert {r[0] for r in it.stats.chunk_log} == set(range(workers))
+
+
+def shift(x):
+    """Cheap on negative inputs, 50 ms on the others: a cost shift between maps."""
+    if x >= 0:
+        time.sleep(0.05)
+    return x
+
+
+def test_short_work_turned_dear_still_reaches_every_worker():
+    """A function measured cheap has a short map taken whole by one worker,
+    which wakes no other. When its items now cost 50 ms each, the chunk's
+    unstarted items go back after the first (preemption) and the other
+    worker is woken for them: the map does not run serially."""
+    with pmaprt.Pool(2) as p:
+        for _ in range(3):
+            assert list(p.map(shift, range(-10, 0), inline=False)) == list(range(-10, 0))
+        it = p.map(shift, list(range(10)), inline=False)
+        assert list(it) == list(range(10))
+        assert {r[0] for r in it.stats.chunk_log} == {0, 1}
+
+
+def handshake(arg):
+    """Item 0 waits (0.8 s at most) for the file item 9 creates."""
+    i, path = arg
+    if i == 0:
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            if os.path.exists(path):
+                return True
+            time.sleep(0.002)
+        return False
+    if i == 9:
+        open(path, "w").close()
+    return i
+
+
+def test_a_dear_item_among_cheap_ones_does_not_hold_the_rest(tmp_path):
+    """The function is measured cheap, so the worker that claims item 0
+    wakes no one; item 0 then blocks. The parent, waiting past the map's
+    wake deadline (100 us), wakes the other worker, which runs items 1-9.
+    (That worker went to sleep just before the map; its own periodic
+    wake-up, every second, comes after item 0 has given up at 0.8 s.)"""
+    path = str(tmp_path / "done")
+    with pmaprt.Pool(2) as p:
+        warm = [(5, path)] * 20
+        assert list(p.map(handshake, warm, chunksize=1, inline=False)) == [5] * 20
+        out = list(p.map(handshake, [(i, path) for i in range(10)], chunksize=1, inline=False))
+    assert out == [True] + list(range(1, 10))

@@ -179,3 +179,16 @@ def test_heavy_tailed_draws_compare_the_probe_and_the_references():
     assert rows[0]["greedy"] != rows[1]["greedy"] or rows[0]["pmaprt"] != rows[1]["pmaprt"]
     text = sim.render_draws(rows)
     assert "2 draws" in text and "pmaprt_no_probe" in text
+
+
+def test_even_pieces_keep_every_item_in_order_in_runs_of_about_equal_cost():
+    from pmaprt.bench.sim_measure import even_pieces
+    args = [1] * 100
+    pieces = even_pieces(args, 8)
+    assert [a for p in pieces for a in p] == args
+    assert len(pieces) == 8 and all(sum(p) >= 100 / 8 for p in pieces[:-1])
+    skewed = [1, 1, 50, 1, 1, 1, 1, 1, 1, 1]
+    pieces = even_pieces(skewed, 4)
+    assert [a for p in pieces for a in p] == skewed
+    assert pieces[0] == [1, 1, 50]          # a dear item closes its run alone
+

@@ -31,13 +31,13 @@ import time
 
 from .._errors import TooManyMapsError
 from .._shm import (
-    FLAG_SPMD, H_ACTIVE_MASK, H_BOARD_SEQ, H_BOARD_SLEEPERS, MODE_INDEX, MODE_TASK, RETRY_RANGES,
+    FLAG_SPMD, H_ACTIVE_MASK, H_BOARD_SLEEPERS, MODE_INDEX, MODE_TASK, RETRY_RANGES,
     S_CANCEL, S_CHUNK, S_DESC_LEN, S_DESC_OFF, S_DESC_SEG, S_FLAGS, S_GEN, S_LIMIT, S_MAX_ITEMS,
     S_MODE, S_N, S_NEXT, S_NWORK, S_RANGES, S_REFS, S_SPMD_SEG, S_STATE, SLOT_ACTIVE,
     SLOT_CLOSED, SLOT_FREE, W_SLOT,
 )
 from .claims import slot_has_work
-from .wake import WAKE_AFTER_S
+from .wake import WAKE_AFTER_S, wake_sleepers
 
 
 class BoardPoster:
@@ -177,7 +177,7 @@ class BoardReader:
                 # wake.py, step 5: later jobs wait too (a task whose post
                 # relied on this worker's spin, a map posted with one wake):
                 # a sleeper looks at the board now.
-                r.wake32(H_BOARD_SEQ, 1)
+                wake_sleepers(r, 1)
             r.add32(off + S_REFS, 1)
             r.store32(self.area + W_SLOT, s + 1)
             self.cur_slot = s

@@ -105,6 +105,16 @@ IDLE_TIMEOUT_S = 1.0
 WAKE_AFTER_S = SHORT_WORK_S
 
 
+def wake_sleepers(r, count):
+    """Move H_BOARD_SEQ, then wake up to `count` workers asleep on it, if
+    any sleeps. The word moves first: a sleeper's wait compares it and
+    sleeps again if it still holds the value the sleeper last read, so a
+    wake-up alone, for work already on the board, could be lost."""
+    r.add32(H_BOARD_SEQ, 1)
+    if r.load32(H_BOARD_SLEEPERS):
+        r.wake32(H_BOARD_SEQ, count)
+
+
 def _enter_wait(res, want):
     """Count a thread into a futex wait on the control segment (which must
     not be unmapped under it), and publish what it waits for."""
@@ -138,9 +148,7 @@ class ParentWake:
             if h and not h & HOT_CLAIMED and r.cas64(H_HOT_SPINNER, h, h | HOT_CLAIMED):
                 r.add32(H_BOARD_SEQ, 1)
                 return
-        r.add32(H_BOARD_SEQ, 1)
-        if r.load32(H_BOARD_SLEEPERS):
-            r.wake32(H_BOARD_SEQ, count)
+        wake_sleepers(r, count)
 
     def awake_workers(self):
         """Workers on a core now, working or spinning: the started ones less
@@ -206,7 +214,7 @@ class ParentWake:
         r, off = self._r, job.off
         if r.load32(H_BOARD_SLEEPERS) and r.load64(off + S_GEN) == job.gen \
                 and slot_has_work(r, off, off + self._layout.retry_off):
-            r.wake32(H_BOARD_SEQ, self.workers - 1)
+            wake_sleepers(r, self.workers - 1)
 
 
 class WorkerWake:
@@ -226,7 +234,7 @@ class WorkerWake:
         r = self.r
         if nwork > 1 and r.load32(H_BOARD_SLEEPERS) and self.has_work(off):
             left = r.load64(off + S_LIMIT) - r.load64(off + S_NEXT)
-            r.wake32(H_BOARD_SEQ, max(1, min(nwork - 1, left)))
+            wake_sleepers(r, max(1, min(nwork - 1, left)))
 
     def hot_spin(self, seq):
         """Steps 3 and 5, after work: spin for the next job holding the hot

@@ -16,7 +16,7 @@ import sys
 import time
 
 from .. import _arrays
-from .._shm import H_BOARD_SEQ, H_BOARD_SLEEPERS, H_SHUTDOWN, W_CUR_DONE, W_PID, W_STATE
+from .._shm import H_BOARD_SEQ, H_SHUTDOWN, W_CUR_DONE, W_PID, W_STATE
 from .._shm import Layout, Segment, WSTATE_READY, WSTATE_RECYCLED, core, recv_msg
 from .board import BoardReader
 from .chunk import FN_CACHE_MAX, ChunkRunner
@@ -25,7 +25,7 @@ from .lent import SegmentCache
 from .ring import RingWriter
 from .startup import prepare_worker
 from .task import TaskRunner
-from .wake import WorkerWake
+from .wake import WorkerWake, wake_sleepers
 
 # True inside a worker: a nested pmap runs serially there.
 IN_WORKER = False
@@ -99,8 +99,8 @@ class Worker(BoardReader, ClaimTaker, ChunkRunner, RingWriter, WorkerWake, Segme
     def recycle(self):
         """max_items_per_worker reached: leave cleanly; the parent starts a fresh worker."""
         r = self.r
-        if self.hot_held and self._release_hot() and r.load32(H_BOARD_SLEEPERS):
-            r.wake32(H_BOARD_SEQ, 1)    # a task relied on this worker: another looks
+        if self.hot_held and self._release_hot():
+            wake_sleepers(r, 1)     # a task relied on this worker: another looks
         self.owe_wake = False
         r.store32(self.area + W_STATE, WSTATE_RECYCLED)
         raise SystemExit(0)
