@@ -13,6 +13,8 @@ min-max over the rounds. A ratio whose range straddles 1 is "within noise".
 Workloads (the public API only, so that any two commits can be compared):
 - tiny: list(pmap(double, range(2e6))) on the default pool;
 - medium: 4,000 items of 50 us of pure-Python work, adaptive chunks;
+- heavy_tailed: 4,000 items of Pareto(1.2) cost, 10 us minimum (the harness's
+  quick draw, seed 20240601), each a wait on the clock for its cost;
 - roundtrip: Pool.apply of a no-op, median of 2,000 calls;
 - map10: a 10-item map on a warm pool, median of 300 maps;
 - numpy: a 64 MiB float64 array summed in 256 row blocks (chunks=).
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-WORKLOADS = ("tiny", "medium", "roundtrip", "map10", "numpy")
+WORKLOADS = ("tiny", "medium", "heavy_tailed", "roundtrip", "map10", "numpy")
 
 # What one child process runs: the tree's own pmaprt, warm, then timed.
 CHILD = r'''
@@ -42,6 +44,12 @@ def spin50(x):
     while time.perf_counter() < t:
         pass
     return x
+
+def spin_us(us):
+    t = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < t:
+        pass
+    return us
 
 def noop():
     return None
@@ -67,6 +75,9 @@ with pmaprt.Pool() as pool:
         out["tiny"] = median_of(lambda: list(pmaprt.pmap(double, xs)), 3)
     if "medium" in WANT:
         out["medium"] = median_of(lambda: list(pool.map(spin50, range(4000))), 3)
+    if "heavy_tailed" in WANT:
+        costs = (10.0 * (1.0 + np.random.default_rng(20240601).pareto(1.2, 4000))).tolist()
+        out["heavy_tailed"] = median_of(lambda: list(pool.map(spin_us, costs)), 3)
     if "roundtrip" in WANT:
         for _ in range(200):
             pool.apply(noop)

@@ -81,7 +81,9 @@ from .processes import POLL_S
 # not leave the spinner a core of its own, read afresh every few ms.
 #
 # The parent spins this long for a result before it sleeps (round trips,
-# short maps).
+# short maps): long enough for a short map on one worker (its claim, items
+# and record: 50-150 us on a small VM), which a sleeping parent would see
+# only after a wake-up of 50-250 us.
 SPIN_NS = 200_000
 # The parent waiting for one task (Pool.apply) spins this long first: a tiny
 # call answers within it, and a waiting parent has nothing else to run.
@@ -96,7 +98,10 @@ WORKER_SPIN_NS = 50_000 if CORES >= 4 else 0
 # A worker that has just finished work, if no other worker holds the hot
 # spinner word, spins this long for the next job before it sleeps: a loop of
 # calls then finds it awake and posts without a wake call, which costs tens
-# of microseconds each way on a small VM. One hot spinner at most.
+# to hundreds of microseconds each way on a small VM. Long enough to cover
+# the caller's turn between two short maps (taking one's results, building
+# the next: 100-250 us there); at most this much of one otherwise idle core
+# at the end of a burst of calls. One hot spinner at most.
 HOT_SPIN_NS = 500_000
 # A sleeping worker wakes this often to check that its parent is alive.
 IDLE_TIMEOUT_S = 1.0
@@ -194,7 +199,8 @@ class ParentWake:
             # H_PARENT_SLEEPING counts the parent only while it sleeps in the
             # kernel: a worker that finds it spinning skips the wake call.
             spin = gate.budget(SPIN_NS if spin_ns is None else spin_ns, self.awake_workers())
-            changed = r.wait32(H_RESULTS_SEQ, seq, timeout, spin, H_PARENT_SLEEPING)
+            changed = r.wait32(H_RESULTS_SEQ, seq, timeout, min(spin, int(timeout * 1e9)),
+                               H_PARENT_SLEEPING)
         finally:
             _leave_wait(res)
         with self._lock:
@@ -212,7 +218,7 @@ class ParentWake:
         deadline: the sleepers it can use look at the board now."""
         job.wake_due = None
         r, off = self._r, job.off
-        if r.load32(H_BOARD_SLEEPERS) and r.load64(off + S_GEN) == job.gen \
+        if r is not None and r.load32(H_BOARD_SLEEPERS) and r.load64(off + S_GEN) == job.gen \
                 and slot_has_work(r, off, off + self._layout.retry_off):
             wake_sleepers(r, self.workers - 1)
 
