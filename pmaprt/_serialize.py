@@ -24,6 +24,7 @@ tags of its own, on top of these.
 """
 import io
 import pickle
+import threading
 import types
 import weakref
 
@@ -115,6 +116,7 @@ class ByValueCache:
 
     def __init__(self):
         self._entries = weakref.WeakKeyDictionary()    # fn -> (key, bytes)
+        self._lock = threading.Lock()   # the Executor's runner threads pickle at once
 
     def get(self, fn):
         """(key, cached bytes or None); key None: fn is not cacheable."""
@@ -122,7 +124,8 @@ class ByValueCache:
         try:
             if not _add_function(fn, key, set()):
                 return None, None
-            hit = self._entries.get(fn)
+            with self._lock:
+                hit = self._entries.get(fn)
         except Exception:       # an object that refuses a weak reference or a lookup
             return None, None
         if hit is not None and len(hit[0]) == len(key) \
@@ -133,9 +136,10 @@ class ByValueCache:
     def put(self, fn, key, data):
         if key is None:
             return
-        if len(self._entries) >= self.MAX_ENTRIES:
-            self._entries.clear()
-        self._entries[fn] = (key, data)
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[fn] = (key, data)
 
 
 def _add_function(fn, key, seen):
