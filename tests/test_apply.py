@@ -355,7 +355,7 @@ def test_a_hot_spinner_killed_holding_the_word_blocks_no_task():
         r = p._r
         victim = p.pids()[0]
         # As if worker 0 were killed between taking the word and giving it back
-        # (once the answering worker has given it back: its spin is 100 us).
+        # (once the answering worker has given it back: its spin is 500 us at most).
         deadline = time.monotonic() + T
         while not r.cas64(pmaprt._shm.H_HOT_SPINNER, 0, 1):
             assert time.monotonic() < deadline, "the hot spinner word was never given back"

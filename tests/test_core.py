@@ -709,7 +709,7 @@ def test_idle_workers_use_no_cpu():
     with Pool(2) as p:
         assert list(p.map(double, range(1000), inline=False)) == [2 * x for x in range(1000)]
         assert p.apply(double, 4) == 8
-        time.sleep(0.2)                 # past the hot spinner's 100 us
+        time.sleep(0.2)                 # past the hot spinner's 500 us
         procs = [psutil.Process(pid) for pid in p.pids()]
         before = [sum(pr.cpu_times()[:2]) for pr in procs]
         time.sleep(2.0)
