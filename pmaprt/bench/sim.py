@@ -30,6 +30,10 @@ Limits of the model:
 * The parent is one serial server for every record (decode) and, for the
   central peers, every hand-out; its per-chunk cost is the measured
   pipeline throughput (see ``sim_measure``), likely an over-estimate.
+* Every worker starts at the post plus the measured start cost; the
+  runtime wakes the others one hop later, and leaves work it expects to
+  end within ``_sched.SHORT_WORK_S`` (100 us) to one worker: maps that
+  short are not what the simulator is for.
 * Workers that have left a job never come back to it (pmaprt: items given
   back by a preempted chunk after the others went to sleep run on their
   owner, as in the runtime, where nothing wakes a sleeper for them).
