@@ -81,7 +81,8 @@ def dumps_fn(fn, capture=None, by_value=False):
     try:
         data = _dump(cloudpickle().Pickler, fn, capture)
     except Exception as e:
-        raise TypeError("pmaprt: the function %r cannot be pickled for the workers: %s" % (fn, e)) from e
+        raise TypeError("pmaprt: the function %r cannot be pickled for the workers: %s"
+                        % (fn, e)) from e
     BY_VALUE.put(fn, key, data)
     return data
 

@@ -15,9 +15,10 @@ where it has none.
   from the lower of the last two readings: one reading often catches a
   kernel thread or a process that runs for a few microseconds, and a
   machine taken as full for SAMPLE_S after each would spin half as often
-  when it is idle; a machine that stays full reads full twice in a row. One gate per process (`gate`), shared by the
-  parent's waits, the workers' idle and hot spins (_runtime/wake.py), and
-  open to any other waiter of the package (the collective's).
+  when it is idle; a machine that stays full reads full twice in a row.
+  One gate per process (`gate`), shared by the parent's waits, the
+  workers' idle and hot spins (_runtime/wake.py), and open to any other
+  waiter of the package (the collective's).
 """
 import os
 import time

@@ -38,11 +38,6 @@ from .._shm import (
 from .claims import begin_move, end_move
 from .wake import WAKE_AFTER_S
 
-# Functions a worker keeps compiled, by their pickled bytes; past this many
-# the cache starts again (a long-lived worker may see many lambdas).
-FN_CACHE_MAX = 32
-
-
 class _JobCtx:
     """What a worker keeps of one job it entered."""
     __slots__ = ("slot", "gen", "off", "mode", "fn", "star", "get", "sizer", "seg", "nwork",
@@ -52,9 +47,9 @@ class _JobCtx:
 
 class ChunkRunner:
     """The worker's side (a worker mixin). State: jobs (slot -> _JobCtx),
-    fns (the functions it decoded: _arrays.FunctionCache), t_items (fn bytes -> last seconds per item, to
-    start the next map of the same function well), items_done, prog (a view
-    of W_CUR_DONE)."""
+    fns (the functions it decoded: _arrays.FunctionCache), t_items (fn bytes
+    -> last seconds per item, to start the next map of the same function
+    well), items_done, prog (a view of W_CUR_DONE)."""
 
     def job_context(self, s, gen, off):
         """Step 1: the context of the job in slot s, loaded once."""

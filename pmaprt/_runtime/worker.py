@@ -19,7 +19,7 @@ from .. import _arrays
 from .._shm import H_BOARD_SEQ, H_SHUTDOWN, W_CUR_DONE, W_PID, W_STATE
 from .._shm import Layout, Segment, WSTATE_READY, WSTATE_RECYCLED, core, recv_msg
 from .board import BoardReader
-from .chunk import FN_CACHE_MAX, ChunkRunner
+from .chunk import ChunkRunner
 from .claims import ClaimTaker
 from .lent import SegmentCache
 from .ring import RingWriter
@@ -29,6 +29,9 @@ from .wake import WorkerWake, wake_sleepers
 
 # True inside a worker: a nested pmap runs serially there.
 IN_WORKER = False
+# Functions a worker keeps decoded, by their pickled bytes; past this many
+# the cache starts again (a long-lived worker may see many lambdas).
+FN_CACHE_MAX = 32
 
 # A worker busy with one job after another reads its socket this often (a
 # system call per turn would cost a good part of a round trip).

@@ -152,8 +152,8 @@ def compare_at_two(over: Overheads, repeat: int = 15, workers: int = 2,
     for the same work evenly divided: the same items cut into W x REF_PIECES
     runs of equal cost (`even_pieces`; each piece runs its items one by
     one, as their cost per item depends on the item: a spin's cost per
-    iteration grows with its count), on the same pool, timed just before or just after the map
-    (the order swapped at each repeat). A pair's /ideal is the map's time
+    iteration grows with its count), on the same pool, timed just before
+    or just after the map (the order swapped at each repeat). A pair's /ideal is the map's time
     over the larger of that and the dearest item's time alone; a row gives
     the median and quartiles of the pairs. `over_serial_w` is the /ideal
     with serial / W as the ideal, the harness's definition, for reference.
