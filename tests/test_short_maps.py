@@ -146,3 +146,41 @@ def test_a_dear_item_among_cheap_ones_does_not_hold_the_rest(tmp_path):
         assert list(p.map(handshake, warm, chunksize=1, inline=False)) == [5] * 20
         out = list(p.map(handshake, [(i, path) for i in range(10)], chunksize=1, inline=False))
     assert out == [True] + list(range(1, 10))
+
+
+def test_a_wake_owed_while_nothing_was_left_to_claim_is_paid_at_a_later_claim():
+    """A worker whose wake for the others comes due while its own chunk
+    holds every item left (nothing for them to claim) still owes it: a
+    preempted chunk gives its rest back, and the worker's next claim must
+    wake the others for it. Once paid, it is not paid again."""
+    from types import SimpleNamespace
+    from pmaprt._runtime.chunk import ChunkRunner
+    from pmaprt._runtime.wake import WAKE_AFTER_S
+    from pmaprt._shm import MODE_INDEX
+
+    class Stub(ChunkRunner):
+        def __init__(self):
+            self.r = SimpleNamespace(load32=lambda off: 0)      # never cancelled
+            self.claims = [(0, 10, False), (1, 1, False), (2, 1, False)]
+            self.paid = []      # what pay_wake found, at each call
+            self.left = [False, True, True]     # items left for others, at each call
+            self.t_items = {}
+
+        def job_context(self, s, gen, off):
+            time.sleep(2 * WAKE_AFTER_S)    # a slow load: the wake is due at the first claim
+            return SimpleNamespace(mode=MODE_INDEX, nwork=2, max_items=0, fn_key=None,
+                                   sizer=SimpleNamespace(t_item=1e-7))
+
+        def claim_index(self, ctx):
+            return self.claims.pop(0) if self.claims else None
+
+        def pay_wake(self, off, nwork):
+            self.paid.append(self.left.pop(0))
+            return self.paid[-1]
+
+        def run_chunk(self, ctx, lo, n, stolen):
+            pass
+
+    w = Stub()
+    assert w.run_chunks(0, 1, 0)
+    assert w.paid == [False, True]

@@ -123,8 +123,7 @@ class ChunkRunner:
             lo, n, stolen = got
             if owe and (time.perf_counter() - entered >= WAKE_AFTER_S
                         or not self._cheap(ctx, n)):
-                owe = False
-                self.pay_wake(off, ctx.nwork)
+                owe = not self.pay_wake(off, ctx.nwork)
             self.run_chunk(ctx, lo, n, stolen)
             did = True
             if ctx.max_items and self.items_done >= ctx.max_items:

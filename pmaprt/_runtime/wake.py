@@ -37,7 +37,9 @@ The hot spinner (Pool.apply and Executor.submit loops):
    min(nwork - 1, items left) sleepers (`pay_wake`, chunk.py): at that
    claim if it does not know the items' cost or expects the chunk to take
    WAKE_AFTER_S or more; else at its first claim WAKE_AFTER_S or more after
-   it entered. So a post that woke one worker, or none, still gets every
+   it entered. Found with nothing left to claim (its own chunk holds the
+   rest), the wake stays owed to its next claim: a preempted chunk gives
+   its rest back. So a post that woke one worker, or none, still gets every
    worker it can use, one hop later, and a short map of cheap items that
    one worker takes whole wakes no other: no wake call in that worker, and
    no second process on a core to stop the parent's spin.
@@ -236,11 +238,18 @@ class WorkerWake:
         """Step 5, for a map: this worker, inside the map in slot offset
         `off`, has claimed a chunk it does not expect to end soon, or ran the
         map WAKE_AFTER_S; if items are left to claim, it wakes the sleepers
-        the map can use (one per item left, at most nwork - 1)."""
+        the map can use (one per item left, at most nwork - 1). False if no
+        item was left to claim (this worker's chunk holds the rest): the wake
+        is still owed, as a preempted chunk may give items back."""
         r = self.r
-        if nwork > 1 and r.load32(H_BOARD_SLEEPERS) and self.has_work(off):
+        if nwork < 2:
+            return True
+        if not self.has_work(off):
+            return False
+        if r.load32(H_BOARD_SLEEPERS):
             left = r.load64(off + S_LIMIT) - r.load64(off + S_NEXT)
             wake_sleepers(r, max(1, min(nwork - 1, left)))
+        return True
 
     def hot_spin(self, seq):
         """Steps 3 and 5, after work: spin for the next job holding the hot
